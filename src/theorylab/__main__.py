@@ -1,0 +1,3 @@
+from theorylab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""What a claim returns, and the registry that maps claim IDs (and extra report sections) to functions.
+
+A claim is a function ``(seed: int, quick: bool) -> Evidence``; it is registered with ``@claim("2.1")``. It
+decides its own verdict from what it measured and returns matplotlib figures, which the engine saves beside the
+report. Extra sections (``theorylab verify --extras``: model training, longer experiments) are registered the
+same way with ``@extra("name", "Title")`` and return the same :class:`Evidence`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .catalogue import BY_ID, CLAIM_IDS
+
+
+@dataclass
+class Evidence:
+    """The outcome of one measurement.
+
+    Attributes:
+        confirmed: the verdict the measurement supports (False = refuted; say why in ``notes``).
+        numbers: named measured values (floats; non-finite values are written as strings in results.json).
+        method: a few sentences on how it was measured (shown in the report).
+        figures: name -> matplotlib Figure; saved as PNG by the engine, then closed.
+        key: which of ``numbers`` to show in the summary table (default: the first three).
+        notes: anything a reader must know, e.g. which sub-check failed.
+    """
+
+    confirmed: bool
+    numbers: dict[str, float]
+    method: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    key: list[str] | None = None
+    notes: str = ""
+
+
+ClaimFn = Callable[[int, bool], Evidence]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A registered claim or extra section."""
+
+    id: str
+    title: str
+    statement: str
+    kind: str  # "claim" | "extra"
+    fn: ClaimFn | None
+
+
+_CLAIMS: dict[str, ClaimFn] = {}
+_EXTRAS: dict[str, Section] = {}
+
+
+def claim(claim_id: str) -> Callable[[ClaimFn], ClaimFn]:
+    """Register the function that measures claim ``claim_id`` (one of the catalogue's IDs)."""
+    if claim_id not in BY_ID:
+        raise KeyError(f"unknown claim ID {claim_id!r}; valid IDs: {', '.join(CLAIM_IDS)}")
+
+    def register(fn: ClaimFn) -> ClaimFn:
+        _CLAIMS[claim_id] = fn
+        return fn
+
+    return register
+
+
+def extra(section_id: str, title: str, statement: str = "") -> Callable[[ClaimFn], ClaimFn]:
+    """Register an extra report section, run only with ``--extras``."""
+
+    def register(fn: ClaimFn) -> ClaimFn:
+        _EXTRAS[section_id] = Section(section_id, title, statement, "extra", fn)
+        return fn
+
+    return register
+
+
+def claim_sections() -> list[Section]:
+    """All 16 claims in catalogue order; those not built yet have ``fn=None``."""
+    _load_modules()
+    return [Section(c.id, c.title, c.statement, "claim", _CLAIMS.get(c.id)) for c in BY_ID.values()]
+
+
+def extra_sections() -> list[Section]:
+    _load_modules()
+    return list(_EXTRAS.values())
+
+
+def _load_modules() -> None:
+    """Import the claim modules (they register themselves). A module that fails to import leaves its claims
+    unregistered; the engine then reports them as errors instead of losing the other claims."""
+    import importlib
+
+    for name in ("q1_rnn", "q2_momentum", "q3_attention", "q4_weight_decay", "extras"):
+        try:
+            importlib.import_module(f"theorylab.claims.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"theorylab.claims.{name}":
+                _IMPORT_ERRORS[name] = repr(e)
+        except Exception as e:  # noqa: BLE001 - reported per claim by the engine
+            _IMPORT_ERRORS[name] = repr(e)
+
+
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def import_error_for(claim_id: str) -> str | None:
+    """The import error of the module that should register ``claim_id``, if any."""
+    module = {"1": "q1_rnn", "2": "q2_momentum", "3": "q3_attention", "4": "q4_weight_decay"}[claim_id[0]]
+    return _IMPORT_ERRORS.get(module)

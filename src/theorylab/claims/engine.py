@@ -1,0 +1,172 @@
+"""Runs claims one by one, isolated, and keeps results.json valid after every claim."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..env import environment
+from .base import Evidence, Section, claim_sections, extra_sections, import_error_for
+from .catalogue import CLAIM_IDS
+
+RESULTS_FILE = "results.json"
+
+
+class UnknownClaimError(ValueError):
+    pass
+
+
+def select_sections(only: Sequence[str] | None, extras: bool) -> list[Section]:
+    """The claims to run (all, or those in ``only``, in catalogue order) followed by the extras if asked."""
+    sections = claim_sections()
+    if only:
+        unknown = [i for i in only if i not in CLAIM_IDS]
+        if unknown:
+            raise UnknownClaimError(
+                f"unknown claim ID(s): {', '.join(unknown)}; valid IDs: {', '.join(CLAIM_IDS)}")
+        sections = [s for s in sections if s.id in set(only)]
+    if extras:
+        sections += extra_sections()
+    return sections
+
+
+def json_number(x: Any) -> Any:
+    """A JSON-safe number: bools as 0/1, non-finite floats as the strings 'inf', '-inf', 'nan'."""
+    if isinstance(x, (bool, np.bool_)):
+        return int(x)
+    if isinstance(x, torch.Tensor):
+        x = x.item()
+    if isinstance(x, (np.integer, int)):
+        return int(x)
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    names = []
+    for name, fig in evidence.figures.items():
+        file = f"{section.kind}-{section.id}-{name}.png".replace(" ", "_")
+        fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        names.append(file)
+    return names
+
+
+def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> dict[str, Any]:
+    """Run one claim; any exception becomes verdict "error" with its traceback, never an escape."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    record: dict[str, Any] = {"id": section.id, "title": section.title, "kind": section.kind,
+                              "statement": section.statement}
+    start = time.perf_counter()
+    try:
+        if section.fn is None:
+            reason = "not implemented"
+            if section.kind == "claim" and (err := import_error_for(section.id)):
+                reason = f"its module failed to import: {err}"
+            record.update(verdict="error", evidence={}, figures=[], error=reason, method="")
+        else:
+            _seed_everything(seed)
+            evidence = section.fn(seed, quick)
+            if not isinstance(evidence, Evidence):
+                raise TypeError(f"claim {section.id} returned {type(evidence).__name__}, not Evidence")
+            numbers = {k: json_number(v) for k, v in evidence.numbers.items()}
+            key = evidence.key if evidence.key is not None else list(numbers)[:3]
+            record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
+                          key=[k for k in key if k in numbers], method=evidence.method, notes=evidence.notes,
+                          figures=_save_figures(section, evidence, out_dir))
+    except Exception:  # noqa: BLE001 - one failing claim must not lose the others
+        record.update(verdict="error", evidence=record.get("evidence", {}), figures=[],
+                      error=traceback.format_exc(), method=record.get("method", ""))
+    finally:
+        plt.close("all")
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=True, console=None)
+
+
+def show_progress() -> bool:
+    """A progress bar only on an interactive terminal, never in CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, quick: bool = False,
+               progress: bool | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``sections`` in order, rewriting ``out_dir/results.json`` after each one; return the final payload.
+
+    An interrupted run (Ctrl-C, a killed process) leaves a valid results.json holding every finished claim.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "claims": [], "extras": [],
+        "environment": {**environment(), "seed": seed, "quick": quick,
+                        "command": " ".join(argv) if argv is not None else None},
+        "complete": False,
+    }
+    results_path = out_dir / RESULTS_FILE
+    write_json_atomic(results_path, payload)
+    bar = _progress(show_progress() if progress is None else progress)
+    task = None
+    if bar is not None:
+        bar.start()
+        task = bar.add_task("verifying", total=len(sections))
+    try:
+        for section in sections:
+            if bar is not None:
+                bar.update(task, description=f"{section.kind} {section.id}")
+            record = run_section(section, seed=seed, quick=quick, out_dir=out_dir)
+            payload["claims" if section.kind == "claim" else "extras"].append(record)
+            write_json_atomic(results_path, payload)
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    payload["complete"] = True
+    payload["total_seconds"] = round(sum(r["seconds"] for r in payload["claims"] + payload["extras"]), 3)
+    write_json_atomic(results_path, payload)
+    return payload

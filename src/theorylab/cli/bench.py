@@ -1,0 +1,35 @@
+"""``theorylab bench attention|optim|rnn``: benchmarks with medians and same-run baselines."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+SUITES = ("attention", "optim", "rnn")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark a system against its baselines (medians, same-run ratios)")
+    p.add_argument("suite", choices=SUITES, help="which system to benchmark")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        module = importlib.import_module(f"theorylab.bench.{args.suite}")
+    except ModuleNotFoundError as e:
+        if e.name != f"theorylab.bench.{args.suite}":
+            raise
+        print(f"theorylab bench: error: the {args.suite} benchmark is not implemented yet", file=sys.stderr)
+        return 2
+    result = module.run(quick=args.quick)
+    print(module.format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

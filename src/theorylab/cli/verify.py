@@ -1,0 +1,81 @@
+"""``theorylab verify``: run the claims, write results.json and report.html."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
+from ..report import write_report
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="run every claim and write results.json and an HTML report",
+                       description="Run the claims of the problem set by measurement. Writes DIR/results.json "
+                                   "(rewritten after every claim) and DIR/report.html with figures beside it. "
+                                   "Exit 0 when every selected claim is confirmed, 1 otherwise, 2 for bad arguments.")
+    p.add_argument("--quick", action="store_true", help="smaller sizes: the whole run in seconds")
+    p.add_argument("--extras", action="store_true",
+                   help="also run the extra sections that train models (minutes)")
+    p.add_argument("--only", nargs="+", metavar="ID", help=f"claim IDs to run ({' '.join(CLAIM_IDS)})")
+    p.add_argument("--out", default="theorylab-report", metavar="DIR",
+                   help="output folder (default: ./theorylab-report)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every experiment (default: 0)")
+    p.set_defaults(run=run)
+
+
+def _check_writable(out: Path) -> str | None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".theorylab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to output folder {str(out)!r}: {e.strerror or e}"
+    return None
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        sections = select_sections(args.only, args.extras)
+    except UnknownClaimError as e:
+        print(f"theorylab verify: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if err := _check_writable(out):
+        print(f"theorylab verify: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
+                             argv=["theorylab", *argv])
+    except KeyboardInterrupt:
+        write_report(out)  # results.json holds every finished claim
+        print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
+        return 130
+    report = write_report(out, payload)
+    records = payload["claims"] + payload["extras"]
+    _print_summary(records)
+    confirmed = sum(r["verdict"] == "confirmed" for r in records)
+    print(f"{confirmed}/{len(records)} confirmed in {payload['total_seconds']:.1f} s; report: {report}")
+    return 0 if confirmed == len(records) else 1
+
+
+def _print_summary(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report.html import format_number
+
+    table = Table(title="theorylab verify")
+    for col in ("ID", "title", "verdict", "key numbers", "s"):
+        table.add_column(col)
+    colours = {"confirmed": "green", "refuted": "red", "error": "yellow"}
+    for r in records:
+        keys = r.get("key") or []
+        numbers = ", ".join(f"{k}={format_number(r['evidence'][k])}" for k in keys if k in r["evidence"])
+        if r["verdict"] == "error":
+            numbers = (r.get("error") or "").strip().splitlines()[-1][:100]
+        table.add_row(r["id"], r["title"], f"[{colours[r['verdict']]}]{r['verdict']}", numbers,
+                      f"{r['seconds']:.1f}")
+    Console(width=160).print(table)

@@ -1,0 +1,89 @@
+r"""Momentum and the exponential running average: two forms of one optimizer (claims 2.1–2.3).
+
+Momentum (the problem set's form, learning rate ε inside the buffer):
+
+.. math::  v_t = \alpha v_{t-1} + \varepsilon g_t, \qquad \theta_t = \theta_{t-1} - v_t,
+
+so :math:`\Delta\theta_t = \alpha\,\Delta\theta_{t-1} - \varepsilon g_t`.
+
+SGD on a running average of the gradients:
+
+.. math::  v_t = \beta v_{t-1} + (1-\beta) g_t, \qquad \theta_t = \theta_{t-1} - \delta v_t,
+
+so :math:`\Delta\theta_t = \beta\,\Delta\theta_{t-1} - \delta(1-\beta) g_t`. The two produce the same iterates iff
+:math:`\alpha = \beta` and :math:`\varepsilon = \delta(1-\beta)` (at a constant learning rate; under a schedule the
+momentum form has lr inside its buffer and the running-average form outside, so they part).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .base import ChainOptimizer, as_param_list, check_beta, check_lr, check_nonnegative
+from .transforms import RunningAverage, ScaleByLearningRate, Trace, Transform
+
+
+class SGDMomentum(ChainOptimizer):
+    r"""SGD with momentum in the problem set's form: :math:`v \leftarrow \mu v + \eta g`, :math:`p \leftarrow p - v`.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: η ≥ 0, multiplies the gradient *before* it enters the buffer.
+        momentum: μ ≥ 0 (μ = 0 is plain SGD).
+
+    Unlike ``torch.optim.SGD`` (:math:`v \leftarrow \mu v + g`, :math:`p \leftarrow p - \eta v`) the learning rate
+    lives inside the buffer; the two agree at a constant learning rate.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float) -> None:
+        check_lr(lr)
+        check_nonnegative(momentum, "momentum")
+        super().__init__(as_param_list(params), {"lr": lr, "momentum": momentum})
+
+    def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        check_lr(group["lr"])
+        return [ScaleByLearningRate(), Trace(key="momentum", state_key="momentum_buffer")]
+
+
+class RunningAverageSGD(ChainOptimizer):
+    r"""SGD along an exponential running average of the gradients.
+
+    :math:`v_t = \beta v_{t-1} + (1-\beta) g_t` (:math:`v_0 = 0`), then :math:`p \leftarrow p - \delta\, v_t`, or with
+    ``debias=True`` :math:`p \leftarrow p - \delta\, v_t / (1-\beta^t)` (Adam's bias correction).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: δ ≥ 0.
+        beta: β in (0, 1).
+        debias: divide by :math:`1-\beta^t`, which makes :math:`E[v_t] = \mu` under a stationary mean μ.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, beta: float, debias: bool = False) -> None:
+        check_lr(lr)
+        check_beta(beta, "beta")
+        super().__init__(as_param_list(params), {"lr": lr, "beta": beta, "debias": bool(debias)})
+
+    def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        check_lr(group["lr"])
+        check_beta(group["beta"], "beta")
+        return [RunningAverage(key="beta", state_key="running_average", debias_key="debias"),
+                ScaleByLearningRate()]
+
+
+def momentum_from_running_average(beta: float, lr: float) -> tuple[float, float]:
+    r"""The :class:`SGDMomentum` hyperparameters equivalent to ``RunningAverageSGD(lr, beta)``: ``(β, lr·(1-β))``.
+
+    From :math:`\Delta\theta_t = \beta\Delta\theta_{t-1} - \delta(1-\beta) g_t` against
+    :math:`\Delta\theta_t = \alpha\Delta\theta_{t-1} - \varepsilon g_t`: α = β and ε = δ(1-β).
+    """
+    check_beta(beta, "beta")
+    check_lr(lr)
+    return beta, lr * (1.0 - beta)
+
+
+def running_average_from_momentum(momentum: float, lr: float) -> tuple[float, float]:
+    """The inverse map: ``(beta, lr_running_average) = (α, ε / (1-α))`` for momentum α in (0, 1)."""
+    check_beta(momentum, "momentum")
+    check_lr(lr)
+    return momentum, lr / (1.0 - momentum)

@@ -1,0 +1,124 @@
+"""results.json -> one self-contained HTML page (inline CSS, no scripts, figures as PNG files beside it)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ..claims.catalogue import BY_ID, QUESTIONS
+
+REPORT_FILE = "report.html"
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #1b1b1b; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { font-family: ui-monospace, Menlo, monospace; font-size: 0.9em; }
+.verdict { font-weight: bold; padding: 1px 8px; border-radius: 10px; color: white; white-space: nowrap; }
+.confirmed { background: #1a7f37; } .refuted { background: #cf222e; } .error { background: #9a6700; }
+.claim { border: 1px solid #e3e3e3; border-radius: 6px; padding: 0.5em 1.2em 1em; margin: 1.2em 0; }
+.statement { background: #f6f8fa; border-left: 4px solid #0969da; padding: 0.5em 0.8em; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+.summary-line { font-size: 1.15em; margin: 0.5em 0 1em; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def format_number(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e5 or abs(x) < 1e-3:
+        return f"{x:.3e}"
+    return f"{x:.4g}"
+
+
+def _verdict(v: str) -> str:
+    return f'<span class="verdict {_e(v)}">{_e(v)}</span>'
+
+
+def _key_numbers(rec: dict[str, Any]) -> str:
+    ev = rec.get("evidence", {})
+    keys = rec.get("key") or list(ev)[:3]
+    return "<br>".join(f"{_e(k)} = {_e(format_number(ev[k]))}" for k in keys if k in ev)
+
+
+def _summary(records: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f'<tr><td><a href="#{_e(r["kind"])}-{_e(r["id"])}">{_e(r["id"])}</a></td><td>{_e(r["title"])}</td>'
+        f'<td>{_verdict(r["verdict"])}</td><td class="num">{_key_numbers(r)}</td><td>{r["seconds"]:.2f}</td></tr>'
+        for r in records)
+    return ("<table><tr><th>ID</th><th>title</th><th>verdict</th><th>key numbers</th><th>seconds</th></tr>"
+            f"{rows}</table>")
+
+
+def _section(rec: dict[str, Any]) -> str:
+    ev = rec.get("evidence", {})
+    numbers = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_e(format_number(v))}</td></tr>'
+                      for k, v in ev.items())
+    parts = [f'<div class="claim" id="{_e(rec["kind"])}-{_e(rec["id"])}">',
+             f'<h3>{_e(rec["id"])} — {_e(rec["title"])} {_verdict(rec["verdict"])}</h3>']
+    if rec.get("statement"):
+        parts.append(f'<p class="statement"><b>Claim.</b> {_e(rec["statement"])}</p>')
+    if rec.get("method"):
+        parts.append(f'<p><b>Method.</b> {_e(rec["method"])}</p>')
+    if rec.get("notes"):
+        parts.append(f'<p><b>Notes.</b> {_e(rec["notes"])}</p>')
+    if numbers:
+        parts.append(f"<table><tr><th>measured</th><th>value</th></tr>{numbers}</table>")
+    parts += [f'<p><img src="{_e(f)}" alt="figure {_e(f)}"></p>' for f in rec.get("figures", [])]
+    if rec.get("error"):
+        parts.append(f'<p><b>Error.</b></p><pre>{_e(rec["error"])}</pre>')
+    parts.append(f'<p><small>{rec["seconds"]:.2f} s</small></p></div>')
+    return "\n".join(parts)
+
+
+def _environment(env: dict[str, Any]) -> str:
+    flat = {k: v for k, v in env.items() if k != "versions"}
+    flat.update({f"version of {k}": v for k, v in env.get("versions", {}).items()})
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in flat.items())
+    return f"<table>{rows}</table>"
+
+
+def render_report(payload: dict[str, Any]) -> str:
+    claims, extras = payload.get("claims", []), payload.get("extras", [])
+    counts = {v: sum(r["verdict"] == v for r in claims) for v in ("confirmed", "refuted", "error")}
+    status = "" if payload.get("complete", True) else " (run interrupted: partial results)"
+    body = [f"<h1>theorylab — verification report{_e(status)}</h1>",
+            f'<p class="summary-line"><b>{counts["confirmed"]}/{len(claims)}</b> claims confirmed, '
+            f'{counts["refuted"]} refuted, {counts["error"]} errors; '
+            f'{payload.get("total_seconds", 0):.1f} s in all.</p>',
+            "<h2>Summary</h2>", _summary(claims + extras)]
+    for q, title in QUESTIONS.items():
+        recs = [r for r in claims if BY_ID.get(r["id"]) and BY_ID[r["id"]].question == q]
+        if recs:
+            body.append(f"<h2>{_e(q)} — {_e(title)}</h2>")
+            body += [_section(r) for r in recs]
+    if extras:
+        body.append("<h2>Extra sections</h2>")
+        body += [_section(r) for r in extras]
+    body += ["<h2>Environment</h2>", _environment(payload.get("environment", {}))]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>theorylab report</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(out_dir: Path, payload: dict[str, Any] | None = None) -> Path:
+    """Render ``payload`` (or ``out_dir/results.json``) to ``out_dir/report.html``."""
+    if payload is None:
+        payload = json.loads((out_dir / "results.json").read_text())
+    path = out_dir / REPORT_FILE
+    path.write_text(render_report(payload), encoding="utf-8")
+    return path

@@ -92,7 +92,7 @@ def _load_modules() -> None:
     unregistered; the engine then reports them as errors instead of losing the other claims."""
     import importlib
 
-    for name in ("q1_rnn", "q2_momentum", "q3_attention", "q4_weight_decay", "extras"):
+    for name in ("q1_rnn", "q2_momentum", "q3_attention", "q4_weight_decay", "extras_rnn", "extras_charlm"):
         try:
             importlib.import_module(f"theorylab.claims.{name}")
         except ModuleNotFoundError as e:

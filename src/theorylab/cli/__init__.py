@@ -6,9 +6,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import importlib
+
 from . import bench, env, verify
 
-_SUBCOMMANDS = (verify, bench, env)
+
+def _subcommands() -> list:
+    modules = [verify, bench, env]
+    try:  # `theorylab train` lives with the training experiments
+        modules.insert(2, importlib.import_module("theorylab.cli.train"))
+    except ModuleNotFoundError as e:
+        if e.name != "theorylab.cli.train":
+            raise
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="theorylab",
         description="RNN gradients, momentum, efficient attention and weight decay: verify each claim by measurement.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _SUBCOMMANDS:
+    for module in _subcommands():
         module.add_parser(sub)
     return parser
 

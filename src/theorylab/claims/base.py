@@ -107,5 +107,5 @@ _IMPORT_ERRORS: dict[str, str] = {}
 
 def import_error_for(claim_id: str) -> str | None:
     """The import error of the module that should register ``claim_id``, if any."""
-    module = {"1": "q1_rnn", "2": "q2_momentum", "3": "q3_attention", "4": "q4_weight_decay"}[claim_id[0]]
-    return _IMPORT_ERRORS.get(module)
+    module = {"1": "q1_rnn", "2": "q2_momentum", "3": "q3_attention", "4": "q4_weight_decay"}.get(claim_id[:1])
+    return _IMPORT_ERRORS.get(module) if module else None

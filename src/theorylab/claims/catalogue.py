@@ -52,7 +52,8 @@ CATALOGUE: tuple[ClaimInfo, ...] = (
               "E[f(q)ᵀf(k)] = exp(qᵀk)."),
     ClaimInfo("3.5", "Q3", "Choice of the number of features m",
               "Cost grows linearly in m and the estimator's MSE falls as 1/m, matching the Performer paper's "
-              "closed forms; orthogonal features lower the MSE; trigonometric features fail where the kernel is small."),
+              "closed forms; orthogonal features lower the MSE; trigonometric "
+              "features fail where the kernel is small."),
     ClaimInfo("4.1", "Q4", "SGD: L2 ≡ weight decay",
               "SGD on L + γ‖θ‖² with learning rate η equals weight decay θ ← θ − η∇L − λθ iff λ = 2ηγ."),
     ClaimInfo("4.2", "Q4", "Adam + L2 changes one line",
@@ -65,7 +66,8 @@ CATALOGUE: tuple[ClaimInfo, ...] = (
               "With Δθ = −(ε ŝ/(√r̂ + δ) + λθ) every weight decays at the same rate λ, whatever its gradient."),
     ClaimInfo("4.4", "Q4", "Why decoupled decay",
               "With adaptive optimizers decoupled decay regularises every weight at the same relative rate and "
-              "decouples the best weight decay from the learning rate (axis-aligned basins; Loshchilov & Hutter 2019)."),
+              "decouples the best weight decay from the learning rate (axis-aligned basins; "
+              "Loshchilov & Hutter 2019)."),
 )
 
 CLAIM_IDS: tuple[str, ...] = tuple(c.id for c in CATALOGUE)

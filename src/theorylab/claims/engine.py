@@ -58,8 +58,8 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, allow_nan=False, ensure_ascii=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-
-import importlib
 
 from . import bench, env, verify
 

@@ -100,11 +100,14 @@ def render_report(payload: dict[str, Any]) -> str:
             f'{counts["refuted"]} refuted, {counts["error"]} errors; '
             f'{payload.get("total_seconds", 0):.1f} s in all.</p>',
             "<h2>Summary</h2>", _summary(claims + extras)]
-    for q, title in QUESTIONS.items():
-        recs = [r for r in claims if BY_ID.get(r["id"]) and BY_ID[r["id"]].question == q]
-        if recs:
-            body.append(f"<h2>{_e(q)} — {_e(title)}</h2>")
-            body += [_section(r) for r in recs]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in claims:
+        info = BY_ID.get(r["id"])
+        groups.setdefault(info.question if info else "other", []).append(r)
+    for q, recs in groups.items():
+        title = f"{q} — {QUESTIONS[q]}" if q in QUESTIONS else "Other claims"
+        body.append(f"<h2>{_e(title)}</h2>")
+        body += [_section(r) for r in recs]
     if extras:
         body.append("<h2>Extra sections</h2>")
         body += [_section(r) for r in extras]

@@ -1,0 +1,110 @@
+"""The claims engine: isolation, atomic results, interruption, serialisation, selection, the report."""
+
+import json
+
+import pytest
+from matplotlib.figure import Figure
+
+from theorylab.claims import CLAIM_IDS, Evidence, Section, UnknownClaimError, run_claims, select_sections
+from theorylab.claims.engine import json_number
+from theorylab.report import render_report, write_report
+
+
+def ok_claim(seed, quick):
+    fig = Figure()
+    fig.subplots().plot([0, 1], [seed, seed + 1])
+    return Evidence(confirmed=True, numbers={"x": 1.5, "seed": seed}, method="m", figures={"line": fig})
+
+
+def raising_claim(seed, quick):
+    raise RuntimeError("boom in the middle")
+
+
+def refuted_claim(seed, quick):
+    return Evidence(confirmed=False, numbers={"gap": float("inf")}, method="m", notes="bound violated")
+
+
+def sections(*fns):
+    return [Section(f"t{i}", f"test {i}", "stmt", "claim", fn) for i, fn in enumerate(fns)]
+
+
+def test_a_raising_claim_does_not_lose_the_others(tmp_path):
+    payload = run_claims(sections(ok_claim, raising_claim, ok_claim), out_dir=tmp_path, seed=3, progress=False)
+    verdicts = [r["verdict"] for r in payload["claims"]]
+    assert verdicts == ["confirmed", "error", "confirmed"]
+    assert "boom in the middle" in payload["claims"][1]["error"]
+    assert "Traceback" in payload["claims"][1]["error"]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["complete"] is True and len(on_disk["claims"]) == 3
+    assert on_disk["claims"][0]["evidence"]["seed"] == 3
+    assert (tmp_path / on_disk["claims"][0]["figures"][0]).stat().st_size > 1000
+
+
+def test_interrupted_run_keeps_finished_claims(tmp_path):
+    def interrupt(seed, quick):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_claims(sections(ok_claim, interrupt, ok_claim), out_dir=tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "results.json").read_text())  # still valid JSON
+    assert on_disk["complete"] is False
+    assert [r["verdict"] for r in on_disk["claims"]] == ["confirmed"]
+    assert not list(tmp_path.glob(".results-*"))  # no temporary files left behind
+    assert "partial results" in write_report(tmp_path).read_text()
+
+
+def test_not_implemented_is_an_error_not_a_pass(tmp_path):
+    payload = run_claims([Section("9.9", "future", "s", "claim", None)], out_dir=tmp_path, progress=False)
+    rec = payload["claims"][0]
+    assert rec["verdict"] == "error" and rec["error"] == "not implemented"
+
+
+def test_non_finite_numbers_and_wrong_return_type(tmp_path):
+    def returns_dict(seed, quick):
+        return {"verdict": "confirmed"}
+
+    payload = run_claims(sections(refuted_claim, returns_dict), out_dir=tmp_path, progress=False)
+    assert payload["claims"][0]["verdict"] == "refuted"
+    assert payload["claims"][0]["evidence"]["gap"] == "inf"
+    assert payload["claims"][0]["notes"] == "bound violated"
+    assert payload["claims"][1]["verdict"] == "error" and "not Evidence" in payload["claims"][1]["error"]
+    json.loads((tmp_path / "results.json").read_text())
+
+
+def test_json_number():
+    import numpy as np
+    import torch
+
+    assert json_number(True) == 1 and json_number(np.float32(0.5)) == 0.5
+    assert json_number(torch.tensor(2.0)) == 2.0 and json_number(float("-inf")) == "-inf"
+    assert json_number(float("nan")) == "nan" and json_number(np.int64(3)) == 3
+
+
+def test_same_seed_same_numbers(tmp_path):
+    import torch
+
+    def random_claim(seed, quick):
+        return Evidence(confirmed=True, numbers={"r": torch.rand(()).item()}, method="m")
+
+    a = run_claims(sections(random_claim), out_dir=tmp_path / "a", seed=5, progress=False)
+    b = run_claims(sections(random_claim), out_dir=tmp_path / "b", seed=5, progress=False)
+    c = run_claims(sections(random_claim), out_dir=tmp_path / "c", seed=6, progress=False)
+    assert a["claims"][0]["evidence"] == b["claims"][0]["evidence"] != c["claims"][0]["evidence"]
+
+
+def test_select_sections():
+    every = select_sections(None, extras=False)
+    assert [s.id for s in every] == list(CLAIM_IDS) and len(every) == 16
+    assert [s.id for s in select_sections(["2.3", "2.1"], extras=False)] == ["2.1", "2.3"]
+    with pytest.raises(UnknownClaimError, match="valid IDs: 1.1, 1.2"):
+        select_sections(["2.1", "7.7"], extras=False)
+
+
+def test_report_has_summary_sections_figures_and_environment(tmp_path):
+    payload = run_claims(sections(ok_claim, raising_claim), out_dir=tmp_path, progress=False)
+    page = render_report(payload)
+    assert page.index("Summary") < page.index("test 0")
+    assert 'src="claim-t0-line.png"' in page and "boom in the middle" in page
+    assert "Environment" in page and "torch" in page
+    assert "http://" not in page and "https://" not in page  # offline: no CDN
+    assert "<script" not in page

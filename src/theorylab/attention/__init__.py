@@ -1,0 +1,25 @@
+"""Attention: exact (SDPA + naive reference), separable, kernelised linear (non-causal and chunked causal) with
+feature maps (FAVOR+ positive, trigonometric, elu+1, relu), and a batch-first multi-head module.
+
+Layout follows torch SDPA: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv);
+``key_padding_mask`` is bool (B, Nk) with True = padding (ignored). The naive references every fast path is
+tested against live beside them: ``exact.softmax_attention_reference``,
+``separable.separable_attention_reference``, ``linear.linear_attention_reference``.
+"""
+
+from .exact import softmax_attention
+from .features import EluFeatures, PositiveRandomFeatures, ReluFeatures, TrigRandomFeatures
+from .linear import linear_attention
+from .multihead import MultiheadAttention
+from .separable import separable_attention
+
+__all__ = [
+    "softmax_attention",
+    "separable_attention",
+    "linear_attention",
+    "PositiveRandomFeatures",
+    "TrigRandomFeatures",
+    "EluFeatures",
+    "ReluFeatures",
+    "MultiheadAttention",
+]

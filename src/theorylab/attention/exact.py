@@ -1,0 +1,77 @@
+"""Exact (softmax) attention: torch SDPA as the fast path, and the naive n x n reference it is tested against.
+
+``softmax_attention(q, k, v) = softmax_row(q kᵀ · scale) v`` with scale = 1/sqrt(D) by default (Vaswani et al.
+2017). The naive references here also serve claim 3.1, which measures the cost of the n x n score matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_qkv, keep_mask, masked_softmax
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                      key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Exact attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
+        causal: key j is visible to query i iff j <= i (top-left aligned when Nq != Nk, as SDPA's is_causal).
+        key_padding_mask: bool (B, Nk), True = padding (ignored).
+        scale: multiplies q kᵀ; None -> 1/sqrt(D).
+
+    Returns:
+        (B, H, Nq, Dv). A query that sees no key at all (every visible key padded) gets zeros, not NaN.
+    """
+    _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    empty = ~keep.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1): rows with nothing to attend to
+    # SDPA gives NaN on an all-masked row; let such rows attend everywhere, then zero them.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty, scale=scale)
+    return out.masked_fill(empty, 0.0)
+
+
+def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                                key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """The naive reference of :func:`softmax_attention`: forms the (B, H, Nq, Nk) score matrix."""
+    _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention_reference")
+    scale = D ** -0.5 if scale is None else scale
+    scores = (q @ k.mT) * scale  # (B, H, Nq, Nk)
+    keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    return masked_softmax(scores, keep, dim=-1) @ v
+
+
+def sequential_heads_attention(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor) -> Tensor:
+    """Multi-head self-attention as the textbook writes it, one head after another (claim 3.1).
+
+    head_i = softmax_row(X W_i^Q (X W_i^K)ᵀ / sqrt(d)) X W_i^V and out = [head_1, ..., head_h] W^O.
+
+    Args:
+        x: (n, d_model) inputs.
+        w_q, w_k, w_v: (h, d_model, d) per-head projections.
+        w_o: (h * d, d_model) output projection.
+
+    Only one head's (n, n) score matrix is alive at a time, so peak memory is Θ(n² + hnd + hd²) rather than
+    Θ(hn²) as when the heads are batched.
+    """
+    h, _, d = w_q.shape
+    heads = []
+    for i in range(h):
+        q, k, v = x @ w_q[i], x @ w_k[i], x @ w_v[i]  # (n, d) each
+        scores = (q @ k.mT) * d ** -0.5  # (n, n)
+        heads.append(torch.softmax(scores, dim=-1) @ v)  # (n, d)
+        del q, k, v, scores
+    return torch.cat(heads, dim=-1) @ w_o  # (n, h*d) @ (h*d, d_model)
+
+
+def batched_heads_attention(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor) -> Tensor:
+    """The same as :func:`sequential_heads_attention` with all heads batched: h score matrices alive at once."""
+    h, _, d = w_q.shape
+    q, k, v = x @ w_q, x @ w_k, x @ w_v  # (h, n, d) each
+    heads = torch.softmax((q @ k.mT) * d ** -0.5, dim=-1) @ v  # (h, n, n) scores -> (h, n, d)
+    return heads.transpose(0, 1).reshape(x.shape[0], h * d) @ w_o

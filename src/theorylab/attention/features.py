@@ -1,0 +1,149 @@
+r"""Feature maps φ for kernelised (linear) attention: :math:`\exp(s\, q^\top k) \approx φ(q)^\top φ(k)`.
+
+Random-feature maps follow Choromanski et al., "Rethinking Attention with Performers" (ICLR 2021).
+Let s be the scale (1/sqrt(D) by default), x' = sqrt(s) x and ω_1..ω_M ~ N(0, I_D). Then
+
+* positive (FAVOR+), Lemma 1:  φ(x) = M^{-1/2} exp(-|x'|²/2) [exp(ω_rᵀx')]_r, so E[φ(q)ᵀφ(k)] = exp(s qᵀk);
+* trigonometric:  φ(x) = (M/2)^{-1/2} exp(|x'|²/2) [sin(ω_rᵀx'), cos(ω_rᵀx')]_{r ≤ M/2}, also unbiased
+  (it estimates the Gaussian kernel exp(-|q'-k'|²/2), rescaled), but not positive.
+
+Orthogonal random features (Performers, section 2.4) draw the ω in blocks of D exactly orthogonal directions:
+Q from the QR decomposition of a Gaussian matrix **with the sign correction** Q ← Q diag(sign(diag R)) — without
+it Q is not Haar-distributed (Householder QR fixes the signs of R's diagonal, so each direction keeps a fixed
+sign in one coordinate) and the estimator is biased — and each row rescaled by an independent chi(D) norm, so
+that every ω_r is marginally N(0, I_D).
+
+Feature maps are nn.Modules: the random matrices are buffers (.to(), .double(), state_dict() work); the same
+seed gives the same features; ``redraw()`` draws new ones; nothing random happens in ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gaussian_orthogonal_random_matrix(num_rows: int, dim: int, *, generator: torch.Generator | None = None,
+                                      sign_correction: bool = True, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(num_rows, dim) rows ω_r, each marginally N(0, I_dim), orthogonal within blocks of ``dim`` rows.
+
+    ``sign_correction=False`` reproduces what public implementations do (for the comparison in claim 3.5)."""
+    blocks = []
+    for _ in range(math.ceil(num_rows / dim)):
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)  # g = q r
+        if sign_correction:
+            q = q * torch.sign(torch.diagonal(r))  # column j times sign(r_jj): q is Haar-distributed
+        blocks.append(q.mT)  # rows orthonormal
+    directions = torch.cat(blocks)[:num_rows]  # (num_rows, dim)
+    norms = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).norm(dim=1)  # chi(dim)
+    return (directions * norms[:, None]).to(dtype)
+
+
+def gaussian_random_matrix(num_rows: int, dim: int, *, generator: torch.Generator | None = None,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """(num_rows, dim) i.i.d. N(0, 1) entries."""
+    return torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).to(dtype)
+
+
+class _RandomFeatures(nn.Module):
+    """Shared machinery: a seeded generator, the projection buffer, redraw()."""
+
+    def __init__(self, head_dim: int, num_projections: int, num_features: int, *, orthogonal: bool,
+                 scale: float | None, seed: int | None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if head_dim <= 0:
+            raise ValueError(f"{name}: head_dim must be positive; got {head_dim}")
+        if num_features <= 0:
+            raise ValueError(f"{name}: num_features must be positive; got {num_features}")
+        self.head_dim = head_dim
+        self.num_features = num_features
+        self.orthogonal = orthogonal
+        self.scale = head_dim ** -0.5 if scale is None else float(scale)
+        self.seed = seed
+        self._num_projections = num_projections
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.register_buffer("projection", self._draw())  # (num_projections, head_dim): the ω_r
+
+    def _draw(self) -> Tensor:
+        draw = gaussian_orthogonal_random_matrix if self.orthogonal else gaussian_random_matrix
+        return draw(self._num_projections, self.head_dim, generator=self._generator)
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw new ω (the next draw of this module's seeded generator, or of torch's global one)."""
+        self.projection.copy_(self._draw().to(self.projection))
+
+    def _project(self, x: Tensor) -> Tensor:
+        """ω_rᵀ x' for every row: (..., N, D) -> (..., N, num_projections)."""
+        w = self.projection.to(x.dtype) * math.sqrt(self.scale)
+        return x @ w.mT
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, num_features={self.num_features}, orthogonal={self.orthogonal}, "
+                f"scale={self.scale:.4g}, seed={self.seed}")
+
+
+class PositiveRandomFeatures(_RandomFeatures):
+    """FAVOR+ positive random features: fm(q) @ fm(k).mT is an unbiased estimate of exp(scale · qᵀk).
+
+    ``log_features`` gives log φ exactly; :func:`~theorylab.attention.linear_attention` uses it to stabilise the
+    exponentials (the stabilisation lives there, not here: ``forward`` overflows where exp does)."""
+
+    def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = True, scale: float | None = None,
+                 seed: int | None = None) -> None:
+        super().__init__(head_dim, num_features, num_features, orthogonal=orthogonal, scale=scale, seed=seed)
+
+    def log_features(self, x: Tensor) -> Tensor:
+        """log φ(x) = ωᵀx' - |x'|²/2 - log(M)/2: (..., N, D) -> (..., N, M)."""
+        sq_norm = (x * x).sum(-1, keepdim=True) * self.scale  # |x'|²
+        return self._project(x) - 0.5 * sq_norm - 0.5 * math.log(self.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.exp(self.log_features(x))
+
+
+class TrigRandomFeatures(_RandomFeatures):
+    """sin/cos random features of num_features/2 frequencies; unbiased for exp(scale · qᵀk) but not positive."""
+
+    def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = False, scale: float | None = None,
+                 seed: int | None = None) -> None:
+        if num_features > 0 and num_features % 2:
+            raise ValueError(f"TrigRandomFeatures: num_features must be even (sin and cos of num_features/2 "
+                             f"frequencies); got {num_features}")
+        super().__init__(head_dim, num_features // 2 or num_features, num_features, orthogonal=orthogonal,
+                         scale=scale, seed=seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        proj = self._project(x)  # (..., N, M/2)
+        sq_norm = (x * x).sum(-1, keepdim=True) * self.scale
+        magnitude = torch.exp(0.5 * sq_norm) / math.sqrt(self._num_projections)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) * magnitude
+
+
+class EluFeatures(nn.Module):
+    """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, deterministic, M = D."""
+
+    def __init__(self, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_features = head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.elu(x) + 1.0
+
+
+class ReluFeatures(nn.Module):
+    """φ(x) = relu(x): non-negative, deterministic, M = D (a query whose features are all zero outputs zeros)."""
+
+    def __init__(self, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_features = head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x)

@@ -1,0 +1,104 @@
+"""Multi-head attention (batch first) over any of the package's attention kinds."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .exact import softmax_attention
+from .features import EluFeatures, PositiveRandomFeatures
+from .linear import linear_attention
+from .separable import separable_attention
+
+KINDS = ("softmax", "separable", "linear", "favor")
+
+
+class MultiheadAttention(nn.Module):
+    """Like ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)``, but ``forward`` returns only the
+    output tensor and the attention itself is chosen by ``kind``:
+
+    * ``"softmax"``: exact attention (torch SDPA);
+    * ``"separable"``: softmax_row(Q) softmax_col(K)ᵀ V;
+    * ``"linear"``: kernelised attention with φ = elu + 1;
+    * ``"favor"``: kernelised attention with FAVOR+ positive orthogonal random features (``num_features`` of them,
+      shared by the heads; ``redraw_features()`` draws new ones).
+
+    Args:
+        embed_dim: E, the model width; num_heads must divide it (head dim D = E / num_heads).
+        causal: every position attends to itself and earlier positions only (kinds other than softmax need
+            query and key of the same length).
+        num_features: M, the random features of ``kind="favor"``.
+        dropout: probability of zeroing an entry of the attention output before the output projection, during
+            training (linear kinds never form attention weights to drop).
+        bias: biases in the four projections.
+        seed: seed of the random features (``kind="favor"``).
+        chunk_size: chunk length of the causal/chunked kernels (None: their defaults).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "softmax", causal: bool = False,
+                 num_features: int = 256, dropout: float = 0.0, bias: bool = True, seed: int | None = None,
+                 chunk_size: int | None = None) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"MultiheadAttention: kind must be one of {KINDS}; got {kind!r}")
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: num_heads ({num_heads}) must be positive and divide embed_dim "
+                             f"({embed_dim})")
+        if num_features <= 0:
+            raise ValueError(f"MultiheadAttention: num_features must be positive; got {num_features}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadAttention: dropout must be in [0, 1); got {dropout}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kind, self.causal, self.chunk_size = kind, causal, chunk_size
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.feature_map: nn.Module | None = None
+        if kind == "linear":
+            self.feature_map = EluFeatures(self.head_dim)
+        elif kind == "favor":
+            self.feature_map = PositiveRandomFeatures(self.head_dim, num_features, seed=seed)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def redraw_features(self) -> None:
+        """Draw new random features (``kind="favor"``); a no-op for the other kinds."""
+        if hasattr(self.feature_map, "redraw"):
+            self.feature_map.redraw()
+
+    def _heads(self, x: Tensor, proj: nn.Linear) -> Tensor:
+        B, N, _ = x.shape
+        return proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """query (B, Nq, E), key (B, Nk, E) (default: query), value (B, Nk, E) (default: key),
+        key_padding_mask bool (B, Nk), True = padding -> (B, Nq, E)."""
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+                raise ValueError(f"MultiheadAttention: {name} must be (B, N, {self.embed_dim}); got "
+                                 f"{tuple(x.shape)}")
+        B, Nq, E = query.shape
+        q, k, v = self._heads(query, self.q_proj), self._heads(key, self.k_proj), self._heads(value, self.v_proj)
+        mask = key_padding_mask
+        if self.kind == "softmax":
+            out = softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask)
+        elif self.kind == "separable":
+            out = separable_attention(q, k, v, causal=self.causal, key_padding_mask=mask,
+                                      chunk_size=self.chunk_size)
+        else:
+            out = linear_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=mask,
+                                   chunk_size=self.chunk_size)
+        out = out.transpose(1, 2).reshape(B, Nq, E)  # (B, Nq, H*D)
+        return self.out_proj(self.dropout(out))
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kind={self.kind!r}, causal={self.causal}"

@@ -1,0 +1,107 @@
+r"""Separable attention: softmax_row(Q) softmax_col(K)ᵀ V, computed as softmax_row(Q) (softmax_col(K)ᵀ V).
+
+A = softmax over the D features of each query (rows sum to 1), B = softmax over the keys of each feature column
+(columns sum to 1), so every row of A Bᵀ is a categorical distribution over keys — of rank <= D. Computing
+Bᵀ V (D x Dv) first costs Θ(n D Dv) time and Θ(n D + D Dv) space. No scale is applied.
+
+Causal: query i uses the column softmax over keys j <= i only,
+B⁽ⁱ⁾_jc = exp(k_jc - m_ic) / Z_ic with m_ic = max_{j' <= i} k_j'c and Z_ic = Σ_{j' <= i} exp(k_j'c - m_ic).
+It is computed in chunks of C positions: across chunks a (D, Dv) state of prefix sums with a per-column running
+max is carried (and rescaled as the max grows); inside a chunk the weights exp(k_jc - m_ic), j <= i, are formed
+explicitly as a (C, C, D) tensor (every factor <= 1, so no overflow and no underflow caused by later keys).
+Memory O(n D + C² D) per (batch, head) in the forward pass; never n x n.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import FLOOR, accumulation_dtype, check_qkv, keep_mask, masked_softmax, safe_divide
+
+SEPARABLE_CHUNK = 32
+
+
+def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """softmax_row(Q) (softmax_col(K)ᵀ V) without forming n x n.
+
+    Args:
+        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
+        causal: query i uses the column softmax over keys j <= i only (needs Nq == Nk).
+        key_padding_mask: bool (B, Nk), True = padding: removed from the key softmax.
+        chunk_size: positions per chunk in causal mode (None: 32).
+
+    Returns:
+        (B, H, Nq, Dv) in the dtype of q.
+    """
+    B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="separable_attention")
+    if causal and Nq != Nk:
+        raise ValueError(f"separable_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"separable_attention: chunk_size must be positive; got {chunk_size}")
+    out_dtype = q.dtype
+    acc = accumulation_dtype(q.dtype, k.dtype, v.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
+    logits = k
+    if key_padding_mask is not None:
+        logits = k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+    if not causal:
+        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
+        b = masked_softmax(logits, keep, dim=-2)  # (B, H, Nk, D): columns sum to 1 over the kept keys
+        return (a @ (b.mT @ v)).to(out_dtype)  # (B, H, Nq, D) @ (B, H, D, Dv)
+    return _causal(a, logits, v, chunk_size or SEPARABLE_CHUNK).to(out_dtype)
+
+
+def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
+    B, H, N, D = a.shape
+    Dv = v.shape[-1]
+    # m_ic: running max per column over keys j <= i (FLOOR before the first non-padded key)
+    run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(FLOOR)  # (B, H, N, D)
+    out = a.new_empty(B, H, N, Dv)
+    state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
+    norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
+    ref = a.new_full((B, H, D), FLOOR)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        C = e - s
+        m = run[:, :, s:e]  # (B, H, C, D)
+        k_c, v_c = logits[:, :, s:e], v[:, :, s:e]
+        # w_ijc = exp(k_jc - m_ic) for j <= i: (B, H, C_i, C_j, D)
+        w = torch.exp((k_c[:, :, None, :, :] - m[:, :, :, None, :])
+                      .masked_fill(~tril[:C, :C, None], float("-inf")))
+        carry = torch.exp(ref[:, :, None, :] - m)  # (B, H, C, D): rescales the carried sums to m_i
+        z = w.sum(-2) + carry * norm[:, :, None, :]  # (B, H, C, D): Z_ic
+        a_over_z = safe_divide(a[:, :, s:e], z)  # A_ic / Z_ic
+        p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, C, C)
+        out[:, :, s:e] = p @ v_c + (a_over_z * carry) @ state
+        if e < N:
+            new_ref = m[:, :, -1]  # (B, H, D)
+            decay = torch.exp(ref - new_ref)
+            wk = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D)
+            state = state * decay[..., None] + wk.mT @ v_c
+            norm = norm * decay + wk.sum(-2)
+            ref = new_ref
+    return out
+
+
+def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                                  key_padding_mask: Tensor | None = None) -> Tensor:
+    """The naive reference: forms the (Nq, Nk) matrix A Bᵀ (causal: one column softmax per query, O(n² D))."""
+    _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="separable_attention_reference")
+    a = torch.softmax(q, dim=-1)  # (B, H, Nq, D)
+    if not causal:
+        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
+        return (a @ masked_softmax(k, keep, dim=-2).mT) @ v
+    keep = keep_mask(Nq, Nk, causal=True, key_padding_mask=key_padding_mask, device=q.device)  # (., 1, Nq, Nk)
+    # b[i, j, c] = softmax over j <= i of k_jc: (B, H, Nq, Nk, D)
+    b = masked_softmax(k[:, :, None, :, :].expand(-1, -1, Nq, -1, -1), keep[..., None], dim=-2)
+    weights = torch.einsum("bhic,bhijc->bhij", a, b)  # (B, H, Nq, Nk)
+    return weights @ v
+
+
+def separable_attention_matrix(q: Tensor, k: Tensor) -> Tensor:
+    """The implied (B, H, Nq, Nk) attention matrix softmax_row(Q) softmax_col(K)ᵀ (non-causal, for claim 3.2)."""
+    return torch.softmax(q, dim=-1) @ torch.softmax(k, dim=-2).mT

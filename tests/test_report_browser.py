@@ -1,0 +1,80 @@
+"""The whole quick run, as a person sees it: every claim confirmed, the report rendered in headless Chromium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when missing). Elsewhere the
+browser test is skipped with that reason; the rest of this module still runs.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from theorylab.claims import CLAIM_IDS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT_DIR = Path(os.environ.get("THEORYLAB_SCREENSHOT_DIR", "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick-report")
+    proc = subprocess.run([sys.executable, "-m", "theorylab", "verify", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "CI": "1"}, timeout=900)
+    return out, proc
+
+
+def test_quick_verify_confirms_every_claim(quick_report):
+    out, proc = quick_report
+    results = json.loads((out / "results.json").read_text())
+    verdicts = {c["id"]: c["verdict"] for c in results["claims"]}
+    assert list(verdicts) == list(CLAIM_IDS)
+    not_confirmed = {i: v for i, v in verdicts.items() if v != "confirmed"}
+    details = {c["id"]: (c.get("error") or c.get("notes") or "")[-600:] for c in results["claims"]
+               if c["id"] in not_confirmed}
+    assert not not_confirmed, details
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for c in results["claims"]:
+        assert c["figures"], f"claim {c['id']} has no figure"
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_report_renders_in_headless_chromium(quick_report):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    out, _ = quick_report
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,2000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.get((out / "report.html").resolve().as_uri())
+        assert driver.title == "theorylab report"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        results = json.loads((out / "results.json").read_text())
+        expected = sorted(f for c in results["claims"] for f in c["figures"])
+        assert sorted(src for src, _, _ in images) == expected
+        broken = [src for src, complete, width in images if not (complete and width > 0)]
+        assert not broken, f"images that did not load: {broken}"
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        # the summary table comes first and lists every claim with its verdict
+        rows = driver.execute_script(
+            "return Array.from(document.querySelector('table').rows).slice(1).map(r => r.cells[0].innerText)")
+        assert rows == list(CLAIM_IDS)
+        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1280, min(int(height) + 100, 16000))
+        assert driver.save_screenshot(str(SCREENSHOT_DIR / "report.png"))
+    finally:
+        driver.quit()

@@ -31,8 +31,8 @@ def _check_writable(out: Path) -> str | None:
         probe = out / ".theorylab-write-test"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        return f"cannot write to output folder {str(out)!r}: {e.strerror or e}"
+    except (OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
+        return f"cannot write to output folder {str(out)!r}: {getattr(e, 'strerror', None) or e}"
     return None
 
 

@@ -1,0 +1,65 @@
+"""Hostile command lines: any argv gives exit 0, 1 or 2 and a message, never a traceback."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from theorylab.claims import CLAIM_IDS, Evidence, Section
+from theorylab.cli import main, verify
+
+TOKENS = ["verify", "bench", "env", "--quick", "--extras", "--only", "--out", "--seed", "--json", "--help",
+          "attention", "optim", "rnn", "2.1", "4.3a", "9.9", "", "-1", "abc", "1e309", "--", "-", "\x00x", "é"]
+
+
+@pytest.fixture
+def fake_claims(monkeypatch):
+    """Replace the real claims by an instant one, so only argument handling is exercised."""
+
+    def instant(seed, quick):
+        return Evidence(confirmed=True, numbers={"seed": seed}, method="m")
+
+    real_select = verify.select_sections
+
+    def select(only, extras):
+        real_select(only, extras)  # keeps the real validation of IDs
+        return [Section(i, "t", "s", "claim", instant) for i in (only or CLAIM_IDS[:1])]
+
+    monkeypatch.setattr(verify, "select_sections", select)
+    monkeypatch.setattr("theorylab.cli.bench.run", lambda args, argv: 0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=8)), max_size=6))
+def test_any_argv_gives_an_exit_code_not_a_traceback(argv, fake_claims, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty --out means the current folder
+    if "--out" not in argv and argv[:1] == ["verify"]:
+        argv += ["--out", str(tmp_path / "o")]
+    code = main(argv)
+    assert code in (0, 1, 2)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "--only"], "expected at least one argument"),
+    (["verify", "--seed", "x"], "invalid int value"),
+    (["verify", "--only", "2.1", "nope"], "valid IDs"),
+    (["bench"], "required: suite"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_name_the_problem(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["bad\x00name", "/proc/version/sub"])
+def test_impossible_out_is_refused(out, capsys):
+    assert main(["verify", "--only", "2.2", "--out", out]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert main(["verify", "--only", "2.2", "--out", str(f)]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+    assert f.read_text() == "keep me"

@@ -61,8 +61,9 @@ def masked_softmax(x: Tensor, keep: Tensor | None, dim: int) -> Tensor:
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, and 0 where den == 0 (a query that sees no key), with finite gradients."""
-    nonzero = den != 0
+    """num / den, and 0 where |den| <= sqrt(smallest normal) (~1e-19 in float32): a query that sees no key, or
+    whose normaliser underflowed. The threshold keeps den² and so every gradient finite."""
+    nonzero = den.abs() > torch.finfo(den.dtype).tiny ** 0.5
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 

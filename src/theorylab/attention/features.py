@@ -31,14 +31,12 @@ def gaussian_orthogonal_random_matrix(num_rows: int, dim: int, *, generator: tor
     """(num_rows, dim) rows ω_r, each marginally N(0, I_dim), orthogonal within blocks of ``dim`` rows.
 
     ``sign_correction=False`` reproduces what public implementations do (for the comparison in claim 3.5)."""
-    blocks = []
-    for _ in range(math.ceil(num_rows / dim)):
-        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        q, r = torch.linalg.qr(g)  # g = q r
-        if sign_correction:
-            q = q * torch.sign(torch.diagonal(r))  # column j times sign(r_jj): q is Haar-distributed
-        blocks.append(q.mT)  # rows orthonormal
-    directions = torch.cat(blocks)[:num_rows]  # (num_rows, dim)
+    num_blocks = math.ceil(num_rows / dim)
+    g = torch.randn(num_blocks, dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)  # g = q r, one (dim, dim) block each
+    if sign_correction:  # column j times sign(r_jj): q is Haar-distributed
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    directions = q.mT.reshape(num_blocks * dim, dim)[:num_rows]  # rows orthonormal within each block
     norms = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).norm(dim=1)  # chi(dim)
     return (directions * norms[:, None]).to(dtype)
 

@@ -1,0 +1,8 @@
+"""Cost measured, not asserted: FLOPs (torch.utils.flop_counter), peak tensor memory of a call, power-law fits."""
+
+from .fit import PowerLawFit, fit_power_law
+from .flops import count_flops
+from .memory import PeakMemory, peak_memory
+from .timing import median_time
+
+__all__ = ["PeakMemory", "PowerLawFit", "count_flops", "fit_power_law", "median_time", "peak_memory"]

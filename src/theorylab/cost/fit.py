@@ -1,0 +1,30 @@
+"""Power-law fits y ≈ c · x^p by least squares on log y = log c + p log x."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    exponent: float  # p
+    coefficient: float  # c
+    r2: float  # coefficient of determination of the log-log fit
+
+    def __call__(self, x: float | np.ndarray) -> float | np.ndarray:
+        return self.coefficient * np.asarray(x, dtype=float) ** self.exponent
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
+    """Fit y ≈ c x^p; every x and y must be positive, at least two distinct x."""
+    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
+    if lx.size < 2 or not np.all(np.isfinite(lx)) or not np.all(np.isfinite(ly)) or np.ptp(lx) == 0:
+        raise ValueError(f"fit_power_law: need >= 2 distinct positive x and positive y; got x={list(x)}, y={list(y)}")
+    p, logc = np.polyfit(lx, ly, 1)
+    resid = ly - (p * lx + logc)
+    ss_tot = float(np.sum((ly - ly.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    return PowerLawFit(float(p), float(np.exp(logc)), r2)

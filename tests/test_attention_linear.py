@@ -1,0 +1,182 @@
+import pytest
+import torch
+from attention_helpers import assert_same_outputs_and_grads, padding_mask, qkv
+
+from theorylab.attention import (
+    EluFeatures,
+    PositiveRandomFeatures,
+    ReluFeatures,
+    TrigRandomFeatures,
+    linear_attention,
+    softmax_attention,
+)
+from theorylab.attention.linear import linear_attention_reference
+from theorylab.cost import peak_memory
+
+FEATURE_MAPS = {
+    "favor": lambda D: PositiveRandomFeatures(D, 24, seed=0),
+    "favor-iid": lambda D: PositiveRandomFeatures(D, 12, orthogonal=False, seed=1),
+    "trig": lambda D: TrigRandomFeatures(D, 16, seed=2),
+    "elu": lambda D: EluFeatures(D),
+    "relu": lambda D: ReluFeatures(D),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAPS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_equals_reference_outputs_and_grads(name, causal, masked, chunk_size):
+    q, k, v = qkv(Nq=21, Dv=5)
+    fm = FEATURE_MAPS[name](8).double()
+    mask = padding_mask(2, 21) if masked else None
+
+    def fast(q, k, v):
+        return linear_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=chunk_size)
+
+    def ref(q, k, v):
+        return linear_attention_reference(q, k, v, fm, causal=causal, key_padding_mask=mask)
+
+    atol = 1e-8 if name == "trig" else 1e-10  # trig features are not positive: the normaliser can be small
+    assert_same_outputs_and_grads(fast, ref, (q, k, v), atol=atol, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["favor", "elu"])
+def test_cross_attention(name):
+    q, k, v = qkv(Nq=6, Nk=31)
+    fm = FEATURE_MAPS[name](8).double()
+    mask = padding_mask(2, 31)
+    assert_same_outputs_and_grads(
+        lambda q, k, v: linear_attention(q, k, v, fm, key_padding_mask=mask, chunk_size=8),
+        lambda q, k, v: linear_attention_reference(q, k, v, fm, key_padding_mask=mask), (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["favor", "elu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_equals_truncation_whatever_the_padded_values(name, causal):
+    q, k, v = qkv(B=1, Nq=20)
+    fm = FEATURE_MAPS[name](8).double()
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 13:] = True
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 13:, :] = 1e3  # huge padded keys: would set a global stabiliser and underflow every real key
+    v2[..., 13:, :] = -1e6
+    out = linear_attention(q, k2, v2, fm, causal=causal, key_padding_mask=mask, chunk_size=6)
+    if causal:
+        trunc = linear_attention(q[..., :13, :], k[..., :13, :], v[..., :13, :], fm, causal=True, chunk_size=6)
+        torch.testing.assert_close(out[..., :13, :], trunc, atol=1e-12, rtol=1e-10)
+    else:
+        trunc = linear_attention(q, k[..., :13, :], v[..., :13, :], fm, chunk_size=6)
+        torch.testing.assert_close(out, trunc, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_causal_never_sees_the_future_even_with_far_larger_future_keys(chunk_size, dtype):
+    q, k, v = qkv(Nq=48, dtype=dtype, scale=2.0)
+    fm = PositiveRandomFeatures(8, 32, seed=3).to(dtype)
+    t = 21
+    k2, v2 = k.clone(), v.clone()
+    k2[..., t + 1:, :] = k[..., t + 1:, :] * 40  # log-features grow ~1600x: a global max underflows the past
+    v2[..., t + 1:, :] = torch.randn_like(v[..., t + 1:, :]) * 1e4
+    a = linear_attention(q, k, v, fm, causal=True, chunk_size=chunk_size)
+    b = linear_attention(q, k2, v2, fm, causal=True, chunk_size=chunk_size)
+    assert torch.isfinite(b).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(a[..., : t + 1, :], b[..., : t + 1, :], atol=tol, rtol=tol)
+    # and the past is right, not only unchanged
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), fm.double(), causal=True)
+    torch.testing.assert_close(a[..., : t + 1, :].double(), ref[..., : t + 1, :], atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    q, k, v = qkv(Nq=50)
+    fm = PositiveRandomFeatures(8, 16, seed=0).double()
+    outs = [linear_attention(q, k, v, fm, causal=True, chunk_size=c) for c in (1, 3, 16, 50, 100)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_finite_and_close_to_float32(dtype, causal):
+    q, k, v = qkv(dtype=torch.float32, Nq=70, D=16, scale=2.0)
+    fm = PositiveRandomFeatures(16, 64, seed=0)
+    out = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), fm, causal=causal, chunk_size=16)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = linear_attention(*(x.to(dtype).float() for x in (q, k, v)), fm, causal=causal, chunk_size=16)
+    tol = 3e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_norm_inputs_give_finite_outputs_and_grads(causal):
+    q, k, v = qkv(dtype=torch.float32, Nq=40, scale=300.0)
+    fm = PositiveRandomFeatures(8, 32, seed=0)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out = linear_attention(q, k, v, fm, causal=causal, chunk_size=16)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_favor_approximates_softmax_attention():
+    q, k, v = qkv(B=1, H=2, Nq=64, D=16, dtype=torch.float64, scale=0.7)
+    exact = softmax_attention(q, k, v)
+    errors = []
+    for m in (16, 256, 4096):
+        fm = PositiveRandomFeatures(16, m, seed=0).double()
+        errors.append((linear_attention(q, k, v, fm) - exact).abs().mean().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.1 * errors[0]
+
+
+def test_causal_memory_is_linear_in_n_forward_and_backward():
+    fm = PositiveRandomFeatures(16, 32, seed=0)
+
+    def fwd_bwd(n):
+        q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=2, Nq=n, D=16, dtype=torch.float32))
+        return peak_memory(lambda: linear_attention(q, k, v, fm, causal=True, chunk_size=32).sum().backward())
+
+    def fwd(n):
+        q, k, v = qkv(B=1, H=2, Nq=n, D=16, dtype=torch.float32)
+        with torch.no_grad():
+            return peak_memory(lambda: linear_attention(q, k, v, fm, causal=True, chunk_size=32))
+
+    for measure in (fwd, fwd_bwd):
+        small, large = measure(512), measure(2048)
+        assert large < 4.6 * small, (measure.__name__, small, large)  # quadratic would be ~16x
+        # and far below one (n, n) float32 matrix
+        assert large < 2048 * 2048 * 4
+
+
+def test_compiles_with_torch_compile():
+    q, k, v = qkv(B=1, H=2, Nq=16, D=8, dtype=torch.float32)
+    fm = PositiveRandomFeatures(8, 16, seed=0)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 12:] = True
+
+    def fn(q, k, v):
+        return linear_attention(q, k, v, fm, causal=True, key_padding_mask=mask, chunk_size=8)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_names_the_shapes():
+    q, k, v = qkv(Nq=9, Nk=12)
+    fm = PositiveRandomFeatures(8, 16)
+    with pytest.raises(ValueError, match="causal needs Nq == Nk"):
+        linear_attention(q, k, v, fm, causal=True)
+    with pytest.raises(ValueError, match="head dims differ"):
+        linear_attention(q, k[..., :4], v, fm)
+    with pytest.raises(ValueError, match="head_dim is 4"):
+        linear_attention(q, k, v, PositiveRandomFeatures(4, 16))
+    with pytest.raises(ValueError, match=r"\(B, Nk\) = \(2, 12\)"):
+        linear_attention(q, k, v, fm, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_features must be positive"):
+        PositiveRandomFeatures(8, 0)
+    with pytest.raises(ValueError, match="num_features must be positive"):
+        TrigRandomFeatures(8, -2)
+    with pytest.raises(ValueError, match="must be even"):
+        TrigRandomFeatures(8, 7)

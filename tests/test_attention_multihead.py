@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from theorylab.attention import MultiheadAttention
+
+KINDS = ["softmax", "separable", "linear", "favor"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_outputs_ignore_the_future(kind):
+    torch.manual_seed(0)
+    mha = MultiheadAttention(16, 4, kind=kind, causal=True, num_features=32, seed=0, chunk_size=4).double()
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    y = x.clone()
+    y[:, 8:] = torch.randn(2, 5, 16, dtype=torch.float64) * 10
+    out_x, out_y = mha(x), mha(y)
+    assert out_x.shape == (2, 13, 16)
+    torch.testing.assert_close(out_x[:, :8], out_y[:, :8])
+    assert not torch.allclose(out_x[:, 8:], out_y[:, 8:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_equals_truncation(kind, causal):
+    torch.manual_seed(0)
+    mha = MultiheadAttention(12, 3, kind=kind, causal=causal, num_features=16, seed=0).double()
+    x = torch.randn(1, 10, 12, dtype=torch.float64)
+    padded = torch.cat([x, torch.randn(1, 4, 12, dtype=torch.float64) * 50], dim=1)
+    mask = torch.zeros(1, 14, dtype=torch.bool)
+    mask[0, 10:] = True
+    if causal:
+        torch.testing.assert_close(mha(padded, key_padding_mask=mask)[:, :10], mha(x))
+    else:
+        torch.testing.assert_close(mha(x, padded, padded, key_padding_mask=mask), mha(x, x, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cross_attention_and_gradients(kind):
+    torch.manual_seed(0)
+    mha = MultiheadAttention(8, 2, kind=kind, num_features=16, seed=0)
+    query, memory = torch.randn(3, 5, 8), torch.randn(3, 9, 8)
+    out = mha(query, memory)
+    assert out.shape == (3, 5, 8)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mha.parameters())
+
+
+def test_softmax_kind_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 4, kind="softmax").double()
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True).double()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    q, kv = torch.randn(2, 6, 16, dtype=torch.float64), torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 5:] = True
+    expected, _ = ref(q, kv, kv, key_padding_mask=mask, need_weights=False)
+    torch.testing.assert_close(ours(q, kv, key_padding_mask=mask), expected)
+
+
+def test_favor_features_are_fixed_until_redrawn_and_eval_is_deterministic():
+    mha = MultiheadAttention(16, 2, kind="favor", num_features=8, seed=1).eval()
+    x = torch.randn(1, 7, 16)
+    a = mha(x)
+    torch.testing.assert_close(mha(x), a)
+    mha.redraw_features()
+    assert not torch.allclose(mha(x), a)
+
+
+def test_dropout_only_in_training():
+    mha = MultiheadAttention(8, 2, kind="linear", dropout=0.5)
+    x = torch.randn(2, 5, 8)
+    mha.eval()
+    torch.testing.assert_close(mha(x), mha(x))
+    mha.train()
+    assert not torch.allclose(mha(x), mha(x))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        MultiheadAttention(8, 2, kind="flash")
+    with pytest.raises(ValueError, match="divide embed_dim"):
+        MultiheadAttention(10, 3)
+    with pytest.raises(ValueError, match="num_features"):
+        MultiheadAttention(8, 2, kind="favor", num_features=0)
+    with pytest.raises(ValueError, match=r"\(B, N, 8\)"):
+        MultiheadAttention(8, 2)(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="causal needs Nq == Nk"):
+        MultiheadAttention(8, 2, kind="linear", causal=True)(torch.randn(1, 3, 8), torch.randn(1, 4, 8))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from attention_helpers import assert_same_outputs_and_grads, padding_mask, qkv
+
+from theorylab.attention import separable_attention
+from theorylab.attention.separable import separable_attention_matrix, separable_attention_reference
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 5, 32])
+def test_equals_reference(causal, masked, chunk_size):
+    q, k, v = qkv(Nq=23, Dv=6)
+    mask = padding_mask(2, 23) if masked else None
+
+    def fast(q, k, v):
+        return separable_attention(q, k, v, causal=causal, key_padding_mask=mask, chunk_size=chunk_size)
+
+    def ref(q, k, v):
+        return separable_attention_reference(q, k, v, causal=causal, key_padding_mask=mask)
+
+    assert_same_outputs_and_grads(fast, ref, (q, k, v))
+
+
+def test_cross_attention_equals_reference():
+    q, k, v = qkv(Nq=7, Nk=29)
+    mask = padding_mask(2, 29)
+    assert_same_outputs_and_grads(lambda q, k, v: separable_attention(q, k, v, key_padding_mask=mask),
+                                  lambda q, k, v: separable_attention_reference(q, k, v, key_padding_mask=mask),
+                                  (q, k, v))
+
+
+def test_rows_are_distributions_of_rank_at_most_d():
+    q, k, _ = qkv(Nq=40, D=6)
+    a = separable_attention_matrix(q, k)  # (B, H, 40, 40)
+    assert (a >= 0).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+    assert int(torch.linalg.matrix_rank(a).max()) <= 6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_equals_truncation_whatever_the_padded_values(causal):
+    q, k, v = qkv(B=1, Nq=20)
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 14:] = True
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 14:, :] = 500.0  # would dominate every column softmax if it leaked
+    v2[..., 14:, :] = 1e6
+    out = separable_attention(q, k2, v2, causal=causal, key_padding_mask=mask, chunk_size=4)
+    trunc = separable_attention(q[..., :14, :], k[..., :14, :], v[..., :14, :], causal=causal, chunk_size=4)
+    if causal:
+        torch.testing.assert_close(out[..., :14, :], trunc)
+    else:
+        torch.testing.assert_close(out, separable_attention(q, k[..., :14, :], v[..., :14, :]))
+
+
+def test_causal_never_sees_the_future_even_with_huge_future_keys():
+    q, k, v = qkv(Nq=40)
+    t = 17
+    k2, v2 = k.clone(), v.clone()
+    k2[..., t + 1:, :] = k[..., t + 1:, :] * 100 + 300  # future keys far above every past key
+    v2[..., t + 1:, :] = torch.randn_like(v2[..., t + 1:, :]) * 1e3
+    for chunk in (8, 32, 64):
+        a = separable_attention(q, k, v, causal=True, chunk_size=chunk)
+        b = separable_attention(q, k2, v2, causal=True, chunk_size=chunk)
+        torch.testing.assert_close(a[..., : t + 1, :], b[..., : t + 1, :], atol=1e-12, rtol=1e-12)
+        assert torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_close_to_float32(dtype, causal):
+    q, k, v = qkv(dtype=torch.float32, Nq=50, scale=3.0)
+    out = separable_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = separable_attention(*(x.to(dtype).float() for x in (q, k, v)), causal=causal)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_norm_inputs_stay_finite(causal):
+    q, k, v = qkv(dtype=torch.float32, Nq=30, scale=1e3)
+    q, k = q.requires_grad_(True), k.requires_grad_(True)
+    out = separable_attention(q, k, v, causal=causal)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_bad_input():
+    q, k, v = qkv(Nq=9, Nk=12)
+    with pytest.raises(ValueError, match="causal needs Nq == Nk"):
+        separable_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="head dims differ"):
+        separable_attention(q[..., :3], k, v)
+    with pytest.raises(ValueError, match=r"\(B, Nk\)"):
+        separable_attention(q, k, v, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))

@@ -1,0 +1,65 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from theorylab.cost import PeakMemory, count_flops, fit_power_law, median_time, peak_memory
+
+
+def test_count_flops_of_a_matmul():
+    a, b = torch.randn(30, 20), torch.randn(20, 10)
+    assert count_flops(lambda: a @ b) == 2 * 30 * 20 * 10
+    assert count_flops(lambda: (a @ b).exp().sum()) == 2 * 30 * 20 * 10  # elementwise ops are not counted
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    x = torch.randn(100, 100)  # allocated before: not counted
+
+    def two_temporaries():
+        y = x @ x  # 40 kB
+        z = y.exp()  # 40 kB, both alive
+        del y
+        w = z + 1  # 40 kB, y freed
+        return w.sum()
+
+    assert peak_memory(two_temporaries) == 2 * 100 * 100 * 4 + 4  # z, w and the 4-byte sum
+    assert peak_memory(lambda: torch.empty(1000, dtype=torch.float64)) == 8000
+
+
+def test_peak_memory_is_reproducible_and_views_count_once():
+    x = torch.randn(64, 64)
+
+    def fn():
+        y = x * 2
+        return y.view(-1)[:10], y.t()
+
+    assert peak_memory(fn) == peak_memory(fn) == 64 * 64 * 4
+
+
+def test_peak_memory_tracker_sees_frees():
+    with PeakMemory() as m:
+        for _ in range(5):
+            t = torch.zeros(1000)
+            del t
+    assert m.peak == 4000 and m.current == 0
+
+
+def test_fit_power_law_recovers_exponents():
+    x = np.array([16, 32, 64, 128])
+    fit = fit_power_law(x, 3.0 * x**1.5)
+    assert fit.exponent == pytest.approx(1.5) and fit.coefficient == pytest.approx(3.0) and fit.r2 == pytest.approx(1)
+    assert fit(256) == pytest.approx(3.0 * 256**1.5)
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([1, 2], [0, 1])
+
+
+def test_median_time_respects_budget():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.01)
+
+    t = median_time(fn, repeats=50, warmup=1, budget_s=0.03)
+    assert 0.005 < t < 0.5 and len(calls) < 10

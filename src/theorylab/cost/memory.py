@@ -13,7 +13,6 @@ memory outside torch tensors.
 
 from __future__ import annotations
 
-import gc
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -62,7 +61,6 @@ class PeakMemory(TorchDispatchMode):
 
 def peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Peak bytes of tensor storage that ``fn(*args, **kwargs)`` had alive at once (its output included)."""
-    gc.collect()
     with PeakMemory() as tracker:
         result = fn(*args, **kwargs)
         del result

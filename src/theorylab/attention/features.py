@@ -98,8 +98,14 @@ class PositiveRandomFeatures(_RandomFeatures):
 
     def log_features(self, x: Tensor) -> Tensor:
         """log φ(x) = ωᵀx' - |x'|²/2 - log(M)/2: (..., N, D) -> (..., N, M)."""
-        sq_norm = (x * x).sum(-1, keepdim=True) * self.scale  # |x'|²
-        return self._project(x) - 0.5 * sq_norm - 0.5 * math.log(self.num_features)
+        projection, offset = self.log_features_rowwise(x)
+        return projection + offset[..., None]
+
+    def log_features_rowwise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """log φ(x) split as (ωᵀx' of shape (..., N, M), the per-row offset -|x'|²/2 - log(M)/2 of shape
+        (..., N)), so that a caller can fold the offset into its own per-row stabiliser in one pass."""
+        offset = -0.5 * self.scale * (x * x).sum(-1) - 0.5 * math.log(self.num_features)
+        return self._project(x), offset
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.exp(self.log_features(x))

@@ -76,7 +76,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, _feature_dtype(feature_map))
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     pad = key_padding_mask[:, None, :] if key_padding_mask is not None else None  # (B, 1, Nk)
-    stabilised = hasattr(feature_map, "log_features")
+    stabilised = hasattr(feature_map, "log_features_rowwise")
     if causal:
         out = _causal(q, k, v, feature_map, pad, stabilised, chunk_size or CAUSAL_CHUNK)
     else:
@@ -91,29 +91,57 @@ def _with_ones(v: Tensor) -> Tensor:
     return F.pad(v, (0, 1), value=1.0)
 
 
+def _ratio(num: Tensor, Dv: int, stabilised: bool) -> Tensor:
+    """num[..., :Dv] / num[..., Dv:], the normalised output of a chunk of queries.
+
+    Positive features (the stabilised path) have a normaliser >= 0: clamping it at sqrt(smallest normal) keeps
+    the output bounded and the gradients finite in one cheap pass over a column. Other maps (trigonometric
+    features can make it negative) go through :func:`safe_divide`."""
+    if stabilised:
+        return num[..., :Dv] / num[..., Dv:].clamp_min(torch.finfo(num.dtype).tiny ** 0.5)
+    return safe_divide(num[..., :Dv], num[..., Dv:])
+
+
+def _query_features(fm: nn.Module, x: Tensor, stabilised: bool) -> Tensor:
+    """φ(x) for a chunk of queries; stabilised: divided by each row's maximum (a factor that cancels in the
+    ratio, so the |x'|²/2 offset is not even needed). Every feature is then <= 1."""
+    if not stabilised:
+        return fm(x)
+    proj, _ = fm.log_features_rowwise(x)  # (B, H, C, M)
+    return proj.sub_(proj.detach().amax(-1, keepdim=True)).exp_()
+
+
+def _key_log_features(fm: nn.Module, x: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """For a chunk of keys: (ωᵀx' with padded rows at -inf, the per-row offset, the row max of log φ (detached)).
+    log φ(x) = proj + offset[..., None]."""
+    proj, offset = fm.log_features_rowwise(x)  # (B, H, C, M), (B, H, C)
+    if pad is not None:
+        proj = proj.masked_fill(pad[..., None], float("-inf"))
+    return proj, offset, proj.detach().amax(-1) + offset.detach()
+
+
 def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
                chunk: int) -> Tensor:
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     state = None  # (B, H, M, Dv + 1): φ(K)ᵀ[V, 1], relative to exp(ref)
-    ref = q.new_full((B, H, 1, 1), FLOOR)  # running max of the key log-features (stabilised maps)
+    ref = q.new_full((B, H, 1), FLOOR)  # running max of the key log-features (stabilised maps)
     for s in range(0, Nk, chunk):
         e = min(s + chunk, Nk)
+        pad_c = pad[:, :, s:e] if pad is not None else None
         if stabilised:
-            lk = fm.log_features(k[:, :, s:e])  # (B, H, C, M)
-            if pad is not None:
-                lk = lk.masked_fill(pad[:, :, s:e, None], float("-inf"))
-            new_ref = torch.maximum(ref, lk.detach().amax((-2, -1), keepdim=True))
-            kf = torch.exp(lk - new_ref)
+            proj, offset, row_max = _key_log_features(fm, k[:, :, s:e], pad_c)
+            new_ref = torch.maximum(ref, row_max.amax(-1, keepdim=True))  # (B, H, 1)
+            kf = proj.sub_((new_ref - offset)[..., None]).exp_()  # exp(log φ - ref) <= 1; 0 where padded
         else:
             kf = fm(k[:, :, s:e])  # (B, H, C, M)
-            if pad is not None:
-                kf = kf.masked_fill(pad[:, :, s:e, None], 0.0)
+            if pad_c is not None:
+                kf = kf.masked_fill(pad_c[..., None], 0.0)
         contrib = kf.mT @ _with_ones(v[:, :, s:e])  # (B, H, M, Dv + 1)
         if state is None:
             state = contrib
         elif stabilised:
-            state = state * torch.exp(ref - new_ref) + contrib
+            state = state * torch.exp(ref - new_ref)[..., None] + contrib
         else:
             state = state + contrib
         if stabilised:
@@ -124,16 +152,8 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | Non
     for s in range(0, Nq, chunk):
         e = min(s + chunk, Nq)
         qf = _query_features(fm, q[:, :, s:e], stabilised)  # (B, H, C, M)
-        num = qf @ state  # (B, H, C, Dv + 1)
-        out[:, :, s:e] = safe_divide(num[..., :Dv], num[..., Dv:])
+        out[:, :, s:e] = _ratio(qf @ state, Dv, stabilised)  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
     return out
-
-
-def _query_features(fm: nn.Module, x: Tensor, stabilised: bool) -> Tensor:
-    if not stabilised:
-        return fm(x)
-    lq = fm.log_features(x)
-    return torch.exp(lq - lq.detach().amax(-1, keepdim=True))  # per-row factor: cancels in the ratio
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
@@ -143,36 +163,34 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, 
     out = q.new_empty(B, H, N, Dv)
     state = None  # (B, H, M, Dv + 1): Σ_{j < s} k̂_j exp(m_j - ref) [v_j, 1]
     ref = q.new_full((B, H), FLOOR)  # m at the end of the previous chunk
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         C = e - s
+        pad_c = pad[:, :, s:e] if pad is not None else None
         qf = _query_features(fm, q[:, :, s:e], stabilised)  # (B, H, C, M)
         v1 = _with_ones(v[:, :, s:e])  # (B, H, C, Dv + 1)
         if stabilised:
-            lk = fm.log_features(k[:, :, s:e])  # (B, H, C, M)
-            if pad is not None:
-                lk = lk.masked_fill(pad[:, :, s:e, None], float("-inf"))
+            proj, offset, row_max = _key_log_features(fm, k[:, :, s:e], pad_c)
             # m_j: running prefix max of the key log-features (padded keys leave it unchanged)
-            run = torch.maximum(torch.cummax(lk.detach().amax(-1), dim=-1).values, ref[..., None])  # (B, H, C)
-            kf = torch.exp(lk - run[..., None])  # <= 1
-            log_decay = (run[..., None, :] - run[..., :, None]).masked_fill(~tril[:C, :C], float("-inf"))
-            scores = (qf @ kf.mT) * torch.exp(log_decay)  # (B, H, C, C): (q̂_iᵀk̂_j) exp(m_j - m_i), j <= i
+            run = torch.maximum(torch.cummax(row_max, dim=-1).values, ref[..., None])  # (B, H, C)
+            kf = proj.sub_((run - offset)[..., None]).exp_()  # k̂_j = exp(log φ(k_j) - m_j) <= 1
+            decay = (run[..., None, :] - run[..., :, None]).masked_fill_(above[:C, :C], float("-inf")).exp_()
+            scores = (qf @ kf.mT).mul_(decay)  # (B, H, C, C): (q̂_iᵀk̂_j) exp(m_j - m_i) for j <= i, else 0
         else:
             kf = fm(k[:, :, s:e])
-            if pad is not None:
-                kf = kf.masked_fill(pad[:, :, s:e, None], 0.0)
-            scores = (qf @ kf.mT).masked_fill(~tril[:C, :C], 0.0)
+            if pad_c is not None:
+                kf = kf.masked_fill(pad_c[..., None], 0.0)
+            scores = (qf @ kf.mT).masked_fill_(above[:C, :C], 0.0)
         num = scores @ v1  # (B, H, C, Dv + 1)
         if state is not None:
             carried = qf @ state  # (B, H, C, Dv + 1)
             num = num + (carried * torch.exp(ref[..., None] - run)[..., None] if stabilised else carried)
-        out[:, :, s:e] = safe_divide(num[..., :Dv], num[..., Dv:])
+        out[:, :, s:e] = _ratio(num, Dv, stabilised)
         if e < N:  # carry the state to the next chunk, relative to its new reference m_{e-1}
             if stabilised:
                 new_ref = run[..., -1]
-                v1 = v1 * torch.exp(run - new_ref[..., None])[..., None]
-                contrib = kf.mT @ v1
+                contrib = kf.mT @ (v1 * torch.exp(run - new_ref[..., None])[..., None])
                 state = contrib if state is None else state * torch.exp(ref - new_ref)[..., None, None] + contrib
                 ref = new_ref
             else:

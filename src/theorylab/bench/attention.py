@@ -1,0 +1,239 @@
+"""``theorylab bench attention``: time and peak memory vs n for FAVOR+ attention (ours, non-causal and causal),
+torch SDPA (exact) and performer-pytorch 1.1.4 (when installed: ``pip install 'theorylab[bench]'``), in one run.
+
+Setting of the issue: B=1, H=8, d=64, m=256 features, float32, forward pass under ``torch.no_grad()``; plus
+forward+backward of causal attention at n=8192. Every contender gets the same q, k, v.
+
+* time: the median of timed calls after a first call (calls that take > 3 s are timed once: that first call);
+* memory: the extra peak a call adds over the process after setup — the most bytes of tensor storage alive at
+  once during the call (``theorylab.cost.PeakMemory``: inputs and imports excluded, exact and reproducible; it
+  does not see scratch buffers allocated inside one fused kernel such as SDPA's CPU flash kernel);
+* FLOP efficiency: FLOPs per second over the machine's float32 matmul rate measured in the same run (FLOPs
+  counted by FlopCounterMode on meta tensors for ours and performer-pytorch; SDPA's nominal 4·B·H·Nq·Nk·d,
+  halved when causal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import PositiveRandomFeatures, linear_attention
+from ..cost import PeakMemory, count_flops
+
+B, H, D, M = 1, 8, 64, 256
+FULL_NS = [1024, 2048, 4096, 8192, 16384]
+QUICK_NS = [512, 1024, 2048]
+FWD_BWD_N = {False: 8192, True: 1024}  # quick -> n
+SINGLE_CALL_S = 3.0  # calls slower than this are timed once
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate (GFLOP/s): best of ``repeats`` (size x size) @ (size x size)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _performer(causal: bool) -> torch.nn.Module | None:
+    try:
+        from performer_pytorch import FastAttention
+    except ImportError:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a note about its CUDA kernel when causal
+        return FastAttention(dim_heads=D, nb_features=M, causal=causal)
+
+
+def performer_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("performer-pytorch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def contenders(causal: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """name -> fn(q, k, v) for one masking mode."""
+    fm = PositiveRandomFeatures(D, M, seed=0)
+    out: dict[str, Callable] = {
+        "theorylab FAVOR+": lambda q, k, v: linear_attention(q, k, v, fm, causal=causal),
+        "torch SDPA (exact)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    }
+    performer = _performer(causal)
+    if performer is not None:
+        out["performer-pytorch"] = lambda q, k, v: performer(q, k, v)
+    return out
+
+
+def _flops(name: str, fn: Callable, n: int, causal: bool) -> float:
+    if name.startswith("torch SDPA"):
+        return 4 * B * H * n * n * D * (0.5 if causal else 1.0)
+    q, k, v = (torch.empty(B, H, n, D, device="meta") for _ in range(3))
+    try:
+        with _on_meta():
+            return float(count_flops(fn, q, k, v))
+    except Exception:  # noqa: BLE001 - a contender that cannot run on meta tensors gets no FLOP count
+        return float("nan")
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Let contenders create their constants (ones columns, masks) on the meta device."""
+    with torch.device("meta"):
+        yield
+
+
+def _measure(fn: Callable[[], Any], budget_s: float) -> tuple[float, int, int]:
+    """(median seconds, timed calls, peak bytes): the first call under PeakMemory, then timed calls."""
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
+    if first > SINGLE_CALL_S:
+        return first, 1, mem.peak
+    times: list[float] = []
+    while len(times) < 5 and (len(times) < 3 or sum(times) < budget_s):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times), mem.peak
+
+
+def _inputs(n: int, seed: int = 0, requires_grad: bool = False, qk_std: float = 1.0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
+    return tuple(x.requires_grad_(requires_grad) for x in (q * qk_std, k * qk_std, v))
+
+
+def _accuracy(causal: bool, n: int = 1024) -> dict[str, float]:
+    """Mean |approximate - exact| / mean |exact| of each contender at a small n (same inputs, same m).
+
+    q, k ~ N(0, 0.35² I) so that |q|²/sqrt(d) ≈ 1: with unit-variance inputs at d = 64 the estimator's variance
+    factor e^{|q'+k'|²} is ~e^16 and no feature count of this size estimates softmax attention."""
+    q, k, v = _inputs(n, seed=1, qk_std=0.35)
+    with torch.no_grad():
+        exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        scale = float(exact.abs().mean())
+        return {name: float((fn(q, k, v) - exact).abs().mean()) / scale
+                for name, fn in contenders(causal).items() if not name.startswith("torch SDPA")}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    ns = QUICK_NS if quick else FULL_NS
+    budget = 2.0 if quick else 6.0
+    rate = matmul_gflops()
+    rows: list[dict[str, Any]] = []
+    for causal in (False, True):
+        fns = contenders(causal)
+        for n in ns:
+            q, k, v = _inputs(n)
+            for name, fn in fns.items():
+                with torch.no_grad():
+                    seconds, calls, peak = _measure(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), budget)
+                flops = _flops(name, fn, n, causal)
+                rows.append({"impl": name, "causal": causal, "n": n, "pass": "forward", "seconds": seconds,
+                             "calls": calls, "peak_mib": peak / 2**20, "gflop": flops / 1e9,
+                             "efficiency": flops / seconds / 1e9 / rate})
+    # forward + backward, causal
+    n_fb = FWD_BWD_N[quick]
+    for name, fn in contenders(True).items():
+        if name == "performer-pytorch" and quick:
+            continue
+        q, k, v = _inputs(n_fb, requires_grad=True)
+
+        def fwd_bwd(fn=fn, q=q, k=k, v=v):
+            fn(q, k, v).square().mean().backward()
+            q.grad = k.grad = v.grad = None
+
+        seconds, calls, peak = _measure(fwd_bwd, budget)
+        rows.append({"impl": name, "causal": True, "n": n_fb, "pass": "forward+backward", "seconds": seconds,
+                     "calls": calls, "peak_mib": peak / 2**20, "gflop": float("nan"), "efficiency": float("nan")})
+    result = {
+        "setting": {"B": B, "H": H, "d": D, "m": M, "dtype": "float32"},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "performer_pytorch": performer_version(), "matmul_gflops": rate, "quick": quick, "rows": rows,
+        "relative_error_vs_exact_n1024": {"non-causal": _accuracy(False), "causal": _accuracy(True)},
+    }
+    result["targets"] = targets(result)
+    return result
+
+
+def _row(result: dict[str, Any], impl: str, causal: bool, n: int, kind: str = "forward") -> dict | None:
+    for r in result["rows"]:
+        if r["impl"] == impl and r["causal"] == causal and r["n"] == n and r["pass"] == kind:
+            return r
+    return None
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's must/goal targets at the largest n of the run (they are stated for n=16384)."""
+    n = max(r["n"] for r in result["rows"] if r["pass"] == "forward")
+    ours, sdpa, perf = "theorylab FAVOR+", "torch SDPA (exact)", "performer-pytorch"
+    out = []
+
+    def speedup(causal: bool, other: str) -> float | None:
+        a, b = _row(result, ours, causal, n), _row(result, other, causal, n)
+        return None if a is None or b is None else b["seconds"] / a["seconds"]
+
+    checks = [
+        ("non-causal speed-up vs performer-pytorch", speedup(False, perf), 3.0, 4.0),
+        ("non-causal speed-up vs SDPA", speedup(False, sdpa), 10.0, 15.0),
+        ("causal speed-up vs performer-pytorch", speedup(True, perf), 20.0, 50.0),
+        ("causal speed-up vs SDPA causal", speedup(True, sdpa), 2.5, 4.0),
+    ]
+    for name, value, must, goal in checks:
+        out.append({"target": f"{name} (n={n})", "measured": value, "must": f">= {must}x", "goal": f">= {goal}x",
+                    "must_met": None if value is None else value >= must,
+                    "goal_met": None if value is None else value >= goal})
+    a, b = _row(result, ours, True, n), _row(result, sdpa, True, n)
+    mem_ratio = a["peak_mib"] / b["peak_mib"] if a and b and b["peak_mib"] > 0 else None
+    out.append({"target": f"causal extra memory / SDPA causal's (n={n})", "measured": mem_ratio,
+                "must": "<= 2x", "goal": "<= 1x",
+                "must_met": None if mem_ratio is None else mem_ratio <= 2.0,
+                "goal_met": None if mem_ratio is None else mem_ratio <= 1.0})
+    n_fb = max(r["n"] for r in result["rows"] if r["pass"] == "forward+backward")
+    a, b = _row(result, ours, True, n_fb, "forward+backward"), _row(result, sdpa, True, n_fb, "forward+backward")
+    fb = b["seconds"] / a["seconds"] if a and b else None
+    out.append({"target": f"causal forward+backward speed-up vs SDPA causal (n={n_fb})", "measured": fb,
+                "must": "-", "goal": "> 1x", "must_met": None, "goal_met": None if fb is None else fb > 1.0})
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    s = result["setting"]
+    lines = [f"Attention, B={s['B']}, H={s['H']}, d={s['d']}, m={s['m']}, {s['dtype']}; torch {result['torch']}, "
+             f"{result['threads']} threads; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s (same run); "
+             f"performer-pytorch {result['performer_pytorch'] or 'not installed (skipped)'}"]
+    header = f"{'pass':17s} {'causal':6s} {'n':>6s} {'implementation':20s} {'seconds':>9s} {'peak MiB':>9s} " \
+             f"{'GFLOP':>8s} {'of matmul':>9s}"
+    lines += ["", header, "-" * len(header)]
+    for r in result["rows"]:
+        eff = "" if r["efficiency"] != r["efficiency"] else f"{100 * r['efficiency']:8.0f}%"
+        gflop = "" if r["gflop"] != r["gflop"] else f"{r['gflop']:8.1f}"
+        lines.append(f"{r['pass']:17s} {'yes' if r['causal'] else 'no':6s} {r['n']:6d} {r['impl']:20s} "
+                     f"{r['seconds']:9.3f} {r['peak_mib']:9.1f} {gflop:>8s} {eff:>9s}")
+    lines += ["", "relative error vs exact softmax attention at n=1024, q, k ~ N(0, 0.35²) "
+                  "(mean |approx - exact| / mean |exact|):"]
+    for mode, errs in result["relative_error_vs_exact_n1024"].items():
+        lines.append(f"  {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in errs.items()))
+    lines += ["", f"{'target':58s} {'measured':>9s} {'must':>7s} {'goal':>7s}  status"]
+    for t in result["targets"]:
+        value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}x"
+        status = ("not measured" if t["measured"] is None else
+                  "goal met" if t["goal_met"] else "must met, goal not" if t["must_met"] else
+                  "NOT met" if t["must_met"] is False else "goal not met")
+        lines.append(f"{t['target']:58s} {value:>9s} {t['must']:>7s} {t['goal']:>7s}  {status}")
+    return "\n".join(lines)

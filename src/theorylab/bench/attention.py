@@ -47,13 +47,13 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _performer(causal: bool) -> torch.nn.Module | None:
+def _performer(causal: bool, device: str = "cpu") -> torch.nn.Module | None:
     try:
         from performer_pytorch import FastAttention
     except ImportError:
         return None
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a note about its CUDA kernel when causal
-        return FastAttention(dim_heads=D, nb_features=M, causal=causal)
+        return FastAttention(dim_heads=D, nb_features=M, causal=causal).to(device)
 
 
 def performer_version() -> str | None:
@@ -65,35 +65,28 @@ def performer_version() -> str | None:
         return None
 
 
-def contenders(causal: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """name -> fn(q, k, v) for one masking mode."""
-    fm = PositiveRandomFeatures(D, M, seed=0)
+def contenders(causal: bool, device: str = "cpu"
+               ) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """name -> fn(q, k, v) for one masking mode (device "meta": for counting FLOPs without computing)."""
+    fm = PositiveRandomFeatures(D, M, seed=0).to(device)
     out: dict[str, Callable] = {
         "theorylab FAVOR+": lambda q, k, v: linear_attention(q, k, v, fm, causal=causal),
         "torch SDPA (exact)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
-    performer = _performer(causal)
+    performer = _performer(causal, device)
     if performer is not None:
         out["performer-pytorch"] = lambda q, k, v: performer(q, k, v)
     return out
 
 
-def _flops(name: str, fn: Callable, n: int, causal: bool) -> float:
+def _flops(name: str, n: int, causal: bool) -> float:
     if name.startswith("torch SDPA"):
         return 4 * B * H * n * n * D * (0.5 if causal else 1.0)
     q, k, v = (torch.empty(B, H, n, D, device="meta") for _ in range(3))
     try:
-        with _on_meta():
-            return float(count_flops(fn, q, k, v))
+        return float(count_flops(contenders(causal, "meta")[name], q, k, v))
     except Exception:  # noqa: BLE001 - a contender that cannot run on meta tensors gets no FLOP count
         return float("nan")
-
-
-@contextlib.contextmanager
-def _on_meta():
-    """Let contenders create their constants (ones columns, masks) on the meta device."""
-    with torch.device("meta"):
-        yield
 
 
 def _measure(fn: Callable[[], Any], budget_s: float) -> tuple[float, int, int]:
@@ -131,9 +124,30 @@ def _accuracy(causal: bool, n: int = 1024) -> dict[str, float]:
                 for name, fn in contenders(causal).items() if not name.startswith("torch SDPA")}
 
 
+@contextlib.contextmanager
+def _progress(total: int):
+    """A transient progress bar on an interactive terminal (never in CI or a pipe); yields ``advance(label)``."""
+    from ..claims.engine import show_progress
+
+    if not show_progress():
+        yield lambda label: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("bench attention", total=total)
+        yield lambda label: bar.update(task, advance=1, description=label)
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     ns = QUICK_NS if quick else FULL_NS
     budget = 2.0 if quick else 6.0
+    with _progress(2 * len(ns) * len(contenders(False)) + len(contenders(True))) as advance:
+        return _run(ns, quick, budget, advance)
+
+
+def _run(ns: list[int], quick: bool, budget: float, advance: Callable[[str], None]) -> dict[str, Any]:
     rate = matmul_gflops()
     rows: list[dict[str, Any]] = []
     for causal in (False, True):
@@ -141,15 +155,17 @@ def run(quick: bool = False) -> dict[str, Any]:
         for n in ns:
             q, k, v = _inputs(n)
             for name, fn in fns.items():
+                advance(f"{name}, {'causal' if causal else 'non-causal'}, n={n}")
                 with torch.no_grad():
                     seconds, calls, peak = _measure(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), budget)
-                flops = _flops(name, fn, n, causal)
+                flops = _flops(name, n, causal)
                 rows.append({"impl": name, "causal": causal, "n": n, "pass": "forward", "seconds": seconds,
                              "calls": calls, "peak_mib": peak / 2**20, "gflop": flops / 1e9,
                              "efficiency": flops / seconds / 1e9 / rate})
     # forward + backward, causal
     n_fb = FWD_BWD_N[quick]
     for name, fn in contenders(True).items():
+        advance(f"{name}, causal forward+backward, n={n_fb}")
         if name == "performer-pytorch" and quick:
             continue
         q, k, v = _inputs(n_fb, requires_grad=True)

@@ -7,12 +7,16 @@ Bᵀ V (D x Dv) first costs Θ(n D Dv) time and Θ(n D + D Dv) space. No scale i
 Causal: query i uses the column softmax over keys j <= i only,
 B⁽ⁱ⁾_jc = exp(k_jc - m_ic) / Z_ic with m_ic = max_{j' <= i} k_j'c and Z_ic = Σ_{j' <= i} exp(k_j'c - m_ic).
 It is computed in chunks of C positions: across chunks a (D, Dv) state of prefix sums with a per-column running
-max is carried (and rescaled as the max grows); inside a chunk the weights exp(k_jc - m_ic), j <= i, are formed
-explicitly as a (C, C, D) tensor (every factor <= 1, so no overflow and no underflow caused by later keys).
-Memory O(n D + C² D) per (batch, head) in the forward pass; never n x n.
+max is carried (and rescaled as the max grows). Inside a chunk, weights are taken relative to the chunk's final
+max M_c, which makes the chunk two matmuls and a cumsum; that is exact as long as the running max rises by less
+than ~40 (float32) inside the chunk, which is checked. A chunk where it rises more (a key far above all earlier
+ones) is done with each query's own reference: the weights exp(k_jc - m_ic), j <= i, are formed as a (C, C, D)
+tensor, every factor <= 1, so a later key can never underflow an earlier query's weights. Never n x n.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -59,32 +63,58 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     Dv = v.shape[-1]
     # m_ic: running max per column over keys j <= i (FLOOR before the first non-padded key)
     run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(FLOOR)  # (B, H, N, D)
+    # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter
+    # as long as the running max rises by at most `limit` inside the chunk (then Z >= e^{-limit} is far from
+    # the safe-division threshold sqrt(smallest normal) = e^{-0.5 log(1/tiny)}).
+    limit = 0.45 * -math.log(torch.finfo(a.dtype).tiny)
     out = a.new_empty(B, H, N, Dv)
     state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
     norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
     ref = a.new_full((B, H, D), FLOOR)
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
-        C = e - s
         m = run[:, :, s:e]  # (B, H, C, D)
-        k_c, v_c = logits[:, :, s:e], v[:, :, s:e]
-        # w_ijc = exp(k_jc - m_ic) for j <= i: (B, H, C_i, C_j, D)
-        w = torch.exp((k_c[:, :, None, :, :] - m[:, :, :, None, :])
-                      .masked_fill(~tril[:C, :C, None], float("-inf")))
-        carry = torch.exp(ref[:, :, None, :] - m)  # (B, H, C, D): rescales the carried sums to m_i
-        z = w.sum(-2) + carry * norm[:, :, None, :]  # (B, H, C, D): Z_ic
-        a_over_z = safe_divide(a[:, :, s:e], z)  # A_ic / Z_ic
-        p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, C, C)
-        out[:, :, s:e] = p @ v_c + (a_over_z * carry) @ state
+        new_ref = m[:, :, -1]  # (B, H, D): M_c, the max at the chunk's end
+        k_c, v_c, a_c = logits[:, :, s:e], v[:, :, s:e], a[:, :, s:e]
+        carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
+        ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
+        if float((new_ref - m[:, :, 0]).max()) <= limit:
+            out[:, :, s:e] = _chunk_matmul(a_c, ek, v_c, carry, norm, state, above)
+        else:  # a key far above the earlier ones inside this chunk: per-query references
+            out[:, :, s:e] = _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state)
         if e < N:
-            new_ref = m[:, :, -1]  # (B, H, D)
-            decay = torch.exp(ref - new_ref)
-            wk = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D)
-            state = state * decay[..., None] + wk.mT @ v_c
-            norm = norm * decay + wk.sum(-2)
+            state = state * carry[..., None] + ek.mT @ v_c
+            norm = norm * carry + ek.sum(-2)
             ref = new_ref
     return out
+
+
+def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,
+                  above: Tensor) -> Tensor:
+    """One chunk with every weight relative to the chunk's final max M_c: two matmuls and a cumsum.
+
+    Z_ic = carry_c norm_c + Σ_{j <= i} ek_jc, out_i = Σ_j (Σ_c a_ic ek_jc / Z_ic) v_j + Σ_c (a_ic carry_c / Z_ic)
+    state_c."""
+    C = a.shape[-2]
+    z = ek.cumsum(-2) + (carry * norm)[:, :, None, :]  # (B, H, C, D): Z_ic relative to M_c
+    a_over_z = safe_divide(a, z)
+    p = (a_over_z @ ek.mT).masked_fill_(above[:C, :C], 0.0)  # (B, H, C, C)
+    return p @ v + (a_over_z * carry[:, :, None, :]) @ state
+
+
+def _chunk_explicit(a: Tensor, k: Tensor, v: Tensor, m: Tensor, ref: Tensor, norm: Tensor,
+                    state: Tensor) -> Tensor:
+    """One chunk with each query's own reference m_ic: the (C, C, D) weights exp(k_jc - m_ic), j <= i, formed
+    explicitly (every factor <= 1, so no overflow and no underflow caused by later keys)."""
+    C = a.shape[-2]
+    future = torch.ones(C, C, dtype=torch.bool, device=a.device).triu(1)[:, :, None]
+    w = torch.exp((k[:, :, None, :, :] - m[:, :, :, None, :]).masked_fill(future, float("-inf")))  # (B,H,C,C,D)
+    carry = torch.exp(ref[:, :, None, :] - m)  # (B, H, C, D): rescales the carried sums to m_i
+    z = w.sum(-2) + carry * norm[:, :, None, :]  # (B, H, C, D): Z_ic
+    a_over_z = safe_divide(a, z)
+    p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, C, C)
+    return p @ v + (a_over_z * carry) @ state
 
 
 def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

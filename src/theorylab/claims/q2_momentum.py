@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from ..data import digits_split
 from ..optim import RunningAverageSGD, SGDMomentum, momentum_from_running_average
-from .base import Evidence, claim
+from .base import Evidence, claim, torch_threads
 
 
 def _logreg_trajectory(opt_factory, split, batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -38,10 +38,11 @@ def momentum_equals_running_average(seed: int, quick: bool) -> Evidence:
     batches = [torch.randint(0, n, (batch_size,), generator=gen) for _ in range(steps)]  # one shared stream
     alpha, eps = momentum_from_running_average(beta, delta)
 
-    theta_ra, loss_ra = _logreg_trajectory(lambda p: RunningAverageSGD(p, lr=delta, beta=beta), split, batches)
-    theta_m, loss_m = _logreg_trajectory(lambda p: SGDMomentum(p, lr=eps, momentum=alpha), split, batches)
-    # The common slip: forget the (1 - β) factor, i.e. take ε = δ.
-    theta_w, loss_w = _logreg_trajectory(lambda p: SGDMomentum(p, lr=delta, momentum=beta), split, batches)
+    with torch_threads(1):  # (64, 64) @ (64, 10) per step: threads only add overhead
+        theta_ra, loss_ra = _logreg_trajectory(lambda p: RunningAverageSGD(p, lr=delta, beta=beta), split, batches)
+        theta_m, loss_m = _logreg_trajectory(lambda p: SGDMomentum(p, lr=eps, momentum=alpha), split, batches)
+        # The common slip: forget the (1 - β) factor, i.e. take ε = δ.
+        theta_w, loss_w = _logreg_trajectory(lambda p: SGDMomentum(p, lr=delta, momentum=beta), split, batches)
 
     scale = np.abs(theta_ra).max(axis=1)  # (T,) size of θ_t
     diff_right = np.abs(theta_m - theta_ra).max(axis=1)

@@ -63,3 +63,14 @@ def test_median_time_respects_budget():
 
     t = median_time(fn, repeats=50, warmup=1, budget_s=0.03)
     assert 0.005 < t < 0.5 and len(calls) < 10
+
+
+def test_views_of_preexisting_tensors_are_not_allocations():
+    x = torch.randn(1000, 100)  # 400 kB allocated before
+
+    def slices():
+        return [x[i:i + 10] * 1 for i in range(0, 1000, 100)]  # ten 4 kB results; the slices are views
+
+    assert peak_memory(slices) == 10 * 10 * 100 * 4
+    assert peak_memory(lambda: x.t().contiguous()) == 1000 * 100 * 4
+    assert peak_memory(lambda: x.add_(0)) == 0

@@ -73,3 +73,27 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dt in dtypes:
         out = torch.promote_types(out, dt)
     return out
+
+
+class ChunkOutputs:
+    """Per-chunk outputs along the sequence (dim 2) assembled into one (B, H, N, Dv) tensor.
+
+    Without autograd they are written in place into one preallocated tensor (no extra copy: the forward pass
+    then holds only the output). With autograd they are concatenated once at the end: writing slices in place
+    would make autograd clone the whole output gradient once per chunk in the backward pass (O(n²/C))."""
+
+    def __init__(self, like: Tensor, shape: tuple[int, ...]) -> None:
+        self.like, self.shape = like, shape
+        self.parts: list[Tensor] = []
+        self.out = None if torch.is_grad_enabled() else like.new_empty(shape)
+
+    def write(self, start: int, stop: int, value: Tensor) -> None:
+        if self.out is None:
+            self.parts.append(value)
+        else:
+            self.out[:, :, start:stop] = value
+
+    def result(self) -> Tensor:
+        if self.out is not None:
+            return self.out
+        return torch.cat(self.parts, dim=2) if self.parts else self.like.new_zeros(self.shape)

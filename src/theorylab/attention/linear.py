@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import FLOOR, accumulation_dtype, check_qkv, keep_mask, safe_divide
+from ._checks import FLOOR, ChunkOutputs, accumulation_dtype, check_qkv, keep_mask, safe_divide
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 2M feature entries per chunk (8 MB in float32).
@@ -102,6 +102,20 @@ def _ratio(num: Tensor, Dv: int, stabilised: bool) -> Tensor:
     return safe_divide(num[..., :Dv], num[..., Dv:])
 
 
+def _accumulate(state: Tensor | None, decay: Tensor | None, kf: Tensor, v1: Tensor) -> Tensor:
+    """state · decay + kfᵀ v1 ((B, H, M, Dv + 1); decay broadcastable, None = 1). Without autograd the state is
+    updated in place (one batched addmm, no temporaries of the state's size)."""
+    if state is None:
+        return kf.mT @ v1
+    if torch.is_grad_enabled():
+        return (state if decay is None else state * decay) + kf.mT @ v1
+    if decay is not None:
+        state.mul_(decay)
+    B, H, C, M = kf.shape
+    state.view(B * H, M, -1).baddbmm_(kf.reshape(B * H, C, M).mT, v1.reshape(B * H, C, -1))
+    return state
+
+
 def _query_features(fm: nn.Module, x: Tensor, stabilised: bool) -> Tensor:
     """φ(x) for a chunk of queries; stabilised: divided by each row's maximum (a factor that cancels in the
     ratio, so the |x'|²/2 offset is not even needed). Every feature is then <= 1."""
@@ -137,30 +151,25 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | Non
             kf = fm(k[:, :, s:e])  # (B, H, C, M)
             if pad_c is not None:
                 kf = kf.masked_fill(pad_c[..., None], 0.0)
-        contrib = kf.mT @ _with_ones(v[:, :, s:e])  # (B, H, M, Dv + 1)
-        if state is None:
-            state = contrib
-        elif stabilised:
-            state = state * torch.exp(ref - new_ref)[..., None] + contrib
-        else:
-            state = state + contrib
+        decay = torch.exp(ref - new_ref)[..., None] if stabilised and state is not None else None
+        state = _accumulate(state, decay, kf, _with_ones(v[:, :, s:e]))  # (B, H, M, Dv + 1)
         if stabilised:
             ref = new_ref
     if state is None:  # Nk == 0
         return q.new_zeros(B, H, Nq, Dv)
-    out = q.new_empty(B, H, Nq, Dv)
+    out = ChunkOutputs(q, (B, H, Nq, Dv))
     for s in range(0, Nq, chunk):
         e = min(s + chunk, Nq)
         qf = _query_features(fm, q[:, :, s:e], stabilised)  # (B, H, C, M)
-        out[:, :, s:e] = _ratio(qf @ state, Dv, stabilised)  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
-    return out
+        out.write(s, e, _ratio(qf @ state, Dv, stabilised))  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
+    return out.result()
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
             chunk: int) -> Tensor:
     B, H, N, _ = q.shape
     Dv = v.shape[-1]
-    out = q.new_empty(B, H, N, Dv)
+    out = ChunkOutputs(q, (B, H, N, Dv))
     state = None  # (B, H, M, Dv + 1): Σ_{j < s} k̂_j exp(m_j - ref) [v_j, 1]
     ref = q.new_full((B, H), FLOOR)  # m at the end of the previous chunk
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
@@ -186,17 +195,18 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, 
         if state is not None:
             carried = qf @ state  # (B, H, C, Dv + 1)
             num = num + (carried * torch.exp(ref[..., None] - run)[..., None] if stabilised else carried)
-        out[:, :, s:e] = _ratio(num, Dv, stabilised)
+        out.write(s, e, _ratio(num, Dv, stabilised))
+        del scores, num  # let the next chunk reuse the memory (no-grad peak = output + one chunk)
         if e < N:  # carry the state to the next chunk, relative to its new reference m_{e-1}
             if stabilised:
                 new_ref = run[..., -1]
-                contrib = kf.mT @ (v1 * torch.exp(run - new_ref[..., None])[..., None])
-                state = contrib if state is None else state * torch.exp(ref - new_ref)[..., None, None] + contrib
+                decay = torch.exp(ref - new_ref)[..., None, None] if state is not None else None
+                state = _accumulate(state, decay, kf, v1 * torch.exp(run - new_ref[..., None])[..., None])
                 ref = new_ref
             else:
-                contrib = kf.mT @ v1
-                state = contrib if state is None else state + contrib
-    return out
+                state = _accumulate(state, None, kf, v1)
+        del qf, kf, v1
+    return out.result()
 
 
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import FLOOR, accumulation_dtype, check_qkv, keep_mask, masked_softmax, safe_divide
+from ._checks import FLOOR, ChunkOutputs, accumulation_dtype, check_qkv, keep_mask, masked_softmax, safe_divide
 
 SEPARABLE_CHUNK = 32
 
@@ -67,7 +67,7 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     # as long as the running max rises by at most `limit` inside the chunk (then Z >= e^{-limit} is far from
     # the safe-division threshold sqrt(smallest normal) = e^{-0.5 log(1/tiny)}).
     limit = 0.45 * -math.log(torch.finfo(a.dtype).tiny)
-    out = a.new_empty(B, H, N, Dv)
+    out = ChunkOutputs(a, (B, H, N, Dv))
     state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
     norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
     ref = a.new_full((B, H, D), FLOOR)
@@ -80,14 +80,14 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
         carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
         ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
         if float((new_ref - m[:, :, 0]).max()) <= limit:
-            out[:, :, s:e] = _chunk_matmul(a_c, ek, v_c, carry, norm, state, above)
+            out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above))
         else:  # a key far above the earlier ones inside this chunk: per-query references
-            out[:, :, s:e] = _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state)
+            out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state))
         if e < N:
             state = state * carry[..., None] + ek.mT @ v_c
             norm = norm * carry + ek.sum(-2)
             ref = new_ref
-    return out
+    return out.result()
 
 
 def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,

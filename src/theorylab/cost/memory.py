@@ -1,7 +1,8 @@
 """Peak memory of a call: the most bytes of tensor storage that the call itself had alive at once.
 
-A ``TorchDispatchMode`` sees every aten op the call runs; each new output storage is added to a running total
-and a weakref finalizer subtracts it when the storage is freed. So the measure is
+A ``TorchDispatchMode`` sees every aten op the call runs; each output storage that is new (not the storage of
+one of the op's arguments, as views and in-place ops return) is added to a running total, and a weakref
+finalizer subtracts it when the storage is freed. So the measure is
 
     peak over the call of (bytes of storages allocated during the call and still alive),
 
@@ -39,11 +40,14 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output that shares an argument's storage (a view, an in-place or out= op) allocated nothing
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key in self._alive:
+                if key in self._alive or key in inputs:
                     continue
                 nbytes = storage.nbytes()
                 self.current += nbytes

@@ -1,23 +1,46 @@
 """Optimizers built from composable gradient transforms (see :mod:`theorylab.optim.transforms`)."""
 
-from .base import ChainOptimizer
+from .adam import Adam, AdamW
+from .base import ChainOptimizer, NonFiniteGradientError
+from .decay import DECAY_MODES, with_decay
 from .momentum import (
     RunningAverageSGD,
     SGDMomentum,
     momentum_from_running_average,
     running_average_from_momentum,
 )
-from .transforms import RunningAverage, ScaleByLearningRate, StepContext, Trace, Transform
+from .param_groups import decay_param_groups
+from .sgd import SGD
+from .transforms import (
+    AddDecayedWeights,
+    RunningAverage,
+    ScaleByAdam,
+    ScaleByLearningRate,
+    StepContext,
+    Trace,
+    Transform,
+    chain_step,
+)
 
 __all__ = [
+    "DECAY_MODES",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "AddDecayedWeights",
     "ChainOptimizer",
+    "NonFiniteGradientError",
     "RunningAverage",
     "RunningAverageSGD",
     "SGDMomentum",
+    "ScaleByAdam",
     "ScaleByLearningRate",
     "StepContext",
     "Trace",
     "Transform",
+    "chain_step",
+    "decay_param_groups",
     "momentum_from_running_average",
     "running_average_from_momentum",
+    "with_decay",
 ]

@@ -1,21 +1,40 @@
-"""Composable gradient transforms, in the manner of optax, over torch tensors.
+r"""Composable gradient transforms, in the manner of optax, over torch tensors.
 
 A transform maps the list of *updates* of one parameter group (initially the gradients) to a new list of
-updates. A chain of transforms runs left to right and the optimizer then applies ``p <- p - u``. Every named
-optimizer in :mod:`theorylab.optim` is such a chain; what distinguishes, say, Adam + L2 from decoupled decay is
-only *where* the decay transform sits relative to Adam's scaling.
+updates. A chain of transforms runs left to right and the optimizer then applies :math:`p \leftarrow p - u`.
+Every named optimizer in :mod:`theorylab.optim` is such a chain; what distinguishes, say, Adam + L2 from
+decoupled decay is only *where* :class:`AddDecayedWeights` sits relative to :class:`ScaleByAdam`::
+
+    Adam + L2            [AddDecayedWeights, ScaleByAdam, ScaleByLearningRate]
+    AdamW (torch)        [ScaleByAdam, AddDecayedWeights, ScaleByLearningRate]          λ·lr·θ
+    Adam, decoupled      [ScaleByAdam, ScaleByLearningRate, AddDecayedWeights(sched.)]  λ·(lr/lr₀)·θ
 
 Each transform keeps its per-parameter state under its own keys in ``optimizer.state[p]`` (so ``state_dict``
 works unchanged) and works on whole lists with ``torch._foreach_*`` kernels, which is what torch.optim's
 ``foreach`` implementations do.
 
+Two cheap tricks keep a chain as fast as torch's hand-written foreach loops (``theorylab bench optim``):
+
+* **Deferred arithmetic.** The true update is ``ctx.scale * updates / ctx.denom + ctx.decay * params``: a
+  transform that multiplies by a number (the learning rate, a bias correction) only multiplies ``ctx.scale``
+  and ``ctx.decay``, :class:`AddDecayedWeights` only adds to ``ctx.decay``, and :class:`ScaleByAdam` leaves its
+  division pending in ``ctx.denom``. The optimizer applies them at the end as ``p.mul_(1 - decay)`` then
+  ``p.addcdiv_(u, denom, value=-scale)``, the operations of torch.optim.AdamW's foreach step. A transform
+  that needs the true values calls :func:`scaled`.
+* **Copy on write.** The chain starts from the gradients themselves, not copies; ``ctx.owned`` says whether the
+  current list belongs to the chain. A transform that writes into its input calls :func:`writable` first, which
+  copies only when needed. Transforms that return their state buffers set ``ctx.owned = False``.
+
 Transforms receive a :class:`StepContext`: the parameters, their per-parameter state dicts, the parameter
 group (so hyperparameters read from the group, and lr schedulers are honoured), and the step count ``t``
-(1 on the first step).
+(1 on the first step). All of them read ``p`` before the step is applied: decay uses the old parameter value,
+as torch.optim does.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,24 +44,72 @@ from torch import Tensor
 
 @dataclass
 class StepContext:
-    """What a transform may read during one optimizer step of one parameter group."""
+    """What a transform may read during one optimizer step of one parameter group.
+
+    ``scale``, ``denom``, ``decay`` and ``owned`` describe the current updates: the true update is
+    ``scale * updates / denom + decay * params`` (no division when ``denom`` is None), and ``owned`` is False
+    while ``updates`` may alias tensors that are not the chain's (the gradients, a state buffer), which must then
+    not be modified in place.
+    """
 
     params: list[Tensor]
     states: list[dict[str, Any]]
     group: dict[str, Any]
     step: int
+    scale: float = 1.0
+    decay: float = 0.0
+    denom: list[Tensor] | None = None
+    owned: bool = False
+    #: ``scratch(params) -> list[Tensor]``: reusable per-parameter work tensors (uninitialised), or None
+    scratch: Callable[[list[Tensor]], list[Tensor]] | None = None
 
 
 class Transform(Protocol):
-    """``update(updates, ctx) -> updates``. May modify ``updates`` in place (they are the chain's own copies)."""
+    """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions."""
 
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]: ...
+
+
+def scaled(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    """The true updates ``scale * u / denom + decay * p``, read-only unless ``ctx.owned``; resets the deferred
+    arithmetic."""
+    if ctx.denom is not None:
+        if ctx.owned:
+            torch._foreach_div_(updates, ctx.denom)
+        else:
+            updates = torch._foreach_div(updates, ctx.denom)
+            ctx.owned = True
+        ctx.denom = None
+    if ctx.scale != 1.0:
+        if ctx.owned:
+            torch._foreach_mul_(updates, ctx.scale)
+        else:
+            updates = torch._foreach_mul(updates, ctx.scale)
+            ctx.owned = True
+        ctx.scale = 1.0
+    if ctx.decay != 0.0:
+        if ctx.owned:
+            torch._foreach_add_(updates, ctx.params, alpha=ctx.decay)
+        else:
+            updates = torch._foreach_add(updates, ctx.params, alpha=ctx.decay)
+            ctx.owned = True
+        ctx.decay = 0.0
+    return updates
+
+
+def writable(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    """The true updates as tensors the chain owns (copied if needed), safe to modify in place."""
+    updates = scaled(updates, ctx)
+    if not ctx.owned:
+        updates = [u.clone() for u in updates]
+        ctx.owned = True
+    return updates
 
 
 def _buffers(ctx: StepContext, key: str, like: list[Tensor]) -> list[Tensor]:
     """Per-parameter state tensors under ``key``, created as zeros on first use."""
     out = []
-    for state, u in zip(ctx.states, like):
+    for state, u in zip(ctx.states, like, strict=True):
         if key not in state:
             state[key] = torch.zeros_like(u, memory_format=torch.preserve_format)
         out.append(state[key])
@@ -51,10 +118,11 @@ def _buffers(ctx: StepContext, key: str, like: list[Tensor]) -> list[Tensor]:
 
 @dataclass(frozen=True)
 class ScaleByLearningRate:
-    r"""``u <- lr * u`` with ``lr = group["lr"]`` read at every step (so lr schedulers apply)."""
+    r"""``u <- lr * u`` with ``lr = group["lr"]`` read at every step (so lr schedulers apply). Deferred: free."""
 
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
-        torch._foreach_mul_(updates, ctx.group["lr"])
+        ctx.scale *= ctx.group["lr"]
+        ctx.decay *= ctx.group["lr"]
         return updates
 
 
@@ -64,7 +132,7 @@ class Trace:
 
     ``mu`` is read from ``group[key]``. With ``dampening`` d the input is scaled by (1 - d), as torch.optim.SGD;
     ``first_step_copies=True`` initialises :math:`v_1 = u_1` without dampening (torch.optim.SGD's buffer rule).
-    ``nesterov`` returns :math:`u_t + \mu v_t`.
+    ``nesterov`` returns :math:`u_t + \mu v_t`. With μ = 0 it is the identity and keeps no state.
     """
 
     key: str = "momentum"
@@ -77,6 +145,7 @@ class Trace:
         mu = ctx.group[self.key]
         if mu == 0:
             return updates
+        updates = scaled(updates, ctx)
         damp = ctx.group[self.dampening_key] if self.dampening_key else 0.0
         fresh = [self.state_key not in s for s in ctx.states]
         bufs = _buffers(ctx, self.state_key, updates)
@@ -86,10 +155,11 @@ class Trace:
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, updates, alpha=1.0 - damp)
         if self.nesterov_key and ctx.group.get(self.nesterov_key, False):
+            updates = writable(updates, ctx)
             torch._foreach_add_(updates, bufs, alpha=mu)
             return updates
-        # a copy: later transforms modify their input in place, and must not touch the state
-        return [b.clone() for b in bufs]
+        ctx.owned = False  # the buffers are state: later transforms must copy before writing
+        return bufs
 
 
 @dataclass(frozen=True)
@@ -115,17 +185,94 @@ class RunningAverage:
 
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
         beta = self.beta(ctx.group)
+        updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
         torch._foreach_lerp_(bufs, updates, 1.0 - beta)  # v <- v + (1-β)(u - v) = βv + (1-β)u
         debias = ctx.group[self.debias_key] if self.debias_key else self.debias
+        ctx.owned = False
         if debias:
-            return torch._foreach_div(bufs, 1.0 - beta**ctx.step)
-        return [b.clone() for b in bufs]
+            ctx.scale /= 1.0 - beta**ctx.step
+        return bufs
+
+
+@dataclass(frozen=True)
+class ScaleByAdam:
+    r"""Adam's scaling (Kingma & Ba 2015, Algorithm 1) without the learning rate.
+
+    With :math:`(\beta_1, \beta_2)` = ``group["betas"]`` and δ = ``group["eps"]``:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) u_t, \quad r_t = \beta_2 r_{t-1} + (1-\beta_2) u_t^2, \quad
+        \text{out} = \frac{\hat m_t}{\sqrt{\hat r_t} + \delta},\ \hat m_t = \frac{m_t}{1-\beta_1^t},\
+        \hat r_t = \frac{r_t}{1-\beta_2^t}.
+
+    δ is added to :math:`\sqrt{\hat r_t}` (outside the root), as torch.optim.Adam. Computed as
+    :math:`\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\cdot m_t / (\sqrt{r_t} + \delta\sqrt{1-\beta_2^t})`, which is the
+    same number with two fewer passes over memory (the scalar is deferred). State: ``exp_avg`` (m) and
+    ``exp_avg_sq`` (r), torch's names.
+    """
+
+    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        beta1, beta2 = ctx.group["betas"]
+        eps = ctx.group["eps"]
+        grads = scaled(updates, ctx)
+        m = _buffers(ctx, "exp_avg", grads)
+        r = _buffers(ctx, "exp_avg_sq", grads)
+        torch._foreach_lerp_(m, grads, 1.0 - beta1)
+        torch._foreach_mul_(r, beta2)
+        torch._foreach_addcmul_(r, grads, grads, 1.0 - beta2)
+        bc1, bc2_sqrt = 1.0 - beta1**ctx.step, math.sqrt(1.0 - beta2**ctx.step)
+        if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
+            denom = ctx.scratch(ctx.params)
+            for r_i, d_i in zip(r, denom, strict=True):
+                torch.sqrt(r_i, out=d_i)
+        else:
+            denom = torch._foreach_sqrt(r)
+        torch._foreach_add_(denom, eps * bc2_sqrt)
+        ctx.scale *= bc2_sqrt / bc1
+        ctx.denom = denom  # the division m / denom is left to the optimizer's addcdiv_
+        ctx.owned = False
+        return m
+
+
+@dataclass(frozen=True)
+class AddDecayedWeights:
+    r"""``u <- u + λ p`` with λ = ``group[key]`` (times lr / initial lr when ``schedule``), p before the step.
+
+    The same part is L2 regularisation or weight decay depending on where it sits in the chain:
+
+    * **before** the preconditioner (Adam's scaling, momentum): L2, the gradient of
+      :math:`\frac{\lambda}{2}\lVert p\rVert^2` added to the loss's gradient;
+    * **between** the preconditioner and :class:`ScaleByLearningRate`: decay :math:`\text{lr}\cdot\lambda\,p`
+      (torch.optim.AdamW, optax.adamw);
+    * **after** :class:`ScaleByLearningRate` with ``schedule=True``: decay
+      :math:`\eta_t\lambda\,p` with the schedule multiplier :math:`\eta_t = \text{lr}/\text{lr}_0`
+      (``group["initial_lr"]``; 1 when that is 0) — Loshchilov & Hutter (2019), Algorithm 2.
+    """
+
+    key: str = "weight_decay"
+    schedule: bool = False
+
+    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        lam = ctx.group[self.key]
+        if self.schedule:
+            lr0 = ctx.group.get("initial_lr", ctx.group["lr"])
+            lam = lam * (ctx.group["lr"] / lr0 if lr0 != 0 else 1.0)
+        ctx.decay += lam  # deferred: applied to p as p.mul_(1 - decay) at the end, or by `scaled`
+        return updates
 
 
 def chain_step(transforms: list[Transform], ctx: StepContext, grads: list[Tensor]) -> None:
-    """Run the chain on copies of ``grads`` and apply ``p <- p - u`` to every parameter of ``ctx``."""
-    updates = [g.clone() for g in grads]
+    """Run the chain on ``grads`` (never modified) and apply ``p <- (1 - decay) p - scale * u / denom``."""
+    updates = grads
+    ctx.scale, ctx.decay, ctx.denom, ctx.owned = 1.0, 0.0, None, False
     for t in transforms:
         updates = t.update(updates, ctx)
-    torch._foreach_sub_(ctx.params, updates)
+    if ctx.decay != 0.0:
+        torch._foreach_mul_(ctx.params, 1.0 - ctx.decay)
+    if ctx.denom is not None:
+        torch._foreach_addcdiv_(ctx.params, updates, ctx.denom, value=-ctx.scale)
+    elif ctx.scale == 1.0:
+        torch._foreach_sub_(ctx.params, updates)
+    elif ctx.scale != 0.0:
+        torch._foreach_add_(ctx.params, updates, alpha=-ctx.scale)

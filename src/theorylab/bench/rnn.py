@@ -1,0 +1,144 @@
+"""``theorylab bench rnn``: exact Jacobian norms and Lyapunov spectra — time vs T and H, against baselines.
+
+Baselines, measured in the same run on the same inputs:
+
+* **autograd**: ``torch.autograd.functional.jacobian`` of all states with respect to h_0 (vectorised), then an SVD
+  of each ∂h_t/∂h_0 — what one writes without this library (small sizes only: it holds T·H² numbers and does
+  H backward passes over T steps);
+* **SVD per step**: the explicit running product and a full SVD at every step (``log_norms_of_products_reference``;
+  it also overflows for long horizons, which the timing ignores).
+
+Each time is the median of ``repeats`` runs (1 for the largest sizes). The error column is the largest relative
+error of our norms against the SVD-per-step reference where both are computed. The baselines run with one torch
+thread: they are loops of small kernels, which are faster so on a shared 2-core machine (the fair comparison).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..rnn import (
+    RNN,
+    jacobian_factors,
+    log_jacobian_norms,
+    log_norms_of_products,
+    log_norms_of_products_reference,
+    lyapunov_spectrum,
+)
+from ..rnn._threads import threads_for
+
+F64 = torch.float64
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _model(hidden: int, init: str, seed: int = 0) -> RNN:
+    torch.manual_seed(seed)
+    rnn = RNN(4, hidden).double()
+    if init == "orthogonal":
+        with torch.no_grad():
+            torch.nn.init.orthogonal_(rnn.W)
+    return rnn
+
+
+def _inputs(steps: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, steps, 4, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _autograd_log_norms(rnn: RNN, x: torch.Tensor) -> torch.Tensor:
+    h0 = torch.zeros(x.shape[0], rnn.hidden_size, dtype=F64)
+    jac = torch.autograd.functional.jacobian(lambda s: rnn.forward_reference(x, s)[0], h0, vectorize=True)
+    per_seq = torch.stack([jac[i, :, :, i, :] for i in range(x.shape[0])])  # (B, T, H, H)
+    return torch.log(torch.linalg.svdvals(per_seq)[..., 0])
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    return float((torch.exp(a[ok] - b[ok]) - 1).abs().max()) if ok.any() else 0.0
+
+
+def run(quick: bool = False) -> dict:
+    """Time the diagnostics over grids of (H, T) and the baselines at small sizes; JSON-able dict."""
+    repeats = 3
+    if quick:
+        norm_grid = [(16, 200, "default"), (64, 200, "default"), (64, 200, "orthogonal")]
+        lyap_grid = [(64, 1000, 1), (64, 1000, 8)]
+        base_grid = [(8, 50), (16, 50)]
+    else:
+        norm_grid = [(32, 1000, "default"), (64, 1000, "default"), (128, 1000, "default"),
+                     (256, 1000, "default"), (256, 1000, "orthogonal"), (64, 10000, "default"),
+                     (256, 10000, "default")]
+        lyap_grid = [(64, 10000, 1), (64, 10000, 8), (256, 10000, 1), (256, 10000, 16)]
+        base_grid = [(16, 50), (16, 100), (16, 200), (32, 100), (32, 200)]
+
+    norms = []
+    for hidden, steps, init in norm_grid:
+        rnn, x = _model(hidden, init), _inputs(steps)
+        stats: dict = {}
+        reps = 1 if hidden**3 * steps > 5e9 else repeats
+        factors = jacobian_factors(rnn, x, None)
+        t_ours, ours = _median_time(lambda f=factors, s=stats: log_norms_of_products(f, stats=s), reps)
+        t_traj, _ = _median_time(lambda r=rnn, xx=x: jacobian_factors(r, xx, None), reps)
+        row = {"H": hidden, "T": steps, "init": init, "seconds": t_ours + t_traj, "repeats": reps,
+               "extensions_per_step": stats["extensions"] / steps, "svd_fallbacks": stats["fallbacks"],
+               "log_norm_T": float(ours[0, -1])}
+        if steps <= 1000:  # the SVD-per-step reference: slow but feasible; also gives the error
+            with threads_for(0):
+                t_ref, ref = _median_time(lambda f=factors: log_norms_of_products_reference(f), 1)
+            row.update(svd_per_step_seconds=t_ref, speedup_vs_svd_per_step=t_ref / row["seconds"],
+                       max_rel_err_vs_svd=_rel_err(ours, ref))
+        norms.append(row)
+
+    lyap = []
+    for hidden, steps, k in lyap_grid:
+        rnn, x = _model(hidden, "default"), _inputs(steps)
+        t, lam = _median_time(lambda r=rnn, xx=x, kk=k: lyapunov_spectrum(r, xx, None, kk), 1)
+        lyap.append({"H": hidden, "T": steps, "k": k, "seconds": t, "lambda_1": float(lam[0, 0])})
+
+    baselines = []
+    for hidden, steps in base_grid:
+        rnn, x = _model(hidden, "default"), _inputs(steps, batch=2)
+        t_ours, ours = _median_time(lambda r=rnn, xx=x: log_jacobian_norms(r, xx, None), repeats)
+        with threads_for(0):
+            t_auto, auto = _median_time(lambda r=rnn, xx=x: _autograd_log_norms(r, xx), repeats)
+        baselines.append({"H": hidden, "T": steps, "B": 2, "ours_seconds": t_ours, "autograd_seconds": t_auto,
+                          "speedup_vs_autograd": t_auto / t_ours, "max_rel_err_vs_autograd": _rel_err(ours, auto)})
+
+    return {"suite": "rnn", "quick": quick, "torch_threads": torch.get_num_threads(),
+            "log_jacobian_norms": norms, "lyapunov_spectrum": lyap, "vs_autograd": baselines}
+
+
+def _fmt(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def format_table(result: dict) -> str:
+    lines = ["log_jacobian_norms (B = 1, float64; seconds include the trajectory)",
+             f"{'H':>5} {'T':>6} {'init':>10} {'seconds':>9} {'ext/step':>9} {'SVD s':>8} {'speedup':>8} "
+             f"{'rel err':>9}"]
+    for r in result["log_jacobian_norms"]:
+        lines.append(f"{r['H']:>5} {r['T']:>6} {r['init']:>10} {_fmt(r['seconds']):>9} "
+                     f"{_fmt(r['extensions_per_step']):>9} {_fmt(r.get('svd_per_step_seconds')):>8} "
+                     f"{_fmt(r.get('speedup_vs_svd_per_step')):>8} {_fmt(r.get('max_rel_err_vs_svd')):>9}")
+    lines += ["", "lyapunov_spectrum (QR every step, B = 1)", f"{'H':>5} {'T':>6} {'k':>4} {'seconds':>9} "
+              f"{'λ₁':>9}"]
+    for r in result["lyapunov_spectrum"]:
+        lines.append(f"{r['H']:>5} {r['T']:>6} {r['k']:>4} {_fmt(r['seconds']):>9} {_fmt(r['lambda_1']):>9}")
+    lines += ["", "vs autograd Jacobian + SVD (B = 2)", f"{'H':>5} {'T':>6} {'ours s':>9} {'autograd s':>11} "
+              f"{'speedup':>8} {'rel err':>9}"]
+    for r in result["vs_autograd"]:
+        lines.append(f"{r['H']:>5} {r['T']:>6} {_fmt(r['ours_seconds']):>9} {_fmt(r['autograd_seconds']):>11} "
+                     f"{_fmt(r['speedup_vs_autograd']):>8} {_fmt(r['max_rel_err_vs_autograd']):>9}")
+    return "\n".join(lines)

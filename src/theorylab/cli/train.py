@@ -1,0 +1,195 @@
+"""``theorylab train charlm``: train a character-level language model; the same command runs under torchrun.
+
+Single process::
+
+    theorylab train charlm --attention favor --steps 300 --seq-len 256 --out runs/favor
+
+Two processes with DistributedDataParallel (gloo on CPU, nccl on CUDA); each rank takes its shard of every batch,
+rank 0 writes the checkpoint and the metrics::
+
+    torchrun --standalone --nproc_per_node 2 -m theorylab train charlm --attention favor --out runs/favor
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+DEFAULT_STEPS = 300
+# Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
+_CONFIG_OPTIONS = ("attention", "seq_len", "layers", "width", "heads", "num_features", "batch_size", "lr",
+                   "warmup", "seed")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on real data (char-level LM per attention kind)",
+                       description="Train models on real data. Runs unchanged under "
+                                   "`torchrun --nproc_per_node P -m theorylab train ...` (DistributedDataParallel).")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    c = tasks.add_parser(
+        "charlm", help="decoder-only Transformer on Python's documentation text, bits/char on held-out text",
+        description="Train a small decoder-only Transformer on pydoc_data.topics (the documentation that ships with "
+                    "Python; the last 10%% held out) with one kind of causal attention. Writes DIR/metrics.json "
+                    "(final_bpc, tokens_per_second, steps, config, curves) and DIR/checkpoint.pt. Exit 0 on success, "
+                    "2 for bad arguments or an unusable checkpoint (nothing is overwritten then).")
+    from ..experiments.charlm import ATTENTION_KINDS, CharLMConfig
+
+    d = CharLMConfig()
+    c.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
+                   help=f"attention kind (default: {d.attention})")
+    c.add_argument("--steps", type=int, default=None,
+                   help=f"train up to this step (default: {DEFAULT_STEPS}; with --resume: the checkpoint's target)")
+    c.add_argument("--seq-len", type=int, default=None, help=f"characters per window (default: {d.seq_len})")
+    c.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and checkpoint.pt")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch, windows per step over all processes (default: {d.batch_size})")
+    c.add_argument("--lr", type=float, default=None, help=f"peak Adam learning rate (default: {d.lr})")
+    c.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up steps, then lr * sqrt(warmup/step) (default: {d.warmup})")
+    c.add_argument("--seed", type=int, default=None, help=f"initialisation and batch seed (default: {d.seed})")
+    c.add_argument("--layers", type=int, default=None, help=f"Transformer blocks (default: {d.layers})")
+    c.add_argument("--width", type=int, default=None, help=f"embedding width (default: {d.width})")
+    c.add_argument("--heads", type=int, default=None, help=f"attention heads (default: {d.heads})")
+    c.add_argument("--num-features", type=int, default=None,
+                   help=f"random features per head for favor (default: {d.num_features})")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoint.pt (its config; --steps may extend the run)")
+    c.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint")
+    c.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
+                   help="write the checkpoint every K steps and at the end (0: only at the end; default: 100)")
+    c.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="also measure held-out bits/char every K steps (default: 0, only at the end)")
+    c.add_argument("--eval-chars", type=int, default=None, metavar="N",
+                   help="evaluate on the first N held-out characters only (default: all)")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present (nccl under torchrun), else CPU (gloo)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: torch's; under torchrun the cores / local processes)")
+    c.set_defaults(run=run)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None):
+    """The run's config: defaults (or the checkpoint's) updated with the options given on the command line.
+
+    A resumed run keeps its checkpoint's config; an option that contradicts it is a UsageError.
+    """
+    from ..experiments.charlm import CharLMConfig
+
+    given = {k: getattr(args, k) for k in _CONFIG_OPTIONS if getattr(args, k) is not None}
+    if saved is None:
+        try:
+            return CharLMConfig(**given)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    base = CharLMConfig.from_dict(saved)
+    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(base, k)})"
+                 for k, v in given.items() if v != getattr(base, k)]
+    if conflicts:
+        raise UsageError("a resumed run keeps its checkpoint's settings; these differ: " + ", ".join(conflicts))
+    return base
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..experiments.distributed import env_rank
+
+    main = env_rank() == 0  # under torchrun only rank 0 talks
+    try:
+        return _run_charlm(args, main)
+    except UsageError as e:
+        if main:
+            print(f"theorylab train charlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_charlm(args: argparse.Namespace, main: bool) -> int:
+    import os
+
+    from ..experiments.checkpoint import CheckpointError
+    from ..experiments.distributed import init_distributed, shutdown
+    from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run
+
+    out = Path(args.out)
+    for name in ("checkpoint_every", "eval_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_chars is not None and args.eval_chars < 2:
+        raise UsageError(f"--eval-chars must be >= 2, got {args.eval_chars}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    saved = None
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other")
+        try:
+            saved = read_resume_checkpoint(out)
+        except CheckpointError as e:
+            raise UsageError(f"cannot resume: {e}") from None
+    elif (out / CHECKPOINT_FILE).exists() and not args.overwrite:
+        raise UsageError(f"{str(out / CHECKPOINT_FILE)!r} exists: pass --resume to continue that run or "
+                         f"--overwrite to start afresh")
+    config = resolve_config(args, saved["config"] if saved else None)
+    steps = args.steps if args.steps is not None else (int(saved.get("target_steps", DEFAULT_STEPS)) if saved
+                                                        else DEFAULT_STEPS)
+    if saved is not None and steps < int(saved["step"]):
+        raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
+    try:
+        validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        env = init_distributed(args.device, args.threads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    progress = _progress_bar(main)
+    try:
+        with progress or contextlib.nullcontext():
+            task = progress.add_task(f"charlm {config.attention}", total=steps,
+                                     completed=int(saved["step"]) if saved else 0, bpc=float("nan"), tps=0.0) \
+                if progress else None
+
+            def on_step(info) -> None:
+                if progress is not None:
+                    progress.update(task, completed=info.step, bpc=info.train_bpc, tps=info.tokens_per_second)
+
+            result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
+                                  checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                                  eval_chars=args.eval_chars, on_step=on_step)
+    except KeyboardInterrupt:
+        if main:
+            print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out {out} "
+                  f"--resume", file=sys.stderr)
+        return 130
+    finally:
+        shutdown(env)
+    if main:
+        m = result.metrics
+        print(f"charlm {config.attention}: {m['steps']} steps, held-out {m['final_bpc']:.3f} bits/char "
+              f"(unigram {m['unigram_bpc']:.2f}), {m['tokens_per_second']:,.0f} tokens/s on {m['world_size']} "
+              f"process(es); wrote {out / 'metrics.json'} and {out / CHECKPOINT_FILE}")
+    return 0
+
+
+def _progress_bar(main: bool):
+    from ..experiments.progress import show_progress
+
+    if not (main and show_progress()):
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[bpc]:.3f} bits/char"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)

@@ -1,0 +1,56 @@
+"""Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (state dicts included), so it loads
+without unpickling arbitrary objects. It is written to a temporary file in the same folder, flushed to disk and
+renamed over the old one: a crash at any moment leaves either the previous checkpoint or the new one, never a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not belong to this run."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, *, expected_format: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; CheckpointError says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a checkpoint): {first}") from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a dict")
+    if expected_format is not None and payload.get("format") != expected_format:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {payload.get('format')!r}, "
+                              f"expected {expected_format!r}")
+    return payload

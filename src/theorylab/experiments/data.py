@@ -1,0 +1,135 @@
+"""The character-level corpus: Python's own documentation text, a character vocabulary, a fixed held-out split.
+
+The text is ``pydoc_data.topics.topics`` (the help topics that ship with every CPython, about 465 000 characters):
+the topics joined in sorted key order with a blank line between them. The last ``heldout_fraction`` of the
+characters is the held-out split (contiguous, as for enwik8: no sequence straddles the two), the rest is training
+text. The vocabulary is every character of the whole text, sorted, so held-out text never meets an unknown one.
+
+Batches are drawn independently per step from a generator seeded by ``(seed, step)``: a run resumed at step ``t``
+sees exactly the batches an uninterrupted run sees, with no sampler state to save. A *global* batch of
+``batch_size`` windows is drawn and rank ``r`` of ``world_size`` takes rows ``r, r + world_size, ...`` (its own
+shard, as ``DistributedSampler`` does), so the same command gives the same training on 1 or on several processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SOURCE = "pydoc_data.topics"
+
+
+@functools.lru_cache(maxsize=1)
+def pydoc_text() -> str:
+    """The documentation text that ships with this Python: every help topic, in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+@dataclass(frozen=True)
+class CharVocab:
+    """Characters <-> integer ids; ``chars[i]`` is the character of id ``i``."""
+
+    chars: str
+
+    def __post_init__(self) -> None:
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("vocabulary characters must be distinct")
+
+    @classmethod
+    def from_text(cls, text: str) -> CharVocab:
+        return cls("".join(sorted(set(text))))
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` -> int64 tensor of ids, shape ``(len(text),)``; ValueError names an unknown character."""
+        index = self._index
+        try:
+            ids = [index[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """The encoded corpus: ``train`` and ``heldout`` are int64 tensors of character ids."""
+
+    vocab: CharVocab
+    train: torch.Tensor  # (N_train,)
+    heldout: torch.Tensor  # (N_heldout,)
+    sha256: str  # of the whole text: checkpoints remember which text they were trained on
+    python: str  # the Python whose pydoc_data this is (the text differs between versions)
+
+    def describe(self) -> dict:
+        return {"source": SOURCE, "python": self.python, "sha256": self.sha256,
+                "train_chars": int(self.train.numel()), "heldout_chars": int(self.heldout.numel()),
+                "vocab_size": len(self.vocab)}
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(heldout_fraction: float = 0.1) -> CharCorpus:
+    """The pydoc corpus split into training text and the last ``heldout_fraction`` as held-out text."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    text = pydoc_text()
+    vocab = CharVocab.from_text(text)
+    ids = vocab.encode(text)
+    cut = int(round(len(text) * (1.0 - heldout_fraction)))
+    return CharCorpus(vocab=vocab, train=ids[:cut], heldout=ids[cut:],
+                      sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                      python=platform.python_version())
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on ``(seed, step)`` (mixed by numpy's SeedSequence: no collisions)."""
+    state = np.random.SeedSequence([seed % 2**63, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, step: int,
+                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of the global batch of step ``step``: inputs and next-character targets.
+
+    ``batch_size`` random windows of ``seq_len + 1`` characters are drawn from ``tokens`` (the global batch);
+    rank ``r`` keeps rows ``r::world_size``. Returns ``(x, y)``, each ``(batch_size // world_size, seq_len)``,
+    with ``y[:, i] = x[:, i + 1]`` shifted by one position in the text.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if batch_size <= 0 or batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+    if tokens.numel() < seq_len + 1:
+        raise ValueError(f"seq_len {seq_len} is too long for a text of {tokens.numel()} characters")
+    g = batch_generator(seed, step)
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=g)  # (B,)
+    starts = starts[rank::world_size]  # (B / world,)
+    windows = tokens[starts[:, None] + torch.arange(seq_len + 1)]  # (B / world, L + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int) -> list[tuple[int, int]]:
+    """Non-overlapping ``(start, length)`` windows covering every next-character prediction in ``tokens``.
+
+    Window ``w`` predicts characters ``start + 1 .. start + length`` from those before them in the window; the last
+    window may be shorter. Every character but the first is predicted exactly once.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    n = tokens.numel() - 1  # predictions
+    return [(s, min(seq_len, n - s)) for s in range(0, n, seq_len)]

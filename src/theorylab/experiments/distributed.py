@@ -1,0 +1,112 @@
+"""The distributed environment under ``torchrun`` (or none): ranks, device, process group, sharding.
+
+``torchrun --standalone --nproc_per_node P -m theorylab ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+``LOCAL_WORLD_SIZE``; :func:`init_distributed` reads them and joins the process group (nccl when the ranks run on
+CUDA, gloo on CPU). Without them it is a single process and nothing is initialised. Across machines the same
+command runs with torchrun's rendezvous flags (``--nnodes N --node_rank i --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT``) in place of ``--standalone``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's rank from the environment (0 outside torchrun), usable before any initialisation."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def init_distributed(device: str = "auto", threads: int | None = None) -> DistEnv:
+    """Join the torchrun process group if there is one and pick this rank's device and CPU threads.
+
+    ``device``: "auto" (CUDA when present, else CPU), "cpu" or "cuda". On CPU each process gets an equal share
+    of the cores (``threads`` overrides): the ranks of one machine must not oversubscribe it.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not launched_by_torchrun():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return DistEnv(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    torch.set_num_threads(threads if threads is not None else max(1, available_cores() // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistEnv(rank, world, local_rank, local_world, dev, backend)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(env: DistEnv, values: Sequence[float]) -> list[float]:
+    """Sum a few numbers over the ranks (float64); the identity in a single process."""
+    if not env.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def shard_items(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s share of ``items`` (every ``world_size``-th, starting at ``rank``): e.g. the points of a
+    sweep grid spread over the ranks of a torchrun job. The shards are disjoint and cover ``items``."""
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return list(items[rank::world_size])

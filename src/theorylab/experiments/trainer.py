@@ -1,0 +1,264 @@
+"""The training loop of ``theorylab train charlm``: single process or DistributedDataParallel under torchrun.
+
+Each step: the global batch of that step (seeded by ``(seed, step)``; this rank's rows only), next-character
+cross-entropy, backward (DDP averages the gradients over the ranks, so the update is that of the global batch),
+gradient clipping, Adam at ``config.lr_at(step)``. Nothing in a step depends on state outside the model, the
+optimizer and the step number, which is what the checkpoint holds: resuming at step t reproduces the
+uninterrupted run.
+
+Held-out bits per character: the mean cross-entropy (in bits) of predicting every held-out character from the
+ones before it inside non-overlapping windows of ``seq_len`` characters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .charlm import CharLMConfig, CharTransformer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import CharCorpus, eval_windows, load_corpus, sample_batch
+from .distributed import DistEnv, all_reduce_sum, barrier, shard_items
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FORMAT = "theorylab-charlm-v1"
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a progress display needs after each step."""
+
+    step: int  # steps done so far
+    steps: int  # target
+    train_bpc: float  # this step's training loss, bits per character (mean over the global batch)
+    tokens_per_second: float  # training throughput so far (all ranks together)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    model: CharTransformer  # the trained model (unwrapped from DDP), on its device
+    checkpoint: Path | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-character cross-entropy in nats; logits ``(B, N, V)``, targets ``(B, N)``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate_bpc(model: CharTransformer, tokens: torch.Tensor, seq_len: int, *, env: DistEnv | None = None,
+                 max_chars: int | None = None, batch_size: int = 16) -> float:
+    """Bits per character of ``model`` on ``tokens[:max_chars]`` (all of it by default).
+
+    The windows are shared out over the ranks; the sums of cross-entropy and counts are added up over them, so
+    every rank returns the same number, equal to the single-process one up to rounding.
+    """
+    env = env or DistEnv()
+    if max_chars is not None:
+        if max_chars < 2:
+            raise ValueError(f"max_chars must be >= 2, got {max_chars}")
+        tokens = tokens[:max_chars]
+    windows = shard_items(eval_windows(tokens, seq_len), env.rank, env.world_size)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        by_length: dict[int, list[int]] = {}
+        for start, length in windows:
+            by_length.setdefault(length, []).append(start)
+        for length, starts in by_length.items():
+            for i in range(0, len(starts), batch_size):
+                s = torch.tensor(starts[i:i + batch_size])
+                w = tokens[s[:, None] + torch.arange(length + 1)].to(env.device)  # (b, length + 1)
+                total += float(lm_loss(model(w[:, :-1]), w[:, 1:], reduction="sum"))
+                count += w.shape[0] * length
+    finally:
+        model.train(was_training)
+    total, count = all_reduce_sum(env, [total, count])
+    return total / count / LN2
+
+
+def unigram_bpc(corpus: CharCorpus) -> float:
+    """Held-out bits per character of the character frequencies of the training text (add-one smoothed)."""
+    counts = torch.bincount(corpus.train, minlength=len(corpus.vocab)).double() + 1.0
+    logp = torch.log2(counts / counts.sum())
+    return float(-logp[corpus.heldout].mean())
+
+
+def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None) -> dict[str, Any]:
+    """The checkpoint in ``out_dir`` to resume from, checked to belong to a char-LM run on this text."""
+    ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT_FILE, expected_format=CHECKPOINT_FORMAT)
+    missing = [k for k in ("step", "config", "model", "optimizer", "data_sha256") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} lacks {', '.join(missing)}")
+    corpus = corpus or load_corpus()
+    if ckpt["data_sha256"] != corpus.sha256:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} was trained on a different pydoc_data text "
+                              f"(Python {ckpt.get('python', '?')}; this is Python {corpus.python})")
+    try:
+        CharLMConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} has an invalid config: {e}") from e
+    return ckpt
+
+
+def validate_run(config: CharLMConfig, world_size: int = 1) -> None:
+    """ValueError naming the problem if ``config`` cannot run on ``world_size`` processes with this corpus."""
+    if config.batch_size % world_size:
+        raise ValueError(f"batch-size {config.batch_size} must be divisible by the number of processes "
+                         f"{world_size} (it is the global batch)")
+    corpus = load_corpus()
+    if config.seq_len >= min(corpus.train.numel(), corpus.heldout.numel()):
+        raise ValueError(f"seq-len {config.seq_len} is too long for the held-out text of "
+                         f"{corpus.heldout.numel()} characters")
+
+
+def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None = None,
+                 resume_from: dict[str, Any] | None = None, env: DistEnv | None = None,
+                 checkpoint_every: int = 100, eval_every: int = 0, eval_chars: int | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+    """Train the char-LM of ``config`` up to step ``steps``; return metrics and the model.
+
+    Args:
+        out_dir: where ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and ``metrics.json`` go
+            (written by rank 0 only); None writes nothing.
+        resume_from: a checkpoint from :func:`read_resume_checkpoint`; training continues from its step. Its
+            config must equal ``config``.
+        env: the distributed environment (:func:`theorylab.experiments.distributed.init_distributed`); None is a
+            single process on the CPU.
+        eval_every: also measure held-out bits/char before training and every this many steps (0: only at the
+            end), recorded with the training seconds so far: the bits/char-against-wall-clock curve.
+        eval_chars: evaluate on the first ``eval_chars`` held-out characters only (None: all of them).
+        on_step: called after every step (rank 0 only), e.g. to drive a progress bar.
+    """
+    env = env or DistEnv()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if checkpoint_every < 0 or eval_every < 0:
+        raise ValueError(f"checkpoint_every and eval_every must be >= 0, got {checkpoint_every}, {eval_every}")
+    validate_run(config, env.world_size)
+    corpus = load_corpus()
+    start = 0
+    if resume_from is not None:
+        saved = CharLMConfig.from_dict(resume_from["config"])
+        if saved != config:
+            raise ValueError(f"config {config} differs from the checkpoint's {saved}")
+        start = int(resume_from["step"])
+        if start > steps:
+            raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
+
+    torch.manual_seed(config.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    model = CharTransformer(len(corpus.vocab), config).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99))
+    losses: list[float] = []
+    evals: list[dict[str, float]] = []
+    train_seconds, tokens_seen = 0.0, 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        losses = [float(v) for v in resume_from.get("train_bpc", [])]
+        evals = [dict(e) for e in resume_from.get("evals", [])]
+        train_seconds = float(resume_from.get("train_seconds", 0.0))
+        tokens_seen = int(resume_from.get("tokens_seen", 0))
+    ddp: nn.Module = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_FILE if out is not None else None
+
+    def checkpoint(step: int) -> None:
+        if ckpt_path is not None and env.is_main:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "step": step, "target_steps": steps, "config": config.to_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "train_bpc": losses, "evals": evals, "train_seconds": train_seconds, "tokens_seen": tokens_seen,
+                "vocab": corpus.vocab.chars, "data_sha256": corpus.sha256, "python": corpus.python})
+        barrier(env)
+
+    def heldout_bpc() -> float:
+        return evaluate_bpc(model, corpus.heldout, config.seq_len, env=env, max_chars=eval_chars)
+
+    model.train()
+    if eval_every and start == 0:  # the untrained model: the start of the bits/char-against-time curve
+        evals.append({"step": 0, "seconds": 0.0, "heldout_bpc": heldout_bpc()})
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        lr = config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = sample_batch(corpus.train, config.batch_size, config.seq_len, seed=config.seed, step=step,
+                            rank=env.rank, world_size=env.world_size)
+        x, y = x.to(env.device), y.to(env.device)
+        loss = lm_loss(ddp(x), y)  # (,) this rank's mean; DDP averages the gradients over the ranks
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        (loss_sum,) = all_reduce_sum(env, [loss.item()])  # .item() waits for the step to finish
+        train_seconds += time.perf_counter() - t0
+        tokens_seen += config.batch_size * config.seq_len
+        losses.append(loss_sum / env.world_size / LN2)
+        done = step + 1
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training loss became {losses[-1]} at step {done}; lower the learning rate")
+        if eval_every and done % eval_every == 0 and done < steps:
+            evals.append({"step": done, "seconds": train_seconds, "heldout_bpc": heldout_bpc()})
+        if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            checkpoint(done)
+        if on_step is not None and env.is_main:
+            on_step(StepInfo(done, steps, losses[-1], tokens_seen / max(train_seconds, 1e-12)))
+
+    final_bpc = heldout_bpc()
+    if not evals or evals[-1]["step"] != steps:
+        evals.append({"step": steps, "seconds": train_seconds, "heldout_bpc": final_bpc})
+    checkpoint(steps)
+    metrics = {
+        "final_bpc": final_bpc,
+        "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else float("nan"),
+        "steps": steps,
+        "train_seconds": train_seconds,
+        "tokens_seen": tokens_seen,
+        "final_train_bpc": losses[-1] if losses else float("nan"),
+        "unigram_bpc": unigram_bpc(corpus),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": config.to_dict(),
+        "resumed_from_step": start if resume_from is not None else None,
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "device": str(env.device),
+        "threads_per_rank": torch.get_num_threads(),
+        "eval_chars": min(eval_chars, corpus.heldout.numel()) if eval_chars else corpus.heldout.numel(),
+        "data": corpus.describe(),
+        "evals": evals,
+        "train_bpc": losses,
+    }
+    if out is not None and env.is_main:
+        from ..claims.engine import json_number, write_json_atomic
+
+        write_json_atomic(out / METRICS_FILE, _jsonable(metrics, json_number))
+    barrier(env)
+    return TrainResult(metrics=metrics, model=model, checkpoint=ckpt_path, evals=evals)
+
+
+def _jsonable(x: Any, number: Callable[[Any], Any]) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v, number) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, number) for v in x]
+    if isinstance(x, float):
+        return number(x)
+    return x

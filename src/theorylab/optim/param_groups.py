@@ -1,0 +1,53 @@
+"""Parameter groups with no weight decay on biases and normalisation weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import check_nonnegative
+
+#: module types whose parameters (scale and shift) are never decayed
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm*, Lazy variants
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = True,
+                       extra_no_decay: tuple[type[nn.Module], ...] = ()) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a decayed group and a group with ``weight_decay = 0``.
+
+    Not decayed: every parameter named ``bias``, every parameter of a normalisation module (:data:`NORM_TYPES`
+    and ``extra_no_decay``), and embeddings when ``decay_embeddings`` is False. A parameter shared between
+    modules (tied weights) appears once, in the no-decay group if any of its owners says so. Empty groups are
+    left out. Each group also carries ``"param_names"`` (its parameters' qualified names).
+
+    Returns groups for any optimizer here or in torch.optim, e.g. ``AdamW(decay_param_groups(model, 0.1))``.
+    """
+    check_nonnegative(weight_decay, "weight_decay")
+    no_decay_types = NORM_TYPES + tuple(extra_no_decay) + (() if decay_embeddings else (nn.Embedding,))
+    names: dict[int, str] = {}
+    params: dict[int, nn.Parameter] = {}
+    exempt: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            key = id(p)
+            params.setdefault(key, p)
+            names.setdefault(key, f"{module_name}.{name}" if module_name else name)
+            if name == "bias" or isinstance(module, no_decay_types):
+                exempt.add(key)
+    decay = [k for k in params if k not in exempt]
+    keep = [k for k in params if k in exempt]
+    groups = []
+    for keys, wd in ((decay, weight_decay), (keep, 0.0)):
+        if keys:
+            groups.append({"params": [params[k] for k in keys], "weight_decay": wd,
+                           "param_names": [names[k] for k in keys]})
+    return groups

@@ -1,0 +1,57 @@
+r"""SGD with torch.optim.SGD's momentum and a choice of where the weight decay goes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .base import ChainOptimizer, as_param_list, check_lr, check_nonfinite, check_nonnegative
+from .decay import check_decay, with_decay
+from .transforms import Trace, Transform
+
+
+class SGD(ChainOptimizer):
+    r"""Stochastic gradient descent with momentum, built as ``[decay?, Trace, ScaleByLearningRate, decay?]``.
+
+    Let η be ``lr``, μ ``momentum``, d ``dampening``, λ ``weight_decay`` and :math:`\eta_0` the group's
+    ``initial_lr``. With :math:`g_t = \nabla L(\theta_{t-1})`:
+
+    .. math::
+        b_t = \mu b_{t-1} + (1-d)\,\tilde g_t \ (b_1 = \tilde g_1), \qquad
+        u_t = \tilde g_t + \mu b_t \text{ if nesterov else } b_t
+
+    and then, by ``decay``:
+
+    * ``"l2"`` (torch.optim.SGD): :math:`\tilde g_t = g_t + \lambda\theta_{t-1}`,
+      :math:`\theta_t = \theta_{t-1} - \eta u_t` — SGD on :math:`L + \frac{\lambda}{2}\lVert\theta\rVert^2`;
+    * ``"decoupled"`` (Loshchilov & Hutter's SGDW, the problem set's :math:`-\lambda\theta`):
+      :math:`\tilde g_t = g_t`, :math:`\theta_t = \theta_{t-1} - \eta u_t - (\eta/\eta_0)\lambda\theta_{t-1}`;
+    * ``"decoupled_lr"``: :math:`\theta_t = \theta_{t-1} - \eta (u_t + \lambda\theta_{t-1})`, which for plain SGD
+      (μ = 0) is the same as ``"l2"``.
+
+    With μ = 0 this is plain SGD and keeps no buffer. ``nonfinite``: see :class:`ChainOptimizer`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False,
+                 nonfinite: str = "raise") -> None:
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
+                    "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite}
+        self.check_group(defaults)
+        check_nonfinite(nonfinite)
+        super().__init__(as_param_list(params), defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_nonnegative(group["momentum"], "momentum")
+        check_nonnegative(group["dampening"], "dampening")
+        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_decay(group["decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"Nesterov momentum requires momentum > 0 and zero dampening, got momentum="
+                             f"{group['momentum']}, dampening={group['dampening']}")
+
+    def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        momentum = Trace(key="momentum", state_key="momentum_buffer", dampening_key="dampening",
+                         first_step_copies=True, nesterov_key="nesterov")
+        return with_decay([momentum], group["decay"])

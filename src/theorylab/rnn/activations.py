@@ -1,0 +1,130 @@
+r"""The activations of the RNN unit, their exact derivatives, and the bound :math:`\gamma = \sup_x |\sigma'(x)|`.
+
+Each activation carries three functions:
+
+* ``fn`` — :math:`\sigma` itself, built from torch ops so autograd works (the model's forward pass);
+* ``deriv`` — :math:`\sigma'` in a closed form that keeps full *relative* precision where the derivative is tiny
+  (``sech²`` instead of ``1 − tanh²``, ``σ(x)σ(−x)`` instead of ``σ(1 − σ)``), which the Jacobian diagnostics use;
+* ``second`` — :math:`\sigma''` on Python floats, whose roots locate the extrema of :math:`\sigma'`.
+
+:func:`derivative_bound` computes γ: the larger of :math:`|\sigma'|` at the roots of :math:`\sigma''` (found by
+bracketing on a grid and Brent's method) and :math:`|\sigma'|` at :math:`\pm\infty`. For GELU
+(:math:`\sigma'(x) = \Phi(x) + x\varphi(x)`, :math:`\sigma''(x) = \varphi(x)(2 - x^2)`) the root is :math:`\sqrt 2` and
+γ = Φ(√2) + √2 φ(√2) ≈ 1.1289; for SiLU (:math:`\sigma'' = s(1-s)(2 + x(1 - 2s))`, s the logistic) γ ≈ 1.0998.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from scipy.optimize import brentq
+from torch import Tensor
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation σ with its derivative (torch) and second derivative (float) for root finding."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    deriv: Callable[[Tensor], Tensor]
+    deriv_float: Callable[[float], float]
+    second: Callable[[float], float] | None  # None: σ' is piecewise constant (relu)
+    deriv_at_infinity: tuple[float, float]  # (σ'(−∞), σ'(+∞))
+
+
+def _logistic(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _tanh_deriv(h: Tensor) -> Tensor:
+    # sech²(h) = 1/cosh²(h): full relative precision in saturation, where 1 − tanh² cancels; cosh overflows to
+    # inf for |h| > 710, giving 0, the correctly rounded value.
+    return torch.cosh(h).square().reciprocal()
+
+
+def _sigmoid_deriv(h: Tensor) -> Tensor:
+    return torch.sigmoid(h) * torch.sigmoid(-h)
+
+
+def _relu_deriv(h: Tensor) -> Tensor:
+    return (h > 0).to(h.dtype)  # 0 at h = 0, as torch's relu backward
+
+
+def _gelu_deriv(h: Tensor) -> Tensor:
+    cdf = 0.5 * torch.erfc(-h / _SQRT2)  # Φ(h), accurate in the left tail
+    pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    return cdf + h * pdf
+
+
+def _silu_deriv(h: Tensor) -> Tensor:
+    s = torch.sigmoid(h)
+    return s * (1.0 + h * torch.sigmoid(-h))
+
+
+def _gelu_deriv_float(x: float) -> float:
+    return 0.5 * math.erfc(-x / _SQRT2) + x * math.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _silu_deriv_float(x: float) -> float:
+    return _logistic(x) * (1.0 + x * _logistic(-x))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "tanh": Activation("tanh", torch.tanh, _tanh_deriv, lambda x: 1.0 / math.cosh(x) ** 2,
+                       lambda x: -2.0 * math.tanh(x) / math.cosh(x) ** 2, (0.0, 0.0)),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, _sigmoid_deriv,
+                          lambda x: _logistic(x) * _logistic(-x),
+                          lambda x: _logistic(x) * _logistic(-x) * (_logistic(-x) - _logistic(x)), (0.0, 0.0)),
+    "relu": Activation("relu", torch.relu, _relu_deriv, lambda x: 1.0 if x > 0 else 0.0, None, (0.0, 1.0)),
+    "gelu": Activation("gelu", torch.nn.functional.gelu, _gelu_deriv, _gelu_deriv_float,
+                       lambda x: math.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x), (0.0, 1.0)),
+    "silu": Activation("silu", torch.nn.functional.silu, _silu_deriv, _silu_deriv_float,
+                       lambda x: _logistic(x) * _logistic(-x) * (2.0 + x * (_logistic(-x) - _logistic(x))),
+                       (0.0, 1.0)),
+}
+
+
+def get_activation(name: str) -> Activation:
+    """The :class:`Activation` called ``name``; ValueError naming it if unknown."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 2401) -> list[float]:
+    """Roots of σ'' in [lo, hi]: sign changes on a uniform grid, refined by Brent's method to machine precision."""
+    act = get_activation(name)
+    if act.second is None:
+        return []
+    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
+    vals = [act.second(x) for x in xs]
+    roots = []
+    for x0, x1, v0, v1 in zip(xs, xs[1:], vals, vals[1:], strict=False):
+        if v0 == 0.0:
+            roots.append(x0)
+        elif v0 * v1 < 0.0:
+            roots.append(brentq(act.second, x0, x1, xtol=1e-15, rtol=1e-15, maxiter=200))
+    return roots
+
+
+@cache
+def derivative_bound(activation: str) -> float:
+    r"""γ = sup_x |σ'(x)|, computed: the maximum of |σ'| over the roots of σ'' and the limits at ±∞.
+
+    relu has σ' ∈ {0, 1} (piecewise constant), so γ = 1. For tanh and sigmoid the root of σ'' is 0 (γ = 1, 1/4);
+    for GELU it is √2 (γ = Φ(√2) + √2 φ(√2) ≈ 1.1289); for SiLU the root of 2 + x(1 − 2σ(x)) ≈ 2.3994 (γ ≈ 1.0998).
+    """
+    act = get_activation(activation)
+    if act.second is None:
+        return max(abs(act.deriv_float(-1.0)), abs(act.deriv_float(1.0)))
+    candidates = [abs(v) for v in act.deriv_at_infinity]
+    candidates += [abs(act.deriv_float(x)) for x in critical_points(activation)]
+    return max(candidates)

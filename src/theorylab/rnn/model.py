@@ -1,0 +1,180 @@
+r"""The RNN unit of Q1 in its two equivalent forms.
+
+Let :math:`W \in \mathbb{R}^{H\times H}`, :math:`U \in \mathbb{R}^{H\times I}`, :math:`b \in \mathbb{R}^H` and σ
+an activation. The **h-form** keeps the pre-activation state
+
+.. math:: h_t = W\,\sigma(h_{t-1}) + U x_t + b,
+
+the **g-form** the post-activation state
+
+.. math:: g_t = \sigma(W g_{t-1} + U x_t + b).
+
+With :math:`g_0 = \sigma(h_0)` the two give :math:`g_t = \sigma(h_t)` for every t (induction: :math:`h_t = W g_{t-1}
++ U x_t + b`), which is claim 1.1. Both forms share the same parameters and ``state_dict``; only the state they carry
+(and hence the Jacobian ``∂s_t/∂s_{t-1}``) differs: ``W diag(σ'(h_{t-1}))`` for h, ``diag(σ'(W g_{t-1} + U x_t + b)) W``
+for g.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._threads import threads_for
+from .activations import get_activation
+
+FORMS = ("h", "g")
+
+
+class RNN(nn.Module):
+    """An Elman unit in h-form (``h_t = W σ(h_{t-1}) + U x_t + b``) or g-form (``g_t = σ(W g_{t-1} + U x_t + b)``).
+
+    Args:
+        input_size: I, the size of each input x_t.
+        hidden_size: H, the size of the state.
+        activation: one of ``tanh``, ``sigmoid``, ``relu``, ``gelu``, ``silu``.
+        form: ``"h"`` or ``"g"``; the parameters (``W`` (H, H), ``U`` (H, I), ``b`` (H,)) are the same for both.
+
+    The parameters are initialised as torch.nn.RNN's: uniform on [−1/√H, 1/√H].
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, activation: str = "tanh", form: str = "h") -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not isinstance(input_size, int) or input_size < 0:
+            raise ValueError(f"input_size must be a non-negative int, got {input_size!r}")
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; expected 'h' or 'g'")
+        self.activation = get_activation(activation).name
+        self.form = form
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.W = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.U = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.b = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in (self.W, self.U, self.b):
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"activation={self.activation!r}, form={self.form!r}")
+
+    def sigma(self, h: Tensor) -> Tensor:
+        """σ applied elementwise (e.g. to turn an h-form state into the g-form one)."""
+        return get_activation(self.activation).fn(h)
+
+    def check_inputs(self, x: Tensor, h0: Tensor | None) -> None:
+        """ValueError naming the offending shape unless x is (B, T, I) and h0 is None or (B, H)."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, T, {self.input_size}), got {shape}")
+        if h0 is not None and (not isinstance(h0, Tensor) or tuple(h0.shape) != (x.shape[0], self.hidden_size)):
+            shape = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
+            raise ValueError(f"h0 must have shape (B, H) = ({x.shape[0]}, {self.hidden_size}), got {shape}")
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run the recurrence over x (B, T, I) from h0 (B, H) (h_0 for form h, g_0 for form g; None -> zeros).
+
+        Returns ``(states (B, T, H), last (B, H))``: s_1..s_T and s_T (s_0 = h0 when T = 0). The recurrence is
+        one autograd node (:class:`_Recurrence`: a hand-written backward through time, a few kernels per step)
+        instead of T small graphs; :meth:`forward_reference` is the plain autograd loop it is tested against.
+        """
+        self.check_inputs(x, h0)
+        bsz, steps, _ = x.shape
+        dtype = torch.promote_types(x.dtype, self.W.dtype)
+        s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
+        drive = torch.nn.functional.linear(x.to(dtype), self.U.to(dtype), self.b.to(dtype))  # (B, T, H) = Ux_t + b
+        if steps == 0:
+            return x.new_zeros(bsz, 0, self.hidden_size, dtype=dtype), s
+        with threads_for(2 * bsz * self.hidden_size**2):  # tiny kernels: one thread (see _threads)
+            states = _Recurrence.apply(drive, s, self.W.to(dtype), self.activation, self.form)
+        return states, states[:, -1]
+
+    def forward_reference(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The same recurrence as a plain Python loop of torch ops (autograd records every step)."""
+        self.check_inputs(x, h0)
+        bsz, steps, _ = x.shape
+        dtype = torch.promote_types(x.dtype, self.W.dtype)
+        s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
+        drive = torch.nn.functional.linear(x.to(dtype), self.U.to(dtype), self.b.to(dtype))  # (B, T, H) = Ux_t + b
+        w_t = self.W.to(dtype).T
+        sigma = get_activation(self.activation).fn
+        states = []
+        with threads_for(2 * bsz * self.hidden_size**2):  # tiny kernels: one thread (see _threads)
+            for t in range(steps):
+                if self.form == "h":
+                    s = torch.addmm(drive[:, t], sigma(s), w_t)  # h_t = W σ(h_{t-1}) + U x_t + b
+                else:
+                    s = sigma(torch.addmm(drive[:, t], s, w_t))  # g_t = σ(W g_{t-1} + U x_t + b)
+                states.append(s)
+        if not states:
+            return x.new_zeros(bsz, 0, self.hidden_size, dtype=dtype), s
+        return torch.stack(states, dim=1), s
+
+
+class _Recurrence(torch.autograd.Function):
+    r"""The recurrence over T steps as one autograd node, with backpropagation through time written out.
+
+    Form h: :math:`h_t = W\sigma(h_{t-1}) + u_t` (:math:`u_t = Ux_t + b`). Backward, with :math:`\bar h_t` the
+    total derivative of the loss: :math:`\bar h_{t-1} = \sigma'(h_{t-1}) \odot (W^\top \bar h_t) + \partial L/\partial
+    h_{t-1}`, :math:`\bar u_t = \bar h_t`, :math:`\bar W = \sum_t \bar h_t \sigma(h_{t-1})^\top`.
+    Form g: :math:`g_t = \sigma(a_t)`, :math:`a_t = W g_{t-1} + u_t`; :math:`\bar a_t = \sigma'(a_t) \odot \bar g_t`,
+    :math:`\bar g_{t-1} = W^\top \bar a_t + \partial L/\partial g_{t-1}`, :math:`\bar u_t = \bar a_t`,
+    :math:`\bar W = \sum_t \bar a_t g_{t-1}^\top`. Only the per-step vector products stay in the loop;
+    :math:`\bar W` is one matmul at the end. (First derivatives only: no double backward.)
+    """
+
+    @staticmethod
+    def forward(ctx, drive: Tensor, s0: Tensor, W: Tensor, activation: str, form: str) -> Tensor:
+        act = get_activation(activation)
+        bsz, steps, hidden = drive.shape
+        w_t = W.T
+        out = drive.new_empty(bsz, steps + 1, hidden)  # s_0..s_T for form g; h_0..h_T for form h
+        pre = drive.new_empty(bsz, steps, hidden) if form == "g" else None  # a_1..a_T
+        out[:, 0] = s0
+        s = s0
+        for t in range(steps):
+            if form == "h":
+                s = torch.addmm(drive[:, t], act.fn(s), w_t)
+            else:
+                a = torch.addmm(drive[:, t], s, w_t)
+                pre[:, t] = a
+                s = act.fn(a)
+            out[:, t + 1] = s
+        ctx.save_for_backward(out, W, *(() if pre is None else (pre,)))
+        ctx.activation, ctx.form = activation, form
+        return out[:, 1:]
+
+    @staticmethod
+    def backward(ctx, grad_states: Tensor):
+        act = get_activation(ctx.activation)
+        out, W, *rest = ctx.saved_tensors
+        steps = out.shape[1] - 1
+        grad_drive = torch.empty_like(grad_states)
+        with threads_for(2 * out.shape[0] * out.shape[2] ** 2):
+            if ctx.form == "h":
+                prev = out[:, :-1]  # h_0..h_{T-1}
+                deriv = act.deriv(prev)  # σ'(h_{t-1})
+                carry = torch.zeros_like(grad_states[:, 0])
+                for t in range(steps - 1, -1, -1):
+                    carry = carry + grad_states[:, t]  # total ∂L/∂h_{t+1}
+                    grad_drive[:, t] = carry
+                    carry = (carry @ W) * deriv[:, t]  # into h_t through σ
+                grad_w = torch.einsum("bti,btj->ij", grad_drive, act.fn(prev))
+            else:
+                (pre,) = rest
+                deriv = act.deriv(pre)  # σ'(a_t)
+                carry = torch.zeros_like(grad_states[:, 0])
+                for t in range(steps - 1, -1, -1):
+                    g_a = (carry + grad_states[:, t]) * deriv[:, t]  # ∂L/∂a_{t+1}
+                    grad_drive[:, t] = g_a
+                    carry = g_a @ W  # into g_t
+                grad_w = torch.einsum("bti,btj->ij", grad_drive, out[:, :-1])
+        return grad_drive, carry, grad_w, None, None

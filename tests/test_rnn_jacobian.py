@@ -1,0 +1,181 @@
+"""log_jacobian_norms / log_jacobian_profile: exact against autograd + SVD, overflow-free, −inf for zero."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from theorylab.rnn import (
+    RNN,
+    jacobian_factors,
+    log_jacobian_norms,
+    log_jacobian_profile,
+    log_norms_of_products,
+    log_norms_of_products_reference,
+)
+
+F64 = torch.float64
+ACTS = ["tanh", "sigmoid", "relu", "gelu", "silu"]
+
+
+def make_rnn(act="tanh", form="h", hidden=6, inputs=3, scale=1.5, seed=0, orthogonal=False):
+    gen = torch.Generator().manual_seed(seed)
+    rnn = RNN(inputs, hidden, activation=act, form=form).double()
+    with torch.no_grad():
+        if orthogonal:
+            rnn.W.copy_(torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=F64))[0])
+        else:
+            rnn.W.copy_(torch.randn(hidden, hidden, generator=gen, dtype=F64) / math.sqrt(hidden))
+        rnn.W.mul_(scale)
+        rnn.U.copy_(torch.randn(hidden, inputs, generator=gen, dtype=F64))
+        rnn.b.copy_(0.3 * torch.randn(hidden, generator=gen, dtype=F64))
+    return rnn
+
+
+def autograd_log_norms(rnn, x, h0):
+    """log ‖∂s_t/∂s_0‖₂ from torch.autograd.functional.jacobian and a full SVD: (B, T)."""
+    jac = torch.autograd.functional.jacobian(lambda s: rnn.forward_reference(x, s)[0], h0)  # (B, T, H, B, H)
+    per_seq = torch.stack([jac[i, :, :, i, :] for i in range(x.shape[0])])  # (B, T, H, H)
+    return torch.log(torch.linalg.svdvals(per_seq)[..., 0])
+
+
+def rel_err(a, b):
+    """Relative error of the norms exp(a) vs exp(b), from their logs; exactly-zero norms (−inf) must agree."""
+    zero = torch.isneginf(b)
+    assert torch.equal(zero, torch.isneginf(a)) and torch.isfinite(a[~zero]).all()
+    return (torch.exp(a[~zero] - b[~zero]) - 1).abs().max().item() if (~zero).any() else 0.0
+
+
+@pytest.mark.parametrize("form", ["h", "g"])
+@pytest.mark.parametrize("act", ACTS)
+def test_matches_autograd_jacobian_and_svd(act, form):
+    rnn = make_rnn(act, form, scale=2.0)
+    x = torch.randn(3, 25, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    h0 = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    ours = log_jacobian_norms(rnn, x, h0)
+    assert ours.shape == (3, 25) and ours.dtype == F64
+    assert rel_err(ours, autograd_log_norms(rnn, x, h0)) <= 1e-8
+
+
+@settings(max_examples=30, deadline=None)
+@given(act=st.sampled_from(ACTS), form=st.sampled_from(["h", "g"]), seed=st.integers(0, 2**16),
+       scale=st.floats(0.2, 4.0), hidden=st.integers(1, 12), steps=st.integers(1, 60),
+       orthogonal=st.booleans())
+def test_matches_explicit_product_svd(act, form, seed, scale, hidden, steps, orthogonal):
+    rnn = make_rnn(act, form, hidden=hidden, scale=scale, seed=seed, orthogonal=orthogonal)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, steps, 3, dtype=F64, generator=gen)
+    h0 = torch.randn(2, hidden, dtype=F64, generator=gen)
+    factors = jacobian_factors(rnn, x, h0)
+    ours, ref = log_norms_of_products(factors), log_norms_of_products_reference(factors)
+    assert rel_err(ours, ref) <= 1e-8
+
+
+@pytest.mark.parametrize("hidden", [16, 32])
+def test_clustered_spectrum_orthogonal_w(hidden):
+    """W orthogonal and small states: nearly equal singular values, the hard case for iterative norms."""
+    rnn = make_rnn("tanh", "h", hidden=hidden, scale=1.0, orthogonal=True)
+    with torch.no_grad():
+        rnn.U.mul_(0.05)
+        rnn.b.zero_()
+    x = torch.randn(2, 150, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    factors = jacobian_factors(rnn, x, None)
+    stats = {}
+    ours = log_norms_of_products(factors, stats=stats)
+    assert rel_err(ours, log_norms_of_products_reference(factors)) <= 1e-8
+
+
+def test_svd_fallback_is_exact():
+    rnn = make_rnn("tanh", "h", hidden=16, scale=1.0, orthogonal=True)
+    x = torch.randn(1, 40, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    factors = jacobian_factors(rnn, x, None)
+    stats = {}
+    ours = log_norms_of_products(factors, tol=1e-30, max_dim=5, stats=stats)  # never converges -> SVD
+    assert stats["fallbacks"] == 40
+    assert rel_err(ours, log_norms_of_products_reference(factors)) <= 1e-10
+
+
+def test_no_overflow_or_underflow_at_long_horizons():
+    torch.manual_seed(0)
+    big = make_rnn("tanh", "h", hidden=32, scale=1.0, orthogonal=True)
+    with torch.no_grad():
+        big.W.mul_(3.0)  # chaotic: the norm grows like e^{λ₁ t}, far beyond float64 at T = 4000
+        big.U.zero_()
+    x = torch.zeros(1, 4000, 3, dtype=F64)
+    up = log_jacobian_norms(big, x, torch.randn(1, 32, dtype=F64))
+    assert torch.isfinite(up).all() and up[0, -1] > math.log(1e308)
+    small = make_rnn("tanh", "h", hidden=8, scale=1.0, orthogonal=True)
+    with torch.no_grad():
+        small.W.mul_(0.1)
+    down = log_jacobian_norms(small, torch.randn(1, 1000, 3, dtype=F64), None)
+    assert torch.isfinite(down).all() and down[0, -1] < math.log(1e-308)
+    assert (down[0] <= torch.arange(1, 1001, dtype=F64) * math.log(0.1) + 1e-10).all()  # ≤ δ^t, δ = 0.1
+
+
+def test_strictly_upper_triangular_gives_minus_inf_from_t_equal_H():
+    rnn = make_rnn("tanh", "h", hidden=7, scale=3.0)
+    with torch.no_grad():
+        rnn.W.copy_(torch.triu(rnn.W, diagonal=1))
+    out = log_jacobian_norms(rnn, torch.randn(2, 20, 3, dtype=F64), None)
+    assert torch.isfinite(out[:, :6]).all()
+    assert torch.isneginf(out[:, 6:]).all()
+
+
+def test_dead_relu_gives_minus_inf():
+    rnn = make_rnn("relu", "h", hidden=5)
+    with torch.no_grad():
+        rnn.U.zero_()
+        rnn.b.fill_(-10.0)
+        rnn.W.abs_()  # h_1 = Wσ(h_0) − 10 < 0 for a small h_0, then σ'(h) = 0 for good
+    out = log_jacobian_norms(rnn, torch.zeros(1, 6, 3, dtype=F64), 0.1 * torch.ones(1, 5, dtype=F64))
+    assert torch.isfinite(out[0, 0]) and torch.isneginf(out[0, 1:]).all()
+
+
+def test_batched_equals_one_at_a_time():
+    rnn = make_rnn("gelu", "g", hidden=10, scale=2.0)
+    x = torch.randn(4, 30, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    h0 = torch.randn(4, 10, dtype=F64, generator=torch.Generator().manual_seed(6))
+    together = log_jacobian_norms(rnn, x, h0)
+    for i in range(4):
+        alone = log_jacobian_norms(rnn, x[i:i + 1], h0[i:i + 1])
+        assert rel_err(together[i], alone[0]) <= 1e-9
+
+
+@pytest.mark.parametrize("form", ["h", "g"])
+def test_profile_matches_explicit_backward_products(form):
+    rnn = make_rnn("tanh", form, hidden=6, scale=2.5)
+    x = torch.randn(2, 20, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
+    h0 = torch.randn(2, 6, dtype=F64, generator=torch.Generator().manual_seed(8))
+    profile = log_jacobian_profile(rnn, x, h0)
+    factors = jacobian_factors(rnn, x, h0)
+    steps = x.shape[1]
+    for t in range(steps):  # ∂s_T/∂s_t = J_T ⋯ J_{t+1}
+        prod = torch.eye(6, dtype=F64).expand(2, 6, 6)
+        for k in range(t, steps):
+            prod = factors.dense(k) @ prod
+        ref = torch.log(torch.linalg.svdvals(prod)[:, 0])
+        assert rel_err(profile[:, t], ref) <= 1e-8
+    assert rel_err(profile[:, 0], log_jacobian_norms(rnn, x, h0)[:, -1]) <= 1e-8
+
+
+def test_profile_bounds_the_true_loss_gradient():
+    """For L = vᵀ s_T: ‖∂L/∂s_t‖ ≤ ‖v‖ ‖∂s_T/∂s_t‖, with equality for t = T−1 … only as a bound; check it."""
+    rnn = make_rnn("tanh", "h", hidden=6, scale=2.0)
+    x = torch.randn(1, 15, 3, dtype=F64)
+    profile = log_jacobian_profile(rnn, x, None)
+    v = torch.randn(6, dtype=F64)
+    h0 = torch.zeros(1, 6, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(rnn(x, h0)[1][0] @ v, h0)
+    assert math.log(g.norm()) <= math.log(v.norm()) + profile[0, 0].item() + 1e-10
+
+
+def test_bad_inputs():
+    rnn = make_rnn()
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
+        log_jacobian_norms(rnn, torch.randn(2, 5, dtype=F64), None)
+    with pytest.raises(ValueError, match="h0"):
+        log_jacobian_norms(rnn, torch.randn(2, 5, 3, dtype=F64), torch.randn(3, 6, dtype=F64))
+    with pytest.raises(ValueError, match="RNN"):
+        log_jacobian_norms(torch.nn.RNN(3, 6), torch.randn(2, 5, 3), None)

@@ -1,0 +1,95 @@
+"""lyapunov_spectrum (Benettin QR) and the vanishing-gradient certificate."""
+
+import math
+
+import pytest
+import torch
+
+from theorylab.rnn import RNN, certificate, derivative_bound, log_jacobian_norms, lyapunov_spectrum
+
+F64 = torch.float64
+
+
+def fixed_rnn(W, act="tanh", inputs=1):
+    rnn = RNN(inputs, W.shape[0], activation=act).double()
+    with torch.no_grad():
+        rnn.W.copy_(W)
+        rnn.U.zero_()
+        rnn.b.zero_()
+    return rnn
+
+
+def test_linear_regime_exponents_are_log_singular_values_of_symmetric_w():
+    """At h ≡ 0 (tanh, no input) J_t = W; for symmetric W the exponents are log|eigenvalues|, sorted."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=F64))[0]
+    s = torch.tensor([1.7, -1.2, 0.9, 0.5, -0.3, 0.1], dtype=F64)
+    rnn = fixed_rnn(q @ torch.diag(s) @ q.T)
+    lam = lyapunov_spectrum(rnn, torch.zeros(1, 3000, 1, dtype=F64), None, 4)
+    expected = torch.log(s.abs().sort(descending=True).values[:4])
+    torch.testing.assert_close(lam[0], expected, rtol=0, atol=5e-3)
+
+
+def test_two_identity_tanh_matches_the_fixed_point():
+    h = 2.0
+    for _ in range(60):
+        h -= (h - 2 * math.tanh(h)) / (1 - 2 / math.cosh(h) ** 2)
+    theory = math.log(2 / math.cosh(h) ** 2)
+    rnn = fixed_rnn(2 * torch.eye(5, dtype=F64))
+    lam = lyapunov_spectrum(rnn, torch.zeros(2, 3000, 1, dtype=F64), torch.randn(2, 5, dtype=F64), 2)
+    assert theory == pytest.approx(-1.79, abs=0.01)
+    assert (lam - theory).abs().max() < 0.01
+
+
+def test_top_exponent_matches_log_norm_slope_in_a_chaotic_regime():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(32, 32, generator=gen, dtype=F64))[0]
+    rnn = fixed_rnn(3 * q)
+    x, h0 = torch.zeros(2, 2000, 1, dtype=F64), torch.randn(2, 32, generator=gen, dtype=F64)
+    lam1 = lyapunov_spectrum(rnn, x, h0, 1)[:, 0]
+    slope = log_jacobian_norms(rnn, x, h0)[:, -1] / 2000
+    assert (lam1 > 0.1).all()
+    assert (lam1 - slope).abs().max() < 0.01
+
+
+def test_reorthonormalisation_interval_changes_little_when_it_is_safe():
+    gen = torch.Generator().manual_seed(2)
+    rnn = RNN(2, 8).double()
+    x = torch.randn(1, 600, 2, generator=gen, dtype=F64)
+    every = lyapunov_spectrum(rnn, x, None, 3, reorthonormalize_every=1)
+    sparse = lyapunov_spectrum(rnn, x, None, 3, reorthonormalize_every=4)
+    torch.testing.assert_close(every, sparse, rtol=0, atol=1e-8)
+
+
+def test_nilpotent_w_gives_minus_inf():
+    gen = torch.Generator().manual_seed(3)
+    rnn = fixed_rnn(torch.triu(3 * torch.randn(6, 6, generator=gen, dtype=F64), 1))
+    lam = lyapunov_spectrum(rnn, torch.zeros(1, 20, 1, dtype=F64), torch.randn(1, 6, dtype=F64), 3)
+    assert torch.isneginf(lam).all()
+
+
+def test_certificate():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 5, generator=gen, dtype=F64)
+    for act in ("tanh", "sigmoid", "relu", "gelu", "silu"):
+        rnn = fixed_rnn(w, act)
+        cert = certificate(rnn)
+        assert cert.sigma_max == pytest.approx(torch.linalg.svdvals(w)[0].item(), rel=1e-12)
+        assert cert.gamma == derivative_bound(act)
+        assert cert.delta == pytest.approx(cert.sigma_max * cert.gamma)
+        assert cert.vanishing_guaranteed == (cert.delta < 1)
+        assert cert.log_bound(100) == pytest.approx(100 * math.log(cert.delta))
+    small = certificate(fixed_rnn(0.5 * torch.eye(3, dtype=F64)))
+    assert small.vanishing_guaranteed and small.bound(3) == pytest.approx(0.125)
+
+
+def test_bad_k_and_interval():
+    rnn = RNN(1, 4).double()
+    x = torch.zeros(1, 5, 1, dtype=F64)
+    for k in (0, 5):
+        with pytest.raises(ValueError, match=f"got {k}"):
+            lyapunov_spectrum(rnn, x, None, k)
+    with pytest.raises(ValueError, match="reorthonormalize_every"):
+        lyapunov_spectrum(rnn, x, None, 2, reorthonormalize_every=0)
+    with pytest.raises(ValueError, match="h0"):
+        lyapunov_spectrum(rnn, x, torch.zeros(2, 4, dtype=F64), 2)

@@ -1,0 +1,97 @@
+"""``theorylab train charlm`` from the command line: a short run, --resume, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from theorylab.cli import main
+
+TINY = ["--seq-len", "16", "--layers", "1", "--width", "16", "--heads", "2", "--num-features", "8",
+        "--batch-size", "4", "--warmup", "2", "--eval-chars", "300", "--threads", "1"]
+
+
+def charlm(out, *extra: str) -> int:
+    return main(["train", "charlm", "--out", str(out), *TINY, *extra])
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def test_short_run_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys):
+    assert charlm(tmp_path, "--attention", "linear", "--steps", "3") == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("final_bpc", "tokens_per_second", "steps", "config"):
+        assert key in m
+    assert m["steps"] == 3 and m["config"]["attention"] == "linear" and m["config"]["seq_len"] == 16
+    assert m["world_size"] == 1 and m["backend"] is None and 0 < m["final_bpc"] < 10
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["config"]["attention"] == "linear"
+    out = capsys.readouterr().out
+    assert "bits/char" in out and "metrics.json" in out
+
+
+def test_resume_extends_a_run_to_the_same_result(tmp_path):
+    assert charlm(tmp_path / "full", "--steps", "6") == 0
+    assert charlm(tmp_path / "two", "--steps", "3") == 0
+    assert charlm(tmp_path / "two", "--steps", "6", "--resume") == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["resumed_from_step"] == 3
+    assert two["train_bpc"] == full["train_bpc"] and two["final_bpc"] == full["final_bpc"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "cosine"], "invalid choice: 'cosine'"),
+    (["--seq-len", "0"], "seq-len must be positive, got 0"),
+    (["--seq-len", "-4"], "seq-len must be positive, got -4"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--seq-len", "1000000"], "too long"),
+    (["--width", "10", "--heads", "4"], "not divisible"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "charlm", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path, capsys):
+    assert charlm(tmp_path / "none", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_corrupt_checkpoint_exits_2_and_is_left_alone(tmp_path, capsys):
+    assert charlm(tmp_path, "--steps", "2") == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated, as by a crash of a non-atomic writer
+    before = snapshot(tmp_path)
+    assert charlm(tmp_path, "--steps", "4", "--resume") == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
+    assert charlm(tmp_path, "--steps", "2") == 0
+    before = snapshot(tmp_path)
+    assert charlm(tmp_path, "--steps", "2") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert charlm(tmp_path, "--steps", "2", "--overwrite") == 0
+
+
+def test_resume_with_contradicting_options_exits_2(tmp_path, capsys):
+    assert charlm(tmp_path, "--steps", "2") == 0
+    before = snapshot(tmp_path)
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "4", "--width", "32"]) == 2
+    assert "--width 32 (checkpoint: 16)" in capsys.readouterr().err
+    assert charlm(tmp_path, "--resume", "--steps", "1") == 2
+    assert "beyond --steps 1" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

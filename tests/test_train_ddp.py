@@ -1,0 +1,59 @@
+"""The same ``theorylab train charlm`` command under torchrun with 2 processes (DDP, gloo on CPU).
+
+Each rank takes half of every global batch and DDP averages the gradients, so the 2-process run is the 1-process
+run up to floating-point rounding: the test compares the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ARGS = ["train", "charlm", "--attention", "favor", "--steps", "4", "--seq-len", "16", "--layers", "1",
+        "--width", "16", "--heads", "2", "--num-features", "8", "--batch-size", "4", "--warmup", "2",
+        "--eval-chars", "400"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, "-m", "theorylab", *ARGS, "--out", str(tmp_path / "ddp")],
+                         env=_env(), capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    assert two.stdout.count("bits/char") == 1  # only rank 0 reports
+    one = subprocess.run([sys.executable, "-m", "theorylab", *ARGS, "--out", str(tmp_path / "single")],
+                         env=_env(), capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert (m2["world_size"], m2["backend"], m2["threads_per_rank"]) == (2, "gloo", 1)
+    assert m1["world_size"] == 1
+    assert m2["train_bpc"] == pytest.approx(m1["train_bpc"], rel=1e-4)
+    assert m2["final_bpc"] == pytest.approx(m1["final_bpc"], rel=1e-4)
+    a = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_bad_input_exits_2_on_every_rank(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*torchrun, "-m", "theorylab", "train", "charlm", "--seq-len", "0",
+                        "--out", str(tmp_path / "x")], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("seq-len must be positive") == 1  # rank 0 says it once
+    assert not (tmp_path / "x").exists()

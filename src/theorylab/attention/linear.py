@@ -141,28 +141,27 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | Non
     Nk, Dv = k.shape[2], v.shape[-1]
     state = None  # (B, H, M, Dv + 1): φ(K)ᵀ[V, 1], relative to exp(ref)
     ref = q.new_full((B, H, 1), FLOOR)  # running max of the key log-features (stabilised maps)
-    for s in range(0, Nk, chunk):
-        e = min(s + chunk, Nk)
-        pad_c = pad[:, :, s:e] if pad is not None else None
+    # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
+    pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, Nk, chunk))
+    for k_c, v_c, pad_c in zip(k.split(chunk, dim=2), v.split(chunk, dim=2), pads, strict=True):
         if stabilised:
-            proj, offset, row_max = _key_log_features(fm, k[:, :, s:e], pad_c)
+            proj, offset, row_max = _key_log_features(fm, k_c, pad_c)
             new_ref = torch.maximum(ref, row_max.amax(-1, keepdim=True))  # (B, H, 1)
             kf = proj.sub_((new_ref - offset)[..., None]).exp_()  # exp(log φ - ref) <= 1; 0 where padded
         else:
-            kf = fm(k[:, :, s:e])  # (B, H, C, M)
+            kf = fm(k_c)  # (B, H, C, M)
             if pad_c is not None:
                 kf = kf.masked_fill(pad_c[..., None], 0.0)
         decay = torch.exp(ref - new_ref)[..., None] if stabilised and state is not None else None
-        state = _accumulate(state, decay, kf, _with_ones(v[:, :, s:e]))  # (B, H, M, Dv + 1)
+        state = _accumulate(state, decay, kf, _with_ones(v_c))  # (B, H, M, Dv + 1)
         if stabilised:
             ref = new_ref
     if state is None:  # Nk == 0
         return q.new_zeros(B, H, Nq, Dv)
     out = ChunkOutputs(q, (B, H, Nq, Dv))
-    for s in range(0, Nq, chunk):
-        e = min(s + chunk, Nq)
-        qf = _query_features(fm, q[:, :, s:e], stabilised)  # (B, H, C, M)
-        out.write(s, e, _ratio(qf @ state, Dv, stabilised))  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
+    for s, q_c in zip(range(0, Nq, chunk), q.split(chunk, dim=2), strict=True):
+        qf = _query_features(fm, q_c, stabilised)  # (B, H, C, M)
+        out.write(s, s + q_c.shape[2], _ratio(qf @ state, Dv, stabilised))  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
     return out.result()
 
 
@@ -174,21 +173,23 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, 
     state = None  # (B, H, M, Dv + 1): Σ_{j < s} k̂_j exp(m_j - ref) [v_j, 1]
     ref = q.new_full((B, H), FLOOR)  # m at the end of the previous chunk
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
-        C = e - s
-        pad_c = pad[:, :, s:e] if pad is not None else None
-        qf = _query_features(fm, q[:, :, s:e], stabilised)  # (B, H, C, M)
-        v1 = _with_ones(v[:, :, s:e])  # (B, H, C, Dv + 1)
+    pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, N, chunk))
+    chunks = zip(range(0, N, chunk), q.split(chunk, dim=2), k.split(chunk, dim=2), v.split(chunk, dim=2), pads,
+                 strict=True)
+    for s, q_c, k_c, v_c, pad_c in chunks:
+        C = q_c.shape[2]
+        e = s + C
+        qf = _query_features(fm, q_c, stabilised)  # (B, H, C, M)
+        v1 = _with_ones(v_c)  # (B, H, C, Dv + 1)
         if stabilised:
-            proj, offset, row_max = _key_log_features(fm, k[:, :, s:e], pad_c)
+            proj, offset, row_max = _key_log_features(fm, k_c, pad_c)
             # m_j: running prefix max of the key log-features (padded keys leave it unchanged)
             run = torch.maximum(torch.cummax(row_max, dim=-1).values, ref[..., None])  # (B, H, C)
             kf = proj.sub_((run - offset)[..., None]).exp_()  # k̂_j = exp(log φ(k_j) - m_j) <= 1
             decay = (run[..., None, :] - run[..., :, None]).masked_fill_(above[:C, :C], float("-inf")).exp_()
             scores = (qf @ kf.mT).mul_(decay)  # (B, H, C, C): (q̂_iᵀk̂_j) exp(m_j - m_i) for j <= i, else 0
         else:
-            kf = fm(k[:, :, s:e])
+            kf = fm(k_c)
             if pad_c is not None:
                 kf = kf.masked_fill(pad_c[..., None], 0.0)
             scores = (qf @ kf.mT).masked_fill_(above[:C, :C], 0.0)

@@ -72,11 +72,12 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
     ref = a.new_full((B, H, D), FLOOR)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
-        m = run[:, :, s:e]  # (B, H, C, D)
+    # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
+    chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),
+                 a.split(chunk, dim=2), strict=True)
+    for s, m, k_c, v_c, a_c in chunks:  # m: (B, H, C, D)
+        e = s + m.shape[2]
         new_ref = m[:, :, -1]  # (B, H, D): M_c, the max at the chunk's end
-        k_c, v_c, a_c = logits[:, :, s:e], v[:, :, s:e], a[:, :, s:e]
         carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
         ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
         if float((new_ref - m[:, :, 0]).max()) <= limit:

@@ -70,7 +70,14 @@ def test_matches_explicit_product_svd(act, form, seed, scale, hidden, steps, ort
     h0 = torch.randn(2, hidden, dtype=F64, generator=gen)
     factors = jacobian_factors(rnn, x, h0)
     ours, ref = log_norms_of_products(factors), log_norms_of_products_reference(factors)
-    assert rel_err(ours, ref) <= 1e-8
+    # Where the product cancels to rounding level (relu masks can do that), no method has relative accuracy:
+    # compare where ‖P_t‖ ≥ 1e-6 ∏‖J_k‖ (and then to 1e-8), and elsewhere only that both are tiny.
+    step_norms = torch.stack([torch.linalg.svdvals(factors.dense(t))[:, 0] for t in range(steps)], 1)
+    upper = torch.log(step_norms).cumsum(1)  # log ∏_k ‖J_k‖ ≥ log ‖P_t‖
+    assert (ours <= upper + 1e-10).all() and (ref <= upper + 1e-10).all()
+    ok = ref > upper + math.log(1e-6)
+    assert rel_err(ours[ok], ref[ok]) <= 1e-8
+    assert (ours[~ok] <= upper[~ok] + math.log(1e-5)).all()
 
 
 @pytest.mark.parametrize("hidden", [16, 32])

@@ -95,3 +95,26 @@ def test_resume_with_contradicting_options_exits_2(tmp_path, capsys):
     assert charlm(tmp_path, "--resume", "--steps", "1") == 2
     assert "beyond --steps 1" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_plain_resume_finishes_a_crashed_run_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A run killed after its step-3 checkpoint, restarted with only --resume, reaches its --steps 6 target."""
+    from theorylab.experiments import trainer
+
+    assert charlm(tmp_path / "full", "--steps", "6") == 0
+    real_sample = trainer.sample_batch
+
+    def crash_at_step_5(*args, step, **kw):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_sample(*args, step=step, **kw)
+
+    monkeypatch.setattr(trainer, "sample_batch", crash_at_step_5)
+    assert charlm(tmp_path / "cut", "--steps", "6", "--checkpoint-every", "3") == 130
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(trainer, "sample_batch", real_sample)
+    assert main(["train", "charlm", "--out", str(tmp_path / "cut"), "--resume", "--threads", "1"]) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["steps"] == 6 and cut["resumed_from_step"] == 3
+    assert cut["train_bpc"] == full["train_bpc"] and cut["final_bpc"] == full["final_bpc"]

@@ -24,7 +24,7 @@ def rnn_tasks(seed: int, quick: bool) -> Evidence:
         adding_T, copy_T, iterations = (5, 20), (5,), 80
         variants = {k: VARIANTS[k] for k in ("plain", "orthogonal W + clip")}
     else:
-        adding_T, copy_T, iterations = (5, 10, 20, 40, 80), (5, 10, 20), 400
+        adding_T, copy_T, iterations = (5, 10, 20, 40, 80), (5, 10, 20), 500
         variants = VARIANTS
     hidden, lr = 32, 1e-2
     runs = {}

@@ -213,6 +213,16 @@ def adam_l2_is_uneven(seed: int, quick: bool) -> Evidence:
     ratio = float(run.rate[0] / run.rate[1])
     confirmed = bool(ratio > 3.0)
     fig = _shrink_figure(run, f"Adam + L2 (weight_decay=2γ={wd}, lr={_LR}): uneven decay", None, "")
+    # mean-field theory: r̂ ≈ s² + (wd·θ)², so θ ← θ − lr·wd·θ / (√(s² + (wd·θ)²) + δ) per group
+    ax = fig.axes[0]
+    for s_g in _SCALES:
+        theta, curve = 1.0, []
+        for _ in range(steps):
+            theta -= _LR * wd * theta / (math.sqrt(s_g**2 + (wd * theta) ** 2) + 1e-8)
+            curve.append(theta)
+        ax.plot(np.arange(1, steps + 1), curve, "k--", lw=1)
+    ax.plot([], [], "k--", lw=1, label="mean field: lr·wd·θ/(√(s²+(wd·θ)²)+δ) per step")
+    ax.legend(fontsize=8)
     return Evidence(
         confirmed=confirmed,
         numbers={"rate_small_grad": float(run.rate[0]), "rate_large_grad": float(run.rate[1]),
@@ -296,7 +306,7 @@ class GridConfig:
 
 
 FULL = GridConfig()
-QUICK = GridConfig(n_lr=4, n_wd=4, seeds=3, steps=120)
+QUICK = GridConfig(n_lr=4, n_wd=4, seeds=3, steps=40, n_train=200)  # a smoke run: too short to judge
 
 
 def grid_axis(bounds: tuple[float, float], n: int) -> np.ndarray:
@@ -443,7 +453,8 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
         ax.set(xlabel="learning rate", ylabel=scheme.wd_label,
                title=f"{scheme.label}\norientation r = {orient:+.2f}, best {100 * mean[b]:.1f}±{100 * se[b]:.1f}%")
         fig.colorbar(im, ax=ax, label="test error (%)", shrink=0.8)
-        ax.legend(fontsize=6, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.04))
     fig.suptitle(f"Test error on held-out digits, mean of {cfg.seeds} seeds ({cfg.steps} full-batch steps); "
                  "axis-aligned basin = the best decay does not depend on the learning rate", fontsize=10)
     fig.tight_layout()

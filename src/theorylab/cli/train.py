@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = tasks.add_parser(
         "charlm", help="decoder-only Transformer on Python's documentation text, bits/char on held-out text",
         description="Train a small decoder-only Transformer on pydoc_data.topics (the documentation that ships with "
-                    "Python; the last 10%% held out) with one kind of causal attention. Writes DIR/metrics.json "
+                    "Python; the last 10% held out) with one kind of causal attention. Writes DIR/metrics.json "
                     "(final_bpc, tokens_per_second, steps, config, curves) and DIR/checkpoint.pt. Exit 0 on success, "
                     "2 for bad arguments or an unusable checkpoint (nothing is overwritten then).")
     from ..experiments.charlm import ATTENTION_KINDS, CharLMConfig
@@ -57,12 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoint.pt (its config; --steps may extend the run)")
     c.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint")
-    c.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
-                   help="write the checkpoint every K steps and at the end (0: only at the end; default: 100)")
-    c.add_argument("--eval-every", type=int, default=0, metavar="K",
-                   help="also measure held-out bits/char every K steps (default: 0, only at the end)")
+    c.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="write the checkpoint every K steps and at the end (0: only at the end; default: 100; "
+                        "with --resume: the checkpoint's)")
+    c.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="also measure held-out bits/char every K steps (default: 0, only at the end; with --resume: "
+                        "the checkpoint's)")
     c.add_argument("--eval-chars", type=int, default=None, metavar="N",
-                   help="evaluate on the first N held-out characters only (default: all)")
+                   help="evaluate on the first N held-out characters only (default: all; with --resume: the "
+                        "checkpoint's)")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present (nccl under torchrun), else CPU (gloo)")
     c.add_argument("--threads", type=int, default=None,
@@ -116,7 +119,7 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
 
     out = Path(args.out)
     for name in ("checkpoint_every", "eval_every"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_chars is not None and args.eval_chars < 2:
         raise UsageError(f"--eval-chars must be >= 2, got {args.eval_chars}")
@@ -138,6 +141,10 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
         raise UsageError(f"{str(out / CHECKPOINT_FILE)!r} exists: pass --resume to continue that run or "
                          f"--overwrite to start afresh")
     config = resolve_config(args, saved["config"] if saved else None)
+    options = {"checkpoint_every": 100, "eval_every": 0, "eval_chars": None,  # a resumed run keeps its own
+               **(saved.get("options", {}) if saved else {}),
+               **{k: getattr(args, k) for k in ("checkpoint_every", "eval_every", "eval_chars")
+                  if getattr(args, k) is not None}}
     steps = args.steps if args.steps is not None else (int(saved.get("target_steps", DEFAULT_STEPS)) if saved
                                                         else DEFAULT_STEPS)
     if saved is not None and steps < int(saved["step"]):
@@ -159,8 +166,7 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
                     progress.update(task, completed=info.step, bpc=info.train_bpc, tps=info.tokens_per_second)
 
             result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
-                                  checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                                  eval_chars=args.eval_chars, on_step=on_step)
+                                  on_step=on_step, **options)
     except KeyboardInterrupt:
         if main:
             print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out {out} "

@@ -186,7 +186,8 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
                 "format": CHECKPOINT_FORMAT, "step": step, "target_steps": steps, "config": config.to_dict(),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "train_bpc": losses, "evals": evals, "train_seconds": train_seconds, "tokens_seen": tokens_seen,
-                "vocab": corpus.vocab.chars, "data_sha256": corpus.sha256, "python": corpus.python})
+                "vocab": corpus.vocab.chars, "data_sha256": corpus.sha256, "python": corpus.python,
+                "options": {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_chars": eval_chars}})
         barrier(env)
 
     def heldout_bpc() -> float:

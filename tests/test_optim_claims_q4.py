@@ -1,0 +1,48 @@
+"""The Q4 claim machinery: basin orientation, batched grid training, and the fast claims' verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from optim_helpers import single_thread  # noqa: F401 (an autouse fixture)
+
+from theorylab.claims import q4_weight_decay as q4
+
+
+def test_basin_orientation_axis_aligned_diagonal_and_degenerate():
+    lr, wd = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    diagonal = np.abs(lr + wd - 4).astype(float) + 0.01 * lr  # best cells on the anti-diagonal
+    r, cells = q4.basin_orientation(diagonal)
+    assert r < -0.9 and len(cells) == 5
+    one_wd = np.abs(wd - 2).astype(float) + 0.001 * lr  # best cells share wd = 2
+    assert q4.basin_orientation(one_wd)[0] == 0.0
+    rising = np.abs(lr - wd).astype(float) + 0.01 * lr
+    assert q4.basin_orientation(rising)[0] > 0.9
+
+
+def test_stacked_grid_training_equals_separate_runs():
+    """train_row trains K·S models at once; one model per call must give the same test errors."""
+    cfg = q4.GridConfig(n_lr=1, n_wd=2, seeds=2, steps=5, hidden=8, n_train=60)
+    scheme = q4.SCHEMES[0]
+    both = q4.train_row(scheme, 1e-2, (1e-3, 1e-1), cfg, data_seed=0)  # (K=2, S=2)
+    assert both.shape == (2, 2)
+    single = q4.train_row(scheme, 1e-2, (1e-1,), cfg, data_seed=0)
+    np.testing.assert_allclose(both[1], single[0], atol=1e-6)
+
+
+def test_run_grids_shapes_in_process():
+    cfg = q4.GridConfig(n_lr=2, n_wd=2, seeds=2, steps=2, hidden=4, n_train=40)
+    grids = q4.run_grids(cfg, data_seed=0, workers=1)
+    assert set(grids) == {s.name for s in q4.SCHEMES}
+    for e in grids.values():
+        assert e.shape == (2, 2, 2) and np.all((0 <= e) & (e <= 1))
+
+
+@pytest.mark.parametrize("fn", [q4.sgd_l2_equals_weight_decay, q4.adam_l2_changes_one_line, q4.adam_l2_is_uneven,
+                                q4.decoupled_decay_is_even])
+def test_fast_claims_confirm_in_quick_mode(fn):
+    torch.manual_seed(0)
+    evidence = fn(0, True)
+    assert evidence.confirmed, evidence.numbers
+    assert evidence.figures

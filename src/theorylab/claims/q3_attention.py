@@ -7,6 +7,7 @@ and reproducible), then power laws fitted over grids of n, d, h, m.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -21,9 +22,19 @@ from ..attention.exact import batched_heads_attention, sequential_heads_attentio
 from ..attention.linear import linear_attention_reference
 from ..attention.separable import separable_attention_matrix
 from ..cost import count_flops, fit_power_law, peak_memory
-from .base import Evidence, claim
+from .base import Evidence, claim, torch_threads
 
-F32 = torch.float32
+
+def _one_thread(fn):
+    """Run a claim on one intra-op thread: its tensors are small (a few MB at most), so a second thread buys
+    little, and on a busy machine it spin-waits for a core (several-fold slower)."""
+
+    @functools.wraps(fn)
+    def wrapped(seed: int, quick: bool) -> Evidence:
+        with torch_threads(1):
+            return fn(seed, quick)
+
+    return wrapped
 
 
 def _within(x: float, lo: float, hi: float) -> bool:
@@ -51,6 +62,7 @@ def _mha_cost(n: int, d: int, h: int, gen: torch.Generator, fn=sequential_heads_
 
 
 @claim("3.1")
+@_one_thread
 def cost_of_standard_attention(seed: int, quick: bool) -> Evidence:
     gen = torch.Generator().manual_seed(seed)
     d0, h0 = 16, 2
@@ -145,6 +157,7 @@ def _learn_pattern(kind: str, target: Tensor, d: int, steps: int, gen: torch.Gen
 
 
 @claim("3.2")
+@_one_thread
 def separable_attention_claim(seed: int, quick: bool) -> Evidence:
     gen = torch.Generator().manual_seed(seed)
     from ..attention import separable_attention
@@ -249,6 +262,7 @@ def _multi_indices(dim: int, total: int) -> list[tuple[int, ...]]:
 
 
 @claim("3.3")
+@_one_thread
 def kernelised_attention_claim(seed: int, quick: bool) -> Evidence:
     gen = torch.Generator().manual_seed(seed)
     # (a) exact factorisation of exp(qᵀk): linear attention with Taylor features equals softmax attention
@@ -361,6 +375,7 @@ def mse_trig(x: Tensor, y: Tensor, m: int) -> float:
 
 
 @claim("3.4")
+@_one_thread
 def positive_random_features_claim(seed: int, quick: bool) -> Evidence:
     gen = torch.Generator().manual_seed(seed)
     d = 4
@@ -436,6 +451,7 @@ def positive_random_features_claim(seed: int, quick: bool) -> Evidence:
 
 
 @claim("3.5")
+@_one_thread
 def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
     gen = torch.Generator().manual_seed(seed)
     d = 4

@@ -46,3 +46,44 @@ def test_fast_claims_confirm_in_quick_mode(fn):
     evidence = fn(0, True)
     assert evidence.confirmed, evidence.numbers
     assert evidence.figures
+
+
+def test_cosine_multiplier_sum_closed_form_and_bad_input():
+    for steps in (1, 40, 300):
+        assert q4.cosine_multiplier_sum(steps) == pytest.approx(steps / 2 + 0.5)
+    with pytest.raises(ValueError, match="steps"):
+        q4.cosine_multiplier_sum(0)
+
+
+def test_decay_grids_follow_the_total_decay_design():
+    """Decoupled grids span D in TOTAL_DECAY; every lr-coupled grid contains that band at every lr of its grid."""
+    lo, hi = q4.TOTAL_DECAY
+    for scheme in q4.SCHEMES:
+        lrs, wds = q4.grid_axis(scheme.log10_lr, 5), q4.grid_axis(scheme.log10_wd, 5)
+        d = np.array([[q4.total_decay(scheme, lr, wd) for wd in wds] for lr in lrs])  # (L, K)
+        if scheme.decay == "decoupled":
+            np.testing.assert_allclose([d.min(), d.max()], [lo, hi], rtol=0.01)
+            np.testing.assert_allclose(d, d[:1].repeat(5, 0))  # independent of lr
+        else:
+            assert np.all(d.min(1) <= lo * 1.01) and np.all(d.max(1) >= hi * 0.99), scheme.name
+    with pytest.raises(ValueError, match="bogus"):
+        q4.decay_per_step("bogus", "adam", 1e-3, 1e-2)
+
+
+def test_only_hidden_layers_are_decayed(monkeypatch):
+    """The decay acts on the two scale-invariant hidden weight matrices; the classifier and its bias are free."""
+    seen = []
+
+    class Recording(q4.Adam):
+        def __init__(self, groups, **kw):
+            seen.extend(groups)
+            super().__init__(groups, **kw)
+
+    monkeypatch.setattr(q4, "Adam", Recording)
+    cfg = q4.GridConfig(n_lr=1, n_wd=2, seeds=2, steps=1, hidden=8, n_train=40)
+    q4.train_row(q4.SCHEMES[1], 1e-2, (0.1, 0.2), cfg, data_seed=0)
+    decayed = [tuple(p.shape) for g in seen if g["weight_decay"] > 0 for p in g["params"]]
+    free = [tuple(p.shape) for g in seen if g["weight_decay"] == 0 for p in g["params"]]
+    assert q4.CLASSIFIER_NOT_DECAYED
+    assert sorted(decayed) == sorted([(2, 64, 8), (2, 8, 8)] * 2)  # (S, in, out) per weight decay
+    assert sorted(free) == sorted([(2, 8, 10), (2, 1, 10)] * 2)

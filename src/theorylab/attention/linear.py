@@ -35,6 +35,7 @@ from ._checks import FLOOR, ChunkOutputs, accumulation_dtype, check_qkv, keep_ma
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 2M feature entries per chunk (8 MB in float32).
 CAUSAL_CHUNK = 64
+CAUSAL_BLOCK_ELEMENTS = 1 << 19  # feature entries per block of chunks (2 MB in float32)
 NONCAUSAL_FEATURE_ELEMENTS = 1 << 21
 
 
@@ -167,47 +168,65 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | Non
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
             chunk: int) -> Tensor:
+    """Causal chunked attention, G chunks of C positions at a time (a block).
+
+    Inside a block every step is one batched op over its G chunks — features, the (C, C) intra-chunk products,
+    each chunk's contribution kᵀ[v, 1] — and the states entering the chunks are one (G+1, G) lower-triangular
+    matmul over those contributions. So the Python loop (and the number of parallel regions, which is what a
+    busy machine punishes) runs over blocks, not chunks; the carried state crosses blocks only.
+
+    Stabilised maps: m_j is the running prefix max of the key log-features, k̂_j = exp(log φ(k_j) - m_j) <= 1 and
+    query i weighs key j <= i by (q̂_iᵀk̂_j) exp(m_j - m_i); states are kept relative to the m at a chunk's end,
+    so every exponent is <= 0. Other maps use m = 0."""
     B, H, N, _ = q.shape
     Dv = v.shape[-1]
+    m_features = getattr(fm, "num_features", None) or q.shape[-1]
+    G = max(1, CAUSAL_BLOCK_ELEMENTS // max(1, B * H * m_features * chunk))  # chunks per block
+    block = G * chunk
     out = ChunkOutputs(q, (B, H, N, Dv))
-    state = None  # (B, H, M, Dv + 1): Σ_{j < s} k̂_j exp(m_j - ref) [v_j, 1]
-    ref = q.new_full((B, H), FLOOR)  # m at the end of the previous chunk
+    state = None  # (B, H, M, Dv + 1): Σ_{j < block start} k̂_j exp(m_j - ref) [v_j, 1]
+    ref = q.new_full((B, H), FLOOR)  # m at the end of the previous block
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
-    pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, N, chunk))
-    chunks = zip(range(0, N, chunk), q.split(chunk, dim=2), k.split(chunk, dim=2), v.split(chunk, dim=2), pads,
+    pads = pad.split(block, dim=2) if pad is not None else [None] * len(range(0, N, block))
+    blocks = zip(range(0, N, block), q.split(block, dim=2), k.split(block, dim=2), v.split(block, dim=2), pads,
                  strict=True)
-    for s, q_c, k_c, v_c, pad_c in chunks:
-        C = q_c.shape[2]
-        e = s + C
-        qf = _query_features(fm, q_c, stabilised)  # (B, H, C, M)
-        v1 = _with_ones(v_c)  # (B, H, C, Dv + 1)
+    for s, q_b, k_b, v_b, pad_b in blocks:
+        L = q_b.shape[2]
+        extra = -L % chunk  # the last block is padded to whole chunks with masked keys (its outputs dropped)
+        if extra:
+            q_b, k_b, v_b = (F.pad(x, (0, 0, 0, extra)) for x in (q_b, k_b, v_b))
+            pad_b = F.pad(pad_b if pad_b is not None else q_b.new_zeros(B, 1, L, dtype=torch.bool), (0, extra),
+                          value=True)
+        g = (L + extra) // chunk
+        qf = _query_features(fm, q_b, stabilised)  # (B, H, L', M)
         if stabilised:
-            proj, offset, row_max = _key_log_features(fm, k_c, pad_c)
-            # m_j: running prefix max of the key log-features (padded keys leave it unchanged)
-            run = torch.maximum(torch.cummax(row_max, dim=-1).values, ref[..., None])  # (B, H, C)
-            kf = proj.sub_((run - offset)[..., None]).exp_()  # k̂_j = exp(log φ(k_j) - m_j) <= 1
-            decay = (run[..., None, :] - run[..., :, None]).masked_fill_(above[:C, :C], float("-inf")).exp_()
-            scores = (qf @ kf.mT).mul_(decay)  # (B, H, C, C): (q̂_iᵀk̂_j) exp(m_j - m_i) for j <= i, else 0
+            proj, offset, row_max = _key_log_features(fm, k_b, pad_b)
+            run = torch.maximum(torch.cummax(row_max, dim=-1).values, ref[..., None])  # (B, H, L'): m_j
+            kf = proj.sub_((run - offset)[..., None]).exp_()  # k̂_j <= 1; 0 where padded
         else:
-            kf = fm(k_c)
-            if pad_c is not None:
-                kf = kf.masked_fill(pad_c[..., None], 0.0)
-            scores = (qf @ kf.mT).masked_fill_(above[:C, :C], 0.0)
-        num = scores @ v1  # (B, H, C, Dv + 1)
+            kf = fm(k_b)
+            if pad_b is not None:
+                kf = kf.masked_fill(pad_b[..., None], 0.0)
+            run = kf.new_zeros(B, H, L + extra)
+        qf, kf = qf.unflatten(2, (g, chunk)), kf.unflatten(2, (g, chunk))  # (B, H, g, C, M)
+        run, v1 = run.unflatten(2, (g, chunk)), _with_ones(v_b).unflatten(2, (g, chunk))  # (B,H,g,C), (..,Dv+1)
+        # intra-chunk: (q̂_iᵀk̂_j) exp(m_j - m_i) for j <= i
+        decay = (run[..., None, :] - run[..., :, None]).masked_fill_(above, float("-inf")).exp_()  # (B,H,g,C,C)
+        num = (qf @ kf.mT).mul_(decay) @ v1  # (B, H, g, C, Dv + 1)
+        # each chunk's contribution relative to its own end r_c, then the states entering chunks 0..g
+        ends = run[..., -1]  # (B, H, g): r_c
+        contrib = kf.mT @ (v1 * torch.exp(run - ends[..., None])[..., None])  # (B, H, g, M, Dv + 1)
+        before = torch.cat([ref[..., None], ends], dim=-1)  # (B, H, g + 1): the reference entering chunk c
+        lower = torch.ones(g + 1, g, dtype=torch.bool, device=q.device).tril(-1)  # chunk c' < c
+        weights = (ends[..., None, :] - before[..., :, None]).masked_fill_(~lower, float("-inf")).exp_()
+        states = torch.einsum("bhcd,bhdmv->bhcmv", weights, contrib)  # (B, H, g + 1, M, Dv + 1)
         if state is not None:
-            carried = qf @ state  # (B, H, C, Dv + 1)
-            num = num + (carried * torch.exp(ref[..., None] - run)[..., None] if stabilised else carried)
-        out.write(s, e, _ratio(num, Dv, stabilised))
-        del scores, num  # let the next chunk reuse the memory (no-grad peak = output + one chunk)
-        if e < N:  # carry the state to the next chunk, relative to its new reference m_{e-1}
-            if stabilised:
-                new_ref = run[..., -1]
-                decay = torch.exp(ref - new_ref)[..., None, None] if state is not None else None
-                state = _accumulate(state, decay, kf, v1 * torch.exp(run - new_ref[..., None])[..., None])
-                ref = new_ref
-            else:
-                state = _accumulate(state, None, kf, v1)
-        del qf, kf, v1
+            states = states + torch.exp(ref[..., None] - before)[..., None, None] * state[:, :, None]
+        carried = (qf @ states[:, :, :-1]) * torch.exp(before[..., :-1, None] - run)[..., None]
+        result = _ratio(num + carried, Dv, stabilised).flatten(2, 3)  # (B, H, L', Dv)
+        out.write(s, s + L, result[:, :, :L] if extra else result)
+        state, ref = states[:, :, -1], before[..., -1]
+        del qf, kf, decay, num, contrib, states, carried, result
     return out.result()
 
 

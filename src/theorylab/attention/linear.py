@@ -4,10 +4,11 @@ Katharopoulos et al. 2020 ("Transformers are RNNs"); Choromanski et al. 2021 (Pe
 
 Non-causal: φ(K)ᵀ[V, 1] is accumulated chunk by chunk ((M, Dv+1) state), then each chunk of queries reads it.
 Causal: the sequence is cut into chunks of C positions; inside a chunk the (C, C) lower-triangular part is a
-matmul, across chunks a carried (M, Dv+1) state holds the prefix sums — O(n) memory in forward and backward,
-O(n C M + n M Dv) time.
+matmul, across chunks an (M, Dv+1) state holds the prefix sums. Chunks are processed G at a time (a block) with
+batched ops, the states entering a block's chunks coming from one small matmul; only the state crosses blocks.
+O(n) memory in forward and backward, O(n C M + n M Dv) time.
 
-Stabilisation (feature maps that expose ``log_features``, i.e. positive random features). exp(ωᵀk' - |k'|²/2)
+Stabilisation (feature maps that expose ``log_features_rowwise``, i.e. positive random features). exp(ωᵀk' - |k'|²/2)
 overflows or underflows for keys of large norm, and the anchors subtract a *global* maximum over all keys, which
 in causal mode lets a future key change past outputs (it sets which past features underflow). Here:
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import time
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from ..attention import PositiveRandomFeatures, TrigRandomFeatures, linear_atten
 from ..attention.exact import batched_heads_attention, sequential_heads_attention
 from ..attention.linear import linear_attention_reference
 from ..attention.separable import separable_attention_matrix
-from ..cost import count_flops, fit_power_law, peak_memory
+from ..cost import count_flops, fit_power_law, median_time, peak_memory
 from .base import Evidence, claim, torch_threads
 
 
@@ -533,12 +532,7 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
         fm = PositiveRandomFeatures(d_t, m, seed=seed)
         with torch.no_grad():
             flops.append(count_flops(linear_attention, qt, kt, vt, fm))
-            times = []
-            for _ in range(2 if quick else 3):
-                start = time.perf_counter()
-                linear_attention(qt, kt, vt, fm)
-                times.append(time.perf_counter() - start)
-        seconds.append(min(times))
+            seconds.append(median_time(lambda fm=fm: linear_attention(qt, kt, vt, fm), repeats=3 if quick else 5))
     fit_flops, fit_time = fit_power_law(ms_t, flops), fit_power_law(ms_t, seconds)
 
     confirmed = (all(_within(f.exponent, -1.1, -0.9) for f in fits.values())
@@ -594,7 +588,7 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
             f"m=d, {2 * draws} draws). Relative RMSE at m={m_rel} as the kernel shrinks (cos from 0.9 to −0.9). "
             f"Attention-output MSE of linear_attention (n={n}, d={da}, q, k ~ N(0, 0.35² I), i.i.d. features, "
             f"{reps} redraws) vs m; FLOPs (FlopCounterMode) "
-            f"and best-of wall time of linear_attention at n={n_t} vs m (wall time is reported, not judged: "
+            f"and median wall time of linear_attention at n={n_t} vs m (wall time is reported, not judged: "
             "machines are noisy). Confirmed when the MSE slopes ∈ [−1.1, −0.9], every |z| < 4, orthogonal < "
             "i.i.d., the attention slope ∈ [−1.2, −0.8], the FLOP slope ∈ [0.95, 1.05], the sign-corrected mean "
             "is unbiased (< 4 s.e.) while the uncorrected one is biased (> 4 s.e.), and the trigonometric "

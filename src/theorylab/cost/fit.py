@@ -20,9 +20,11 @@ class PowerLawFit:
 
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
     """Fit y ≈ c x^p; every x and y must be positive, at least two distinct x."""
-    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
-    if lx.size < 2 or not np.all(np.isfinite(lx)) or not np.all(np.isfinite(ly)) or np.ptp(lx) == 0:
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = xa.size >= 2 and xa.shape == ya.shape and np.all(xa > 0) and np.all(ya > 0)
+    if not ok or not np.all(np.isfinite(xa)) or not np.all(np.isfinite(ya)) or np.ptp(xa) == 0:
         raise ValueError(f"fit_power_law: need >= 2 distinct positive x and positive y; got x={list(x)}, y={list(y)}")
+    lx, ly = np.log(xa), np.log(ya)
     p, logc = np.polyfit(lx, ly, 1)
     resid = ly - (p * lx + logc)
     ss_tot = float(np.sum((ly - ly.mean()) ** 2))

@@ -220,12 +220,25 @@ def test_nonfinite_skip_and_propagate():
 
 
 def test_finite_check_tolerates_huge_finite_gradients():
-    """The fast check is a 2-norm, which overflows for huge finite entries: those must not be called NaN."""
+    """The fast check is a sum, which overflows for huge finite entries: those must not be called NaN."""
     p = torch.zeros(4, requires_grad=True)
     opt = SGD([p], lr=1e-30)
     p.grad = torch.full((4,), 3e38)
     opt.step()
     assert torch.isfinite(p.detach()).all() and float(p.detach()[0]) < 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_finite_check_finds_any_nan_or_inf_and_only_those(dtype):
+    from theorylab.optim.base import _all_finite
+
+    big = torch.finfo(dtype if not dtype.is_complex else torch.float32).max
+    finite = [torch.full((1000,), big / 2, dtype=dtype), -torch.full((3,), big / 2, dtype=dtype)]
+    assert _all_finite(finite)  # overflowing sums, cancelling sums: still finite
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.zeros(50, dtype=dtype)
+        t[17] = bad
+        assert not _all_finite([finite[0], t]), bad
 
 
 @pytest.mark.parametrize(

@@ -87,3 +87,33 @@ def test_only_hidden_layers_are_decayed(monkeypatch):
     assert q4.CLASSIFIER_NOT_DECAYED
     assert sorted(decayed) == sorted([(2, 64, 8), (2, 8, 8)] * 2)  # (S, in, out) per weight decay
     assert sorted(free) == sorted([(2, 8, 10), (2, 1, 10)] * 2)
+
+
+def test_orientation_interval_brackets_a_clear_basin_and_rejects_bad_shapes():
+    rng = np.random.default_rng(0)
+    lr, wd = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    diagonal = np.abs(lr + wd - 4).astype(float)[..., None] + 0.01 * rng.standard_normal((5, 5, 6))
+    lo, hi = q4.orientation_interval(diagonal, seed=0, draws=200)
+    assert -1.0 <= lo <= hi < -0.8
+    with pytest.raises(ValueError, match="shape"):
+        q4.orientation_interval(diagonal[..., :1], seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        q4.orientation_interval(diagonal.mean(-1), seed=0)
+
+
+def test_signal_to_noise_separates_a_flat_surface_from_a_basin():
+    rng = np.random.default_rng(1)
+    flat = 0.05 + 0.01 * rng.standard_normal((5, 5, 400))  # cell means differ by noise only
+    assert q4.surface_signal_to_noise(flat) < 2.0
+    lr = np.arange(5)[:, None, None]
+    basin = flat + 0.02 * lr  # a slope 2 SE-of-one-replicate per cell, far above the SE of the mean
+    assert q4.surface_signal_to_noise(basin) > 20.0
+
+
+def test_replicates_draw_their_own_training_sets():
+    cfg = q4.GridConfig(seeds=3, n_train=50)
+    x, y, x_test, y_test = q4._replicate_data(cfg, data_seed=0)
+    assert x.shape == (3, 50, 64) and x_test.shape[0] == 3 and x_test.shape[1] == 1797 - 50
+    assert not torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])
+    fixed = q4._replicate_data(q4.GridConfig(seeds=2, n_train=50, resample_data=False), data_seed=0)[0]
+    assert torch.equal(fixed[0], fixed[1])

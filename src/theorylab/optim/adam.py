@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+from torch import Tensor
+from torch.optim.adam import adam as torch_adam
+
 from .base import (
     ChainOptimizer,
     as_param_list,
@@ -16,6 +20,51 @@ from .base import (
 )
 from .decay import check_decay, with_decay
 from .transforms import ScaleByAdam, Transform
+
+#: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def check_fused(fused: Any) -> None:
+    if not isinstance(fused, bool):
+        raise ValueError(f"Invalid fused value: {fused!r} (must be True or False)")
+
+
+def check_fused_params(params: Iterable[Tensor], group_index: int | None = None) -> None:
+    """Raise ValueError naming the first parameter whose dtype or device torch's fused Adam kernel lacks.
+
+    An error rather than a silent fall back to the chain: ``fused=True`` is asked for speed, and a chain step
+    several times slower should not pass unnoticed.
+    """
+    where = f" in parameter group {group_index}" if group_index is not None else ""
+    for i, p in enumerate(params):
+        if p.dtype not in FUSED_DTYPES or p.device.type not in FUSED_DEVICES:
+            raise ValueError(
+                f"fused=True does not support parameter {i}{where}: dtype {p.dtype} on device {p.device} (torch's "
+                f"fused Adam kernel takes {', '.join(map(str, FUSED_DTYPES))} on {' or '.join(FUSED_DEVICES)}); "
+                "pass fused=False to use the chain")
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory span exactly once, in some order of the dimensions."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _kernel_safe(p: Tensor, *others: Tensor) -> bool:
+    """Whether the fused kernel, which walks each tensor's memory linearly, pairs the right elements.
+
+    It does not look at strides: on a transposed parameter with a contiguous gradient torch.optim.AdamW(fused=True)
+    silently applies the wrong gradient entries (torch 2.13, CPU).
+    """
+    if p.is_contiguous():
+        return all(t.is_contiguous() for t in others)
+    return _dense(p) and all(t.stride() == p.stride() for t in others)
 
 
 def check_betas(betas: Any) -> None:
@@ -48,13 +97,29 @@ class Adam(ChainOptimizer):
 
     ``weight_decay = 2γ`` for the problem set's L2 term :math:`\gamma\lVert\theta\rVert^2`.
     ``nonfinite``: see :class:`ChainOptimizer`.
+
+    **fused** (default False; a per-group option, like torch's): step the group with torch's fused Adam/AdamW
+    kernel (``torch.optim.adam.adam(..., fused=True)``, one pass over memory instead of the chain's several;
+    faster on CPU, see ``theorylab bench optim``). The chain stays the definition: the fused step is tested
+    against it in every decay mode and agrees to rounding, not bitwise (the kernel orders the arithmetic
+    differently). ``"l2"`` maps to the kernel's L2 weight decay with λ, ``"decoupled_lr"`` to its decoupled
+    decay with λ, and ``"decoupled"`` to its decoupled decay with λ/:math:`\eta_0`. Everything around the
+    arithmetic is the chain's: validation, the ``nonfinite`` policy (whose check of the gradients is most of
+    what the fused step costs beyond torch's), parameters without a gradient, per-parameter step counts, and
+    the state (``step``, ``exp_avg``, ``exp_avg_sq``), so a ``state_dict`` saved with either setting loads into
+    the other; ``load_state_dict`` keeps the loading optimizer's ``fused`` setting (an execution choice, not a
+    hyperparameter of the saved run), where torch.optim takes the saved one. Parameters must be
+    float16/bfloat16/float32/float64 on CPU or CUDA, else ValueError (at construction and at step). A group
+    runs the chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach
+    (``initial_lr == 0`` with λ > 0), or when a parameter's gradient or state is laid out differently from it in
+    memory (which the kernel, blind to strides, gets silently wrong).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str = "raise", fused: bool = False) -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps,
-                    "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite}
+                    "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite, "fused": fused}
         self.check_group(defaults)
         check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
@@ -65,18 +130,75 @@ class Adam(ChainOptimizer):
         check_positive(group["eps"], "eps")
         check_nonnegative(group["weight_decay"], "weight_decay")
         check_decay(group["decay"])
+        check_fused(group.get("fused", False))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["fused"]:
+            try:
+                check_fused_params(group["params"], len(self.param_groups) - 1)
+            except ValueError:
+                self.param_groups.pop()  # leave the optimizer as it was, as any other invalid group does
+                raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim would take ``fused`` from the saved groups; the state is the same on both paths, so the
+        # choice made at construction (this machine, this run) is kept
+        fused = [group.get("fused", False) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, f in zip(self.param_groups, fused, strict=True):
+            group["fused"] = f
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         return with_decay([ScaleByAdam()], group["decay"])
+
+    def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        if not group.get("fused", False):
+            return False
+        weight_decay, lr = group["weight_decay"], group["lr"]
+        if group["decay"] == "decoupled" and weight_decay != 0:
+            lr0 = group.get("initial_lr", lr)
+            if lr0 == 0:
+                # the chain's multiplier is then 1 (decay λθ at any lr) while the kernel decays by lr·wd·θ, which
+                # no wd matches at lr == 0; a corner case not worth a second code path: the chain runs it exactly
+                return False
+            weight_decay = weight_decay / lr0  # the kernel's lr·wd is then (lr/lr0)·λ, the scheduled decay
+        # by identity: list.index would compare the groups' tensors with ==
+        check_fused_params(group["params"], next(i for i, g in enumerate(self.param_groups) if g is group))
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                # 0, not 1: the kernel advances it
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if state["step"].device != p.device:  # the CUDA kernel reads the count on the parameter's device
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not all(_kernel_safe(*ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+            return False
+        beta1, beta2 = group["betas"]
+        torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
+                   decoupled_weight_decay=group["decay"] != "l2", amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+                   weight_decay=weight_decay, eps=group["eps"], maximize=False)
+        return True
 
 
 class AdamW(Adam):
     r"""torch.optim.AdamW's convention: ``Adam(decay="decoupled_lr")``, decay ε·λ·θ per step, λ = 1e-2 default.
 
-    For the paper's decoupling of λ from the learning rate use ``Adam(..., decay="decoupled")``.
+    For the paper's decoupling of λ from the learning rate use ``Adam(..., decay="decoupled")``. ``fused=True``
+    runs torch's fused AdamW kernel: see :class:`Adam`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, nonfinite: str = "raise") -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, nonfinite: str = "raise",
+                 fused: bool = False) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay="decoupled_lr",
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, fused=fused)

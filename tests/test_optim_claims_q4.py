@@ -117,3 +117,17 @@ def test_replicates_draw_their_own_training_sets():
     assert not torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])
     fixed = q4._replicate_data(q4.GridConfig(seeds=2, n_train=50, resample_data=False), data_seed=0)[0]
     assert torch.equal(fixed[0], fixed[1])
+
+
+def test_orientation_gap_interval_is_paired_and_signed():
+    rng = np.random.default_rng(2)
+    lr, wd = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    noise = 0.01 * rng.standard_normal((5, 5, 6))
+    diagonal = np.abs(lr + wd - 4).astype(float)[..., None] + noise  # |r| ≈ 1
+    aligned = np.abs(wd - 2).astype(float)[..., None] + 0.001 * lr[..., None] + noise  # one wd: r = 0
+    lo, hi = q4.orientation_gap_interval(diagonal, aligned, seed=0, draws=200)
+    assert 0.8 < lo <= hi <= 1.0
+    lo, hi = q4.orientation_gap_interval(aligned, diagonal, seed=0, draws=200)
+    assert -1.0 <= lo <= hi < -0.8
+    with pytest.raises(ValueError, match="same S"):
+        q4.orientation_gap_interval(diagonal, aligned[..., :3], seed=0)

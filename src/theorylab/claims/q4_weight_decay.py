@@ -423,7 +423,7 @@ def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig
         return z @ w3 + b3  # (K·S, N, 10)
 
     k, n = len(wds), x.shape[1]
-    x_test, y_test = x_test.repeat(k, 1, 1), y_test.repeat(k, 1)  # (K·S, ...): model (wd i, seed s) sees seed s's
+    x_test, y_test = x_test.repeat(k, 1, 1), y_test.repeat(k, 1)  # (K·S, ...): model (wd i, replicate s)
     replicate = torch.arange(cfg.seeds)[:, None]
     # the same minibatch stream in every cell of the grid (common random numbers), its own per replicate
     batches = torch.Generator().manual_seed(10_000 * data_seed + 9_999)
@@ -649,7 +649,9 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
         numbers={**numbers, "grid_cells_per_panel": cfg.n_lr * cfg.n_wd, "seeds": cfg.seeds, "steps": cfg.steps},
         key=["orientation_adam_l2", "orientation_adam_decoupled", "orientation_gap_adam_bootstrap_90_lo",
              "orientation_sgd_l2", "orientation_sgd_decoupled", "orientation_gap_sgd_bootstrap_90_lo"],
-        method=(f"scikit-learn digits. Each of the {cfg.seeds} replicates draws its own stratified 75/25 split, "
+        method=("The fourth design of this experiment (the first three, each measured once, and why each was "
+                "replaced are in the notes). "
+                f"scikit-learn digits. Each of the {cfg.seeds} replicates draws its own stratified 75/25 split, "
                 f"its own {cfg.n_train} training images from the 75% and its own initialisation; held out for test: "
                 "the replicate's 450 test images and the 947 training images it did not train on. "
                 f"MLP 64→{cfg.hidden}→{cfg.hidden}→10 with LayerNorm (no affine) after the first two layers, "

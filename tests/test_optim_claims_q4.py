@@ -131,3 +131,30 @@ def test_orientation_gap_interval_is_paired_and_signed():
     assert -1.0 <= lo <= hi < -0.8
     with pytest.raises(ValueError, match="same S"):
         q4.orientation_gap_interval(diagonal, aligned[..., :3], seed=0)
+
+
+def _synthetic_grids(structured: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """(4, 4, 3) grids (the --quick shape): L2 panels with a diagonal basin, decoupled panels with the best cells
+    on one weight decay; or, unstructured, pure replicate noise everywhere."""
+    rng = np.random.default_rng(seed)
+    lr, wd = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    diagonal = 0.05 + 0.01 * np.abs(lr + wd - 3) + 0.0001 * lr
+    aligned = 0.05 + 0.01 * np.abs(wd - 1) + 0.0001 * lr
+    grids = {}
+    for scheme in q4.SCHEMES:
+        base = diagonal if scheme.decay != "decoupled" else aligned
+        if not structured:
+            base = np.full((4, 4), 0.05)
+        grids[scheme.name] = base[..., None] + (0.0005 if structured else 0.01) * rng.standard_normal((4, 4, 3))
+    return grids
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_verdict_needs_the_orientation_gap_beyond_replicate_noise(monkeypatch, structured):
+    monkeypatch.setattr(q4, "run_grids", lambda cfg, data_seed: _synthetic_grids(structured))
+    evidence = q4.why_decoupled(0, True)
+    assert evidence.confirmed is structured, evidence.notes[:400]
+    if structured:
+        assert evidence.numbers["orientation_gap_adam_bootstrap_90_lo"] > 0.5
+    else:
+        assert "NOT resolved" in evidence.notes

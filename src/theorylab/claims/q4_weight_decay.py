@@ -550,6 +550,14 @@ EARLIER_DESIGNS_OBSERVATION = (
     "equilibrium sets the step. With minibatches of 32 it is flat for λ ≥ 0.01 (λ = 0.03: 0.060, 0.056, 0.052).")
 
 
+# Recorded (not recomputed here; `theorylab verify --only 4.4 --seed N` reproduces each): design 4 at seeds 0-3.
+SEED_ROBUSTNESS_OBSERVATION = (
+    "Seeds 0-3 (recorded): the problem set's point criterion passes at seeds 0 and 2 and fails at 1 and 3, on the "
+    "Adam orientation each time (Adam+L2 / Adam decoupled r: −0.47/+0.06, −0.51/−0.79, −0.72/−0.68, −0.51/−0.57); "
+    "the paired bootstrap interval of the Adam gap includes 0 at every seed, that of the SGD gap lies above 0 at "
+    "every seed (lower ends +0.10, +0.21, +0.12, +0.38).")
+
+
 @claim("4.4")
 def why_decoupled(seed: int, quick: bool) -> Evidence:
     cfg = QUICK if quick else FULL
@@ -577,19 +585,25 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
     adam_ok = o["adam-decoupled"] < o["adam-l2"]
     error_ok = best_dec <= best_l2 + se_diff
     numbers["adam_best_error_gap_decoupled_minus_l2"] = best_dec - best_l2
-    resolved = []  # is each orientation comparison beyond replicate noise? Reported, not part of the verdict
+    resolved, beyond_noise = [], {}  # is each orientation comparison beyond replicate noise?
     for opt_name in ("adam", "sgd"):
         gap = o[f"{opt_name}-l2"] - o[f"{opt_name}-decoupled"]
         lo, hi = orientation_gap_interval(errors[f"{opt_name}-l2"], errors[f"{opt_name}-decoupled"], seed)
         numbers[f"orientation_gap_{opt_name}_l2_minus_decoupled"] = gap
         numbers[f"orientation_gap_{opt_name}_bootstrap_90_lo"], numbers[f"orientation_gap_{opt_name}_bootstrap_90_hi"] \
             = lo, hi
+        beyond_noise[opt_name] = lo > 0
         verdict = ("beyond replicate noise" if lo > 0 else "opposite, beyond replicate noise" if hi < 0
                    else "NOT resolved beyond the noise of the replicates")
         resolved.append(f"{opt_name.upper()}: |r| L2 − |r| decoupled = {gap:+.2f} (paired 90% bootstrap "
                         f"{lo:+.2f}..{hi:+.2f}), {verdict}.")
     numbers["adam_best_error_gap_se"] = se_diff
-    confirmed = bool(sgd_ok and adam_ok and error_ok)
+    # CLAIMS.md's criterion compares point estimates. We also require each comparison to exceed replicate noise:
+    # on this task the Adam point comparison flips with the seed (see SEED_ROBUSTNESS_OBSERVATION), and a verdict
+    # that a different seed would reverse confirms nothing. The stricter rule can only turn a pass into a fail.
+    point_criterion = bool(sgd_ok and adam_ok and error_ok)
+    numbers["claims_md_point_criterion_passes"] = float(point_criterion)
+    confirmed = bool(point_criterion and beyond_noise["adam"] and beyond_noise["sgd"])
 
     shared_min = min(float(v[0].min()) for v in stats.values())
     fig = Figure(figsize=(22, 5.0))
@@ -631,7 +645,11 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
          f"{o['adam-decoupled'] - o['adam-l2']:.2f})", adam_ok),
         (f"Adam decoupled best error ({100 * best_dec:.2f}% vs Adam+L2 {100 * best_l2:.2f}%: "
          f"{100 * (best_dec - best_l2):.2f} points worse, {(best_dec - best_l2) / max(se_diff, 1e-12):.1f} standard "
-         "errors of the difference; allowed: 1)", error_ok)) if not ok]
+         "errors of the difference; allowed: 1)", error_ok),
+        ("Adam orientation gap not beyond replicate noise (paired 90% bootstrap interval includes 0)",
+         beyond_noise["adam"]),
+        ("SGD orientation gap not beyond replicate noise (paired 90% bootstrap interval includes 0)",
+         beyond_noise["sgd"])) if not ok]
     flatness = []  # how much the best cells differ, against the noise of one cell: is the orientation resolved?
     for name in ("adam-l2", "adam-decoupled"):
         mean, se, _, cells, _, _ = stats[name]
@@ -674,11 +692,16 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
                 "signal/noise = std over cells of the mean error / the median standard error of a cell. "
                 "Confirmed when |r| is smaller decoupled than "
                 "with L2 for both SGD and Adam and the best mean test error of Adam decoupled is ≤ Adam+L2's plus "
-                "one standard error of the difference. The fifth panel is torch's convention (decay λ·lr per "
+                "one standard error of the difference (the problem set's criterion), and, added by us because the "
+                "Adam point comparison flips with the seed on this task, when each optimizer's gap |r| L2 − |r| "
+                "decoupled is beyond replicate noise: its paired 90% bootstrap interval over replicates lies "
+                "above 0. The fifth panel is torch's convention (decay λ·lr per "
                 "step), shown for contrast, not judged."),
         figures={"heatmaps": fig},
         notes=("" if confirmed else f"failed: {'; '.join(failed)}. ")
-        + " ".join(resolved) + " " + flatness_text + " " + EARLIER_DESIGNS_OBSERVATION
+        + f"The problem set's point criterion alone {'passes' if point_criterion else 'fails'}. "
+        + " ".join(resolved) + " " + flatness_text + " " + SEED_ROBUSTNESS_OBSERVATION + " "
+        + EARLIER_DESIGNS_OBSERVATION
         + " The basin orientation over the best 20% of cells is noisy where the error surface is flat: read it "
           "with the heat maps.",
     )

@@ -78,6 +78,15 @@ def test_q1_claims_confirmed_quick():
         assert ev.figures
 
 
+def test_vanishing_claim_accepts_an_exactly_zero_jacobian():
+    """Seed 2 (full size) has a unit whose Jacobian product becomes exactly 0 (log-norm −inf): the bound holds."""
+    from theorylab.claims.q1_rnn import vanishing_gradients
+
+    ev = vanishing_gradients(2, False)
+    assert ev.numbers["min_log10_norm"] == float("-inf")  # the case this test is about
+    assert ev.confirmed, ev.numbers
+
+
 def test_bench_rnn_quick_runs():
     from theorylab.bench import rnn as bench
 

@@ -239,6 +239,7 @@ def test_finite_check_finds_any_nan_or_inf_and_only_those(dtype):
         t = torch.zeros(50, dtype=dtype)
         t[17] = bad
         assert not _all_finite([finite[0], t]), bad
+        assert not _all_finite([torch.ones(3, dtype=torch.float64 if dtype != torch.float64 else torch.float32), t])
 
 
 @pytest.mark.parametrize(

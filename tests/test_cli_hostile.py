@@ -41,7 +41,10 @@ def test_any_argv_gives_an_exit_code_not_a_traceback(argv, fake_claims, tmp_path
 
 @pytest.mark.parametrize("argv, message", [
     (["verify", "--only"], "expected at least one argument"),
-    (["verify", "--seed", "x"], "invalid int value"),
+    (["verify", "--seed", "x"], "invalid seed 'x'"),
+    (["verify", "--seed", "-1"], "invalid seed -1"),  # used to fail inside claim 4.4 after 6 s of training
+    (["verify", "--seed", "99999999999999999999999"], "must lie in [0, 4294967295]"),
+    (["bench", "rnn", "--quick", "--json", "/proc/theorylab-no/x.json"], "cannot write to the --json file's"),
     (["verify", "--only", "2.1", "nope"], "valid IDs"),
     (["bench"], "required: suite"),
     (["frobnicate"], "invalid choice"),

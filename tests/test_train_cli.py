@@ -54,6 +54,10 @@ def test_resume_extends_a_run_to_the_same_result(tmp_path):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--seq-len", "1000000"], "too long"),
     (["--width", "10", "--heads", "4"], "not divisible"),
+    (["--threads", "100000000"], "--threads must lie in [1, "),  # used to crash torch's thread pool
+    (["--lr", "1e308"], "float32's largest"),  # used to fail inside the optimizer
+    (["--seed", "99999999999999999999999"], "invalid seed"),
+    (["--seed", "-1"], "invalid seed"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -118,3 +122,21 @@ def test_plain_resume_finishes_a_crashed_run_like_an_uninterrupted_one(tmp_path,
     cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert cut["steps"] == 6 and cut["resumed_from_step"] == 3
     assert cut["train_bpc"] == full["train_bpc"] and cut["final_bpc"] == full["final_bpc"]
+
+
+@pytest.mark.parametrize("out", ["/proc/theorylab-no", "bad\x00name"])
+def test_unwritable_out_exits_2_before_training(out, capsys):
+    assert main(["train", "charlm", "--out", out, *TINY, "--steps", "1"]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_out_below_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    assert charlm(tmp_path / "file" / "run", "--steps", "1") == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_a_diverging_run_exits_1_with_the_reason_not_a_traceback(tmp_path, capsys):
+    assert charlm(tmp_path / "big-lr", "--lr", "1e30", "--steps", "3") == 1
+    err = capsys.readouterr().err
+    assert "training loss became nan" in err and "lower the learning rate" in err and "Traceback" not in err

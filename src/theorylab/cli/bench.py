@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._args import check_writable
+
 SUITES = ("attention", "optim", "rnn")
 
 
@@ -20,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.json and (err := check_writable(Path(args.json).parent, "the --json file's folder")):
+        print(f"theorylab bench: error: {err}", file=sys.stderr)  # before minutes of benchmarking, not after
+        return 2
     try:
         module = importlib.import_module(f"theorylab.bench.{args.suite}")
     except ModuleNotFoundError as e:

@@ -17,6 +17,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from ._args import MAX_SEED, check_writable, seed
+
 DEFAULT_STEPS = 300
 # Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
 _CONFIG_OPTIONS = ("attention", "seq_len", "layers", "width", "heads", "num_features", "batch_size", "lr",
@@ -48,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--lr", type=float, default=None, help=f"peak Adam learning rate (default: {d.lr})")
     c.add_argument("--warmup", type=int, default=None,
                    help=f"warm-up steps, then lr * sqrt(warmup/step) (default: {d.warmup})")
-    c.add_argument("--seed", type=int, default=None, help=f"initialisation and batch seed (default: {d.seed})")
+    c.add_argument("--seed", type=seed, default=None,
+                   help=f"initialisation and batch seed, 0..{MAX_SEED} (default: {d.seed})")
     c.add_argument("--layers", type=int, default=None, help=f"Transformer blocks (default: {d.layers})")
     c.add_argument("--width", type=int, default=None, help=f"embedding width (default: {d.width})")
     c.add_argument("--heads", type=int, default=None, help=f"attention heads (default: {d.heads})")
@@ -123,8 +126,9 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_chars is not None and args.eval_chars < 2:
         raise UsageError(f"--eval-chars must be >= 2, got {args.eval_chars}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cpus:  # more threads than CPUs only oversubscribes
+        raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs of this machine), got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if out.exists() and not out.is_dir():
@@ -151,6 +155,8 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
         raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
     try:
         validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if err := check_writable(out):  # after the other checks, which leave no folder behind
+            raise UsageError(err)
         env = init_distributed(args.device, args.threads)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -172,6 +178,10 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
             print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out {out} "
                   f"--resume", file=sys.stderr)
         return 130
+    except FloatingPointError as e:  # the loss diverged: a finding about the settings, not a crash
+        if main:
+            print(f"theorylab train charlm: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown(env)
     if main:

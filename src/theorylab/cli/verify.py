@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
+from ._args import MAX_SEED, check_writable, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,19 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="ID", help=f"claim IDs to run ({' '.join(CLAIM_IDS)})")
     p.add_argument("--out", default="theorylab-report", metavar="DIR",
                    help="output folder (default: ./theorylab-report)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every experiment (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of every experiment, 0..{MAX_SEED} (default: 0)")
     p.set_defaults(run=run)
-
-
-def _check_writable(out: Path) -> str | None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".theorylab-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except (OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
-        return f"cannot write to output folder {str(out)!r}: {getattr(e, 'strerror', None) or e}"
-    return None
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -43,7 +33,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if err := _check_writable(out):
+    if err := check_writable(out):
         print(f"theorylab verify: error: {err}", file=sys.stderr)
         return 2
     try:

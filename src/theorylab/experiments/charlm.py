@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_KINDS = ("softmax", "separable", "linear", "favor")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class CharLMConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (0 < self.lr <= _FLOAT32_MAX):  # the optimizer multiplies float32 tensors by it
+            raise ValueError(f"lr must be a positive number at most {_FLOAT32_MAX:.4g} (float32's largest), "
+                             f"got {self.lr}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.grad_clip > 0:

@@ -5,6 +5,9 @@ Each activation carries three functions:
 * ``fn`` — :math:`\sigma` itself, built from torch ops so autograd works (the model's forward pass);
 * ``deriv`` — :math:`\sigma'` in a closed form that keeps full *relative* precision where the derivative is tiny
   (``sech²`` instead of ``1 − tanh²``, ``σ(x)σ(−x)`` instead of ``σ(1 − σ)``), which the Jacobian diagnostics use;
+* ``log_deriv`` — :math:`(\log|\sigma'|, \operatorname{sign}\sigma')`, finite wherever σ' ≠ 0 even when σ' itself
+  underflows float64 (sech²(1000) ≈ e^{−1999}); the Jacobian diagnostics scale by it, so a deep saturation gives a
+  finite log-norm, not −inf;
 * ``second`` — :math:`\sigma''` on Python floats, whose roots locate the extrema of :math:`\sigma'`.
 
 :func:`derivative_bound` computes γ: the larger of :math:`|\sigma'|` at the roots of :math:`\sigma''` (found by
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 from scipy.optimize import brentq
 from torch import Tensor
 
@@ -38,6 +42,7 @@ class Activation:
     deriv_float: Callable[[float], float]
     second: Callable[[float], float] | None  # None: σ' is piecewise constant (relu)
     deriv_at_infinity: tuple[float, float]  # (σ'(−∞), σ'(+∞))
+    log_deriv: Callable[[Tensor], tuple[Tensor, Tensor]]  # (log|σ'|, sign σ'), no underflow
 
 
 def _logistic(x: float) -> float:
@@ -69,6 +74,37 @@ def _silu_deriv(h: Tensor) -> Tensor:
     return s * (1.0 + h * torch.sigmoid(-h))
 
 
+def _tanh_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
+    a = h.abs()  # log sech²(h) = 2 (log 2 − |h| − log(1 + e^{−2|h|}))
+    return 2.0 * (math.log(2.0) - a - torch.log1p(torch.exp(-2.0 * a))), torch.ones_like(h)
+
+
+def _sigmoid_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
+    return F.logsigmoid(h) + F.logsigmoid(-h), torch.ones_like(h)
+
+
+def _relu_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
+    on = h > 0
+    return torch.where(on, 0.0, -math.inf).to(h.dtype), on.to(h.dtype)
+
+
+_GELU_TAIL = -5.0  # below it Φ(h) + hφ(h) is computed as φ(h)·(h + Φ(h)/φ(h)), which does not underflow
+
+
+def _gelu_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
+    direct = _gelu_deriv(h)
+    log_pdf = -0.5 * h * h - 0.5 * math.log(2.0 * math.pi)
+    tail = h + torch.exp(torch.special.log_ndtr(h) - log_pdf)  # h + Mills ratio, ≈ h for h → −∞ (no cancellation)
+    in_tail = h < _GELU_TAIL
+    log_abs = torch.where(in_tail, log_pdf + tail.abs().log(), direct.abs().log())
+    return log_abs, torch.where(in_tail, tail.sign(), direct.sign())
+
+
+def _silu_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
+    factor = 1.0 + h * torch.sigmoid(-h)  # σ'(h) = s(h)(1 + h s(−h)); s(h) underflows for h ≲ −745, its log does not
+    return F.logsigmoid(h) + factor.abs().log(), factor.sign()
+
+
 def _gelu_deriv_float(x: float) -> float:
     return 0.5 * math.erfc(-x / _SQRT2) + x * math.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
@@ -79,16 +115,19 @@ def _silu_deriv_float(x: float) -> float:
 
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation("tanh", torch.tanh, _tanh_deriv, lambda x: 1.0 / math.cosh(x) ** 2,
-                       lambda x: -2.0 * math.tanh(x) / math.cosh(x) ** 2, (0.0, 0.0)),
+                       lambda x: -2.0 * math.tanh(x) / math.cosh(x) ** 2, (0.0, 0.0), _tanh_log_deriv),
     "sigmoid": Activation("sigmoid", torch.sigmoid, _sigmoid_deriv,
                           lambda x: _logistic(x) * _logistic(-x),
-                          lambda x: _logistic(x) * _logistic(-x) * (_logistic(-x) - _logistic(x)), (0.0, 0.0)),
-    "relu": Activation("relu", torch.relu, _relu_deriv, lambda x: 1.0 if x > 0 else 0.0, None, (0.0, 1.0)),
+                          lambda x: _logistic(x) * _logistic(-x) * (_logistic(-x) - _logistic(x)), (0.0, 0.0),
+                          _sigmoid_log_deriv),
+    "relu": Activation("relu", torch.relu, _relu_deriv, lambda x: 1.0 if x > 0 else 0.0, None, (0.0, 1.0),
+                       _relu_log_deriv),
     "gelu": Activation("gelu", torch.nn.functional.gelu, _gelu_deriv, _gelu_deriv_float,
-                       lambda x: math.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x), (0.0, 1.0)),
+                       lambda x: math.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x), (0.0, 1.0),
+                       _gelu_log_deriv),
     "silu": Activation("silu", torch.nn.functional.silu, _silu_deriv, _silu_deriv_float,
                        lambda x: _logistic(x) * _logistic(-x) * (2.0 + x * (_logistic(-x) - _logistic(x))),
-                       (0.0, 1.0)),
+                       (0.0, 1.0), _silu_log_deriv),
 }
 
 

@@ -44,21 +44,32 @@ class JacobianFactors:
 
     Attributes:
         A: (H, H) or (B, H, H) float64.
-        d: (B, T, H) float64, the activation derivatives.
+        d: (B, T, H) float64, the activation derivatives, or, with ``d_log_scale``, their scaled values.
         diag_right: True for the h-form (W diag σ'(h_{t-1})), False for the g-form (diag σ'(a_t) W).
+        d_log_scale: None, or (B, T) float64 with the true d_t = exp(d_log_scale[:, t])·d[:, t]: it keeps the
+            derivatives of a saturated unit (sech²(1000) ≈ e^{−1999}, below float64's range) exact relative to
+            each other; −inf where d_t is exactly 0.
     """
 
     A: Tensor
     d: Tensor
     diag_right: bool
+    d_log_scale: Tensor | None = None
 
     def transposed_reversed(self) -> JacobianFactors:
         """The factors of the backward sweep: J_T^T, J_{T-1}^T, ..., J_1^T (so products are (J_T ⋯ J_t)^T)."""
-        return JacobianFactors(self.A.mT, self.d.flip(1), not self.diag_right)
+        scale = None if self.d_log_scale is None else self.d_log_scale.flip(1)
+        return JacobianFactors(self.A.mT, self.d.flip(1), not self.diag_right, scale)
+
+    def log_scale(self) -> Tensor:
+        """(B, T) float64: ``d_log_scale``, zeros when there is none."""
+        if self.d_log_scale is None:
+            return self.d.new_zeros(self.d.shape[:2], dtype=F64)
+        return self.d_log_scale.to(F64)
 
     def dense(self, t: int) -> Tensor:
-        """J_{t+1} as a dense (B, H, H) tensor (0-based t); for references and tests."""
-        dt = self.d[:, t]
+        """J_{t+1} as a dense (B, H, H) tensor (0-based t); for references and tests (may underflow)."""
+        dt = self.d[:, t] * self.log_scale()[:, t, None].exp()
         return self.A * dt[:, None, :] if self.diag_right else dt[:, :, None] * self.A
 
 
@@ -68,7 +79,8 @@ def stack_factors(parts: list[JacobianFactors]) -> JacobianFactors:
         raise ValueError("stack_factors needs a non-empty list of factors with the same form, T and H")
     hidden = parts[0].d.shape[-1]
     A = torch.cat([p.A.to(F64).expand(p.d.shape[0], hidden, hidden) for p in parts])
-    return JacobianFactors(A, torch.cat([p.d.to(F64) for p in parts]), parts[0].diag_right)
+    scale = None if all(p.d_log_scale is None for p in parts) else torch.cat([p.log_scale() for p in parts])
+    return JacobianFactors(A, torch.cat([p.d.to(F64) for p in parts]), parts[0].diag_right, scale)
 
 
 def _as_float64_params(rnn: RNN) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,11 +88,13 @@ def _as_float64_params(rnn: RNN) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: Tensor, s0: Tensor | None,
-                           form: str) -> Tensor:
+                           form: str, *, scaled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """σ' along the trajectory in float64: (B, T, H), σ'(h_{t-1}) (form h) or σ'(a_t) (form g), t = 1..T.
 
     W may be (H, H) or batched (B, H, H), U (H, I) or (B, H, I), b (H,) or (B, H): one parameter set per sequence
-    is how the claims run many different units in one batch.
+    is how the claims run many different units in one batch. With ``scaled``, returns ``(d, log_scale)``: each
+    d_t divided by its largest |entry|, whose log is ``log_scale`` (B, T) (see :class:`JacobianFactors`), computed
+    from log|σ'| so that derivatives below float64's range are not lost.
     """
     act = get_activation(activation)
     W, U, b, x = W.to(F64), U.to(F64), b.to(F64), x.to(F64)
@@ -90,16 +104,28 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     drive = x @ U.mT + (b[:, None, :] if b.dim() == 2 else b)  # (B, T, H) = U x_t + b
     w_t = W.mT
     d = x.new_empty(bsz, steps, hidden)
+    log_scale = x.new_zeros(bsz, steps)
+
+    def derivative(t: int, z: Tensor) -> None:
+        if not scaled:
+            d[:, t] = act.deriv(z)
+            return
+        log_abs, sign = act.log_deriv(z)
+        top = log_abs.amax(-1)  # (B,), −inf when every σ' is exactly 0
+        log_scale[:, t] = top
+        alive = torch.isfinite(top)[:, None]
+        d[:, t] = torch.where(alive, sign * torch.exp(log_abs - torch.where(alive, top[:, None], 0.0)), 0.0)
+
     with threads_for(2 * bsz * hidden * hidden):
         for t in range(steps):
             if form == "h":
-                d[:, t] = act.deriv(s)
+                derivative(t, s)
                 s = drive[:, t] + (act.fn(s)[:, None, :] @ w_t)[:, 0]  # h_t = W σ(h_{t-1}) + U x_t + b
             else:
                 a = drive[:, t] + (s[:, None, :] @ w_t)[:, 0]  # a_t = W g_{t-1} + U x_t + b
-                d[:, t] = act.deriv(a)
+                derivative(t, a)
                 s = act.fn(a)
-    return d
+    return (d, log_scale) if scaled else d
 
 
 def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
@@ -108,9 +134,9 @@ def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
         raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
     rnn.check_inputs(x, h0)
     W, U, b = _as_float64_params(rnn)
-    d = trajectory_derivatives(W, U, b, rnn.activation, x.detach(), None if h0 is None else h0.detach(),
-                               rnn.form)
-    return JacobianFactors(W, d, rnn.form == "h")
+    d, log_scale = trajectory_derivatives(W, U, b, rnn.activation, x.detach(), None if h0 is None else h0.detach(),
+                                          rnn.form, scaled=True)
+    return JacobianFactors(W, d, rnn.form == "h", log_scale)
 
 
 def _top_eig_gram(M: np.ndarray, V: np.ndarray, rand: np.ndarray, tol: float, max_dim: int
@@ -195,6 +221,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "iterative"
         a_max = np.abs(A).max(axis=(-2, -1))  # (B,)
         d_max = np.abs(d).max(axis=-1)  # (B, T)
         step_log = np.log(a_max)[:, None] + np.log(d_max)  # (B, T), −inf where J_t = 0
+    step_log = step_log + factors.log_scale().detach().cpu().numpy()
     A = A / np.where(a_max > 0, a_max, 1.0)[:, None, None]
     d = d / np.where(d_max > 0, d_max, 1.0)[:, :, None]
 

@@ -42,17 +42,23 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     bsz, steps, hidden = d.shape
     if not isinstance(k, int) or not 1 <= k <= hidden:
         raise ValueError(f"k must be an int in [1, H={hidden}], got {k!r}")
+    if steps == 0:
+        raise ValueError("Lyapunov exponents need at least one step: got a sequence of length T = 0")
+    scale = factors.log_scale().detach().cpu().numpy()  # d_t's true size, e^scale·d_t (see JacobianFactors)
     rng = np.random.default_rng(seed)
     Q = np.linalg.qr(rng.standard_normal((bsz, hidden, k)))[0]  # (B, H, k)
     logs = np.zeros((bsz, k))
+    pending = np.zeros((bsz, 1))  # Σ scale since the last QR: Q's columns are e^pending times what we carry
     with numpy_blas_threads(1):  # (H, H) @ (H, k) and a thin QR per step: small kernels
         for t in range(steps):
             dt = d[:, t, :, None]
             Q = A @ (dt * Q) if factors.diag_right else dt * (A @ Q)  # (B, H, k)
+            pending = pending + scale[:, t, None]
             if (t + 1) % reorthonormalize_every == 0 or t == steps - 1:
                 Q, R = np.linalg.qr(Q)
                 with np.errstate(divide="ignore"):
-                    logs += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1)))
+                    logs += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
+                pending = np.zeros((bsz, 1))
     return torch.from_numpy(logs / steps).to(device)
 
 
@@ -97,6 +103,7 @@ def certificate(rnn: RNN) -> Certificate:
     """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1."""
     if not isinstance(rnn, RNN):
         raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
+    rnn.check_parameters()
     sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
     gamma = derivative_bound(rnn.activation)
     delta = sigma_max * gamma

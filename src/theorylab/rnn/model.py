@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ._threads import threads_for
 from .activations import get_activation
@@ -42,9 +43,9 @@ class RNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, *, activation: str = "tanh", form: str = "h") -> None:
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not isinstance(input_size, int) or input_size < 0:
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 0:
             raise ValueError(f"input_size must be a non-negative int, got {input_size!r}")
         if form not in FORMS:
             raise ValueError(f"unknown form {form!r}; expected 'h' or 'g'")
@@ -70,8 +71,19 @@ class RNN(nn.Module):
         """σ applied elementwise (e.g. to turn an h-form state into the g-form one)."""
         return get_activation(self.activation).fn(h)
 
+    def check_parameters(self) -> None:
+        """ValueError naming the parameter unless W is (H, H), U (H, I) and b (H,) (they may have been replaced)."""
+        h, i = self.hidden_size, self.input_size
+        for name, shape in (("W", (h, h)), ("U", (h, i)), ("b", (h,))):
+            p = getattr(self, name)
+            if not isinstance(p, Tensor) or tuple(p.shape) != shape:
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"parameter {name} must have shape {shape} for hidden_size={h}, input_size={i}, "
+                                 f"got {got}")
+
     def check_inputs(self, x: Tensor, h0: Tensor | None) -> None:
         """ValueError naming the offending shape unless x is (B, T, I) and h0 is None or (B, H)."""
+        self.check_parameters()
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, T, {self.input_size}), got {shape}")
@@ -128,7 +140,8 @@ class _Recurrence(torch.autograd.Function):
     Form g: :math:`g_t = \sigma(a_t)`, :math:`a_t = W g_{t-1} + u_t`; :math:`\bar a_t = \sigma'(a_t) \odot \bar g_t`,
     :math:`\bar g_{t-1} = W^\top \bar a_t + \partial L/\partial g_{t-1}`, :math:`\bar u_t = \bar a_t`,
     :math:`\bar W = \sum_t \bar a_t g_{t-1}^\top`. Only the per-step vector products stay in the loop;
-    :math:`\bar W` is one matmul at the end. (First derivatives only: no double backward.)
+    :math:`\bar W` is one matmul at the end. First derivatives only: differentiating the backward again raises
+    (``once_differentiable``); use :meth:`RNN.forward_reference` for higher derivatives.
     """
 
     @staticmethod
@@ -153,6 +166,7 @@ class _Recurrence(torch.autograd.Function):
         return out[:, 1:]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_states: Tensor):
         act = get_activation(ctx.activation)
         out, W, *rest = ctx.saved_tensors

@@ -103,29 +103,23 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     s = x.new_zeros(bsz, hidden) if s0 is None else s0.to(F64)
     drive = x @ U.mT + (b[:, None, :] if b.dim() == 2 else b)  # (B, T, H) = U x_t + b
     w_t = W.mT
-    d = x.new_empty(bsz, steps, hidden)
-    log_scale = x.new_zeros(bsz, steps)
-
-    def derivative(t: int, z: Tensor) -> None:
-        if not scaled:
-            d[:, t] = act.deriv(z)
-            return
-        log_abs, sign = act.log_deriv(z)
-        top = log_abs.amax(-1)  # (B,), −inf when every σ' is exactly 0
-        log_scale[:, t] = top
-        alive = torch.isfinite(top)[:, None]
-        d[:, t] = torch.where(alive, sign * torch.exp(log_abs - torch.where(alive, top[:, None], 0.0)), 0.0)
-
+    z = x.new_empty(bsz, steps, hidden)  # the arguments of σ': h_{t-1} (form h) or a_t (form g)
     with threads_for(2 * bsz * hidden * hidden):
         for t in range(steps):
             if form == "h":
-                derivative(t, s)
+                z[:, t] = s
                 s = drive[:, t] + (act.fn(s)[:, None, :] @ w_t)[:, 0]  # h_t = W σ(h_{t-1}) + U x_t + b
             else:
                 a = drive[:, t] + (s[:, None, :] @ w_t)[:, 0]  # a_t = W g_{t-1} + U x_t + b
-                derivative(t, a)
+                z[:, t] = a
                 s = act.fn(a)
-    return (d, log_scale) if scaled else d
+    if not scaled:
+        return act.deriv(z)
+    log_abs, sign = act.log_deriv(z)
+    log_scale = log_abs.amax(-1)  # (B, T), −inf where every σ' is exactly 0
+    alive = torch.isfinite(log_scale)[..., None]
+    d = torch.where(alive, sign * torch.exp(log_abs - torch.where(alive, log_scale[..., None], 0.0)), 0.0)
+    return d, log_scale
 
 
 def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:

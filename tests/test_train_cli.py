@@ -140,3 +140,13 @@ def test_a_diverging_run_exits_1_with_the_reason_not_a_traceback(tmp_path, capsy
     assert charlm(tmp_path / "big-lr", "--lr", "1e30", "--steps", "3") == 1
     err = capsys.readouterr().err
     assert "training loss became nan" in err and "lower the learning rate" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_holding_code_is_refused_without_torchs_unsafe_advice(tmp_path, capsys):
+    """A pickle that is not weights-only: say why, and never suggest weights_only=False (arbitrary code)."""
+    assert charlm(tmp_path, "--steps", "1") == 0
+    torch.save({"format": "x", "payload": object()}, tmp_path / "checkpoint.pt")  # a class: not weights-only
+    assert charlm(tmp_path, "--steps", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "corrupt or not a checkpoint" in err
+    assert "weights_only" not in err and "Re-running" not in err

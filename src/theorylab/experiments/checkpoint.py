@@ -46,7 +46,10 @@ def load_checkpoint(path: str | Path, *, expected_format: str | None = None) -> 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        # torch's weights-only refusal suggests weights_only=False (arbitrary code execution): keep only its reason
+        text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a checkpoint): {first}") from e
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a dict")

@@ -816,7 +816,9 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
                 "consecutive weights of the second hidden layer over the run, per cell, fitted as c·lr^a·wd^b, and "
                 "each cell's test error against it."),
         figures={"heatmaps": fig, "rotation": _rotation_figure(grids, stats, cfg)},
-        notes=("" if confirmed else f"failed: {'; '.join(failed)}. ")
+        notes=(f"--quick: a smoke run ({cfg.steps} steps, {cfg.seeds} replicates), too short to judge this claim; "
+               "run without --quick. " if quick else "")
+        + ("" if confirmed else f"failed: {'; '.join(failed)}. ")
         + f"The problem set's point criterion alone {'passes' if point_criterion else 'fails'}. "
         + " ".join(resolved) + " " + flatness_text + " " + _mechanism_text(numbers) + " "
         + SEED_ROBUSTNESS_OBSERVATION + " "

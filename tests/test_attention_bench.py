@@ -30,6 +30,9 @@ def test_targets_and_table():
     result["targets"] = bench.targets(result)
     table = bench.format_table(result)
     assert "must met, goal not" in table and "goal met" in table and "16384" in table
+    # a --quick run measures at a small n: it reports the ratios but does not judge targets stated for n=16384
+    quick_table = bench.format_table({**result, "quick": True})
+    assert "not judged" in quick_table and "goal met" not in quick_table and "NOT met" not in quick_table
 
 
 def test_performer_is_skipped_cleanly_when_absent(monkeypatch):

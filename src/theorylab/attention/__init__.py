@@ -4,7 +4,11 @@ feature maps (FAVOR+ positive, trigonometric, elu+1, relu), and a batch-first mu
 Layout follows torch SDPA: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv);
 ``key_padding_mask`` is bool (B, Nk) with True = padding (ignored). The naive references every fast path is
 tested against live beside them: ``exact.softmax_attention_reference``,
-``separable.separable_attention_reference``, ``linear.linear_attention_reference``.
+``separable.separable_attention_reference``, ``linear.linear_attention_reference`` (and, for positive feature
+maps at any input scale, the log-domain ``linear.linear_attention_log_reference``).
+
+Every function takes floating-point q, k, v only (TypeError naming the dtype otherwise) and returns zeros of
+shape (B, H, Nq, Dv) when there is nothing to attend to (Nk = 0, or an empty batch).
 """
 
 from .exact import softmax_attention

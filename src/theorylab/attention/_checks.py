@@ -3,18 +3,48 @@ v (B, H, Nk, Dv); ``key_padding_mask`` bool (B, Nk), True = padding, ignored).""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
-# A finite stand-in for "no key seen yet" in the running maxima: exp(FLOOR - m) underflows to 0 for every real m,
-# and exp(FLOOR - FLOOR) = 1 only ever multiplies an all-zero state.
-FLOOR = -1e30
+
+def lowest(dtype: torch.dtype) -> float:
+    """The most negative finite value of ``dtype``: the running maxima's "no key seen yet".
+
+    No finite key lies below it (a fixed constant such as -1e30 would clip real keys of -1e31), exp(lowest - m)
+    underflows to 0 for every real m > lowest, and exp(lowest - lowest) = 1 only ever multiplies an all-zero
+    state; unlike -inf, lowest - lowest is never NaN."""
+    return -torch.finfo(dtype).max
+
+
+def positive_int(value: object, *, what: str, name: str) -> int:
+    """``value`` as an int; TypeError naming it unless it is an integer (bool excluded), ValueError unless > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: {what} must be a positive integer; got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name}: {what} must be positive; got {value}")
+    return int(value)
+
+
+def positive_finite(value: object, *, what: str, name: str) -> float:
+    """``value`` as a float; TypeError unless it is a real number, ValueError unless finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: {what} must be a positive finite number; got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: {what} must be a positive finite number; got {value!r}")
+    return float(value)
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
               *, name: str) -> tuple[int, int, int, int, int, int]:
     """Validate the SDPA layout and the padding mask; return (B, H, Nq, Nk, D, Dv)."""
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    for label, x in (("q", q), ("k", k), ("v", v)):
+        if not x.is_floating_point():  # integer attention would be computed and truncated, complex is undefined
+            raise TypeError(f"{name}: q, k and v must be floating point (float16, bfloat16, float32, float64); "
+                            f"{label} is {x.dtype}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{name}: expected 4-D tensors (B, H, N, D); got {shapes}")
     B, H, Nq, D = q.shape
@@ -33,6 +63,18 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
             raise ValueError(f"{name}: key_padding_mask must be bool (True = padding); "
                              f"got {key_padding_mask.dtype}")
     return B, H, Nq, Nk, D, v.shape[-1]
+
+
+def empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The (B, H, Nq, Dv) zeros of attention with nothing to compute (B, H, Nq or Nk is 0), as SDPA returns for
+    Nk = 0: a contraction over an empty dimension, so q, k and v still receive (zero) gradients."""
+    return (q[..., :0] @ k[..., :0].mT) @ v  # (B, H, Nq, 0) @ (B, H, 0, Nk) @ (B, H, Nk, Dv)
+
+
+def can_inspect(x: Tensor) -> bool:
+    """Whether a data-dependent branch (reading a value back to Python) is possible: not while torch.compile
+    traces, nor on meta tensors (FLOP counting)."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
 def keep_mask(Nq: int, Nk: int, *, causal: bool, key_padding_mask: Tensor | None,

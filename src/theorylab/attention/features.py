@@ -7,6 +7,11 @@ Let s be the scale (1/sqrt(D) by default), x' = sqrt(s) x and ω_1..ω_M ~ N(0, 
 * trigonometric:  φ(x) = (M/2)^{-1/2} exp(|x'|²/2) [sin(ω_rᵀx'), cos(ω_rᵀx')]_{r ≤ M/2}, also unbiased
   (it estimates the Gaussian kernel exp(-|q'-k'|²/2), rescaled), but not positive.
 
+Both factor as (a bounded part) x exp(a per-row log-scale): ``PositiveRandomFeatures.log_features_rowwise`` and
+``TrigRandomFeatures.log_scaled_features`` expose the pieces, so that
+:func:`~theorylab.attention.linear_attention` can stabilise without ever forming exp(|x'|²/2) or exp(-|x'|²/2),
+which overflow or underflow for |x'|² of a few hundred.
+
 Orthogonal random features (Performers, section 2.4) draw the ω in blocks of D exactly orthogonal directions:
 Q from the QR decomposition of a Gaussian matrix **with the sign correction** Q ← Q diag(sign(diag R)) — without
 it Q is not Haar-distributed (Householder QR fixes the signs of R's diagonal, so each direction keeps a fixed
@@ -20,10 +25,13 @@ seed gives the same features; ``redraw()`` draws new ones; nothing random happen
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._checks import positive_finite, positive_int
 
 
 def gaussian_orthogonal_random_matrix(num_rows: int, dim: int, *, generator: torch.Generator | None = None,
@@ -54,14 +62,15 @@ class _RandomFeatures(nn.Module):
                  scale: float | None, seed: int | None) -> None:
         super().__init__()
         name = type(self).__name__
-        if head_dim <= 0:
-            raise ValueError(f"{name}: head_dim must be positive; got {head_dim}")
-        if num_features <= 0:
-            raise ValueError(f"{name}: num_features must be positive; got {num_features}")
+        head_dim = positive_int(head_dim, what="head_dim", name=name)
+        num_features = positive_int(num_features, what="num_features", name=name)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"{name}: seed must be an integer or None; got {seed!r}")
         self.head_dim = head_dim
         self.num_features = num_features
-        self.orthogonal = orthogonal
-        self.scale = head_dim ** -0.5 if scale is None else float(scale)
+        self.orthogonal = bool(orthogonal)
+        # s = 0 or < 0 has no real sqrt(s) x; NaN would only surface as NaN outputs much later
+        self.scale = head_dim ** -0.5 if scale is None else positive_finite(scale, what="scale", name=name)
         self.seed = seed
         self._num_projections = num_projections
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -90,7 +99,12 @@ class PositiveRandomFeatures(_RandomFeatures):
     """FAVOR+ positive random features: fm(q) @ fm(k).mT is an unbiased estimate of exp(scale · qᵀk).
 
     ``log_features`` gives log φ exactly; :func:`~theorylab.attention.linear_attention` uses it to stabilise the
-    exponentials (the stabilisation lives there, not here: ``forward`` overflows where exp does)."""
+    exponentials (the stabilisation lives there, not here: ``forward`` overflows or underflows where exp does).
+
+    Raises:
+        TypeError: head_dim or num_features is not an integer, scale not a real number.
+        ValueError: head_dim or num_features <= 0, scale not finite and > 0.
+    """
 
     def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = True, scale: float | None = None,
                  seed: int | None = None) -> None:
@@ -116,29 +130,41 @@ class TrigRandomFeatures(_RandomFeatures):
 
     def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = False, scale: float | None = None,
                  seed: int | None = None) -> None:
-        if num_features > 0 and num_features % 2:
+        num_features = positive_int(num_features, what="num_features", name="TrigRandomFeatures")
+        if num_features % 2:
             raise ValueError(f"TrigRandomFeatures: num_features must be even (sin and cos of num_features/2 "
                              f"frequencies); got {num_features}")
-        super().__init__(head_dim, num_features // 2 or num_features, num_features, orthogonal=orthogonal,
+        super().__init__(head_dim, num_features // 2, num_features, orthogonal=orthogonal,
                          scale=scale, seed=seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def log_scaled_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """φ(x) split as (the bounded part (M/2)^{-1/2} [sin(ωᵀx'), cos(ωᵀx')] of shape (..., N, M), the per-row
+        log-scale |x'|²/2 of shape (..., N)): φ(x) = bounded · exp(log-scale)."""
         proj = self._project(x)  # (..., N, M/2)
-        sq_norm = (x * x).sum(-1, keepdim=True) * self.scale
-        magnitude = torch.exp(0.5 * sq_norm) / math.sqrt(self._num_projections)
-        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) * magnitude
+        bounded = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) / math.sqrt(self._num_projections)
+        return bounded, 0.5 * self.scale * (x * x).sum(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bounded, log_scale = self.log_scaled_features(x)
+        return bounded * torch.exp(log_scale)[..., None]  # overflows for |x'|² > ~176 in float32
 
 
 class EluFeatures(nn.Module):
-    """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, deterministic, M = D."""
+    """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, deterministic, M = D.
+
+    Computed as x + 1 for x > 0 and exp(x) otherwise: elu(x) + 1 = (exp(x) - 1) + 1 rounds to exactly 0 in float32
+    for x < about -17 (exp(-20) = 2.1e-9 is lost against 1)."""
 
     def __init__(self, head_dim: int | None = None) -> None:
         super().__init__()
+        if head_dim is not None:
+            head_dim = positive_int(head_dim, what="head_dim", name="EluFeatures")
         self.head_dim = head_dim
         self.num_features = head_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.elu(x) + 1.0
+        # exp of min(x, 0): the branch torch.where discards must not be inf, or its zero gradient becomes 0·inf = NaN
+        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
 
 
 class ReluFeatures(nn.Module):
@@ -146,6 +172,8 @@ class ReluFeatures(nn.Module):
 
     def __init__(self, head_dim: int | None = None) -> None:
         super().__init__()
+        if head_dim is not None:
+            head_dim = positive_int(head_dim, what="head_dim", name="ReluFeatures")
         self.head_dim = head_dim
         self.num_features = head_dim
 

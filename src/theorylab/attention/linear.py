@@ -8,36 +8,67 @@ matmul, across chunks an (M, Dv+1) state holds the prefix sums. Chunks are proce
 batched ops, the states entering a block's chunks coming from one small matmul; only the state crosses blocks.
 O(n) memory in forward and backward, O(n C M + n M Dv) time.
 
-Stabilisation (feature maps that expose ``log_features_rowwise``, i.e. positive random features). exp(ωᵀk' - |k'|²/2)
-overflows or underflows for keys of large norm, and the anchors subtract a *global* maximum over all keys, which
-in causal mode lets a future key change past outputs (it sets which past features underflow). Here:
+Stabilisation. The output out_i = Σ_j w_ij v_j / Σ_j w_ij, w_ij = Σ_r φ_r(q_i) φ_r(k_j), is unchanged when
+φ(q_i) is multiplied by any per-query factor, and when feature column r of every key is multiplied by the same
+factor e^{-c_r} while column r of every query is multiplied by e^{c_r}. Feature maps that expose log-features
+are never exponentiated unshifted:
 
-* each query's features are divided by their own maximum — a per-row factor that cancels between the numerator
-  and the denominator;
-* each key's features are divided by exp(m_j), m_j = max over keys j' <= j (non-padded) and features of the key
-  log-features — the running prefix maximum. Query i then weighs key j by (q̂_iᵀ k̂_j) exp(m_j - m_i), a scalar
-  decay <= 1 (the algebra of decay-gated linear attention); the common factor exp(m_i) cancels in the ratio.
-  Nothing after position i enters the output at i. Non-causal mode uses the maximum over all non-padded keys,
-  kept online across chunks.
+* positive random features (``log_features_rowwise``; log φ_r(x) = ωᵣᵀx' - |x'|²/2 - log(M)/2 = ℓ_r(x)): the key
+  shift is per feature column, c_r = max_j ℓ_r(k_j) over the keys a query may see (non-padded; causal: j <= i, a
+  running prefix maximum), as separable attention's column softmax. Then
+  k̂_jr = exp(ℓ_r(k_j) - c_r) <= 1, and q̂_ir = exp(ωᵣᵀq_i' + c_r - t_i) <= 1 with t_i = max_r (ωᵣᵀq_i' + c_r),
+  the query offset -|q'|²/2 cancelling. At the maximising r the key column holds a 1 and q̂_ir = 1, so the
+  normaliser Σ_r q̂_ir Σ_j k̂_jr is >= 1: no query ever loses all its weight to underflow, whatever the scale of
+  q and k. (A single shift per key row, or per query row alone, is not enough: at |x| ~ 100 the dominant
+  (key, feature) pair differs between queries and every other product underflows.)
+* trigonometric features (``log_scaled_features``; φ(x) = bounded(x) · exp(|x'|²/2)): the query factor cancels
+  and is dropped; key j is scaled by exp(|k_j'|²/2 - c) with c the maximum over the keys a query may see.
+* other maps (elu + 1, relu, ...) are used as they are.
 
-The stabiliser is detached: the output does not depend on it mathematically, so its gradient is exactly zero.
-Padding removes keys from φ(K) — numerator and denominator alike — and from the maximum. Half-precision inputs
-are computed in float32 and cast back.
+Causal chunks take their keys relative to the reference at the chunk's end (every factor <= 1). That is exact as
+long as the reference rises by less than ~40 (float32) inside the chunk, which is checked; a chunk where it rises
+more is redone with each query's own reference (a (C, C, W) tensor of decays exp(c_jr - c_ir), W = M or 1).
+Nothing after position i ever enters the output at i.
+
+The stabilisers are detached: the output does not depend on them mathematically, so their gradient is exactly
+zero. Padding removes keys from φ(K) — numerator and denominator alike — and from the maxima. Half-precision
+inputs are computed in float32 and cast back; where scale·|x|² of a query or non-padded key would overflow the
+working dtype (|x| beyond ~1e19 in float32), the call is computed in float64, and if even float64 overflows a
+ValueError is raised. The data-dependent checks (this one and the causal chunks' rise) are skipped while
+torch.compile traces and on meta tensors.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import FLOOR, ChunkOutputs, accumulation_dtype, check_qkv, keep_mask, safe_divide
+from ._checks import (
+    ChunkOutputs,
+    accumulation_dtype,
+    can_inspect,
+    check_qkv,
+    empty_attention,
+    keep_mask,
+    lowest,
+    masked_softmax,
+    positive_int,
+    safe_divide,
+)
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 2M feature entries per chunk (8 MB in float32).
 CAUSAL_CHUNK = 64
 CAUSAL_BLOCK_ELEMENTS = 1 << 19  # feature entries per block of chunks (2 MB in float32)
 NONCAUSAL_FEATURE_ELEMENTS = 1 << 21
+# A causal chunk is read relative to its final reference while that reference rises by at most
+# RISE_FRACTION·log(1/tiny) inside it (~39 in float32): the normaliser is then >= e^-39, far above the
+# sqrt(tiny) = e^-43.7 clamp of the ratio, and terms lost to underflow are below e^-48 of it.
+RISE_FRACTION = 0.45
+FALLBACK_ELEMENTS = 1 << 22  # entries of the (rows, C, W) decay tensor per step of a chunk's per-query fallback
 
 
 def _check_feature_map(feature_map: nn.Module, D: int) -> None:
@@ -54,37 +85,142 @@ def _feature_dtype(feature_map: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+class _ColumnShifted:
+    """Positive maps exposing log φ = ωᵀx' + offset(x): one stabiliser c_r per feature column (W = M)."""
+
+    positive = True
+    scaled = True
+
+    def __init__(self, fm: nn.Module) -> None:
+        self.fm, self.width, self.num_features = fm, fm.num_features, fm.num_features
+
+    def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """(None, ℓ(k) of shape (B, H, C, M), -inf where padded): φ(k) = exp(ℓ)."""
+        proj, offset = self.fm.log_features_rowwise(k)  # (B, H, C, M), (B, H, C)
+        logw = proj.add_(offset[..., None])
+        if pad is not None:
+            logw = logw.masked_fill_(pad[..., None], float("-inf"))
+        return None, logw
+
+    def prepare_queries(self, q: Tensor) -> Tensor:
+        return self.fm.log_features_rowwise(q)[0]  # ωᵀq': the query offset is a per-row factor and cancels
+
+    def query_features(self, proj: Tensor, ref: Tensor) -> Tensor:
+        """q̂ = exp(ωᵀq' + c - t), t the row max, for references c broadcastable to proj's (..., W = M);
+        overwrites proj."""
+        # max_r c_r, a per-row constant, leaves first: ωᵀq' is then added to numbers of its own size, not to
+        # c_r ~ -|k'|²/2, which would round it at the ulp of |k'|²
+        shifted = proj.add_(ref - ref.amax(-1, keepdim=True))  # in place: proj is this call's own
+        return shifted.sub_(shifted.detach().amax(-1, keepdim=True)).exp_()
+
+
+class _RowScaled:
+    """Maps φ(x) = bounded(x) · exp(log-scale(x)) with a per-row log-scale (``log_scaled_features``; W = 1), and
+    maps used as they are (no log-scale)."""
+
+    positive = False
+    width = 1
+
+    def __init__(self, fm: nn.Module, D: int) -> None:
+        self.fm = fm
+        self.split = getattr(fm, "log_scaled_features", None)
+        self.scaled = self.split is not None
+        self.num_features = getattr(fm, "num_features", None) or D
+
+    def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(bounded features (B, H, C, M), 0 where padded; log-scale (B, H, C, 1), -inf where padded)."""
+        if self.scaled:
+            base, log_scale = self.split(k)
+            logw = log_scale[..., None]
+        else:
+            base = self.fm(k)
+            logw = base.new_zeros(base.shape[:-1] + (1,))
+        if pad is not None:
+            base = base.masked_fill(pad[..., None], 0.0)
+            logw = logw.masked_fill(pad[..., None], float("-inf"))
+        return base, logw
+
+    def prepare_queries(self, q: Tensor) -> Tensor:
+        return self.split(q)[0] if self.scaled else self.fm(q)  # the query's own scale cancels
+
+    def query_features(self, prepared: Tensor, ref: Tensor) -> Tensor:
+        return prepared
+
+
+def _terms(fm: nn.Module, D: int) -> _ColumnShifted | _RowScaled:
+    if hasattr(fm, "log_features_rowwise"):
+        return _ColumnShifted(fm)
+    return _RowScaled(fm, D)
+
+
+def _key_features(terms: _ColumnShifted | _RowScaled, base: Tensor | None, logw: Tensor, ref: Tensor) -> Tensor:
+    """k̂ = base · exp(logw - ref) (in place on logw), ref broadcastable to logw; every factor <= 1."""
+    if not terms.scaled:
+        return base
+    e = logw.sub_(ref).exp_()
+    return e if base is None else base * e
+
+
+def _working_dtype(q: Tensor, k: Tensor, pad: Tensor | None, fm: nn.Module, acc: torch.dtype) -> torch.dtype:
+    """acc, or float64 where scale·|x|² (the log-scale of the features) of a query or a non-padded key could
+    overflow acc; ValueError where it could overflow float64 too."""
+    scale = float(getattr(fm, "scale", 1.0))
+    k_min, k_max = torch.aminmax(k.detach(), dim=-1)  # (B, H, Nk) each; no |k| temporary
+    top = torch.maximum(k_max, -k_min)
+    if pad is not None:
+        top = top.masked_fill(pad, 0.0)
+    q_min, q_max = torch.aminmax(q.detach())
+    big = float(torch.stack([q_max, -q_min, top.amax()]).amax())
+    if not math.isfinite(big):  # inf or NaN inputs: nothing a wider dtype would fix
+        return acc
+    bound = big * big * q.shape[-1] * scale  # >= scale·|x|² for every row (Python floats: inf, never an error)
+    if bound < torch.finfo(acc).max / 16:
+        return acc
+    if bound < torch.finfo(torch.float64).max / 16:
+        return torch.float64
+    raise ValueError(f"linear_attention: inputs too large for {type(fm).__name__}: max |x| = {big:.3g}, so "
+                     f"scale·|x|² (the features' log-scale) overflows even float64")
+
+
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *, causal: bool = False,
                      key_padding_mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """Kernelised attention out_i = Σ_j φ(q_i)ᵀφ(k_j) v_j / Σ_j φ(q_i)ᵀφ(k_j), in O(n) time and memory.
 
     Args:
-        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
+        q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv), floating point.
         feature_map: φ, a module mapping (..., N, D) -> (..., N, M) (e.g. PositiveRandomFeatures, EluFeatures).
         causal: query i sees keys j <= i only (needs Nq == Nk).
         key_padding_mask: bool (B, Nk), True = padding (removed from φ(K)).
         chunk_size: positions per chunk (None: a default that keeps a chunk's features small).
 
     Returns:
-        (B, H, Nq, Dv) in the dtype of q. A query whose normaliser is zero (no visible key) gets zeros.
+        (B, H, Nq, Dv) in the dtype of q. A query whose normaliser is zero (no visible key; Nk = 0) gets zeros.
+
+    Raises:
+        TypeError: q, k or v is not floating point, or chunk_size is not an integer.
+        ValueError: shapes, mask or chunk_size are wrong, or the inputs are so large that the features'
+            log-scale overflows float64.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="linear_attention")
     _check_feature_map(feature_map, D)
     if causal and Nq != Nk:
         raise ValueError(f"linear_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"linear_attention: chunk_size must be positive; got {chunk_size}")
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, what="chunk_size", name="linear_attention")
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, _feature_dtype(feature_map))
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
     pad = key_padding_mask[:, None, :] if key_padding_mask is not None else None  # (B, 1, Nk)
-    stabilised = hasattr(feature_map, "log_features_rowwise")
+    terms = _terms(feature_map, D)
+    if B * H * Nq * Nk == 0:  # nothing to attend to (or no query)
+        return empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
+    if terms.scaled and can_inspect(q):
+        acc = _working_dtype(q, k, pad, feature_map, acc)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
     if causal:
-        out = _causal(q, k, v, feature_map, pad, stabilised, chunk_size or CAUSAL_CHUNK)
+        out = _causal(q, k, v, terms, pad, chunk_size or CAUSAL_CHUNK)
     else:
-        m = getattr(feature_map, "num_features", None) or D
-        chunk = chunk_size or max(16, NONCAUSAL_FEATURE_ELEMENTS // max(1, B * H * m))
-        out = _noncausal(q, k, v, feature_map, pad, stabilised, chunk)
+        chunk = chunk_size or max(16, NONCAUSAL_FEATURE_ELEMENTS // max(1, B * H * terms.num_features))
+        out = _noncausal(q, k, v, terms, pad, chunk)
     return out.to(out_dtype)
 
 
@@ -93,13 +229,13 @@ def _with_ones(v: Tensor) -> Tensor:
     return F.pad(v, (0, 1), value=1.0)
 
 
-def _ratio(num: Tensor, Dv: int, stabilised: bool) -> Tensor:
+def _ratio(num: Tensor, Dv: int, positive: bool) -> Tensor:
     """num[..., :Dv] / num[..., Dv:], the normalised output of a chunk of queries.
 
-    Positive features (the stabilised path) have a normaliser >= 0: clamping it at sqrt(smallest normal) keeps
-    the output bounded and the gradients finite in one cheap pass over a column. Other maps (trigonometric
-    features can make it negative) go through :func:`safe_divide`."""
-    if stabilised:
+    Positive features have a normaliser >= 0 (>= 1 for a query with a visible key, after the column shift):
+    clamping it at sqrt(smallest normal) keeps the output bounded and the gradients finite in one cheap pass
+    over a column. Other maps (trigonometric features can make it negative) go through :func:`safe_divide`."""
+    if positive:
         return num[..., :Dv] / num[..., Dv:].clamp_min(torch.finfo(num.dtype).tiny ** 0.5)
     return safe_divide(num[..., :Dv], num[..., Dv:])
 
@@ -119,74 +255,64 @@ def _accumulate(state: Tensor | None, decay: Tensor | None, kf: Tensor, v1: Tens
     return state
 
 
-def _query_features(fm: nn.Module, x: Tensor, stabilised: bool) -> Tensor:
-    """φ(x) for a chunk of queries; stabilised: divided by each row's maximum (a factor that cancels in the
-    ratio, so the |x'|²/2 offset is not even needed). Every feature is then <= 1."""
-    if not stabilised:
-        return fm(x)
-    proj, _ = fm.log_features_rowwise(x)  # (B, H, C, M)
-    return proj.sub_(proj.detach().amax(-1, keepdim=True)).exp_()
-
-
-def _key_log_features(fm: nn.Module, x: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """For a chunk of keys: (ωᵀx' with padded rows at -inf, the per-row offset, the row max of log φ (detached)).
-    log φ(x) = proj + offset[..., None]."""
-    proj, offset = fm.log_features_rowwise(x)  # (B, H, C, M), (B, H, C)
-    if pad is not None:
-        proj = proj.masked_fill(pad[..., None], float("-inf"))
-    return proj, offset, proj.detach().amax(-1) + offset.detach()
-
-
-def _noncausal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
+def _noncausal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
                chunk: int) -> Tensor:
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
-    state = None  # (B, H, M, Dv + 1): φ(K)ᵀ[V, 1], relative to exp(ref)
-    ref = q.new_full((B, H, 1), FLOOR)  # running max of the key log-features (stabilised maps)
+    floor = lowest(q.dtype)
+    state = None  # (B, H, M, Dv + 1): Σ_j k̂_j [v_j, 1], keys relative to ref
+    ref = None  # (B, H, W): the running maximum of the key log-scales (per column, or per row when W = 1)
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, Nk, chunk))
     for k_c, v_c, pad_c in zip(k.split(chunk, dim=2), v.split(chunk, dim=2), pads, strict=True):
-        if stabilised:
-            proj, offset, row_max = _key_log_features(fm, k_c, pad_c)
-            new_ref = torch.maximum(ref, row_max.amax(-1, keepdim=True))  # (B, H, 1)
-            kf = proj.sub_((new_ref - offset)[..., None]).exp_()  # exp(log φ - ref) <= 1; 0 where padded
-        else:
-            kf = fm(k_c)  # (B, H, C, M)
-            if pad_c is not None:
-                kf = kf.masked_fill(pad_c[..., None], 0.0)
-        decay = torch.exp(ref - new_ref)[..., None] if stabilised and state is not None else None
+        base, logw = terms.keys(k_c, pad_c)  # (B, H, C, M) | None, (B, H, C, W)
+        top = logw.detach().amax(2).clamp_min_(floor)  # (B, H, W); floor: no visible key yet
+        new_ref = top if ref is None else torch.maximum(ref, top)
+        kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, C, M); 0 where padded
+        decay = torch.exp(ref - new_ref)[..., None] if terms.scaled and state is not None else None  # <= 1
         state = _accumulate(state, decay, kf, _with_ones(v_c))  # (B, H, M, Dv + 1)
-        if stabilised:
-            ref = new_ref
-    if state is None:  # Nk == 0
-        return q.new_zeros(B, H, Nq, Dv)
+        ref = new_ref
     out = ChunkOutputs(q, (B, H, Nq, Dv))
     for s, q_c in zip(range(0, Nq, chunk), q.split(chunk, dim=2), strict=True):
-        qf = _query_features(fm, q_c, stabilised)  # (B, H, C, M)
-        out.write(s, s + q_c.shape[2], _ratio(qf @ state, Dv, stabilised))  # (B, H, C, Dv + 1) -> (B, H, C, Dv)
+        qf = terms.query_features(terms.prepare_queries(q_c), ref[:, :, None])  # (B, H, C, M)
+        out.write(s, s + q_c.shape[2], _ratio(qf @ state, Dv, terms.positive))  # (B, H, C, Dv + 1) -> (.., Dv)
     return out.result()
 
 
-def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, stabilised: bool,
+def _mix(weights: Tensor, contrib: Tensor) -> Tensor:
+    """Σ_c' weights[c, c'] contrib[c'] with per-column weights: (B, H, g+1, g, W) x (B, H, g, M, V) ->
+    (B, H, g+1, M, V)."""
+    if weights.shape[-1] == 1:
+        return torch.einsum("bhcd,bhdmv->bhcmv", weights[..., 0], contrib)
+    return torch.einsum("bhcdm,bhdmv->bhcmv", weights, contrib)
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
             chunk: int) -> Tensor:
     """Causal chunked attention, G chunks of C positions at a time (a block).
 
     Inside a block every step is one batched op over its G chunks — features, the (C, C) intra-chunk products,
     each chunk's contribution kᵀ[v, 1] — and the states entering the chunks are one (G+1, G) lower-triangular
-    matmul over those contributions. So the Python loop (and the number of parallel regions, which is what a
-    busy machine punishes) runs over blocks, not chunks; the carried state crosses blocks only.
+    matmul (per column when W = M) over those contributions. So the Python loop (and the number of parallel
+    regions, which is what a busy machine punishes) runs over blocks, not chunks; the carried state crosses
+    blocks only.
 
-    Stabilised maps: m_j is the running prefix max of the key log-features, k̂_j = exp(log φ(k_j) - m_j) <= 1 and
-    query i weighs key j <= i by (q̂_iᵀk̂_j) exp(m_j - m_i); states are kept relative to the m at a chunk's end,
-    so every exponent is <= 0. Other maps use m = 0."""
+    With m_j the running prefix maximum of the key log-scales (per column: m_jr) and r_c its value at the end of
+    chunk c: chunk c's keys are k̂_j = exp(ℓ(k_j) - r_c) <= 1 and its queries are read relative to r_c; the state
+    entering chunk c is kept relative to r_{c-1}, so every exponent is <= 0. Where m rises by more than the
+    limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`)."""
     B, H, N, _ = q.shape
-    Dv = v.shape[-1]
-    m_features = getattr(fm, "num_features", None) or q.shape[-1]
-    G = max(1, CAUSAL_BLOCK_ELEMENTS // max(1, B * H * m_features * chunk))  # chunks per block
+    Dv, W, M = v.shape[-1], terms.width, terms.num_features
+    # chunks per block: G·C rows of features within the budget, and the (G+1, G, W) weights of the entering
+    # states at most a quarter of one block's features (G <= C M / 4W), so that memory stays linear in n
+    G = max(1, min(CAUSAL_BLOCK_ELEMENTS // max(1, B * H * M * chunk), chunk * M // (4 * W)))
     block = G * chunk
+    floor = lowest(q.dtype)
+    limit = RISE_FRACTION * -math.log(torch.finfo(q.dtype).tiny)
+    check = terms.scaled and can_inspect(q)
     out = ChunkOutputs(q, (B, H, N, Dv))
-    state = None  # (B, H, M, Dv + 1): Σ_{j < block start} k̂_j exp(m_j - ref) [v_j, 1]
-    ref = q.new_full((B, H), FLOOR)  # m at the end of the previous block
+    state = None  # (B, H, M, Dv + 1): Σ_{j < block start} k̂_j [v_j, 1], keys relative to ref
+    ref = q.new_full((B, H, W), floor)  # m at the end of the previous block
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
     pads = pad.split(block, dim=2) if pad is not None else [None] * len(range(0, N, block))
     blocks = zip(range(0, N, block), q.split(block, dim=2), k.split(block, dim=2), v.split(block, dim=2), pads,
@@ -199,36 +325,87 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, fm: nn.Module, pad: Tensor | None, 
             pad_b = F.pad(pad_b if pad_b is not None else q_b.new_zeros(B, 1, L, dtype=torch.bool), (0, extra),
                           value=True)
         g = (L + extra) // chunk
-        qf = _query_features(fm, q_b, stabilised)  # (B, H, L', M)
-        if stabilised:
-            proj, offset, row_max = _key_log_features(fm, k_b, pad_b)
-            run = torch.maximum(torch.cummax(row_max, dim=-1).values, ref[..., None])  # (B, H, L'): m_j
-            kf = proj.sub_((run - offset)[..., None]).exp_()  # k̂_j <= 1; 0 where padded
-        else:
-            kf = fm(k_b)
-            if pad_b is not None:
-                kf = kf.masked_fill(pad_b[..., None], 0.0)
-            run = kf.new_zeros(B, H, L + extra)
-        qf, kf = qf.unflatten(2, (g, chunk)), kf.unflatten(2, (g, chunk))  # (B, H, g, C, M)
-        run, v1 = run.unflatten(2, (g, chunk)), _with_ones(v_b).unflatten(2, (g, chunk))  # (B,H,g,C), (..,Dv+1)
-        # intra-chunk: (q̂_iᵀk̂_j) exp(m_j - m_i) for j <= i
-        decay = (run[..., None, :] - run[..., :, None]).masked_fill_(above, float("-inf")).exp_()  # (B,H,g,C,C)
-        num = (qf @ kf.mT).mul_(decay) @ v1  # (B, H, g, C, Dv + 1)
-        # each chunk's contribution relative to its own end r_c, then the states entering chunks 0..g
-        ends = run[..., -1]  # (B, H, g): r_c
-        contrib = kf.mT @ (v1 * torch.exp(run - ends[..., None])[..., None])  # (B, H, g, M, Dv + 1)
-        before = torch.cat([ref[..., None], ends], dim=-1)  # (B, H, g + 1): the reference entering chunk c
-        lower = torch.ones(g + 1, g, dtype=torch.bool, device=q.device).tril(-1)  # chunk c' < c
-        weights = (ends[..., None, :] - before[..., :, None]).masked_fill_(~lower, float("-inf")).exp_()
-        states = torch.einsum("bhcd,bhdmv->bhcmv", weights, contrib)  # (B, H, g + 1, M, Dv + 1)
+        prepared = terms.prepare_queries(q_b).unflatten(2, (g, chunk))  # (B, H, g, C, M)
+        base, logw = terms.keys(k_b, pad_b)  # (B, H, L', M) | None, (B, H, L', W)
+        logw = logw.unflatten(2, (g, chunk))  # (B, H, g, C, W)
+        # r_c = m at the end of chunk c: a max per chunk, then a running max over the g chunks (the per-position
+        # m_j is needed only in chunks redone per query)
+        ends = torch.maximum(torch.cummax(logw.detach().amax(3), dim=2).values, ref[:, :, None])  # (B, H, g, W)
+        before = torch.cat([ref[:, :, None], ends], dim=2)  # (B, H, g + 1, W): the reference entering chunk c
+        steep = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
+        for c in steep:  # keep those chunks' queries: query_features overwrites prepared
+            steep[c] = (steep[c], prepared[:, :, c].clone())
+        qf = terms.query_features(prepared, ends[:, :, :, None])  # (B, H, g, C, M), relative to r_c
+        kf = _key_features(terms, None if base is None else base.unflatten(2, (g, chunk)), logw,
+                           ends[:, :, :, None])  # (B, H, g, C, M) <= r_c; overwrites logw
+        v1 = _with_ones(v_b).unflatten(2, (g, chunk))  # (B, H, g, C, Dv + 1)
+        num = (qf @ kf.mT).masked_fill_(above, 0.0) @ v1  # intra-chunk, j <= i: (B, H, g, C, Dv + 1)
+        contrib = kf.mT @ v1  # (B, H, g, M, Dv + 1): each chunk's keys relative to its own r_c
+        lower = torch.ones(g + 1, g, dtype=torch.bool, device=q.device).tril(-1)[..., None]  # chunk c' < c
+        weights = (ends[:, :, None] - before[:, :, :, None]).masked_fill_(~lower, float("-inf")).exp_()
+        states = _mix(weights, contrib)  # (B, H, g + 1, M, Dv + 1): entering chunk c, relative to before[c]
         if state is not None:
-            states = states + torch.exp(ref[..., None] - before)[..., None, None] * state[:, :, None]
-        carried = (qf @ states[:, :, :-1]) * torch.exp(before[..., :-1, None] - run)[..., None]
-        result = _ratio(num + carried, Dv, stabilised).flatten(2, 3)  # (B, H, L', Dv)
+            states = states + torch.exp(ref[:, :, None] - before)[..., None] * state[:, :, None]
+        carry = torch.exp(before[:, :, :-1] - ends)[:, :, :, None]  # (B, H, g, 1, W): before[c] -> r_c
+        total = num + (qf * carry) @ states[:, :, :-1]  # (B, H, g, C, Dv + 1)
+        if steep:  # chunks where m rises too much for one reference: redo them per query
+            parts = list(total.unbind(2))
+            for c, (run, prepared_c) in steep.items():
+                rows = slice(c * chunk, (c + 1) * chunk)
+                parts[c] = _chunk_per_query(terms, prepared_c, k_b[:, :, rows],
+                                            None if pad_b is None else pad_b[:, :, rows], v1[:, :, c], run,
+                                            states[:, :, c], before[:, :, c])
+            total = torch.stack(parts, dim=2)
+        result = _ratio(total, Dv, terms.positive).flatten(2, 3)  # (B, H, L', Dv)
         out.write(s, s + L, result[:, :, :L] if extra else result)
-        state, ref = states[:, :, -1], before[..., -1]
-        del qf, kf, decay, num, contrib, states, carried, result
+        state, ref = states[:, :, -1], before[:, :, -1]
+        del prepared, qf, kf, num, contrib, weights, states, total, result
     return out.result()
+
+
+def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> dict[int, Tensor]:
+    """The chunks where the running maximum m rises by more than ``limit`` between a query that sees a key and
+    the chunk's end (in any (batch, head, column)), each with its m_j (B, H, C, W); one read-back per block.
+
+    logw (B, H, g, C, W): the key log-scales; before (B, H, g + 1, W): m entering each chunk (then r_c)."""
+    ends = before[:, :, 1:]
+    start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
+    rise = (ends - start).amax(dim=(0, 1, 3))  # (g,): a cheap upper bound
+    steep = {}
+    for c in (rise > limit).nonzero().flatten().tolist():
+        # exact for the flagged chunks: positions that see no key yet (m = floor) do not count
+        run = torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
+        if bool(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit):
+            steep[c] = run
+    return steep
+
+
+def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Tensor, pad: Tensor | None,
+                     v1: Tensor, run: Tensor, state: Tensor, ref: Tensor) -> Tensor:
+    """One chunk with each query's own reference m_i: numerator and normaliser (B, H, C, Dv + 1), relative to the
+    query's t_i. The weights Σ_r q̂_ir k̂_jr exp(m_jr - m_ir), j <= i, are formed with the (C, C, W) decays
+    explicitly (every factor <= 1), in steps of rows that keep that tensor within FALLBACK_ELEMENTS.
+
+    prepared (B, H, C, M): prepared queries; k (B, H, C, D); pad (B, 1, C) | None; run (B, H, C, W): m_i;
+    state (B, H, M, Dv + 1) relative to ref (B, H, W), the reference entering the chunk."""
+    B, H, C, _ = prepared.shape
+    W = run.shape[-1]
+    base, logw = terms.keys(k, pad)  # (B, H, C, M) | None, (B, H, C, W)
+    qf = terms.query_features(prepared, run)  # (B, H, C, M): query i relative to its own m_i
+    carried = (qf * torch.exp(ref[:, :, None] - run)) @ state  # (B, H, C, Dv + 1)
+    future = torch.ones(C, C, dtype=torch.bool, device=k.device).triu(1)[..., None]  # (C, C, 1): j > i
+    step = max(1, FALLBACK_ELEMENTS // max(1, B * H * C * W))
+    parts = []
+    for a in range(0, C, step):
+        b = min(C, a + step)  # rows a..b-1 see keys 0..b-1
+        decay = (logw[:, :, None, :b] - run[:, :, a:b, None]).masked_fill_(future[a:b, :b], float("-inf")).exp_()
+        if W == 1:  # (B, H, R, b, 1): a scalar per (i, j)
+            p = (qf[:, :, a:b] @ base[:, :, :b].mT) * decay[..., 0]
+        else:
+            weights = decay if base is None else decay * base[:, :, None, :b]
+            p = torch.einsum("bhir,bhijr->bhij", qf[:, :, a:b], weights)  # (B, H, R, b)
+        parts.append(p @ v1[:, :, :b])
+    return torch.cat(parts, dim=2) + carried
 
 
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
@@ -243,3 +420,18 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.
     if keep is not None:
         a = a.masked_fill(~keep, 0.0)
     return safe_divide(a @ v, a.sum(-1, keepdim=True))
+
+
+def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
+                                   causal: bool = False, key_padding_mask: Tensor | None = None) -> Tensor:
+    """The naive reference for positive maps with ``log_features``, in the log domain: the (Nq, Nk) matrix of
+    log w_ij = logsumexp_r (log φ_r(q_i) + log φ_r(k_j)), masked, then a softmax over j and the product with V.
+
+    Exact for inputs of any scale (nothing is exponentiated before the softmax's own shift); forms
+    (B, H, Nq, Nk, M), so for small inputs (tests, float64)."""
+    _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_log_reference")
+    _check_feature_map(feature_map, D)
+    lq, lk = feature_map.log_features(q), feature_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)
+    logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], dim=-1)  # (B, H, Nq, Nk)
+    keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    return masked_softmax(logits, keep, dim=-1) @ v

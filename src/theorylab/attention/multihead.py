@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor, nn
 
+from ._checks import positive_int
 from .exact import softmax_attention
 from .features import EluFeatures, PositiveRandomFeatures
 from .linear import linear_attention
@@ -40,6 +43,11 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"MultiheadAttention: kind must be one of {KINDS}; got {kind!r}")
+        for what, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_features", num_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"MultiheadAttention: {what} must be a positive integer; got {value!r}")
+        if chunk_size is not None:
+            chunk_size = positive_int(chunk_size, what="chunk_size", name="MultiheadAttention")
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"MultiheadAttention: num_heads ({num_heads}) must be positive and divide embed_dim "
                              f"({embed_dim})")

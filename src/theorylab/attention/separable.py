@@ -21,7 +21,17 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import FLOOR, ChunkOutputs, accumulation_dtype, check_qkv, keep_mask, masked_softmax, safe_divide
+from ._checks import (
+    ChunkOutputs,
+    accumulation_dtype,
+    check_qkv,
+    empty_attention,
+    keep_mask,
+    lowest,
+    masked_softmax,
+    positive_int,
+    safe_divide,
+)
 
 SEPARABLE_CHUNK = 32
 
@@ -37,16 +47,21 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         chunk_size: positions per chunk in causal mode (None: 32).
 
     Returns:
-        (B, H, Nq, Dv) in the dtype of q.
+        (B, H, Nq, Dv) in the dtype of q; zeros where a query sees no key (in particular when Nk = 0).
+
+    Raises:
+        TypeError: q, k or v is not floating point, or chunk_size is not an integer.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="separable_attention")
     if causal and Nq != Nk:
         raise ValueError(f"separable_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"separable_attention: chunk_size must be positive; got {chunk_size}")
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, what="chunk_size", name="separable_attention")
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if B * H * Nq * Nk == 0:  # nothing to attend to (or no query): the softmax over keys has no maximum
+        return empty_attention(q, k, v).to(out_dtype)
     a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
     logits = k
     if key_padding_mask is not None:
@@ -61,8 +76,10 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     B, H, N, D = a.shape
     Dv = v.shape[-1]
-    # m_ic: running max per column over keys j <= i (FLOOR before the first non-padded key)
-    run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(FLOOR)  # (B, H, N, D)
+    # m_ic: running max per column over keys j <= i (the lowest finite value before the first non-padded key:
+    # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
+    floor = lowest(a.dtype)
+    run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(floor)  # (B, H, N, D)
     # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter
     # as long as the running max rises by at most `limit` inside the chunk (then Z >= e^{-limit} is far from
     # the safe-division threshold sqrt(smallest normal) = e^{-0.5 log(1/tiny)}).
@@ -70,7 +87,7 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     out = ChunkOutputs(a, (B, H, N, Dv))
     state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
     norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
-    ref = a.new_full((B, H, D), FLOOR)
+    ref = a.new_full((B, H, D), floor)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),

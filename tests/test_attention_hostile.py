@@ -1,0 +1,275 @@
+"""Hostile inputs for the attention package: extreme scales, empty sequences, wrong dtypes and arguments.
+
+Each test pins a reproduced bug: the fast paths are compared with the float64 references of the package
+(``linear_attention_log_reference`` where the plain reference would overflow), outputs and gradients."""
+
+import math
+
+import pytest
+import torch
+from attention_helpers import assert_same_outputs_and_grads, padding_mask, qkv
+
+from theorylab.attention import (
+    EluFeatures,
+    MultiheadAttention,
+    PositiveRandomFeatures,
+    ReluFeatures,
+    TrigRandomFeatures,
+    linear,
+    linear_attention,
+    separable_attention,
+    softmax_attention,
+)
+from theorylab.attention.linear import linear_attention_log_reference, linear_attention_reference
+from theorylab.attention.separable import separable_attention_reference
+
+# --- FAVOR+ at any scale -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("magnitude", [1e5, 1e12, 1e18, 1e25])
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_one_key_of_any_norm_returns_its_value(magnitude, causal):
+    """With one key the output is its value, whatever the key's norm (1e5 gave NaN; 1e25 overflows |k|² in
+    float32, which is then computed in float64)."""
+    fm = PositiveRandomFeatures(2, 8, seed=0)
+    q = torch.zeros(1, 1, 1, 2)
+    k = torch.tensor([[[[magnitude, 0.3 * magnitude]]]], requires_grad=True)
+    v = torch.tensor([[[[1.0, 2.0]]]])
+    out = linear_attention(q, k, v, fm, causal=causal)
+    torch.testing.assert_close(out, v)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))  # the output does not depend on the key
+
+
+def test_favor_float32_small_case_matches_the_exact_log_domain_value():
+    """float32 gave [0, 0.0017]; the exact value is [2e-120, 1]."""
+    fm = PositiveRandomFeatures(2, 8, seed=0)
+    q = torch.tensor([[[[31.0, -6.0]]]])
+    k = torch.tensor([[[[-44.0, 11.0], [-22.0, -28.0]]]])
+    v = torch.eye(2)[None, None]
+    exact = linear_attention_log_reference(q.double(), k.double(), v.double(), fm.double())
+    for causal_q in (q, torch.cat([q, q], dim=2)):  # non-causal, and causal with the query repeated
+        causal = causal_q.shape[2] == 2
+        out = linear_attention(causal_q, k, v, fm.float(), causal=causal)
+        ref = linear_attention_log_reference(causal_q.double(), k.double(), v.double(), fm.double(), causal=causal)
+        torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=0)
+    assert exact[0, 0, 0, 1] == pytest.approx(1.0) and exact[0, 0, 0, 0] < 1e-100
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+@pytest.mark.parametrize("scale", [30.0, 1000.0])
+def test_favor_large_inputs_equal_the_log_domain_reference_outputs_and_grads(causal, chunk_size, scale):
+    """One stabiliser per key row cannot serve queries whose dominant (key, feature) pair differs: in float32 at
+    scale 100, 69% (78% causal) of the rows were exactly 0; in float64 the same happens at scale 1000.
+    float64, so the comparison is tight."""
+    q, k, v = qkv(B=1, H=2, Nq=16, D=8, scale=scale)
+    fm = PositiveRandomFeatures(8, 32, seed=0).double()
+    mask = padding_mask(1, 16)
+
+    def fast(q, k, v):
+        return linear_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=chunk_size)
+
+    def ref(q, k, v):
+        return linear_attention_log_reference(q, k, v, fm, causal=causal, key_padding_mask=mask)
+
+    assert_same_outputs_and_grads(fast, ref, (q, k, v), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_large_inputs_float32_no_lost_rows(causal):
+    q, k, v = qkv(B=1, H=2, Nq=16, D=8, scale=100.0, dtype=torch.float32)
+    fm = PositiveRandomFeatures(8, 32, seed=0)
+    out = linear_attention(q, k, v, fm, causal=causal)
+    ref = linear_attention_log_reference(q.double(), k.double(), v.double(), fm.double(), causal=causal)
+    assert (out.abs().sum(-1) > 0).all()
+    # |k'|²/2 ~ 1e4 here, so float32 rounding of the inputs alone moves the log-weights by ~1e-3
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
+
+
+def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch):
+    """A first key of large norm (log-features ~ -|k'|²/2 = -3000) then ordinary ones: the column maxima rise by
+    ~3000 inside the chunk, so the chunk-end reference would underflow the first queries' weights; such chunks
+    go through the per-query path, and match the reference."""
+    calls = []
+    original = linear._chunk_per_query
+    monkeypatch.setattr(linear, "_chunk_per_query", lambda *a: calls.append(1) or original(*a))
+    q, k, v = qkv(B=2, H=2, Nq=12, D=4)
+    k[:, :, 0] = k[:, :, 0] / k[:, :, 0].norm(dim=-1, keepdim=True) * 110.0
+    fm = PositiveRandomFeatures(4, 16, seed=0).double()
+    assert_same_outputs_and_grads(
+        lambda q, k, v: linear_attention(q, k, v, fm, causal=True, chunk_size=4),
+        lambda q, k, v: linear_attention_log_reference(q, k, v, fm, causal=True), (q, k, v))
+    assert calls
+
+
+# --- elu + 1 -------------------------------------------------------------------------------------------------
+
+
+def test_elu_features_do_not_round_to_zero():
+    x = torch.tensor([-20.0, -80.0, 0.0, 3.0])
+    expected = torch.tensor([math.exp(-20), math.exp(-80), 1.0, 4.0])
+    torch.testing.assert_close(EluFeatures(4)(x), expected, atol=0, rtol=1e-6)
+
+
+def test_elu_features_gradient_is_finite_and_exact_at_extremes():
+    x = torch.tensor([-1e4, -20.0, -1.0, 0.0, 1.0, 100.0, 1e4], dtype=torch.float64, requires_grad=True)
+    EluFeatures()(x).sum().backward()
+    expected = torch.where(x > 0, 1.0, torch.exp(x.detach()))
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_elu_attention_for_very_negative_queries_equals_reference(causal):
+    """elu(x) + 1 rounded to 0 for x < -17, and the whole output with it."""
+    q, k, v = qkv(B=1, H=1, Nq=3, D=4, dtype=torch.float32)
+    q = torch.full_like(q, -20.0)
+    out = linear_attention(q, k, v, EluFeatures(4), causal=causal)
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), EluFeatures(4), causal=causal)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# --- trigonometric features --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_trig_features_at_norm_ten_equal_the_float64_reference(causal):
+    """exp(|x'|²/2) overflowed float32 at |x| ~ 10 and the output came back as silent zeros."""
+    torch.manual_seed(0)
+    q, k, v = qkv(B=1, H=1, Nq=6, D=4, dtype=torch.float32, scale=10.0)
+    fm = TrigRandomFeatures(4, 64, seed=0)
+    out = linear_attention(q, k, v, fm, causal=causal, chunk_size=2)
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), fm.double(), causal=causal)
+    assert ref.abs().amax() > 0.1  # the reference itself is well away from 0
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_trig_features_gradients_match_the_reference_at_norm_ten(causal):
+    """float32 through the fast path, float64 through the reference (which does not overflow at this norm)."""
+    q, k, v = qkv(B=1, H=2, Nq=8, D=4, scale=10.0)
+    fm = TrigRandomFeatures(4, 32, seed=1)
+    fm64 = TrigRandomFeatures(4, 32, seed=1).double()
+
+    def fast(q, k, v):
+        return linear_attention(q.float(), k.float(), v.float(), fm, causal=causal, chunk_size=3).double()
+
+    assert_same_outputs_and_grads(
+        fast, lambda q, k, v: linear_attention_reference(q, k, v, fm64, causal=causal), (q, k, v),
+        atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("fm", [TrigRandomFeatures(2, 8, seed=0), PositiveRandomFeatures(2, 8, seed=0)],
+                         ids=["trig", "favor"])
+def test_inputs_whose_log_scale_overflows_float64_raise(fm):
+    q = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    k = torch.tensor([[[[1e160, 0.0]]]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="overflows even float64"):
+        linear_attention(q, k, torch.ones(1, 1, 1, 2, dtype=torch.float64), fm.double())
+
+
+# --- empty sequences ---------------------------------------------------------------------------------------
+
+KINDS = {
+    "softmax": lambda q, k, v, **kw: softmax_attention(q, k, v, **kw),
+    "separable": lambda q, k, v, **kw: separable_attention(q, k, v, **kw),
+    "favor": lambda q, k, v, **kw: linear_attention(q, k, v, PositiveRandomFeatures(4, 8, seed=0), **kw),
+    "trig": lambda q, k, v, **kw: linear_attention(q, k, v, TrigRandomFeatures(4, 8, seed=0), **kw),
+    "elu": lambda q, k, v, **kw: linear_attention(q, k, v, EluFeatures(4), **kw),
+    "relu": lambda q, k, v, **kw: linear_attention(q, k, v, ReluFeatures(4), **kw),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("B, Nq, Nk, causal", [(2, 5, 0, False), (2, 0, 0, True), (0, 5, 5, True),
+                                               (0, 5, 5, False), (2, 0, 3, False)])
+def test_empty_inputs_give_zeros_of_the_right_shape_and_zero_grads(kind, B, Nq, Nk, causal):
+    q = torch.randn(B, 2, Nq, 4, requires_grad=True)
+    k = torch.randn(B, 2, Nk, 4, requires_grad=True)
+    v = torch.randn(B, 2, Nk, 3, requires_grad=True)
+    out = KINDS[kind](q, k, v, causal=causal)
+    assert out.shape == (B, 2, Nq, 3) and out.dtype == q.dtype
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    for x in (q, k, v):
+        assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "separable", "linear", "favor"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_multihead_empty_sequence(kind, causal):
+    mha = MultiheadAttention(8, 2, kind=kind, causal=causal, num_features=8, seed=0)
+    assert mha(torch.randn(2, 0, 8)).shape == (2, 0, 8)
+    if not causal:  # cross attention to an empty memory: zeros through the output projection (its bias)
+        out = mha(torch.randn(2, 3, 8), torch.randn(2, 0, 8))
+        torch.testing.assert_close(out, mha.out_proj.bias.expand(2, 3, 8))
+
+
+# --- separable attention: keys below the old floor of -1e30 --------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 32])
+@pytest.mark.parametrize("level", [-1e31, -1e37, -3e38])
+def test_separable_causal_keys_far_below_minus_1e30(chunk_size, level):
+    q, k, v = qkv(B=1, H=2, Nq=7, D=3, dtype=torch.float32)
+    k = torch.full_like(k, level) + k.abs() * (-level * 1e-3)  # every key huge and negative, distinct
+    out = separable_attention(q, k, v, causal=True, chunk_size=chunk_size)
+    ref = separable_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert (out.abs().sum(-1) > 0).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, separable_attention(q, k, v, causal=True, chunk_size=7), atol=1e-6, rtol=0)
+
+
+# --- dtypes and arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_inputs_raise_a_type_error_naming_the_dtype(kind, dtype):
+    q = torch.ones(1, 1, 3, 4).to(dtype)
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+        KINDS[kind](q, q, q)
+    with pytest.raises(TypeError, match="must be floating point"):  # one integer tensor among floats
+        KINDS[kind](torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4), q)
+
+
+@pytest.mark.parametrize("cls", [PositiveRandomFeatures, TrigRandomFeatures])
+@pytest.mark.parametrize("scale", [-1.0, 0.0, float("nan"), float("inf")])
+def test_random_features_reject_a_bad_scale(cls, scale):
+    with pytest.raises(ValueError, match=f"scale must be a positive finite number; got {scale!r}"):
+        cls(4, 8, scale=scale)
+
+
+@pytest.mark.parametrize("cls", [PositiveRandomFeatures, TrigRandomFeatures])
+def test_random_features_reject_non_integer_sizes(cls):
+    with pytest.raises(TypeError, match="num_features must be a positive integer; got 16.0"):
+        cls(4, 16.0)
+    with pytest.raises(TypeError, match="head_dim must be a positive integer; got 4.5"):
+        cls(4.5, 16)
+    with pytest.raises(TypeError, match="scale must be a positive finite number; got '1'"):
+        cls(4, 16, scale="1")
+    with pytest.raises(TypeError, match="seed"):
+        cls(4, 16, seed=1.5)
+    assert cls(4, 16, scale=2).scale == 2.0
+
+
+@pytest.mark.parametrize("fn", [
+    lambda q, chunk: linear_attention(q, q, q, EluFeatures(4), causal=True, chunk_size=chunk),
+    lambda q, chunk: linear_attention(q, q, q, PositiveRandomFeatures(4, 8, seed=0), chunk_size=chunk),
+    lambda q, chunk: separable_attention(q, q, q, causal=True, chunk_size=chunk),
+    lambda q, chunk: MultiheadAttention(4, 1, kind="linear", chunk_size=chunk)(q[0]),
+], ids=["linear-causal", "linear", "separable", "multihead"])
+def test_chunk_size_must_be_a_positive_integer(fn):
+    q = torch.randn(1, 1, 5, 4)
+    with pytest.raises(TypeError, match="chunk_size must be a positive integer; got 2.5"):
+        fn(q, 2.5)
+    with pytest.raises(ValueError, match="chunk_size must be positive; got 0"):
+        fn(q, 0)
+
+
+def test_multihead_rejects_non_integer_sizes():
+    with pytest.raises(TypeError, match="embed_dim must be a positive integer; got 8.0"):
+        MultiheadAttention(8.0, 2)
+    with pytest.raises(TypeError, match="num_features must be a positive integer; got 16.0"):
+        MultiheadAttention(8, 2, kind="favor", num_features=16.0)

@@ -13,37 +13,41 @@ from .base import (
     ChainOptimizer,
     as_param_list,
     check_beta,
+    check_flag,
     check_lr,
     check_nonfinite,
     check_nonnegative,
     check_positive,
 )
-from .decay import check_decay, with_decay
+from .decay import check_decay, check_decay_rate, with_decay
 from .transforms import ScaleByAdam, Transform
 
 #: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what ``fused=True`` takes: the kernel's dtypes, and complex64/complex128 passed to it as float32/float64 pairs
+FUSED_DTYPES = (*KERNEL_DTYPES, torch.complex64, torch.complex128)
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def check_fused(fused: Any) -> None:
-    if not isinstance(fused, bool):
-        raise ValueError(f"Invalid fused value: {fused!r} (must be True or False)")
-
-
-def check_fused_params(params: Iterable[Tensor], group_index: int | None = None) -> None:
-    """Raise ValueError naming the first parameter whose dtype or device torch's fused Adam kernel lacks.
+def check_fused_params(params: Iterable[Tensor], group_index: int | None = None) -> bool:
+    """Raise ValueError naming the first parameter whose dtype or device ``fused=True`` does not take; return
+    whether any parameter is complex (it then goes to the kernel as its real view).
 
     An error rather than a silent fall back to the chain: ``fused=True`` is asked for speed, and a chain step
     several times slower should not pass unnoticed.
     """
-    where = f" in parameter group {group_index}" if group_index is not None else ""
+    has_complex = False
     for i, p in enumerate(params):
-        if p.dtype not in FUSED_DTYPES or p.device.type not in FUSED_DEVICES:
+        dtype = p.dtype
+        # is_cpu / is_cuda, not p.device.type, which costs 6x more: this runs at every step
+        if dtype not in FUSED_DTYPES or not (p.is_cpu or p.is_cuda):
+            where = f" in parameter group {group_index}" if group_index is not None else ""
             raise ValueError(
                 f"fused=True does not support parameter {i}{where}: dtype {p.dtype} on device {p.device} (torch's "
-                f"fused Adam kernel takes {', '.join(map(str, FUSED_DTYPES))} on {' or '.join(FUSED_DEVICES)}); "
-                "pass fused=False to use the chain")
+                f"fused Adam kernel takes {', '.join(map(str, KERNEL_DTYPES))} on {' or '.join(FUSED_DEVICES)}, and "
+                "complex64/complex128 as their real views); pass fused=False to use the chain")
+        has_complex = has_complex or dtype.is_complex
+    return has_complex
 
 
 def _dense(t: Tensor) -> bool:
@@ -67,11 +71,12 @@ def _kernel_safe(p: Tensor, *others: Tensor) -> bool:
     return _dense(p) and all(t.stride() == p.stride() for t in others)
 
 
-def check_betas(betas: Any) -> None:
+def check_betas(betas: Any) -> tuple[float, float]:
+    """Return ``betas`` as a pair of floats, each in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    for i, b in enumerate(betas):
-        check_beta(b, f"beta{i + 1} (betas[{i}])", allow_zero=True)
+    beta1, beta2 = (check_beta(b, f"beta{i + 1} (betas[{i}])", allow_zero=True) for i, b in enumerate(betas))
+    return beta1, beta2
 
 
 class Adam(ChainOptimizer):
@@ -95,8 +100,14 @@ class Adam(ChainOptimizer):
     * ``"decoupled_lr"`` (torch.optim.AdamW, optax.adamw): :math:`\Delta\theta = -\varepsilon(a_t + \lambda\theta)`;
       the decay per step is ε·λ, so the best λ moves as 1/ε.
 
-    ``weight_decay = 2γ`` for the problem set's L2 term :math:`\gamma\lVert\theta\rVert^2`.
-    ``nonfinite``: see :class:`ChainOptimizer`.
+    ``weight_decay = 2γ`` for the problem set's L2 term :math:`\gamma\lVert\theta\rVert^2`. The decoupled decays
+    need a shrink per step below 1: λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for
+    ``"decoupled"``, ελ < 1 for ``"decoupled_lr"``; ValueError otherwise
+    (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
+
+    **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
+    moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
+    parameters, on both the chain and the fused path.
 
     **fused** (default False; a per-group option, like torch's): step the group with torch's fused Adam/AdamW
     kernel (``torch.optim.adam.adam(..., fused=True)``, one pass over memory instead of the chain's several;
@@ -109,11 +120,14 @@ class Adam(ChainOptimizer):
     the state (``step``, ``exp_avg``, ``exp_avg_sq``), so a ``state_dict`` saved with either setting loads into
     the other; ``load_state_dict`` keeps the loading optimizer's ``fused`` setting (an execution choice, not a
     hyperparameter of the saved run), where torch.optim takes the saved one. Parameters must be
-    float16/bfloat16/float32/float64 on CPU or CUDA, else ValueError (at construction and at step). A group
+    float16/bfloat16/float32/float64 on CPU or CUDA (or complex64/complex128, given to the kernel as their
+    float32/float64 real views), else ValueError (at construction and at step). A group
     runs the chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach
     (``initial_lr == 0`` with λ > 0), or when a parameter's gradient or state is laid out differently from it in
     memory (which the kernel, blind to strides, gets silently wrong).
     """
+
+    state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *,
@@ -125,12 +139,13 @@ class Adam(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_positive(group["eps"], "eps")
-        check_nonnegative(group["weight_decay"], "weight_decay")
+        group["lr"] = check_lr(group["lr"])
+        group["betas"] = check_betas(group["betas"])
+        group["eps"] = check_positive(group["eps"], "eps")
+        group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
         check_decay(group["decay"])
-        check_fused(group.get("fused", False))
+        check_decay_rate(group)
+        check_flag(group.get("fused", False), "fused")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -165,7 +180,8 @@ class Adam(ChainOptimizer):
                 return False
             weight_decay = weight_decay / lr0  # the kernel's lr·wd is then (lr/lr0)·λ, the scheduled decay
         # by identity: list.index would compare the groups' tensors with ==
-        check_fused_params(group["params"], next(i for i, g in enumerate(self.param_groups) if g is group))
+        has_complex = check_fused_params(group["params"],
+                                         next(i for i, g in enumerate(self.param_groups) if g is group))
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
@@ -181,6 +197,10 @@ class Adam(ChainOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        if has_complex:  # the kernel takes real tensors: complex ones go in as (..., 2) views, as torch.optim's do
+            params, grads, exp_avgs, exp_avg_sqs = (
+                [torch.view_as_real(t) if t.is_complex() else t for t in ts]
+                for ts in (params, grads, exp_avgs, exp_avg_sqs))
         if not all(_kernel_safe(*ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
             return False
         beta1, beta2 = group["betas"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,30 +16,69 @@ from .transforms import StepContext, Transform, chain_step
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
+#: the key under which :meth:`ChainOptimizer.state_dict` records which optimizer's state it is
+STATE_KIND_KEY = "theorylab_optimizer"
 
-def check_lr(lr: float) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+#: group keys that are execution choices, not hyperparameters of the saved run: a state_dict without them (saved
+#: before they existed) takes the loading optimizer's values
+EXECUTION_KEYS = ("nonfinite", "fused")
 
 
-def check_beta(beta: float, name: str = "beta", *, allow_zero: bool = False) -> None:
+def as_real(value: Any, name: str) -> float:
+    """``value`` as a Python float: an int, a float, a numpy real scalar or a one-element real tensor (torch.optim
+    takes a Tensor lr; the chains here read it as a number, so it is converted once, where it is validated).
+
+    Any other type (bool, str, complex, None, a tensor of several elements) is a TypeError that names the type: the
+    value may be fine, its type is what is refused.
+    """
+    if type(value) is float:  # the common case first: this runs for every hyperparameter at every step
+        return value
+    if isinstance(value, Tensor):
+        if value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's bool is not numbers.Real
+        return float(value)
+    raise TypeError(f"Invalid {name}: {value!r} has type {type(value).__name__}; expected a real number (an int, a "
+                    "float, a numpy scalar or a one-element tensor)")
+
+
+def check_lr(lr: Any) -> float:
+    """Return ``lr`` as a float; ValueError unless it is finite and >= 0 (TypeError for a non-number)."""
+    value = as_real(lr, "learning rate")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid learning rate: {value} (must be a finite number >= 0)")
+    return value
+
+
+def check_beta(beta: Any, name: str = "beta", *, allow_zero: bool = False) -> float:
     """β must lie in (0, 1), or [0, 1) with ``allow_zero``; β = 1 would never forget and never debias."""
     interval = "[0, 1)" if allow_zero else "(0, 1)"
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise ValueError(f"Invalid {name} value: {beta!r} (must lie in {interval})")
-    low_ok = beta >= 0 if allow_zero else beta > 0
-    if not (low_ok and beta < 1):
-        raise ValueError(f"Invalid {name} value: {beta} (must lie in {interval})")
+    value = as_real(beta, f"{name} value")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value < 1):  # also False for NaN
+        raise ValueError(f"Invalid {name} value: {value} (must lie in {interval})")
+    return value
 
 
-def check_nonnegative(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name} value: {value} (must be a finite number >= 0)")
+def check_nonnegative(value: Any, name: str) -> float:
+    x = as_real(value, f"{name} value")
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"Invalid {name} value: {x} (must be a finite number >= 0)")
+    return x
 
 
-def check_positive(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid {name} value: {value} (must be a finite number > 0)")
+def check_positive(value: Any, name: str) -> float:
+    x = as_real(value, f"{name} value")
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"Invalid {name} value: {x} (must be a finite number > 0)")
+    return x
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """A switch must be a bool (numpy's too): a truthy string such as ``"no"`` would silently turn it on."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"Invalid {name} value: {value!r} (must be True or False)")
 
 
 def check_nonfinite(policy: str) -> None:
@@ -50,7 +91,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 class ChainOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses return the transform chain of a parameter group in :meth:`transforms`.
+    r"""Base class: subclasses return the transform chain of a parameter group in :meth:`transforms`.
 
     Per parameter it keeps ``state["step"]`` (a float tensor, as torch.optim does) plus the transforms' buffers.
     Parameters without a gradient are skipped and their step count does not advance; parameters of one group
@@ -68,23 +109,90 @@ class ChainOptimizer(torch.optim.Optimizer):
       is incremented;
     * ``"propagate"``: torch.optim's behaviour: the NaN flows into the moment buffers and the parameters, and
       stays there. Saves one read of the gradients per step.
+
+    **Validation.** :meth:`check_group` runs on the constructor's defaults, on every group added, on every group of
+    a state_dict being loaded (before anything is changed) and on every group at every step (so a bad value
+    written into ``param_groups`` is caught before it reaches a parameter). It stores numbers as Python floats:
+    numpy scalars and one-element tensors (a Tensor ``lr``, which torch.optim accepts) are converted.
+
+    **Complex parameters** are stepped as pairs of reals (``torch.view_as_real``), as torch.optim does: every
+    transform acts on the real and imaginary parts separately, so Adam's :math:`g^2` is per component (a complex
+    :math:`g\cdot g` would make the second moment complex). The state stays complex, shaped like the parameter.
+
+    **state_dict** records which optimizer saved it (:data:`STATE_KIND_KEY`, ignored by torch.optim when it loads
+    one). :meth:`load_state_dict` refuses, with a ValueError, a state saved by another optimizer (SGD's
+    ``momentum_buffer`` is in gradient units, SGDMomentum's in lr·gradient units), groups that lack one of this
+    optimizer's hyperparameters (a torch.optim state_dict lacks ``decay``) and invalid values.
     """
 
     skipped_steps: int = 0
+    #: what the state means: a state_dict loads only into an optimizer of the same kind; None means the class name
+    state_kind: str | None = None
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         raise NotImplementedError
 
     def check_group(self, group: dict[str, Any]) -> None:
-        """Validate a group's hyperparameters (called for every new group and at every step); override."""
+        """Validate a group's hyperparameters, storing numbers back as floats (see the class docstring); override."""
+
+    def _state_kind(self) -> str:
+        return self.state_kind or type(self).__name__
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        given = {k: v for k, v in param_group.items() if k != "params"}
+        merged = {**self.defaults, **given}
         self.check_group(merged)
         check_nonfinite(merged.get("nonfinite", "raise"))
+        param_group.update({k: merged[k] for k in given})  # the validated values, as floats
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("initial_lr", group["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict[STATE_KIND_KEY] = self._state_kind()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self._checked_state_dict(state_dict))
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.
+
+        Raises before anything is loaded. What torch checks itself (the number and sizes of the groups) is left
+        to torch's own messages.
+        """
+        name = type(self).__name__
+        saved_kind = state_dict.get(STATE_KIND_KEY)
+        if saved_kind is not None and saved_kind != self._state_kind():
+            raise ValueError(f"cannot load this state_dict into {name}: it was saved by theorylab's {saved_kind}, "
+                             f"whose state and hyperparameters mean something else here")
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return state_dict
+        required = [k for k in self.defaults if k not in EXECUTION_KEYS]
+        groups = []
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            missing = [k for k in required if k not in saved]
+            # torch.optim.SGD's momentum_buffer is in gradient units, SGDMomentum's in lr·gradient units: a
+            # torch.optim state is refused even where no key is missing
+            torch_name = _torch_optimizer_name(saved) if saved_kind is None else None
+            if missing or torch_name:
+                what = [f"its parameter group {i} lacks {', '.join(map(repr, missing))}"] if missing else []
+                if torch_name:
+                    what.append(f"it looks like a {torch_name} state_dict; theorylab's optimizers load only their "
+                                "own (build one from the same hyperparameters instead)")
+                elif saved_kind:
+                    what.append(f"it was saved by theorylab's {saved_kind}")
+                raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
+            group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current and k not in saved}}
+            try:
+                self.check_group(group)
+                check_nonfinite(group.get("nonfinite", "raise"))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from e
+            groups.append(group)
+        return {**state_dict, "param_groups": groups}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -121,8 +229,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                 state["step"] += 1
                 buckets[int(state["step"].item())].append(p)
             for t, bucket in buckets.items():
-                ctx = StepContext(params=bucket, states=[self.state[p] for p in bucket], group=group, step=t,
-                                  scratch=self._scratch)
+                states = [self.state[p] for p in bucket]
+                if any(p.is_complex() for p in bucket):
+                    _real_view_chain_step(chain, group, t, bucket, states)
+                    continue
+                ctx = StepContext(params=bucket, states=states, group=group, step=t, scratch=self._scratch)
                 chain_step(chain, ctx, [p.grad for p in bucket])
         return loss
 
@@ -155,6 +266,39 @@ class ChainOptimizer(torch.optim.Optimizer):
     def scratch_bytes(self) -> int:
         """Bytes held by the reusable work tensors (see :meth:`_scratch`)."""
         return sum(b.numel() * b.element_size() for b in self.__dict__.get("_scratch_buffers", {}).values())
+
+
+def _real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: int, params: list[Tensor],
+                          states: list[dict[str, Any]]) -> None:
+    """One chain step with complex parameters, gradients and state tensors seen as real ``(..., 2)`` views.
+
+    The views share memory, so in-place updates land in the parameters and in the existing buffers; a buffer
+    created during the step (a real view's shape) is stored back complex, shaped like its parameter, as
+    torch.optim keeps it. No work buffers: they are kept per parameter, and the views are new objects every step.
+    """
+    real_params = [_real_view(p) for p in params]
+    views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
+             for p, s in zip(params, states, strict=True)]
+    ctx = StepContext(params=real_params, states=views, group=group, step=step)
+    chain_step(chain, ctx, [_real_view(p.grad) for p in params])
+    for state, view, real in zip(states, views, real_params, strict=True):
+        if view is not state:
+            state.update({k: torch.view_as_complex(v) if isinstance(v, Tensor) and v.shape == real.shape else v
+                          for k, v in view.items() if k not in state})
+
+
+def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
+    """The torch.optim optimizer a saved parameter group seems to come from (by keys only torch's groups have), or
+    None."""
+    if not any(k in group for k in ("foreach", "differentiable", "maximize", "capturable")):
+        return None
+    if "amsgrad" in group:
+        return "torch.optim.AdamW" if group.get("decoupled_weight_decay") else "torch.optim.Adam"
+    return "torch.optim.SGD" if "nesterov" in group else "torch.optim"
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

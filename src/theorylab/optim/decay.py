@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform
+from typing import Any
+
+from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, schedule_multiplier
 
 DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
 
@@ -10,6 +12,40 @@ DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
 def check_decay(decay: str) -> None:
     if decay not in DECAY_MODES:
         raise ValueError(f"Invalid decay mode: {decay!r} (must be one of {', '.join(map(repr, DECAY_MODES))})")
+
+
+def check_decay_rate(group: dict[str, Any]) -> None:
+    r"""The decoupled decays multiply θ by :math:`1 - s` per step; :math:`s \ge 1` zeroes θ or flips its sign (and
+    from :math:`s > 2` on, grows it), so :math:`s < 1` is required. Raise ValueError naming the values otherwise.
+
+    * ``"decoupled"``: :math:`s = \lambda\,\text{lr}/\text{lr}_0`; λ itself (s at the initial lr) must be < 1;
+    * ``"decoupled_lr"``: :math:`s = \text{lr}\cdot\lambda`.
+
+    Checked with the group's current lr, so at every step under a schedule. With ``nonfinite="propagate"``
+    (torch.optim's behaviour; torch checks neither) only λ < 1 for ``"decoupled"`` is checked, not the rate at
+    the current lr: a grid search over (lr, λ) may then let its cells with lr·λ ≥ 1 diverge to inf/NaN and
+    count them as diverged, as it would with torch.optim.AdamW. ``"l2"`` is left alone: its decay goes through
+    the preconditioner, like the gradient, and a too-large step there is a too-large learning rate.
+    """
+    decay, lam = group["decay"], group["weight_decay"]
+    if decay == "l2" or lam == 0:
+        return
+    lr = group["lr"]
+    if decay == "decoupled" and lam >= 1:
+        raise ValueError(f"Invalid weight_decay value: {lam} for decay='decoupled' (must be < 1: the weights are "
+                         f"multiplied by 1 - weight_decay per step, and weight_decay >= 1 zeroes them or flips "
+                         f"their sign)")
+    if group.get("nonfinite", "raise") == "propagate":
+        return
+    if decay == "decoupled":
+        rate = lam * schedule_multiplier(group)
+        if rate >= 1:
+            raise ValueError(f"decay='decoupled' with weight_decay={lam} at lr={lr} (initial_lr="
+                             f"{group.get('initial_lr', lr)}): the decay per step weight_decay * lr / initial_lr = "
+                             f"{rate:g} must be < 1 (the weights are multiplied by 1 - {rate:g})")
+    elif lr * lam >= 1:
+        raise ValueError(f"decay='decoupled_lr' with lr={lr}, weight_decay={lam}: the decay per step lr * "
+                         f"weight_decay = {lr * lam:g} must be < 1 (the weights are multiplied by 1 - {lr * lam:g})")
 
 
 def with_decay(preconditioner: list[Transform], decay: str) -> list[Transform]:

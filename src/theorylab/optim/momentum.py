@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import ChainOptimizer, as_param_list, check_beta, check_lr, check_nonnegative
+from .base import ChainOptimizer, as_param_list, check_beta, check_flag, check_lr, check_nonnegative
 from .transforms import RunningAverage, ScaleByLearningRate, Trace, Transform
 
 
@@ -33,16 +33,21 @@ class SGDMomentum(ChainOptimizer):
         momentum: μ ≥ 0 (μ = 0 is plain SGD).
 
     Unlike ``torch.optim.SGD`` (:math:`v \leftarrow \mu v + g`, :math:`p \leftarrow p - \eta v`) the learning rate
-    lives inside the buffer; the two agree at a constant learning rate.
+    lives inside the buffer; the two agree at a constant learning rate, but their ``momentum_buffer`` states differ
+    by the factor η, so a state_dict of one does not load into the other. Validation and complex parameters: see
+    :class:`ChainOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float) -> None:
-        check_lr(lr)
-        check_nonnegative(momentum, "momentum")
-        super().__init__(as_param_list(params), {"lr": lr, "momentum": momentum})
+        defaults = {"lr": lr, "momentum": momentum}
+        self.check_group(defaults)
+        super().__init__(as_param_list(params), defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        group["lr"] = check_lr(group["lr"])
+        group["momentum"] = check_nonnegative(group["momentum"], "momentum")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
-        check_lr(group["lr"])
         return [ScaleByLearningRate(), Trace(key="momentum", state_key="momentum_buffer")]
 
 
@@ -57,16 +62,21 @@ class RunningAverageSGD(ChainOptimizer):
         lr: δ ≥ 0.
         beta: β in (0, 1).
         debias: divide by :math:`1-\beta^t`, which makes :math:`E[v_t] = \mu` under a stationary mean μ.
+
+    Validation and complex parameters: see :class:`ChainOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, beta: float, debias: bool = False) -> None:
-        check_lr(lr)
-        check_beta(beta, "beta")
-        super().__init__(as_param_list(params), {"lr": lr, "beta": beta, "debias": bool(debias)})
+        defaults = {"lr": lr, "beta": beta, "debias": debias}
+        self.check_group(defaults)
+        super().__init__(as_param_list(params), defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        group["lr"] = check_lr(group["lr"])
+        group["beta"] = check_beta(group["beta"], "beta")
+        group["debias"] = check_flag(group["debias"], "debias")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
-        check_lr(group["lr"])
-        check_beta(group["beta"], "beta")
         return [RunningAverage(key="beta", state_key="running_average", debias_key="debias"),
                 ScaleByLearningRate()]
 
@@ -77,13 +87,11 @@ def momentum_from_running_average(beta: float, lr: float) -> tuple[float, float]
     From :math:`\Delta\theta_t = \beta\Delta\theta_{t-1} - \delta(1-\beta) g_t` against
     :math:`\Delta\theta_t = \alpha\Delta\theta_{t-1} - \varepsilon g_t`: α = β and ε = δ(1-β).
     """
-    check_beta(beta, "beta")
-    check_lr(lr)
+    beta, lr = check_beta(beta, "beta"), check_lr(lr)
     return beta, lr * (1.0 - beta)
 
 
 def running_average_from_momentum(momentum: float, lr: float) -> tuple[float, float]:
     """The inverse map: ``(beta, lr_running_average) = (α, ε / (1-α))`` for momentum α in (0, 1)."""
-    check_beta(momentum, "momentum")
-    check_lr(lr)
+    momentum, lr = check_beta(momentum, "momentum"), check_lr(lr)
     return momentum, lr / (1.0 - momentum)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import ChainOptimizer, as_param_list, check_lr, check_nonfinite, check_nonnegative
-from .decay import check_decay, with_decay
+from .base import ChainOptimizer, as_param_list, check_flag, check_lr, check_nonfinite, check_nonnegative
+from .decay import check_decay, check_decay_rate, with_decay
 from .transforms import Trace, Transform
 
 
@@ -29,7 +29,10 @@ class SGD(ChainOptimizer):
     * ``"decoupled_lr"``: :math:`\theta_t = \theta_{t-1} - \eta (u_t + \lambda\theta_{t-1})`, which for plain SGD
       (μ = 0) is the same as ``"l2"``.
 
-    With μ = 0 this is plain SGD and keeps no buffer. ``nonfinite``: see :class:`ChainOptimizer`.
+    With μ = 0 this is plain SGD and keeps no buffer. The decoupled decays need a shrink per step below 1:
+    λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for ``"decoupled"``, :math:`\eta\lambda < 1` for
+    ``"decoupled_lr"``; ValueError otherwise (:func:`~theorylab.optim.decay.check_decay_rate`).
+    ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -42,11 +45,13 @@ class SGD(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_nonnegative(group["momentum"], "momentum")
-        check_nonnegative(group["dampening"], "dampening")
-        check_nonnegative(group["weight_decay"], "weight_decay")
+        group["lr"] = check_lr(group["lr"])
+        group["momentum"] = check_nonnegative(group["momentum"], "momentum")
+        group["dampening"] = check_nonnegative(group["dampening"], "dampening")
+        group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
+        group["nesterov"] = check_flag(group["nesterov"], "nesterov")
         check_decay(group["decay"])
+        check_decay_rate(group)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"Nesterov momentum requires momentum > 0 and zero dampening, got momentum="
                              f"{group['momentum']}, dampening={group['dampening']}")

@@ -209,7 +209,9 @@ class ScaleByAdam:
     δ is added to :math:`\sqrt{\hat r_t}` (outside the root), as torch.optim.Adam. Computed as
     :math:`\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\cdot m_t / (\sqrt{r_t} + \delta\sqrt{1-\beta_2^t})`, which is the
     same number with two fewer passes over memory (the scalar is deferred). State: ``exp_avg`` (m) and
-    ``exp_avg_sq`` (r), torch's names.
+    ``exp_avg_sq`` (r), torch's names. :math:`u^2` is the elementwise square of real tensors: complex parameters
+    reach the chain as ``view_as_real`` pairs (see :class:`~theorylab.optim.ChainOptimizer`), so r holds the
+    running mean of each component's square, as in torch.optim.Adam.
     """
 
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
@@ -235,6 +237,13 @@ class ScaleByAdam:
         return m
 
 
+def schedule_multiplier(group: dict[str, Any]) -> float:
+    r""":math:`\eta_t = \text{lr}/\text{lr}_0`, the schedule multiplier of Loshchilov & Hutter (``initial_lr`` is
+    what lr schedulers record); 1 when ``lr_0 = 0``, where it has no meaning."""
+    lr0 = group.get("initial_lr", group["lr"])
+    return group["lr"] / lr0 if lr0 != 0 else 1.0
+
+
 @dataclass(frozen=True)
 class AddDecayedWeights:
     r"""``u <- u + λ p`` with λ = ``group[key]`` (times lr / initial lr when ``schedule``), p before the step.
@@ -256,8 +265,7 @@ class AddDecayedWeights:
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
         lam = ctx.group[self.key]
         if self.schedule:
-            lr0 = ctx.group.get("initial_lr", ctx.group["lr"])
-            lam = lam * (ctx.group["lr"] / lr0 if lr0 != 0 else 1.0)
+            lam = lam * schedule_multiplier(ctx.group)
         ctx.decay += lam  # deferred: applied to p as p.mul_(1 - decay) at the end, or by `scaled`
         return updates
 

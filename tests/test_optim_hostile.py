@@ -1,0 +1,478 @@
+"""Hostile input for the optimizers: complex parameters, hyperparameters that arrive late (new groups, loaded
+state, edits of ``param_groups``), state_dicts from other optimizers, decays that flip the weights' sign, and
+numbers of unusual types."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from optim_helpers import single_thread  # noqa: F401 (an autouse fixture)
+
+from theorylab.optim import (
+    SGD,
+    Adam,
+    AdamW,
+    RunningAverageSGD,
+    SGDMomentum,
+    momentum_from_running_average,
+    running_average_from_momentum,
+)
+from theorylab.optim.base import STATE_KIND_KEY
+
+STEPS = 100
+
+# ---------------------------------------------------------------------------------------------------------------
+# complex parameters: torch.optim's convention, a complex number is a pair of reals (view_as_real)
+
+
+def complex_problem(dtype: torch.dtype = torch.complex64, seed: int = 0):
+    """A complex least-squares problem with a non-linear term: |tanh-free| but the Adam moments see varied gradients
+    across components (real and imaginary parts of different scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    real = torch.float64
+
+    def draw(*shape, scale=1.0):
+        return torch.complex(torch.randn(*shape, generator=gen, dtype=real),
+                             0.3 * torch.randn(*shape, generator=gen, dtype=real)) * scale
+
+    x, y = draw(64, 8), draw(64, 5)
+    params = [draw(8, 5, scale=0.5).to(dtype).requires_grad_(), torch.zeros(5, dtype=dtype, requires_grad=True)]
+    x, y = x.to(dtype), y.to(dtype)
+
+    def loss_fn(ps):
+        w, b = ps
+        r = x @ w + b - y  # (64, 5)
+        return (r.abs() ** 2).mean() + 0.05 * (w.abs() ** 4).mean()
+
+    return params, loss_fn
+
+
+def complex_trajectory(factory, steps: int = STEPS, dtype: torch.dtype = torch.complex64) -> list[torch.Tensor]:
+    params, loss_fn = complex_problem(dtype)
+    opt = factory(params)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(params).backward()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+LR, LAM = 1e-2, 0.05
+ADAM_VS_TORCH = {  # our (decay, weight_decay) -> torch's optimizer on the same parameters, constant lr
+    "l2": (lambda p, fused: Adam(p, lr=LR, weight_decay=LAM, decay="l2", fused=fused),
+           lambda p: torch.optim.Adam(p, lr=LR, weight_decay=LAM)),
+    "decoupled_lr": (lambda p, fused: Adam(p, lr=LR, weight_decay=LAM, decay="decoupled_lr", fused=fused),
+                     lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=LAM)),
+    # the paper's λ per step is torch's lr·λ': λ = lr·λ' at a constant lr
+    "decoupled": (lambda p, fused: Adam(p, lr=LR, weight_decay=LR * LAM, decay="decoupled", fused=fused),
+                  lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=LAM)),
+    "adamw": (lambda p, fused: AdamW(p, lr=LR, weight_decay=LAM, fused=fused),
+              lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=LAM)),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chain", "fused"])
+@pytest.mark.parametrize("mode", sorted(ADAM_VS_TORCH))
+def test_complex_adam_matches_torch(mode, fused):
+    ours_factory, ref_factory = ADAM_VS_TORCH[mode]
+    ours = complex_trajectory(lambda p: ours_factory(p, fused))
+    ref = complex_trajectory(ref_factory)
+    assert max_diff(ours, ref) <= 1e-5
+    start, _ = complex_problem()
+    assert max_diff(start, ref) > 1e-2  # it moved: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chain", "fused"])
+def test_complex_adam_first_step_follows_the_imaginary_gradient(fused):
+    """g = i: Adam's first step is -lr·sign per component, -0.1i; treating g·g = -1 as the second moment gave
+    -0.1 - 1e-9i (a step along the real axis)."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.complex64))
+    opt = Adam([p], lr=0.1, fused=fused)
+    p.grad = torch.tensor([1j], dtype=torch.complex64)
+    opt.step()
+    real, imag = torch.view_as_real(p.detach())[0].tolist()
+    assert real == 0.0 and imag == pytest.approx(-0.1, rel=1e-6)
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.complex64  # torch's layout
+    assert torch.equal(torch.view_as_real(state["exp_avg_sq"]), torch.tensor([[0.0, 0.001]]))
+
+
+COMPLEX_FACTORIES = {
+    "sgd": lambda p: SGD(p, lr=0.05),
+    "sgd_momentum_l2": lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "sgd_nesterov_decoupled": lambda p: SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                            decay="decoupled"),
+    "sgd_momentum": lambda p: SGDMomentum(p, lr=0.05, momentum=0.9),
+    "running_average": lambda p: RunningAverageSGD(p, lr=0.1, beta=0.9, debias=True),
+    "adam_l2": lambda p: Adam(p, lr=1e-2, weight_decay=0.05),
+    "adam_decoupled": lambda p: Adam(p, lr=1e-2, weight_decay=1e-3, decay="decoupled"),
+    "adamw": lambda p: AdamW(p, lr=1e-2, weight_decay=0.05),
+    "adamw_fused": lambda p: AdamW(p, lr=1e-2, weight_decay=0.05, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLEX_FACTORIES))
+def test_complex_parameter_is_its_real_view(name):
+    """The definition: stepping a complex parameter is stepping the real (…, 2) tensor view_as_real gives."""
+    factory = COMPLEX_FACTORIES[name]
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 3, dtype=torch.complex64, generator=gen).requires_grad_()
+    r = torch.view_as_real(z.detach()).clone().requires_grad_()  # (4, 3, 2)
+    opt_z, opt_r = factory([z]), factory([r])
+    for _ in range(30):
+        g = torch.randn(4, 3, dtype=torch.complex64, generator=gen)
+        z.grad, r.grad = g.clone(), torch.view_as_real(g).clone()
+        opt_z.step()
+        opt_r.step()
+    assert torch.equal(torch.view_as_real(z.detach()), r.detach())
+    for key, value in opt_z.state[z].items():
+        if key != "step":  # buffers stay complex and shaped like the parameter, as torch.optim keeps them
+            assert value.dtype == torch.complex64 and value.shape == z.shape, key
+            assert torch.equal(torch.view_as_real(value), opt_r.state[r][key]), key
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chain", "fused"])
+def test_complex_and_real_parameters_in_one_group(fused):
+    gen = torch.Generator().manual_seed(4)
+    start = [torch.randn(3, dtype=torch.complex64, generator=gen), torch.randn(2, 2, generator=gen)]
+    ours = [t.clone().requires_grad_() for t in start]
+    ref = [t.clone().requires_grad_() for t in start]
+    opt, ref_opt = AdamW(ours, lr=0.1, fused=fused), torch.optim.AdamW(ref, lr=0.1)
+    for _ in range(20):
+        grads = [torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in start]
+        for p, q, g in zip(ours, ref, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    assert max_diff(ours, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+                                    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)])
+def test_complex_sgd_matches_torch_sgd(kwargs):
+    ours = complex_trajectory(lambda p: SGD(p, **kwargs))
+    ref = complex_trajectory(lambda p: torch.optim.SGD(p, **kwargs))
+    assert max_diff(ours, ref) <= 1e-5
+
+
+def test_complex_momentum_forms_match_torch_sgd():
+    """SGDMomentum and RunningAverageSGD (under the mapping) are torch's heavy ball at a constant lr, complex too."""
+    ref = complex_trajectory(lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.8))
+    mom = complex_trajectory(lambda p: SGDMomentum(p, lr=0.02, momentum=0.8))
+    beta, lr = running_average_from_momentum(0.8, 0.02)
+    ra = complex_trajectory(lambda p: RunningAverageSGD(p, lr=lr, beta=beta))
+    assert max_diff(mom, ref) <= 1e-5 and max_diff(ra, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(("saved_fused", "loaded_fused"), [(False, True), (True, False)])
+def test_complex_adam_state_dict_resumes_across_paths(saved_fused, loaded_fused):
+    straight = complex_trajectory(lambda p: AdamW(p, lr=1e-2, fused=saved_fused), steps=20)
+    params, loss_fn = complex_problem()
+    opt = AdamW(params, lr=1e-2, fused=saved_fused)
+    for _ in range(10):
+        opt.zero_grad()
+        loss_fn(params).backward()
+        opt.step()
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = AdamW(params2, lr=1e-2, fused=loaded_fused)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(10):
+        opt2.zero_grad()
+        loss_fn(params2).backward()
+        opt2.step()
+    assert max_diff(straight, params2) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hyperparameters validated wherever they enter: constructor, add_param_group, load_state_dict, edits before a step
+
+BAD_GROUP_VALUES = {
+    "sgd_momentum": (lambda p: SGDMomentum(p, lr=0.1, momentum=0.9),
+                     [({"momentum": math.nan}, "momentum value: nan"), ({"momentum": -1.0}, "momentum value: -1.0"),
+                      ({"lr": -1.0}, "learning rate: -1.0"), ({"lr": math.nan}, "learning rate: nan"),
+                      ({"momentum": math.inf}, "momentum value: inf")]),
+    "running_average": (lambda p: RunningAverageSGD(p, lr=0.1, beta=0.9),
+                        [({"beta": math.nan}, "beta value: nan"), ({"beta": 1.0}, "beta value: 1.0"),
+                         ({"beta": 2.0}, "beta value: 2.0"), ({"lr": -1.0}, "learning rate: -1.0"),
+                         ({"lr": math.nan}, "learning rate: nan"), ({"debias": "no"}, "debias value: 'no'")]),
+    "sgd": (lambda p: SGD(p, lr=0.1, momentum=0.9),
+            [({"momentum": math.nan}, "momentum value: nan"), ({"lr": -1.0}, "learning rate: -1.0"),
+             ({"nesterov": "yes"}, "nesterov value: 'yes'")]),
+    "adam": (lambda p: Adam(p, lr=0.1),
+             [({"betas": (0.9, math.nan)}, "beta2"), ({"eps": 0.0}, "eps value: 0.0")]),
+}
+BAD_CASES = [(name, bad, match) for name, (_, cases) in BAD_GROUP_VALUES.items() for bad, match in cases]
+
+
+@pytest.mark.parametrize(("name", "bad", "match"), BAD_CASES)
+def test_bad_values_in_a_new_group_are_rejected(name, bad, match):
+    opt = BAD_GROUP_VALUES[name][0]([torch.ones(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.ones(2, requires_grad=True)], **bad})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(("name", "bad", "match"), BAD_CASES)
+def test_bad_values_edited_into_param_groups_are_rejected_at_step(name, bad, match):
+    p = torch.ones(2, requires_grad=True)
+    opt = BAD_GROUP_VALUES[name][0]([p])
+    opt.param_groups[0].update(bad)
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(2)) and not opt.state[p]
+
+
+@pytest.mark.parametrize(("name", "bad", "match"), BAD_CASES)
+def test_bad_values_in_a_loaded_state_dict_are_rejected_at_load(name, bad, match):
+    p = torch.ones(2, requires_grad=True)
+    opt = BAD_GROUP_VALUES[name][0]([p])
+    p.grad = torch.ones(2)
+    opt.step()
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict["param_groups"][0].update(bad)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"parameter group 0: .*{match}"):
+        opt.load_state_dict(state_dict)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]  # nothing was loaded
+
+
+def test_momentum_nan_no_longer_reaches_the_parameters():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = SGDMomentum([a], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum value: nan"):
+        opt.add_param_group({"params": [b], "momentum": math.nan})
+    opt.param_groups[0]["momentum"] = -5.0
+    a.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="momentum value: -5.0"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state_dicts load only into the optimizer that saved them
+
+MAKERS = {
+    "SGD": lambda p: SGD(p, lr=0.1, momentum=0.9),
+    "SGDMomentum": lambda p: SGDMomentum(p, lr=0.1, momentum=0.9),
+    "RunningAverageSGD": lambda p: RunningAverageSGD(p, lr=0.1, beta=0.9),
+    "Adam": lambda p: Adam(p, lr=0.1),
+    "AdamW": lambda p: AdamW(p, lr=0.1),
+    "Adam fused": lambda p: Adam(p, lr=0.1, fused=True),
+    "torch.optim.SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "torch.optim.Adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    "torch.optim.AdamW": lambda p: torch.optim.AdamW(p, lr=0.1),
+}
+KIND = {"SGD": "SGD", "SGDMomentum": "SGDMomentum", "RunningAverageSGD": "RunningAverageSGD", "Adam": "Adam",
+        "AdamW": "Adam", "Adam fused": "Adam"}
+
+
+def saved_after_steps(name: str, steps: int = 3):
+    p = torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    opt = MAKERS[name]([p])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        p.grad = torch.randn(3, generator=gen)
+        opt.step()
+    return p.detach().clone(), copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("loader", sorted(KIND))
+@pytest.mark.parametrize("saver", sorted(MAKERS))
+def test_state_dict_loads_only_into_its_own_kind(saver, loader):
+    value, state_dict = saved_after_steps(saver)
+    q = torch.nn.Parameter(value.clone())
+    opt = MAKERS[loader]([q])
+    if KIND.get(saver) == KIND[loader]:
+        opt.load_state_dict(state_dict)
+        return
+    if saver in KIND:
+        match = f"saved by theorylab's {KIND[saver]}"
+    else:  # torch.optim's are named, even where no key is missing (torch's SGD buffer is not SGDMomentum's)
+        match = {"torch.optim.SGD": "torch.optim.SGD ", "torch.optim.Adam": "torch.optim.Adam ",
+                 "torch.optim.AdamW": "torch.optim.AdamW "}[saver]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    assert not opt.state  # nothing was loaded
+
+
+def test_torch_state_dict_error_names_the_missing_keys():
+    _, state_dict = saved_after_steps("torch.optim.Adam")
+    with pytest.raises(ValueError, match="lacks 'decay'.*torch.optim.Adam state_dict"):
+        Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(state_dict)
+    _, state_dict = saved_after_steps("torch.optim.SGD")
+    with pytest.raises(ValueError, match="lacks 'decay'.*torch.optim.SGD state_dict"):
+        SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9).load_state_dict(state_dict)
+    _, state_dict = saved_after_steps("Adam")
+    del state_dict[STATE_KIND_KEY]  # an Adam state_dict saved before the marker existed
+    with pytest.raises(ValueError, match="lacks 'momentum', 'dampening', 'nesterov'"):
+        SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(state_dict)
+    with pytest.raises(ValueError, match="lacks 'beta', 'debias'"):
+        RunningAverageSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, beta=0.9).load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("name", ["SGD", "SGDMomentum", "RunningAverageSGD", "Adam", "Adam fused"])
+def test_unmarked_state_dict_still_resumes_bit_identically(name):
+    """A state_dict saved before the marker (and before ``nonfinite``) loads and continues exactly."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(3, generator=gen) for _ in range(6)]
+    p = torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    opt = MAKERS[name]([p])
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    state_dict = copy.deepcopy(opt.state_dict())
+    del state_dict[STATE_KIND_KEY]
+    state_dict["param_groups"][0].pop("nonfinite", None)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = MAKERS[name]([q])
+    opt2.load_state_dict(state_dict)
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q)
+
+
+def test_our_state_dict_still_loads_into_torch_optim():
+    value, state_dict = saved_after_steps("Adam")
+    q = torch.nn.Parameter(value.clone())
+    ref = torch.optim.Adam([q], lr=0.1)
+    ref.load_state_dict(state_dict)  # the marker is an extra top-level key, which torch ignores
+    assert torch.equal(ref.state[q]["exp_avg"], state_dict["state"][0]["exp_avg"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoupled decay: the shrink per step must be < 1
+
+
+@pytest.mark.parametrize("make", [lambda p: SGD(p, lr=0.1, weight_decay=5.0, decay="decoupled"),
+                                  lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1.0, decay="decoupled"),
+                                  lambda p: Adam(p, lr=0.1, weight_decay=5.0, decay="decoupled"),
+                                  lambda p: Adam(p, lr=0.1, weight_decay=5.0, decay="decoupled", fused=True)])
+def test_decoupled_weight_decay_of_one_or_more_is_rejected(make):
+    with pytest.raises(ValueError, match=r"weight_decay value: (5|1)\.0 for decay='decoupled'"):
+        make([torch.ones(1, requires_grad=True)])
+
+
+def test_decoupled_weight_decay_is_checked_in_new_groups():
+    opt = SGD([torch.ones(1, requires_grad=True)], lr=0.1, decay="decoupled")
+    with pytest.raises(ValueError, match="weight_decay value: 2.0 for decay='decoupled'"):
+        opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "weight_decay": 2.0})
+
+
+def test_decoupled_with_zero_gradient_shrinks_and_never_flips():
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = SGD([p], lr=0.1, weight_decay=0.5, decay="decoupled")
+    for _ in range(50):
+        p.grad = torch.zeros(1)
+        opt.step()
+    assert 0 < float(p.detach()) <= 0.5**50 * 1.0001
+
+
+@pytest.mark.parametrize("make", [lambda p: AdamW(p, lr=0.1, weight_decay=10.0),
+                                  lambda p: AdamW(p, lr=0.1, weight_decay=10.0, fused=True),
+                                  lambda p: SGD(p, lr=0.5, weight_decay=3.0, decay="decoupled_lr")])
+def test_decoupled_lr_with_lr_times_weight_decay_of_one_or_more_is_rejected(make):
+    with pytest.raises(ValueError, match="lr \\* weight_decay = (1|1.5) must be < 1"):
+        make([torch.ones(1, requires_grad=True)])
+
+
+def test_decoupled_rates_are_checked_at_step_time():
+    """Edits and schedules that push the shrink per step to >= 1 raise before the step, naming the values."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = AdamW([p], lr=0.1, weight_decay=5.0)  # 0.5 per step
+    opt.param_groups[0]["lr"] = 0.3  # 1.5 per step
+    p.grad = torch.zeros(2)
+    with pytest.raises(ValueError, match="lr=0.3, weight_decay=5.0: the decay per step lr \\* weight_decay = 1.5"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(2))
+
+    q = torch.nn.Parameter(torch.ones(2))
+    opt = SGD([q], lr=0.01, weight_decay=0.4, decay="decoupled")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 + t)  # a warm-up above the initial lr
+    for _ in range(2):
+        q.grad = torch.zeros(2)
+        opt.step()
+        sched.step()
+    q.grad = torch.zeros(2)
+    with pytest.raises(ValueError, match="weight_decay \\* lr / initial_lr = 1.2"):
+        opt.step()
+
+
+def test_propagate_leaves_the_rate_unchecked_as_torch_does():
+    """nonfinite='propagate' is torch.optim's behaviour: a grid cell with lr·λ >= 1 may diverge, as with torch."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = AdamW([p], lr=0.1, weight_decay=300.0, nonfinite="propagate")
+    p.grad = torch.zeros(2)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((2,), 1 - 30.0))
+    with pytest.raises(ValueError, match="for decay='decoupled'"):  # λ >= 1 itself is never meaningful
+        SGD([p], lr=0.1, weight_decay=1.0, decay="decoupled", nonfinite="propagate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numbers of other types: numpy scalars and one-element tensors are numbers; the rest is a TypeError naming the type
+
+
+def test_tensor_and_numpy_hyperparameters_are_read_as_floats():
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(3, generator=gen) for _ in range(5)]
+
+    def run(**kwargs):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = Adam([p], **kwargs)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt.param_groups[0]
+
+    plain, _ = run(lr=0.25, betas=(0.5, 0.75), eps=0.125, weight_decay=0.5)
+    for kwargs in (dict(lr=torch.tensor(0.25), betas=(torch.tensor(0.5), torch.tensor(0.75)),
+                        eps=torch.tensor(0.125), weight_decay=torch.tensor(0.5)),
+                   dict(lr=np.float32(0.25), betas=(np.float64(0.5), np.float32(0.75)), eps=np.float16(0.125),
+                        weight_decay=np.float32(0.5))):
+        result, group = run(**kwargs)
+        assert torch.equal(result, plain)
+        assert all(type(group[k]) is float for k in ("lr", "eps", "weight_decay", "initial_lr"))
+        assert all(type(b) is float for b in group["betas"])
+
+
+def test_numpy_and_tensor_values_in_groups_and_helpers():
+    opt = SGDMomentum([torch.ones(1, requires_grad=True)], lr=np.float32(0.5), momentum=np.float64(0.5))
+    opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": torch.tensor(0.25), "momentum": 0})
+    assert [(type(g["lr"]), g["lr"]) for g in opt.param_groups] == [(float, 0.5), (float, 0.25)]
+    opt.param_groups[0]["lr"] = np.float64(0.125)  # an edit of another type is read as a float at the step
+    for p in (g["params"][0] for g in opt.param_groups):
+        p.grad = torch.ones(1)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.125 and type(opt.param_groups[0]["lr"]) is float
+    beta, lr = momentum_from_running_average(np.float32(0.75), np.float64(0.5))
+    assert (beta, lr) == (0.75, 0.125) and type(beta) is float and type(lr) is float
+    assert RunningAverageSGD([torch.ones(1, requires_grad=True)], lr=0.1, beta=0.5,
+                             debias=np.bool_(True)).param_groups[0]["debias"] is True
+
+
+@pytest.mark.parametrize(("bad", "type_name"), [("0.1", "str"), (True, "bool"), (None, "NoneType"),
+                                                (torch.tensor([0.1, 0.2]), "Tensor"), (1j, "complex"),
+                                                (torch.tensor(True), "Tensor"), (np.bool_(True), "bool")])
+@pytest.mark.parametrize("make", [lambda p, v: SGD(p, lr=v), lambda p, v: Adam(p, lr=v),
+                                  lambda p, v: SGDMomentum(p, lr=v, momentum=0.9),
+                                  lambda p, v: RunningAverageSGD(p, lr=v, beta=0.9)])
+def test_wrong_type_is_a_type_error_naming_the_type(make, bad, type_name):
+    with pytest.raises(TypeError, match=f"learning rate: .* has type {type_name}.*expected a real number"):
+        make([torch.ones(1, requires_grad=True)], bad)
+
+
+def test_wrong_type_in_the_helpers_names_the_type():
+    with pytest.raises(TypeError, match="beta value: '0.9' has type str"):
+        momentum_from_running_average("0.9", 0.1)
+    with pytest.raises(TypeError, match=r"momentum value: \[0.9\] has type list"):
+        SGD([torch.ones(1, requires_grad=True)], lr=0.1, momentum=[0.9])

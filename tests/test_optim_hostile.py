@@ -21,7 +21,7 @@ from theorylab.optim import (
     momentum_from_running_average,
     running_average_from_momentum,
 )
-from theorylab.optim.base import STATE_KIND_KEY
+from theorylab.optim.base import STATE_KIND_KEY, NonFiniteGradientError
 
 STEPS = 100
 
@@ -476,3 +476,37 @@ def test_wrong_type_in_the_helpers_names_the_type():
         momentum_from_running_average("0.9", 0.1)
     with pytest.raises(TypeError, match=r"momentum value: \[0.9\] has type list"):
         SGD([torch.ones(1, requires_grad=True)], lr=0.1, momentum=[0.9])
+
+
+def test_a_step_that_fails_on_a_later_group_changes_nothing():
+    """Every group is checked before any is stepped: the scheduled decay rate of group 1 becoming >= 1 (or a NaN
+    gradient there) must not leave group 0 stepped, or a retry would step it twice."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = Adam([{"params": [a]}, {"params": [b], "weight_decay": 0.5}], lr=0.1, decay="decoupled")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: 1.0 + 3 * t])  # group 1's lr rises
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(3), torch.ones(3)
+        before = (a.detach().clone(), b.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()})
+        try:
+            opt.step()
+        except ValueError as e:
+            assert "must be < 1" in str(e)
+            assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+            assert all(torch.equal(opt.state[a][k], v) for k, v in before[2].items())
+            break
+        sched.step()
+    else:
+        raise AssertionError("the decay-rate check never fired")
+    a.grad, b.grad = torch.ones(3), torch.full((3,), float("nan"))
+    opt2 = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    with pytest.raises(NonFiniteGradientError):
+        opt2.step()
+    assert not opt2.state[a]  # group 0 untouched, as the error message says
+
+
+@pytest.mark.parametrize("make", [lambda p: SGD([p], lr=0.1, momentum=0.9, nesterov=1),
+                                  lambda p: RunningAverageSGD([p], lr=0.1, beta=0.9, debias=1),
+                                  lambda p: RunningAverageSGD([p], lr=0.1, beta=0.9, debias=0)])
+def test_switches_accept_the_integers_0_and_1_as_torch_optim_does(make):
+    p = torch.nn.Parameter(torch.ones(2))
+    make(p)

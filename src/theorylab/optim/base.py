@@ -75,8 +75,11 @@ def check_positive(value: Any, name: str) -> float:
 
 
 def check_flag(value: Any, name: str) -> bool:
-    """A switch must be a bool (numpy's too): a truthy string such as ``"no"`` would silently turn it on."""
+    """A switch must be a bool (numpy's too) or the integer 0 or 1 (torch.optim takes ``nesterov=1``): a truthy
+    string such as ``"no"`` would silently turn it on."""
     if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"Invalid {name} value: {value!r} (must be True or False)")
 
@@ -200,9 +203,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        todo = []  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             self.check_group(group)
-            chain = self.transforms(group)
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -219,6 +222,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"non-finite gradient (NaN or inf) in parameter group {group_index}, parameter index(es) "
                     f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
                     "'propagate' for torch.optim's behaviour")
+            todo.append((group, params))
+        for group, params in todo:
+            chain = self.transforms(group)
             if self._fused_group_step(group, params):
                 continue
             buckets: dict[int, list[Tensor]] = defaultdict(list)

@@ -80,9 +80,12 @@ def check_against_reference(ours, ref, factors, steps):
     step_norms = torch.stack([torch.linalg.svdvals(factors.dense(t))[:, 0] for t in range(steps)], 1)
     upper = torch.log(step_norms).cumsum(1)  # log ∏_k ‖J_k‖ ≥ log ‖P_t‖
     assert (ours <= upper + 1e-10).all() and (ref <= upper + 1e-10).all()
-    ok = ref > upper + math.log(1e-6)
+    # below e^-700 the naive running product leaves float64's range (ours does not: it is scaled), so there is no
+    # reference to compare with beyond the bound above
+    has_ref = ref > -700
+    ok = (ref > upper + math.log(1e-6)) & has_ref
     assert rel_err(ours[ok], ref[ok]) <= 1e-8
-    assert (ours[~ok] <= upper[~ok] + math.log(1e-5)).all()
+    assert (ours[~ok & has_ref] <= upper[~ok & has_ref] + math.log(1e-5)).all()
 
 
 @pytest.mark.parametrize("hidden", [16, 80])

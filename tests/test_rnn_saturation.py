@@ -26,7 +26,8 @@ _MPMATH_DERIV = {
 def test_log_derivative_matches_extended_precision_far_into_saturation(name):
     """log|σ'| and sign σ' against 50-digit arithmetic, from the centre to where σ' is far below float64's range."""
     mpmath.mp.dps = 50
-    xs = [-1000.0, -800.0, -50.0, -20.0, -5.5, -4.9, -1.0, -0.3, 0.3, 1.0, 4.9, 20.0, 50.0, 800.0, 1000.0]
+    xs = [-1e10, -1000.0, -800.0, -50.0, -20.0, -5.5, -4.9, -1.0, -0.3, 0.3, 1.0, 4.9, 20.0, 50.0, 800.0, 1000.0,
+          1e10]
     log_abs, sign = ACTIVATIONS[name].log_deriv(torch.tensor(xs, dtype=F64))
     for x, got_log, got_sign in zip(xs, log_abs.tolist(), sign.tolist(), strict=True):
         exact = _MPMATH_DERIV[name](mpmath.mpf(x))
@@ -118,3 +119,17 @@ def test_replaced_parameter_of_the_wrong_shape_is_named(name, shape):
 def test_sizes_must_be_ints_not_bools_or_floats(args):
     with pytest.raises(ValueError, match="must be a"):
         RNN(*args)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_an_overflowing_trajectory_is_an_error_not_a_vanished_jacobian(activation):
+    """Unbounded activations with a huge W overflow to inf/NaN: the Jacobian is undefined, not exactly zero."""
+    torch.manual_seed(0)
+    rnn = RNN(2, 4, activation=activation).double()
+    with torch.no_grad():
+        rnn.W.copy_(1e3 * (torch.eye(4) + torch.randn(4, 4)))
+    x = torch.ones(1, 300, 2, dtype=F64)
+    with pytest.raises(ValueError, match="not finite"):
+        log_jacobian_norms(rnn, x)
+    with pytest.raises(ValueError, match="not finite"):
+        lyapunov_spectrum(rnn, x)

@@ -432,9 +432,10 @@ def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig
     batches = torch.Generator().manual_seed(10_000 * data_seed + 9_999)
     # cosine annealing to 0 (as Loshchilov & Hutter): "decoupled" decay follows it through lr / initial_lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.steps)))
-    rotation = torch.zeros(k, cfg.seeds)
+    rotation = torch.zeros(k, cfg.seeds, dtype=torch.float64)
     for _ in range(cfg.steps):
-        w2_before = torch.stack([p[1].detach() for p in per_wd]).flatten(2)  # (K, S, H·H), a copy
+        # float64 copies: arccos of a float32 cosine cannot resolve angles below ~5e-4 rad (late cosine steps)
+        w2_before = torch.stack([p[1].detach() for p in per_wd]).flatten(2).double()  # (K, S, H·H)
         if cfg.batch_size is None:
             xb, yb = x, y
         else:
@@ -447,7 +448,7 @@ def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig
         loss.backward()
         opt.step()
         sched.step()
-        w2_after = torch.stack([p[1].detach() for p in per_wd]).flatten(2)
+        w2_after = torch.stack([p[1].detach() for p in per_wd]).flatten(2).double()
         rotation += torch.arccos(F.cosine_similarity(w2_before, w2_after, dim=-1).clamp(-1, 1))
     with torch.no_grad():
         logits = forward(x_test)

@@ -94,7 +94,9 @@ _GELU_TAIL = -5.0  # below it Φ(h) + hφ(h) is computed as φ(h)·(h + Φ(h)/φ
 def _gelu_log_deriv(h: Tensor) -> tuple[Tensor, Tensor]:
     direct = _gelu_deriv(h)
     log_pdf = -0.5 * h * h - 0.5 * math.log(2.0 * math.pi)
-    tail = h + torch.exp(torch.special.log_ndtr(h) - log_pdf)  # h + Mills ratio, ≈ h for h → −∞ (no cancellation)
+    # the Mills ratio Φ(h)/φ(h) = √(π/2)·erfcx(−h/√2), ~1/|h| for h → −∞: never a difference of two huge logs
+    mills = math.sqrt(0.5 * math.pi) * torch.special.erfcx(-h / _SQRT2)
+    tail = h + mills  # ≈ h for h → −∞ (no cancellation)
     in_tail = h < _GELU_TAIL
     log_abs = torch.where(in_tail, log_pdf + tail.abs().log(), direct.abs().log())
     return log_abs, torch.where(in_tail, tail.sign(), direct.sign())

@@ -113,6 +113,10 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
                 a = drive[:, t] + (s[:, None, :] @ w_t)[:, 0]  # a_t = W g_{t-1} + U x_t + b
                 z[:, t] = a
                 s = act.fn(a)
+    if scaled and not bool(torch.isfinite(z).all()):  # an overflowed state has no Jacobian: say so, not "−inf"
+        b_bad, t_bad = (int(i) for i in (~torch.isfinite(z)).any(-1).nonzero()[0])
+        raise ValueError(f"the state trajectory is not finite (inf or NaN) from step {t_bad} of sequence {b_bad}: "
+                         f"the unit overflowed, so its Jacobians are undefined")
     if not scaled:
         return act.deriv(z)
     log_abs, sign = act.log_deriv(z)

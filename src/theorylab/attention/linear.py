@@ -28,17 +28,16 @@ are never exponentiated unshifted:
 Causal chunks take their keys relative to the reference at the chunk's end (every factor <= 1). That is exact as
 long as the reference rises by less than ~40 (float32) inside the chunk, which is checked; a chunk where it rises
 more is redone with each query's own reference (a (C, C, W) tensor of decays exp(c_jr - c_ir), W = M or 1).
-Nothing after position i ever enters the output at i. While torch.compile traces, no value can be read back to
-check the rise, so every chunk takes the per-query path: compiled causal FAVOR+ is exact but slower than eager.
+Nothing after position i ever enters the output at i. Under torch.compile the check runs eagerly: the causal path
+breaks the graph once per block of chunks (so ``fullgraph=True`` works for the non-causal path only).
 
 The stabilisers are detached: the output does not depend on them mathematically, so their gradient is exactly
 zero. Padding removes keys from φ(K) — numerator and denominator alike — and from the maxima. Half-precision
 inputs are computed in float32 and cast back; where scale·|x|² of a query or non-padded key would overflow the
 working dtype (|x| beyond ~1e19 in float32), the call is computed in float64, and if even float64 overflows a
-ValueError is raised. The data-dependent checks (this one and the causal chunks' rise) are skipped while
-torch.compile traces (there the causal path takes every chunk per query, see above; the float64 switch for inputs
-beyond ~1e19 is not made) and on meta tensors. On a GPU each check is a read-back: one per call and one per block
-of causal chunks.
+ValueError is raised. That switch is not made while torch.compile traces (inputs beyond ~1e19 then overflow), and
+neither check runs on meta tensors (FLOP counting). On a GPU each check is a read-back: one per call and one per
+block of causal chunks.
 """
 
 from __future__ import annotations
@@ -312,10 +311,9 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     block = G * chunk
     floor = lowest(q.dtype)
     limit = RISE_FRACTION * -math.log(torch.finfo(q.dtype).tiny)
-    check = terms.scaled and can_inspect(q)
-    # while torch.compile traces nothing can be read back, so no chunk can be checked: every chunk then takes the
-    # exact per-query path (slower, never wrong); on meta tensors (FLOP counting) the fast path is what is counted
-    every_chunk = terms.scaled and torch.compiler.is_compiling()
+    # the check reads values back; under torch.compile it runs eagerly (a graph break, see _steep_chunks); on meta
+    # tensors (FLOP counting) it is skipped and the fast path is what is counted
+    check = terms.scaled and q.device.type != "meta"
     out = ChunkOutputs(q, (B, H, N, Dv))
     state = None  # (B, H, M, Dv + 1): Σ_{j < block start} k̂_j [v_j, 1], keys relative to ref
     ref = q.new_full((B, H, W), floor)  # m at the end of the previous block
@@ -338,10 +336,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
         # m_j is needed only in chunks redone per query)
         ends = torch.maximum(torch.cummax(logw.detach().amax(3), dim=2).values, ref[:, :, None])  # (B, H, g, W)
         before = torch.cat([ref[:, :, None], ends], dim=2)  # (B, H, g + 1, W): the reference entering chunk c
-        if check:
-            steep = _steep_chunks(logw, before, floor, limit)  # chunk -> its m_j
-        else:
-            steep = {c: _running_max(logw, before, c) for c in range(g)} if every_chunk else {}
+        steep = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
         for c in steep:  # keep those chunks' queries: query_features overwrites prepared
             steep[c] = (steep[c], prepared[:, :, c].clone())
         qf = terms.query_features(prepared, ends[:, :, :, None])  # (B, H, g, C, M), relative to r_c
@@ -372,6 +367,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     return out.result()
 
 
+@torch.compiler.disable  # data-dependent: torch.compile breaks the graph here rather than skip the check
 def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> dict[int, Tensor]:
     """The chunks where the running maximum m rises by more than ``limit`` between a query that sees a key and
     the chunk's end (in any (batch, head, column)), each with its m_j (B, H, C, W); one read-back per block.
@@ -383,15 +379,10 @@ def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> d
     steep = {}
     for c in (rise > limit).nonzero().flatten().tolist():
         # exact for the flagged chunks: positions that see no key yet (m = floor) do not count
-        run = _running_max(logw, before, c)
+        run = torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
         if bool(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit):
             steep[c] = run
     return steep
-
-
-def _running_max(logw: Tensor, before: Tensor, c: int) -> Tensor:
-    """m_j over chunk c's positions (B, H, C, W): the running maximum of the key log-scales, from before[c] on."""
-    return torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
 
 
 def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Tensor, pad: Tensor | None,

@@ -44,6 +44,11 @@ def test_positive_features_are_positive_and_match_the_formula():
     xs = x * math.sqrt(0.5)
     expected = torch.exp(xs @ fm.projection.mT - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(m)
     torch.testing.assert_close(phi, expected)
+    # the pieces linear_attention stabilises with: log φ = ωᵀx' + the per-row offset, and project(x) = ωᵀx'
+    proj, offset = fm.log_features_rowwise(x)
+    torch.testing.assert_close(fm.project(x), xs @ fm.projection.mT)
+    torch.testing.assert_close(proj, fm.project(x))
+    torch.testing.assert_close(proj + offset[:, None], torch.log(expected))
 
 
 def test_trig_features_formula():

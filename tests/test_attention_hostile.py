@@ -87,15 +87,19 @@ def test_favor_large_inputs_float32_no_lost_rows(causal):
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
 
 
-def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch):
-    """A first key of large norm (log-features ~ -|k'|²/2 = -3000) then ordinary ones: the column maxima rise by
-    ~3000 inside the chunk, so the chunk-end reference would underflow the first queries' weights; such chunks
-    go through the per-query path, and match the reference."""
+@pytest.mark.parametrize("last", [0, 5, 9])  # the rise in the first chunk (no state yet), the second, the third
+@pytest.mark.parametrize("blocks", ["one", "per chunk"])
+def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch, last, blocks):
+    """Keys 0..last of large norm (log-features ~ -|k'|²/2 = -3000), then ordinary ones: the column maxima rise
+    by ~3000 at key last + 1, so the chunk-end reference would underflow the earlier queries' weights; such
+    chunks go through the per-query path, and match the reference, wherever the chunk lies in its block."""
     calls = []
     original = linear._chunk_per_query
     monkeypatch.setattr(linear, "_chunk_per_query", lambda *a: calls.append(1) or original(*a))
+    if blocks == "per chunk":  # a block of one chunk: the state crosses blocks between any two chunks
+        monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1)
     q, k, v = qkv(B=2, H=2, Nq=12, D=4)
-    k[:, :, 0] = k[:, :, 0] / k[:, :, 0].norm(dim=-1, keepdim=True) * 110.0
+    k[:, :, : last + 1] = k[:, :, : last + 1] / k[:, :, : last + 1].norm(dim=-1, keepdim=True) * 110.0
     fm = PositiveRandomFeatures(4, 16, seed=0).double()
     assert_same_outputs_and_grads(
         lambda q, k, v: linear_attention(q, k, v, fm, causal=True, chunk_size=4),
@@ -158,6 +162,33 @@ def test_trig_features_gradients_match_the_reference_at_norm_ten(causal):
     assert_same_outputs_and_grads(
         fast, lambda q, k, v: linear_attention_reference(q, k, v, fm64, causal=causal), (q, k, v),
         atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded_value", [1e30, float("inf"), float("nan")])
+def test_padded_keys_of_any_value_do_not_change_the_output(causal, padded_value):
+    """Padded keys are removed, so their values (even inf or NaN, or large enough to switch an unpadded call to
+    float64) leave the output and its dtype as with zeros there."""
+    q, k, v = qkv(B=2, H=2, Nq=8, D=4, dtype=torch.float32)
+    mask = padding_mask(2, 8)
+    fm = PositiveRandomFeatures(4, 16, seed=0)
+    clean = linear_attention(q, k.masked_fill(mask[:, None, :, None], 0.0), v, fm, causal=causal,
+                             key_padding_mask=mask)
+    hostile = linear_attention(q, k.masked_fill(mask[:, None, :, None], padded_value), v, fm, causal=causal,
+                               key_padding_mask=mask)
+    assert hostile.dtype == torch.float32
+    torch.testing.assert_close(hostile, clean, atol=1e-6, rtol=1e-5)
+
+
+def test_a_large_unpadded_key_beside_an_inf_padded_one_is_computed_in_float64():
+    """The whole-tensor check sees the padded inf; the per-row check that follows must still find the unpadded
+    key whose |k|² overflows float32 (it then returns its value, as in the one-key case)."""
+    fm = PositiveRandomFeatures(2, 8, seed=0)
+    q = torch.zeros(1, 1, 1, 2)
+    k = torch.tensor([[[[1e25, 3e24], [float("inf"), 0.0]]]])
+    v = torch.tensor([[[[1.0, 2.0], [5.0, 5.0]]]])
+    out = linear_attention(q, k, v, fm, key_padding_mask=torch.tensor([[False, True]]))
+    torch.testing.assert_close(out, v[:, :, :1])
 
 
 @pytest.mark.parametrize("fm", [TrigRandomFeatures(2, 8, seed=0), PositiveRandomFeatures(2, 8, seed=0)],

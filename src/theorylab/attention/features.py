@@ -85,7 +85,7 @@ class _RandomFeatures(nn.Module):
         """Draw new ω (the next draw of this module's seeded generator, or of torch's global one)."""
         self.projection.copy_(self._draw().to(self.projection))
 
-    def _project(self, x: Tensor) -> Tensor:
+    def project(self, x: Tensor) -> Tensor:
         """ω_rᵀ x' for every row: (..., N, D) -> (..., N, num_projections)."""
         w = self.projection.to(x.dtype) * math.sqrt(self.scale)
         return x @ w.mT
@@ -119,7 +119,7 @@ class PositiveRandomFeatures(_RandomFeatures):
         """log φ(x) split as (ωᵀx' of shape (..., N, M), the per-row offset -|x'|²/2 - log(M)/2 of shape
         (..., N)), so that a caller can fold the offset into its own per-row stabiliser in one pass."""
         offset = -0.5 * self.scale * (x * x).sum(-1) - 0.5 * math.log(self.num_features)
-        return self._project(x), offset
+        return self.project(x), offset
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.exp(self.log_features(x))
@@ -140,7 +140,7 @@ class TrigRandomFeatures(_RandomFeatures):
     def log_scaled_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """φ(x) split as (the bounded part (M/2)^{-1/2} [sin(ωᵀx'), cos(ωᵀx')] of shape (..., N, M), the per-row
         log-scale |x'|²/2 of shape (..., N)): φ(x) = bounded · exp(log-scale)."""
-        proj = self._project(x)  # (..., N, M/2)
+        proj = self.project(x)  # (..., N, M/2)
         bounded = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) / math.sqrt(self._num_projections)
         return bounded, 0.5 * self.scale * (x * x).sum(-1)
 

@@ -5,7 +5,7 @@ Katharopoulos et al. 2020 ("Transformers are RNNs"); Choromanski et al. 2021 (Pe
 Non-causal: φ(K)ᵀ[V, 1] is accumulated chunk by chunk ((M, Dv+1) state), then each chunk of queries reads it.
 Causal: the sequence is cut into chunks of C positions; inside a chunk the (C, C) lower-triangular part is a
 matmul, across chunks an (M, Dv+1) state holds the prefix sums. Chunks are processed G at a time (a block) with
-batched ops, the states entering a block's chunks coming from one small matmul; only the state crosses blocks.
+batched ops; only the (M, Dv+1) states are scanned chunk by chunk (two small ops each), and one crosses blocks.
 O(n) memory in forward and backward, O(n C M + n M Dv) time.
 
 Stabilisation. The output out_i = Σ_j w_ij v_j / Σ_j w_ij, w_ij = Σ_r φ_r(q_i) φ_r(k_j), is unchanged when
@@ -18,9 +18,10 @@ are never exponentiated unshifted:
   running prefix maximum), as separable attention's column softmax. Then
   k̂_jr = exp(ℓ_r(k_j) - c_r) <= 1, and q̂_ir = exp(ωᵣᵀq_i' + c_r - t_i) <= 1 with t_i = max_r (ωᵣᵀq_i' + c_r),
   the query offset -|q'|²/2 cancelling. At the maximising r the key column holds a 1 and q̂_ir = 1, so the
-  normaliser Σ_r q̂_ir Σ_j k̂_jr is >= 1: no query ever loses all its weight to underflow, whatever the scale of
-  q and k. (A single shift per key row, or per query row alone, is not enough: at |x| ~ 100 the dominant
-  (key, feature) pair differs between queries and every other product underflows.)
+  normaliser Σ_r q̂_ir Σ_j k̂_jr is >= 1 (non-causal, where q̂ is divided by its row sum in one fused softmax:
+  >= 1/M): no query ever loses all its weight to underflow, whatever the scale of q and k. (A single shift per
+  key row, or per query row alone, is not enough: at |x| ~ 100 the dominant (key, feature) pair differs between
+  queries and every other product underflows.)
 * trigonometric features (``log_scaled_features``; φ(x) = bounded(x) · exp(|x'|²/2)): the query factor cancels
   and is dropped; key j is scaled by exp(|k_j'|²/2 - c) with c the maximum over the keys a query may see.
 * other maps (elu + 1, relu, ...) are used as they are.
@@ -62,10 +63,11 @@ from ._checks import (
 )
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
-# 2nCM, so C is kept small. Non-causal: about 2M feature entries per chunk (8 MB in float32).
+# 2nCM, so C is kept small. Non-causal: about 1M feature entries per chunk (4 MB in float32: with the
+# column stabiliser a chunk is read four times, and at 8 MB it ran ~10% slower on the 2-core EPYC, 2026-11-25).
 CAUSAL_CHUNK = 64
 CAUSAL_BLOCK_ELEMENTS = 1 << 19  # feature entries per block of chunks (2 MB in float32)
-NONCAUSAL_FEATURE_ELEMENTS = 1 << 21
+NONCAUSAL_FEATURE_ELEMENTS = 1 << 20
 # A causal chunk is read relative to its final reference while that reference rises by at most
 # RISE_FRACTION·log(1/tiny) inside it (~39 in float32): the normaliser is then >= e^-39, far above the
 # sqrt(tiny) = e^-43.7 clamp of the ratio, and terms lost to underflow are below e^-48 of it.
@@ -105,14 +107,19 @@ class _ColumnShifted:
         return None, logw
 
     def prepare_queries(self, q: Tensor) -> Tensor:
-        return self.fm.log_features_rowwise(q)[0]  # ωᵀq': the query offset is a per-row factor and cancels
+        # ωᵀq' alone: the query offset is a per-row factor and cancels (``project`` skips computing it)
+        project = getattr(self.fm, "project", None)
+        return project(q) if project is not None else self.fm.log_features_rowwise(q)[0]
 
-    def query_features(self, proj: Tensor, ref: Tensor) -> Tensor:
+    def query_features(self, proj: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         """q̂ = exp(ωᵀq' + c - t), t the row max, for references c broadcastable to proj's (..., W = M);
-        overwrites proj."""
+        overwrites proj. ``sum_to_one``: q̂ / Σ_r q̂ instead (one fused softmax rather than three passes; the
+        output's normaliser is then >= 1/M instead of >= 1, which the non-causal path can afford)."""
         # max_r c_r, a per-row constant, leaves first: ωᵀq' is then added to numbers of its own size, not to
         # c_r ~ -|k'|²/2, which would round it at the ulp of |k'|²
         shifted = proj.add_(ref - ref.amax(-1, keepdim=True))  # in place: proj is this call's own
+        if sum_to_one:
+            return torch.softmax(shifted, dim=-1)
         return shifted.sub_(shifted.detach().amax(-1, keepdim=True)).exp_()
 
 
@@ -145,7 +152,7 @@ class _RowScaled:
     def prepare_queries(self, q: Tensor) -> Tensor:
         return self.split(q)[0] if self.scaled else self.fm(q)  # the query's own scale cancels
 
-    def query_features(self, prepared: Tensor, ref: Tensor) -> Tensor:
+    def query_features(self, prepared: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         return prepared
 
 
@@ -167,18 +174,25 @@ def _working_dtype(q: Tensor, k: Tensor, pad: Tensor | None, fm: nn.Module, acc:
     """acc, or float64 where scale·|x|² (the log-scale of the features) of a query or a non-padded key could
     overflow acc; ValueError where it could overflow float64 too."""
     scale = float(getattr(fm, "scale", 1.0))
-    k_min, k_max = torch.aminmax(k.detach(), dim=-1)  # (B, H, Nk) each; no |k| temporary
-    top = torch.maximum(k_max, -k_min)
-    if pad is not None:
-        top = top.masked_fill(pad, 0.0)
-    q_min, q_max = torch.aminmax(q.detach())
-    big = float(torch.stack([q_max, -q_min, top.amax()]).amax())
+    limit = torch.finfo(acc).max / 16
+
+    def bound(top: float) -> float:
+        """>= scale·|x|² for every row with entries of magnitude <= top (Python floats: inf, never an error)."""
+        return top * top * q.shape[-1] * scale
+
+    # whole-tensor reductions (one read-back): ~10x faster than per-row ones, which cost a few % of a FAVOR+
+    # call; they decide alone unless the keys are large and some are padded (padded keys must not count)
+    (q_min, q_max), (k_min, k_max) = torch.aminmax(q.detach()), torch.aminmax(k.detach())
+    q_top, k_top = torch.stack([torch.maximum(q_max, -q_min), torch.maximum(k_max, -k_min)]).tolist()
+    if pad is not None and not bound(k_top) < limit:
+        k_min, k_max = torch.aminmax(k.detach(), dim=-1)  # (B, H, Nk) each; no |k| temporary
+        k_top = float(torch.maximum(k_max, -k_min).masked_fill(pad, 0.0).amax())
+    big = max(q_top, k_top) if not (math.isnan(q_top) or math.isnan(k_top)) else math.nan
     if not math.isfinite(big):  # inf or NaN inputs: nothing a wider dtype would fix
         return acc
-    bound = big * big * q.shape[-1] * scale  # >= scale·|x|² for every row (Python floats: inf, never an error)
-    if bound < torch.finfo(acc).max / 16:
+    if bound(big) < limit:
         return acc
-    if bound < torch.finfo(torch.float64).max / 16:
+    if bound(big) < torch.finfo(torch.float64).max / 16:
         return torch.float64
     raise ValueError(f"linear_attention: inputs too large for {type(fm).__name__}: max |x| = {big:.3g}, so "
                      f"scale·|x|² (the features' log-scale) overflows even float64")
@@ -234,7 +248,7 @@ def _with_ones(v: Tensor) -> Tensor:
 def _ratio(num: Tensor, Dv: int, positive: bool) -> Tensor:
     """num[..., :Dv] / num[..., Dv:], the normalised output of a chunk of queries.
 
-    Positive features have a normaliser >= 0 (>= 1 for a query with a visible key, after the column shift):
+    Positive features have a normaliser >= 0 (>= 1, or >= 1/M non-causal, for a query with a visible key):
     clamping it at sqrt(smallest normal) keeps the output bounded and the gradients finite in one cheap pass
     over a column. Other maps (trigonometric features can make it negative) go through :func:`safe_divide`."""
     if positive:
@@ -243,17 +257,18 @@ def _ratio(num: Tensor, Dv: int, positive: bool) -> Tensor:
 
 
 def _accumulate(state: Tensor | None, decay: Tensor | None, kf: Tensor, v1: Tensor) -> Tensor:
-    """state · decay + kfᵀ v1 ((B, H, M, Dv + 1); decay broadcastable, None = 1). Without autograd the state is
+    """state · decay + v1ᵀ kf, the state kept transposed ((B, H, Dv + 1, M); decay broadcastable, None = 1):
+    with kf the untransposed operand the batched matmul runs ~20% faster on CPU. Without autograd the state is
     updated in place (one batched addmm, no temporaries of the state's size)."""
     if state is None:
-        return kf.mT @ v1
+        return v1.mT @ kf
     if torch.is_grad_enabled():
-        return (state if decay is None else state * decay) + kf.mT @ v1
+        return (state if decay is None else state * decay) + v1.mT @ kf
     if decay is not None:
         state.mul_(decay)
     B, H, C, M = kf.shape
-    flat = state.view(B * H, M, -1)
-    torch.baddbmm(flat, kf.reshape(B * H, C, M).mT, v1.reshape(B * H, C, -1), out=flat)  # seen by FLOP counters
+    flat = state.view(B * H, -1, M)
+    torch.baddbmm(flat, v1.reshape(B * H, C, -1).mT, kf.reshape(B * H, C, M), out=flat)  # seen by FLOP counters
     return state
 
 
@@ -262,7 +277,7 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScal
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     floor = lowest(q.dtype)
-    state = None  # (B, H, M, Dv + 1): Σ_j k̂_j [v_j, 1], keys relative to ref
+    state = None  # (B, H, Dv + 1, M): Σ_j [v_j, 1] k̂_jᵀ, keys relative to ref
     ref = None  # (B, H, W): the running maximum of the key log-scales (per column, or per row when W = 1)
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, Nk, chunk))
@@ -271,43 +286,37 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScal
         top = logw.detach().amax(2).clamp_min_(floor)  # (B, H, W); floor: no visible key yet
         new_ref = top if ref is None else torch.maximum(ref, top)
         kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, C, M); 0 where padded
-        decay = torch.exp(ref - new_ref)[..., None] if terms.scaled and state is not None else None  # <= 1
-        state = _accumulate(state, decay, kf, _with_ones(v_c))  # (B, H, M, Dv + 1)
+        decay = torch.exp(ref - new_ref)[:, :, None] if terms.scaled and state is not None else None  # <= 1
+        state = _accumulate(state, decay, kf, _with_ones(v_c))  # (B, H, Dv + 1, M)
         ref = new_ref
     out = ChunkOutputs(q, (B, H, Nq, Dv))
     for s, q_c in zip(range(0, Nq, chunk), q.split(chunk, dim=2), strict=True):
-        qf = terms.query_features(terms.prepare_queries(q_c), ref[:, :, None])  # (B, H, C, M)
-        out.write(s, s + q_c.shape[2], _ratio(qf @ state, Dv, terms.positive))  # (B, H, C, Dv + 1) -> (.., Dv)
+        qf = terms.query_features(terms.prepare_queries(q_c), ref[:, :, None], sum_to_one=True)  # (B, H, C, M)
+        out.write(s, s + q_c.shape[2], _ratio(qf @ state.mT, Dv, terms.positive))  # (B, H, C, Dv + 1) -> Dv
     return out.result()
-
-
-def _mix(weights: Tensor, contrib: Tensor) -> Tensor:
-    """Σ_c' weights[c, c'] contrib[c'] with per-column weights: (B, H, g+1, g, W) x (B, H, g, M, V) ->
-    (B, H, g+1, M, V)."""
-    if weights.shape[-1] == 1:
-        return torch.einsum("bhcd,bhdmv->bhcmv", weights[..., 0], contrib)
-    return torch.einsum("bhcdm,bhdmv->bhcmv", weights, contrib)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
             chunk: int) -> Tensor:
     """Causal chunked attention, G chunks of C positions at a time (a block).
 
-    Inside a block every step is one batched op over its G chunks — features, the (C, C) intra-chunk products,
-    each chunk's contribution kᵀ[v, 1] — and the states entering the chunks are one (G+1, G) lower-triangular
-    matmul (per column when W = M) over those contributions. So the Python loop (and the number of parallel
-    regions, which is what a busy machine punishes) runs over blocks, not chunks; the carried state crosses
-    blocks only.
+    Inside a block the heavy steps are one batched op over its G chunks — features, the (C, C) intra-chunk
+    products, each chunk's contribution kᵀ[v, 1], the reads of the entering states. Only the states themselves
+    are a scan over the chunks, two small (M, Dv + 1) ops per chunk (T_c = S_c · e^{r_{c-1} - r_c},
+    S_{c+1} = T_c + contrib_c). So the Python loop over large ops (and the number of large parallel regions,
+    which is what a busy machine punishes) runs over blocks, not chunks. (The scan replaced a (G+1, G)
+    lower-triangular einsum over the contributions, whose per-column weights made it B·H·M tiny matmuls: it and
+    its broadcasts took ~45% of a causal call at n=16384.)
 
     With m_j the running prefix maximum of the key log-scales (per column: m_jr) and r_c its value at the end of
     chunk c: chunk c's keys are k̂_j = exp(ℓ(k_j) - r_c) <= 1 and its queries are read relative to r_c; the state
-    entering chunk c is kept relative to r_{c-1}, so every exponent is <= 0. Where m rises by more than the
+    S_c entering chunk c is kept relative to r_{c-1}, so every exponent is <= 0. Where m rises by more than the
     limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`)."""
     B, H, N, _ = q.shape
     Dv, W, M = v.shape[-1], terms.width, terms.num_features
-    # chunks per block: G·C rows of features within the budget, and the (G+1, G, W) weights of the entering
-    # states at most a quarter of one block's features (G <= C M / 4W), so that memory stays linear in n
-    G = max(1, min(CAUSAL_BLOCK_ELEMENTS // max(1, B * H * M * chunk), chunk * M // (4 * W)))
+    # chunks per block: G·C rows of features within the budget (the G states its queries read, G·M·(Dv + 1),
+    # grow with it linearly), and G <= C, which bounds the Python scan over a block's chunks for small B·H·M
+    G = max(1, min(CAUSAL_BLOCK_ELEMENTS // max(1, B * H * M * chunk), chunk))
     block = G * chunk
     floor = lowest(q.dtype)
     limit = RISE_FRACTION * -math.log(torch.finfo(q.dtype).tiny)
@@ -315,7 +324,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     # tensors (FLOP counting) it is skipped and the fast path is what is counted
     check = terms.scaled and q.device.type != "meta"
     out = ChunkOutputs(q, (B, H, N, Dv))
-    state = None  # (B, H, M, Dv + 1): Σ_{j < block start} k̂_j [v_j, 1], keys relative to ref
+    state = None  # (B, H, Dv + 1, M): Σ_{j < block start} [v_j, 1] k̂_jᵀ (transposed, see _accumulate)
     ref = q.new_full((B, H, W), floor)  # m at the end of the previous block
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i: the future
     pads = pad.split(block, dim=2) if pad is not None else [None] * len(range(0, N, block))
@@ -344,27 +353,37 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
                            ends[:, :, :, None])  # (B, H, g, C, M) <= r_c; overwrites logw
         v1 = _with_ones(v_b).unflatten(2, (g, chunk))  # (B, H, g, C, Dv + 1)
         num = (qf @ kf.mT).masked_fill_(above, 0.0) @ v1  # intra-chunk, j <= i: (B, H, g, C, Dv + 1)
-        contrib = kf.mT @ v1  # (B, H, g, M, Dv + 1): each chunk's keys relative to its own r_c
-        lower = torch.ones(g + 1, g, dtype=torch.bool, device=q.device).tril(-1)[..., None]  # chunk c' < c
-        weights = (ends[:, :, None] - before[:, :, :, None]).masked_fill_(~lower, float("-inf")).exp_()
-        states = _mix(weights, contrib)  # (B, H, g + 1, M, Dv + 1): entering chunk c, relative to before[c]
-        if state is not None:
-            states = states + torch.exp(ref[:, :, None] - before)[..., None] * state[:, :, None]
-        carry = torch.exp(before[:, :, :-1] - ends)[:, :, :, None]  # (B, H, g, 1, W): before[c] -> r_c
-        total = num + (qf * carry) @ states[:, :, :-1]  # (B, H, g, C, Dv + 1)
+        contrib = (v1.mT @ kf).unbind(2)  # g x (B, H, Dv + 1, M): each chunk's keys relative to its own r_c
+        # the scan over the chunks: S_c enters chunk c relative to before[c]; T_c is S_c relative to r_c
+        carry = torch.exp(before[:, :, :-1] - ends)[:, :, :, None]  # (B, H, g, 1, W) <= 1: before[c] -> r_c
+        entering, read = {}, []  # S_c of the steep chunks, T_c of every chunk
+        for c in range(g):
+            if c in steep:
+                entering[c] = torch.zeros_like(contrib[c]) if state is None else state
+            read.append(None if state is None else state * carry[:, :, c])
+            state = contrib[c] if state is None else read[c] + contrib[c]  # relative to r_c = before[c + 1]
+        if any(t is not None for t in read):  # (B, H, g, C, Dv + 1)
+            total = num + qf @ _stack_states(read, contrib[0]).mT
+        else:  # the sequence's first chunk alone: no state has entered yet
+            total = num
         if steep:  # chunks where m rises too much for one reference: redo them per query
             parts = list(total.unbind(2))
             for c, (run, prepared_c) in steep.items():
                 rows = slice(c * chunk, (c + 1) * chunk)
                 parts[c] = _chunk_per_query(terms, prepared_c, k_b[:, :, rows],
                                             None if pad_b is None else pad_b[:, :, rows], v1[:, :, c], run,
-                                            states[:, :, c], before[:, :, c])
+                                            entering[c].mT, before[:, :, c])
             total = torch.stack(parts, dim=2)
         result = _ratio(total, Dv, terms.positive).flatten(2, 3)  # (B, H, L', Dv)
         out.write(s, s + L, result[:, :, :L] if extra else result)
-        state, ref = states[:, :, -1], before[:, :, -1]
-        del prepared, qf, kf, num, contrib, weights, states, total, result
+        ref = before[:, :, -1]
+        del prepared, qf, kf, num, contrib, read, total, result
     return out.result()
+
+
+def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
+    """The states T_c read by each chunk's queries, (B, H, g, Dv + 1, M); zeros where none has entered yet."""
+    return torch.stack([torch.zeros_like(like) if t is None else t for t in read], dim=2)
 
 
 @torch.compiler.disable  # data-dependent: torch.compile breaks the graph here rather than skip the check

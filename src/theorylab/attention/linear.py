@@ -2,7 +2,8 @@ r"""Kernelised (linear) attention: D⁻¹ φ(Q) (φ(K)ᵀ V) with D = diag(φ(Q)
 
 Katharopoulos et al. 2020 ("Transformers are RNNs"); Choromanski et al. 2021 (Performers, FAVOR+).
 
-Non-causal: φ(K)ᵀ[V, 1] is accumulated chunk by chunk ((M, Dv+1) state), then each chunk of queries reads it.
+Non-causal: φ(K)ᵀ[V, 1] is accumulated chunk by chunk ((M, Dv+1) state, stored transposed), then each chunk of
+queries reads it.
 Causal: the sequence is cut into chunks of C positions; inside a chunk the (C, C) lower-triangular part is a
 matmul, across chunks an (M, Dv+1) state holds the prefix sums. Chunks are processed G at a time (a block) with
 batched ops; only the (M, Dv+1) states are scanned chunk by chunk (two small ops each), and one crosses blocks.
@@ -18,10 +19,12 @@ are never exponentiated unshifted:
   running prefix maximum), as separable attention's column softmax. Then
   k̂_jr = exp(ℓ_r(k_j) - c_r) <= 1, and q̂_ir = exp(ωᵣᵀq_i' + c_r - t_i) <= 1 with t_i = max_r (ωᵣᵀq_i' + c_r),
   the query offset -|q'|²/2 cancelling. At the maximising r the key column holds a 1 and q̂_ir = 1, so the
-  normaliser Σ_r q̂_ir Σ_j k̂_jr is >= 1 (non-causal, where q̂ is divided by its row sum in one fused softmax:
-  >= 1/M): no query ever loses all its weight to underflow, whatever the scale of q and k. (A single shift per
-  key row, or per query row alone, is not enough: at |x| ~ 100 the dominant (key, feature) pair differs between
-  queries and every other product underflows.)
+  normaliser Σ_r q̂_ir Σ_j k̂_jr is >= 1: no query ever loses all its weight to underflow, whatever the scale of
+  q and k. (A single shift per key row, or per query row alone, is not enough: at |x| ~ 100 the dominant
+  (key, feature) pair differs between queries and every other product underflows.) Two paths trade some of
+  that margin for speed: non-causal queries are divided by their row sum (one fused softmax), so there it is
+  >= 1/M; causal chunks read their queries against the chunk's final reference, so there it is >= e^-39 in
+  float32 (``RISE_FRACTION``; steeper chunks are redone per query, where it is >= 1).
 * trigonometric features (``log_scaled_features``; φ(x) = bounded(x) · exp(|x'|²/2)): the query factor cancels
   and is dropped; key j is scaled by exp(|k_j'|²/2 - c) with c the maximum over the keys a query may see.
 * other maps (elu + 1, relu, ...) are used as they are.
@@ -61,6 +64,7 @@ from ._checks import (
     positive_int,
     safe_divide,
 )
+from .features import PositiveRandomFeatures
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 1M feature entries per chunk (4 MB in float32: with the
@@ -97,6 +101,11 @@ class _ColumnShifted:
 
     def __init__(self, fm: nn.Module) -> None:
         self.fm, self.width, self.num_features = fm, fm.num_features, fm.num_features
+        # queries need ωᵀq' alone (their offset is a per-row factor and cancels): ``project`` gives it without the
+        # offset, but only the stock map is known to return project(x) first; a map that overrides
+        # log_features_rowwise (or merely has a ``project`` attribute) goes through log_features_rowwise
+        stock = getattr(type(fm), "log_features_rowwise", None) is PositiveRandomFeatures.log_features_rowwise
+        self.project = fm.project if stock else (lambda x: fm.log_features_rowwise(x)[0])
 
     def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """(None, ℓ(k) of shape (B, H, C, M), -inf where padded): φ(k) = exp(ℓ)."""
@@ -107,9 +116,7 @@ class _ColumnShifted:
         return None, logw
 
     def prepare_queries(self, q: Tensor) -> Tensor:
-        # ωᵀq' alone: the query offset is a per-row factor and cancels (``project`` skips computing it)
-        project = getattr(self.fm, "project", None)
-        return project(q) if project is not None else self.fm.log_features_rowwise(q)[0]
+        return self.project(q)
 
     def query_features(self, proj: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         """q̂ = exp(ωᵀq' + c - t), t the row max, for references c broadcastable to proj's (..., W = M);
@@ -248,7 +255,7 @@ def _with_ones(v: Tensor) -> Tensor:
 def _ratio(num: Tensor, Dv: int, positive: bool) -> Tensor:
     """num[..., :Dv] / num[..., Dv:], the normalised output of a chunk of queries.
 
-    Positive features have a normaliser >= 0 (>= 1, or >= 1/M non-causal, for a query with a visible key):
+    Positive features have a normaliser >= 0 (with a visible key: >= 1/M non-causal, >= e^-39 causal in float32):
     clamping it at sqrt(smallest normal) keeps the output bounded and the gradients finite in one cheap pass
     over a column. Other maps (trigonometric features can make it negative) go through :func:`safe_divide`."""
     if positive:
@@ -314,9 +321,10 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`)."""
     B, H, N, _ = q.shape
     Dv, W, M = v.shape[-1], terms.width, terms.num_features
-    # chunks per block: G·C rows of features within the budget (the G states its queries read, G·M·(Dv + 1),
-    # grow with it linearly), and G <= C, which bounds the Python scan over a block's chunks for small B·H·M
-    G = max(1, min(CAUSAL_BLOCK_ELEMENTS // max(1, B * H * M * chunk), chunk))
+    # chunks per block: G·C rows of features within the budget, and the G states its queries read, G·M·(Dv + 1),
+    # within twice the budget (they outgrow the features for small chunks: C < Dv + 1)
+    per_chunk = max(1, B * H * M)
+    G = max(1, min(CAUSAL_BLOCK_ELEMENTS // (per_chunk * chunk), 2 * CAUSAL_BLOCK_ELEMENTS // (per_chunk * (Dv + 1))))
     block = G * chunk
     floor = lowest(q.dtype)
     limit = RISE_FRACTION * -math.log(torch.finfo(q.dtype).tiny)
@@ -377,7 +385,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
         result = _ratio(total, Dv, terms.positive).flatten(2, 3)  # (B, H, L', Dv)
         out.write(s, s + L, result[:, :, :L] if extra else result)
         ref = before[:, :, -1]
-        del prepared, qf, kf, num, contrib, read, total, result
+        del prepared, qf, kf, num, contrib, read, entering, carry, steep, total, result
     return out.result()
 
 

@@ -54,3 +54,14 @@ def test_contenders_compute_attention():
             outs = {name: fn(q, k, v) for name, fn in bench.contenders(causal).items()}
             exact = outs["torch SDPA (exact)"]
             assert (outs["theorylab FAVOR+"] - exact).abs().mean() < 0.5 * exact.abs().mean()
+
+
+def test_forward_backward_contenders_include_ours_recomputing_with_equal_gradients():
+    fns = bench._fwd_bwd_contenders()
+    assert bench.RECOMPUTE in fns and "theorylab FAVOR+" in fns
+    grads = []
+    for name in ("theorylab FAVOR+", bench.RECOMPUTE):
+        q, k, v = bench._inputs(256, requires_grad=True)
+        fns[name](q, k, v).square().mean().backward()
+        grads.append(torch.cat([q.grad, k.grad, v.grad]))
+    assert torch.equal(*grads)

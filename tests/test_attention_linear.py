@@ -202,11 +202,11 @@ def test_compiles_with_torch_compile(causal):
     mask = torch.zeros(1, 16, dtype=torch.bool)
     mask[0, 12:] = True
 
-    def fn(q, k, v):
-        return linear_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=8)
+    def fn(q, k, v):  # recompute: torch.compile plans its own recomputation, so it is not traced
+        return linear_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=8, recompute=True)
 
     compiled = torch.compile(fn, fullgraph=not causal)
-    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert_same_outputs_and_grads(compiled, fn, (q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_input_names_the_shapes():
@@ -226,3 +226,90 @@ def test_bad_input_names_the_shapes():
         TrigRandomFeatures(8, -2)
     with pytest.raises(ValueError, match="must be even"):
         TrigRandomFeatures(8, 7)
+
+
+# --- recompute (activation checkpointing, block by block) ----------------------------------------------------
+
+
+class _LearnedFeatures(torch.nn.Module):
+    """φ(x) = elu(W x) + 1 with a trainable W: its gradient must survive the recomputation too."""
+
+    def __init__(self, D, M):
+        super().__init__()
+        self.proj = torch.nn.Linear(D, M, bias=False, dtype=torch.float64)
+        self.num_features = M
+
+    def forward(self, x):
+        return torch.nn.functional.elu(self.proj(x)) + 1.0
+
+
+def _outputs_and_grads(fn, inputs, params=()):
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    for p in params:
+        p.grad = None
+    out = fn(*inputs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    return [out.detach()] + [x.grad for x in inputs] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("name", ["favor", "trig", "elu", "learned"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_recompute_gives_bit_identical_outputs_and_grads(monkeypatch, name, causal):
+    """Blocks of one chunk, so the state crosses many checkpointed blocks; padded keys; a steep rise of the
+    running maximum in the favor case (the per-query path runs inside the recomputed block too)."""
+    from theorylab.attention import linear
+
+    monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1)
+    q, k, v = qkv(Nq=21, Dv=5)
+    if name == "favor":
+        k[:, :, :6] = k[:, :, :6] / k[:, :, :6].norm(dim=-1, keepdim=True) * 40.0
+    fm = _LearnedFeatures(8, 12) if name == "learned" else FEATURE_MAPS[name](8).double()
+    mask = padding_mask(2, 21)
+    params = list(fm.parameters())
+
+    def run(recompute):
+        return _outputs_and_grads(lambda q, k, v: linear_attention(
+            q, k, v, fm, causal=causal, key_padding_mask=mask, chunk_size=4, recompute=recompute), (q, k, v), params)
+
+    plain, recomputed = run(False), run(True)
+    assert len(plain) == 4 + len(params)
+    for a, b in zip(plain, recomputed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_recompute_runs_the_blocks_again_in_the_backward_pass(monkeypatch):
+    from theorylab.attention import linear
+
+    calls = []
+    original = linear._causal_block
+    monkeypatch.setattr(linear, "_causal_block", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1)  # one chunk per block: 16 blocks
+    q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=2, Nq=256, D=8, dtype=torch.float32))
+    fm = PositiveRandomFeatures(8, 16, seed=0)
+    for recompute, expected in ((False, 16), (True, 32)):
+        calls.clear()
+        linear_attention(q, k, v, fm, causal=True, chunk_size=16, recompute=recompute).sum().backward()
+        assert len(calls) == expected, recompute
+    with torch.no_grad():  # nothing to recompute without autograd
+        calls.clear()
+        linear_attention(q, k, v, fm, causal=True, chunk_size=16, recompute=True)
+        assert len(calls) == 16
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_recompute_lowers_the_memory_of_forward_and_backward(monkeypatch, causal):
+    from theorylab.attention import linear
+
+    monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1 << 15)  # blocks of 4 chunks, as at full size
+    fm = PositiveRandomFeatures(16, 64, seed=0)
+    q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=4, Nq=2048, D=16, dtype=torch.float32))
+
+    def fwd_bwd(recompute):
+        return peak_memory(lambda: linear_attention(q, k, v, fm, causal=causal, chunk_size=32,
+                                                    recompute=recompute).sum().backward())
+
+    plain, recomputed = fwd_bwd(False), fwd_bwd(True)
+    # what every path must hold: the gradients of q, k, v and the output (4 x 0.5 MiB here)
+    assert recomputed < 0.6 * plain, (plain, recomputed)
+    assert recomputed > 4 * 2048 * 4 * 16 * 4

@@ -90,3 +90,24 @@ def test_bad_arguments():
         MultiheadAttention(8, 2)(torch.randn(2, 5, 6))
     with pytest.raises(ValueError, match="causal needs Nq == Nk"):
         MultiheadAttention(8, 2, kind="linear", causal=True)(torch.randn(1, 3, 8), torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="recompute applies to kinds 'linear' and 'favor'; got kind='softmax'"):
+        MultiheadAttention(8, 2, recompute=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "favor"])
+def test_recompute_changes_neither_outputs_nor_parameter_gradients(monkeypatch, kind):
+    from theorylab.attention import linear
+
+    monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1)  # a block per chunk: 75 checkpointed blocks
+    x = torch.randn(2, 300, 16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        mha = MultiheadAttention(16, 2, kind=kind, causal=True, num_features=8, seed=0, chunk_size=4,
+                                 recompute=recompute)
+        out = mha(x)
+        out.square().sum().backward()
+        grads.append([out.detach()] + [p.grad for p in mha.parameters()])
+    assert "recompute=True" in repr(mha)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

@@ -322,3 +322,38 @@ def test_compiled_causal_favor_is_exact_where_the_running_maximum_rises_steeply(
     compiled = torch.compile(fn)(q, k, v)
     torch.testing.assert_close(compiled, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fn(q, k, v), ref, atol=1e-4, rtol=1e-4)
+
+
+_KINDS = {
+    "softmax": lambda q, k, v, causal, mask: softmax_attention(q, k, v, causal=causal, key_padding_mask=mask),
+    "separable": lambda q, k, v, causal, mask: separable_attention(q, k, v, causal=causal, key_padding_mask=mask,
+                                                                   chunk_size=3),
+    "favor": lambda q, k, v, causal, mask: linear_attention(q, k, v, PositiveRandomFeatures(4, 16, seed=0).double(),
+                                                            causal=causal, key_padding_mask=mask, chunk_size=3),
+    "elu": lambda q, k, v, causal, mask: linear_attention(q, k, v, EluFeatures(4), causal=causal,
+                                                          key_padding_mask=mask, chunk_size=3),
+}
+
+
+@pytest.mark.parametrize("kind", list(_KINDS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded_value", [float("inf"), float("-inf"), float("nan")])
+def test_padded_keys_and_values_of_any_value_change_neither_outputs_nor_gradients(kind, causal, padded_value):
+    """Whatever sits in the padded keys and values: the outputs and the gradients of q and of the unpadded keys and
+    values are those with zeros there (a weight of 0 times inf or NaN is NaN: before the fix, NaN padded values
+    made every output NaN, in every kind)."""
+    q, k, v = qkv(B=2, H=2, Nq=8, D=4)
+    mask = padding_mask(2, 8)
+    padded = mask[:, None, :, None]
+
+    def run(fill):
+        inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        kk, vv = (x.masked_fill(padded, fill) for x in inputs[1:])
+        out = _KINDS[kind](inputs[0], kk, vv, causal, mask)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return [out.detach()] + [x.grad for x in inputs]
+
+    clean, hostile = run(0.0), run(padded_value)
+    for a, b in zip(clean, hostile, strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)

@@ -184,9 +184,11 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(bad)
+    # each makes torch's loader raise something else: UnpicklingError, KeyError (b"junk\n"), EOFError, ...
+    for junk in (b"\x00not a checkpoint", b"junk\n", b"", b"\x80\x02", b"PK\x03\x04", b"\x80\x02}q\x00X\x01"):
+        bad.write_bytes(junk)
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_checkpoint(bad)
     save_checkpoint(tmp_path / "other.pt", {"format": "other"})
     with pytest.raises(CheckpointError, match="format 'other'"):
         load_checkpoint(tmp_path / "other.pt", expected_format="mine")

@@ -91,6 +91,12 @@ def keep_mask(Nq: int, Nk: int, *, causal: bool, key_padding_mask: Tensor | None
     return keep
 
 
+def zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """x (B, H, Nk, ·) with the rows of padded keys set to 0. Masking the attention weights alone is not enough: a
+    weight of exactly 0 times an inf or NaN value is NaN, in the output or in the gradient of the other inputs."""
+    return x if key_padding_mask is None else x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
 def masked_softmax(x: Tensor, keep: Tensor | None, dim: int) -> Tensor:
     """Softmax of ``x`` over ``dim`` restricted to ``keep``; all-zero where nothing is kept (never NaN)."""
     if keep is not None:

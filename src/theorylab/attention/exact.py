@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_qkv, keep_mask, masked_softmax
+from ._checks import check_qkv, keep_mask, masked_softmax, zero_padded
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -20,7 +20,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
         causal: key j is visible to query i iff j <= i (top-left aligned when Nq != Nk, as SDPA's is_causal).
-        key_padding_mask: bool (B, Nk), True = padding (ignored).
+        key_padding_mask: bool (B, Nk), True = padding (ignored, whatever its keys and values hold).
         scale: multiplies q kᵀ; None -> 1/sqrt(D).
 
     Returns:
@@ -30,6 +30,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)  # inf/NaN there would reach dq, out
     empty = ~keep.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1): rows with nothing to attend to
     # SDPA gives NaN on an all-masked row; let such rows attend everywhere, then zero them.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty, scale=scale)
@@ -41,6 +42,7 @@ def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool
     """The naive reference of :func:`softmax_attention`: forms the (B, H, Nq, Nk) score matrix."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention_reference")
     scale = D ** -0.5 if scale is None else scale
+    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     scores = (q @ k.mT) * scale  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     return masked_softmax(scores, keep, dim=-1) @ v

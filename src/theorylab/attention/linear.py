@@ -66,6 +66,7 @@ from ._checks import (
     masked_softmax,
     positive_int,
     safe_divide,
+    zero_padded,
 )
 from .features import PositiveRandomFeatures
 
@@ -222,12 +223,14 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         recompute: under autograd, keep only each block of chunks' inputs and entering state for the backward
             pass and recompute its features there (activation checkpointing, block by block). Gradients are
             bit-identical; forward+backward needs ~3x less memory and ~1.4x the time (n=8192, M=256, H=8 on CPU).
+            The feature map must not change between forward and backward (a RuntimeError says so if it did)
+            nor depend on train/eval mode. Ignored without autograd, under torch.compile and torch.func.
 
     Returns:
         (B, H, Nq, Dv) in the dtype of q. A query whose normaliser is zero (no visible key; Nk = 0) gets zeros.
 
     Raises:
-        TypeError: q, k or v is not floating point, or chunk_size is not an integer.
+        TypeError: q, k or v is not floating point, chunk_size is not an integer, or recompute not a bool.
         ValueError: shapes, mask or chunk_size are wrong, or the inputs are so large that the features'
             log-scale overflows float64.
     """
@@ -237,6 +240,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         raise ValueError(f"linear_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, what="chunk_size", name="linear_attention")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"linear_attention: recompute must be a bool; got {recompute!r}")
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, _feature_dtype(feature_map))
     pad = key_padding_mask[:, None, :] if key_padding_mask is not None else None  # (B, 1, Nk)
@@ -245,7 +250,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         return empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
     if terms.scaled and can_inspect(q):
         acc = _working_dtype(q, k, pad, feature_map, acc)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)  # padded keys: removed from φ(K)
     if causal:
         out = _causal(q, k, v, terms, pad, chunk_size or CAUSAL_CHUNK, recompute)
     else:
@@ -291,28 +296,38 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScal
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     recompute = recompute and max(Nq, Nk) > chunk and _needs_grad(q, k, v, terms)
+    # keys in groups of chunks: a checkpointed group keeps its entering (Dv + 1, M) state for the backward pass,
+    # so it must span well over Dv + 1 keys to save memory (a group of one short chunk would add memory)
+    group = chunk * (max(1, -(-4 * (Dv + 1) // chunk)) if recompute else 1)
+    add_keys = _checkpointed(terms.fm, _add_keys) if recompute else _add_keys
+    read_queries = _checkpointed(terms.fm, _read_queries) if recompute else _read_queries
     state = None  # (B, H, Dv + 1, M): Σ_j [v_j, 1] k̂_jᵀ, keys relative to ref
     ref = None  # (B, H, W): the running maximum of the key log-scales (per column, or per row when W = 1)
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
-    pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, Nk, chunk))
-    for k_c, v_c, pad_c in zip(k.split(chunk, dim=2), v.split(chunk, dim=2), pads, strict=True):
-        state, ref = _run(recompute, _add_keys, terms, k_c, v_c, pad_c, state, ref)
+    pads = pad.split(group, dim=2) if pad is not None else [None] * len(range(0, Nk, group))
+    for k_g, v_g, pad_g in zip(k.split(group, dim=2), v.split(group, dim=2), pads, strict=True):
+        state, ref = add_keys(terms, chunk, k_g, v_g, pad_g, state, ref)
     out = ChunkOutputs(q, (B, H, Nq, Dv))
     for s, q_c in zip(range(0, Nq, chunk), q.split(chunk, dim=2), strict=True):
-        out.write(s, s + q_c.shape[2], _run(recompute, _read_queries, terms, q_c, state, ref))
+        out.write(s, s + q_c.shape[2], read_queries(terms, q_c, state, ref))
     return out.result()
 
 
-def _add_keys(terms: _ColumnShifted | _RowScaled, k_c: Tensor, v_c: Tensor, pad_c: Tensor | None,
+def _add_keys(terms: _ColumnShifted | _RowScaled, chunk: int, k: Tensor, v: Tensor, pad: Tensor | None,
               state: Tensor | None, ref: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One chunk of keys added to the state (B, H, Dv + 1, M), both relative to the new running maximum of the
-    key log-scales ref (B, H, W) (per column, or per row when W = 1)."""
-    base, logw = terms.keys(k_c, pad_c)  # (B, H, C, M) | None, (B, H, C, W)
-    top = logw.detach().amax(2).clamp_min_(lowest(k_c.dtype))  # (B, H, W); floor: no visible key yet
-    new_ref = top if ref is None else torch.maximum(ref, top)
-    kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, C, M); 0 where padded
-    decay = torch.exp(ref - new_ref)[:, :, None] if terms.scaled and state is not None else None  # <= 1
-    return _accumulate(state, decay, kf, _with_ones(v_c)), new_ref
+    """Keys added to the state (B, H, Dv + 1, M) chunk by chunk, both relative to the running maximum of the key
+    log-scales ref (B, H, W) (per column, or per row when W = 1); returns the new (state, ref)."""
+    floor = lowest(k.dtype)
+    pads = pad.split(chunk, dim=2) if pad is not None else [None] * len(range(0, k.shape[2], chunk))
+    for k_c, v_c, pad_c in zip(k.split(chunk, dim=2), v.split(chunk, dim=2), pads, strict=True):
+        base, logw = terms.keys(k_c, pad_c)  # (B, H, C, M) | None, (B, H, C, W)
+        top = logw.detach().amax(2).clamp_min_(floor)  # (B, H, W); floor: no visible key yet
+        new_ref = top if ref is None else torch.maximum(ref, top)
+        kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, C, M); 0 where padded
+        decay = torch.exp(ref - new_ref)[:, :, None] if terms.scaled and state is not None else None  # <= 1
+        state = _accumulate(state, decay, kf, _with_ones(v_c))
+        ref = new_ref
+    return state, ref
 
 
 def _read_queries(terms: _ColumnShifted | _RowScaled, q_c: Tensor, state: Tensor, ref: Tensor) -> Tensor:
@@ -321,10 +336,27 @@ def _read_queries(terms: _ColumnShifted | _RowScaled, q_c: Tensor, state: Tensor
     return _ratio(qf @ state.mT, state.shape[2] - 1, terms.positive)  # (B, H, C, Dv + 1) -> Dv
 
 
-def _run(recompute: bool, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args), under activation checkpointing when recompute: autograd then keeps only the arguments and
-    calls fn again in the backward pass (non-reentrant, so the gradients are those of fn itself)."""
-    return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+def _checkpointed(fm: nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn under activation checkpointing: autograd keeps only its arguments and calls it again in the backward
+    pass (non-reentrant, so the gradients are those of fn itself).
+
+    The recomputation reads the feature map as it is then, so it must be the map of the forward pass: a redraw()
+    or an optimizer step on its parameters in between would silently change the gradients (the plain path keeps
+    the forward's features). Each call checks that the map's parameters and buffers are the same tensors at the
+    same version as when this wrapper was made. (A map whose forward depends on train/eval mode or updates state,
+    such as BatchNorm, is not suitable for recomputation at all.)"""
+    tensors = [*fm.parameters(), *fm.buffers()]  # kept alive, so their ids cannot be reused
+    snapshot = [(id(t), t._version) for t in tensors]
+
+    def unchanged(*args: Any) -> Any:
+        if [(id(t), t._version) for t in (*fm.parameters(), *fm.buffers())] != snapshot:
+            raise RuntimeError("linear_attention(recompute=True): the feature map changed between the forward and "
+                               "the backward pass (redraw() or an in-place update of its parameters or buffers), "
+                               "so recomputing its features would give wrong gradients; change it after "
+                               "backward(), or use recompute=False")
+        return fn(*args)
+
+    return lambda *args: checkpoint(unchanged, *args, use_reentrant=False)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
@@ -351,6 +383,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     G = max(1, min(CAUSAL_BLOCK_ELEMENTS // (per_chunk * chunk), 2 * CAUSAL_BLOCK_ELEMENTS // (per_chunk * (Dv + 1))))
     block = G * chunk
     recompute = recompute and N > block and _needs_grad(q, k, v, terms)
+    block_fn = _checkpointed(terms.fm, _causal_block) if recompute else _causal_block
     out = ChunkOutputs(q, (B, H, N, Dv))
     state = None  # (B, H, Dv + 1, M): Σ_{j < block start} [v_j, 1] k̂_jᵀ (transposed, see _accumulate)
     ref = q.new_full((B, H, W), lowest(q.dtype))  # m at the end of the previous block
@@ -358,17 +391,23 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     blocks = zip(range(0, N, block), q.split(block, dim=2), k.split(block, dim=2), v.split(block, dim=2), pads,
                  strict=True)
     for s, q_b, k_b, v_b, pad_b in blocks:
-        result, state, ref = _run(recompute, _causal_block, terms, chunk, q_b, k_b, v_b, pad_b, state, ref)
+        result, state, ref = block_fn(terms, chunk, q_b, k_b, v_b, pad_b, state, ref)
         out.write(s, s + q_b.shape[2], result)
         del result  # without autograd, out holds a copy: free this block's before the next one is computed
     return out.result()
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled) -> bool:
-    """Whether autograd records this call (and torch.compile is not tracing it, which plans its own recomputation)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """Whether autograd records this call, outside torch.compile (which plans its own recomputation) and torch.func
+    transforms (which do not support the saved-tensor hooks of checkpointing)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _functorch_active():
         return False
     return any(x.requires_grad for x in (q, k, v)) or any(p.requires_grad for p in terms.fm.parameters())
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private, so looked up defensively
+    return bool(active()) if active is not None else False
 
 
 def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k_b: Tensor, v_b: Tensor,
@@ -489,6 +528,7 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.
     No stabilisation (use moderate inputs, float64)."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_reference")
     _check_feature_map(feature_map, D)
+    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     a = feature_map(q) @ feature_map(k).mT  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     if keep is not None:
@@ -505,6 +545,7 @@ def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map:
     (B, H, Nq, Nk, M), so for small inputs (tests, float64)."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_log_reference")
     _check_feature_map(feature_map, D)
+    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     lq, lk = feature_map.log_features(q), feature_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)
     logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], dim=-1)  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)

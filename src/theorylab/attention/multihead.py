@@ -58,10 +58,12 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"MultiheadAttention: num_features must be positive; got {num_features}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiheadAttention: dropout must be in [0, 1); got {dropout}")
+        if not isinstance(recompute, bool):
+            raise TypeError(f"MultiheadAttention: recompute must be a bool; got {recompute!r}")
         if recompute and kind not in ("linear", "favor"):
             raise ValueError(f"MultiheadAttention: recompute applies to kinds 'linear' and 'favor'; got kind={kind!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.kind, self.causal, self.chunk_size, self.recompute = kind, causal, chunk_size, bool(recompute)
+        self.kind, self.causal, self.chunk_size, self.recompute = kind, causal, chunk_size, recompute
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)

@@ -31,6 +31,7 @@ from ._checks import (
     masked_softmax,
     positive_int,
     safe_divide,
+    zero_padded,
 )
 
 SEPARABLE_CHUNK = 32
@@ -59,7 +60,7 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         chunk_size = positive_int(chunk_size, what="chunk_size", name="separable_attention")
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)
     if B * H * Nq * Nk == 0:  # nothing to attend to (or no query): the softmax over keys has no maximum
         return empty_attention(q, k, v).to(out_dtype)
     a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
@@ -139,6 +140,7 @@ def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bo
                                   key_padding_mask: Tensor | None = None) -> Tensor:
     """The naive reference: forms the (Nq, Nk) matrix A Bᵀ (causal: one column softmax per query, O(n² D))."""
     _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="separable_attention_reference")
+    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     a = torch.softmax(q, dim=-1)  # (B, H, Nq, D)
     if not causal:
         keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]

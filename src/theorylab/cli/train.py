@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "charlm", help="decoder-only Transformer on Python's documentation text, bits/char on held-out text",
         description="Train a small decoder-only Transformer on pydoc_data.topics (the documentation that ships with "
                     "Python; the last 10% held out) with one kind of causal attention. Writes DIR/metrics.json "
-                    "(final_bpc, tokens_per_second, steps, config, curves) and DIR/checkpoint.pt. Exit 0 on success, "
+                    "(final_bpc, tokens_per_second, steps, config, the curves train_bpc and evals, ...) and "
+                    "DIR/checkpoint.pt. Exit 0 on success, "
                     "2 for bad arguments or an unusable checkpoint (nothing is overwritten then).")
     from ..experiments.charlm import ATTENTION_KINDS, CharLMConfig
 

@@ -3,6 +3,7 @@ v (B, H, Nk, Dv); ``key_padding_mask`` bool (B, Nk), True = padding, ignored).""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -69,6 +70,17 @@ def empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """The (B, H, Nq, Dv) zeros of attention with nothing to compute (B, H, Nq or Nk is 0), as SDPA returns for
     Nk = 0: a contraction over an empty dimension, so q, k and v still receive (zero) gradients."""
     return (q[..., :0] @ k[..., :0].mT) @ v  # (B, H, Nq, 0) @ (B, H, 0, Nk) @ (B, H, Nk, Dv)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``device`` (a no-op where it is not on). The chunked kernels choose
+    their own precision (float32 for half inputs): under autocast their projections ran in bfloat16, which made
+    trigonometric features thousands off and non-causal FAVOR+ raise."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (meta)
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def can_inspect(x: Tensor) -> bool:

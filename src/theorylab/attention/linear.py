@@ -64,6 +64,7 @@ from ._checks import (
     keep_mask,
     lowest,
     masked_softmax,
+    no_autocast,
     positive_int,
     safe_divide,
     zero_padded,
@@ -251,11 +252,12 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
     if terms.scaled and can_inspect(q):
         acc = _working_dtype(q, k, pad, feature_map, acc)
     q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)  # padded keys: removed from φ(K)
-    if causal:
-        out = _causal(q, k, v, terms, pad, chunk_size or CAUSAL_CHUNK, recompute)
-    else:
-        chunk = chunk_size or max(16, NONCAUSAL_FEATURE_ELEMENTS // max(1, B * H * terms.num_features))
-        out = _noncausal(q, k, v, terms, pad, chunk, recompute)
+    with no_autocast(q.device):
+        if causal:
+            out = _causal(q, k, v, terms, pad, chunk_size or CAUSAL_CHUNK, recompute)
+        else:
+            chunk = chunk_size or max(16, NONCAUSAL_FEATURE_ELEMENTS // max(1, B * H * terms.num_features))
+            out = _noncausal(q, k, v, terms, pad, chunk, recompute)
     return out.to(out_dtype)
 
 

@@ -29,6 +29,7 @@ from ._checks import (
     keep_mask,
     lowest,
     masked_softmax,
+    no_autocast,
     positive_int,
     safe_divide,
     zero_padded,
@@ -63,15 +64,16 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)
     if B * H * Nq * Nk == 0:  # nothing to attend to (or no query): the softmax over keys has no maximum
         return empty_attention(q, k, v).to(out_dtype)
-    a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
-    logits = k
-    if key_padding_mask is not None:
-        logits = k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-    if not causal:
-        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
-        b = masked_softmax(logits, keep, dim=-2)  # (B, H, Nk, D): columns sum to 1 over the kept keys
-        return (a @ (b.mT @ v)).to(out_dtype)  # (B, H, Nq, D) @ (B, H, D, Dv)
-    return _causal(a, logits, v, chunk_size or SEPARABLE_CHUNK).to(out_dtype)
+    with no_autocast(q.device):  # float32 for half inputs, under autocast too
+        a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
+        logits = k
+        if key_padding_mask is not None:
+            logits = k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+        if not causal:
+            keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
+            b = masked_softmax(logits, keep, dim=-2)  # (B, H, Nk, D): columns sum to 1 over the kept keys
+            return (a @ (b.mT @ v)).to(out_dtype)  # (B, H, Nq, D) @ (B, H, D, Dv)
+        return _causal(a, logits, v, chunk_size or SEPARABLE_CHUNK).to(out_dtype)
 
 
 def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:

@@ -156,13 +156,20 @@ def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 
     return roots
 
 
-@cache
 def derivative_bound(activation: str) -> float:
     r"""γ = sup_x |σ'(x)|, computed: the maximum of |σ'| over the roots of σ'' and the limits at ±∞.
 
     relu has σ' ∈ {0, 1} (piecewise constant), so γ = 1. For tanh and sigmoid the root of σ'' is 0 (γ = 1, 1/4);
     for GELU it is √2 (γ = Φ(√2) + √2 φ(√2) ≈ 1.1289); for SiLU the root of 2 + x(1 − 2σ(x)) ≈ 2.3994 (γ ≈ 1.0998).
+    ValueError naming ``activation`` unless it is one of :data:`ACTIVATIONS`.
     """
+    # Validate before the cache: an unhashable argument (a list) would otherwise raise "unhashable type" from it.
+    return _derivative_bound(get_activation(activation).name)
+
+
+@cache
+def _derivative_bound(activation: str) -> float:
+    """:func:`derivative_bound` for a valid name, computed once per activation."""
     act = get_activation(activation)
     if act.second is None:
         return max(abs(act.deriv_float(-1.0)), abs(act.deriv_float(1.0)))

@@ -8,6 +8,16 @@ the growth rates :math:`\lambda_i = \lim_T \frac1T \log \sigma_i(J_T \cdots J_1)
 interval saves QRs but lets the columns align with the top direction (and overflow) in between. The top exponent
 agrees with the slope of :math:`\log\|\partial s_T/\partial s_0\|` (:func:`~theorylab.rnn.log_jacobian_norms`).
 
+The starting directions are the first k columns of one random orthonormal (H, H) matrix, the same for every
+sequence, so identical sequences get identical exponents, and the i-th estimate does not depend on k (QR is
+nested: the first i columns of Q depend only on the first i columns of Y). For finite T the estimates are growth
+rates of those particular directions, not :math:`\frac1T\log\sigma_i` of the product, and need not come out
+ordered; each row is returned sorted in descending order. Once T is long enough for the estimates to come out
+ordered (they converge to the ordered exponents) sorting changes nothing and λ₁ is the same for every k; at a
+very short T the sort can pick a later direction's estimate as λ₁, which k = 1 does not compute (W = diag(1, ½),
+T = 1, seed 0: k = 1 gives −0.640, k = 2 gives (−0.053, −0.640), whose sum is log|det W| = log ½ whatever
+the directions).
+
 **Certificate.** :math:`\|J_t\| \le \|W\|\gamma` with :math:`\gamma = \sup|\sigma'|`, so
 :math:`\|\partial s_T/\partial s_0\| \le \delta^T` with :math:`\delta = \sigma_{\max}(W)\gamma`: vanishing is
 guaranteed when δ < 1. δ > 1 is necessary for explosion but not sufficient (claim 1.3).
@@ -16,6 +26,7 @@ guaranteed when δ < 1. δ > 1 is necessary for explosion but not sufficient (cl
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,25 +39,54 @@ from .jacobian import F64, JacobianFactors, jacobian_factors
 from .model import RNN
 
 
+def _check_int(name: str, value: object, lo: int, hi: int | None = None, *, hi_label: str = "") -> int:
+    """``value`` as an int; ValueError naming it unless it is an integer (any numbers.Integral, e.g. numpy's;
+    bool excluded: True is almost certainly a slip, not 1) in [lo, hi]."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value > hi):
+        where = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi_label}{hi}]"
+        raise ValueError(f"{name} must be {where}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _check_k(k: object, hidden: int) -> int:
+    """k as an int in [1, H]; ValueError naming it otherwise."""
+    return _check_int("k", k, 1, hidden, hi_label="H=")
+
+
+def _starting_directions(hidden: int, k: int, seed: int) -> np.ndarray:
+    """(H, k): the first k columns of one random orthonormal H×H matrix, Q of the QR of a Gaussian matrix.
+
+    Shared by every sequence, and nested in k, so the first direction's estimate is the same for k = 1 and k = H
+    (a draw per sequence and per k made identical sequences, and different k, disagree at finite T).
+    """
+    rng = np.random.default_rng(seed)
+    return np.linalg.qr(rng.standard_normal((hidden, hidden)))[0][:, :k]
+
+
 def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_every: int = 1,
                           seed: int = 0) -> Tensor:
-    """Top-k Lyapunov exponents (nats per step) of the products J_t ⋯ J_1: (B, k) float64.
+    """Top-k Lyapunov exponents (nats per step) of the products J_t ⋯ J_1: (B, k) float64, sorted descending.
 
+    Every sequence starts from the same k orthonormal directions (see :func:`_starting_directions`; ``seed``
+    picks them). For finite T the QR estimates need not be ordered, so each row is sorted in descending order
+    (see the module docstring for what that means for λ₁ at a very short T).
     A direction whose |R_ii| is exactly 0 (an exactly rank-deficient product) gets −inf.
     """
-    if not isinstance(reorthonormalize_every, int) or reorthonormalize_every < 1:
-        raise ValueError(f"reorthonormalize_every must be a positive int, got {reorthonormalize_every!r}")
+    every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
+    seed = _check_int("seed", seed, 0)
     device = factors.d.device
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
     d = factors.d.detach().to(device="cpu", dtype=F64).numpy()
     bsz, steps, hidden = d.shape
-    if not isinstance(k, int) or not 1 <= k <= hidden:
-        raise ValueError(f"k must be an int in [1, H={hidden}], got {k!r}")
+    k = _check_k(k, hidden)
     if steps == 0:
         raise ValueError("Lyapunov exponents need at least one step: got a sequence of length T = 0")
+    for name, values in (("A", A), ("d", d)):  # NaN would propagate silently into every exponent
+        if not np.isfinite(values).all():
+            raise ValueError(f"factors.{name} is not finite (contains NaN or inf)")
     scale = factors.log_scale().detach().cpu().numpy()  # d_t's true size, e^scale·d_t (see JacobianFactors)
-    rng = np.random.default_rng(seed)
-    Q = np.linalg.qr(rng.standard_normal((bsz, hidden, k)))[0]  # (B, H, k)
+    Q = np.broadcast_to(_starting_directions(hidden, k, seed), (bsz, hidden, k))  # read-only view: Q is rebound
     logs = np.zeros((bsz, k))
     pending = np.zeros((bsz, 1))  # Σ scale since the last QR: Q's columns are e^pending times what we carry
     with numpy_blas_threads(1):  # (H, H) @ (H, k) and a thin QR per step: small kernels
@@ -54,24 +94,31 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
             dt = d[:, t, :, None]
             Q = A @ (dt * Q) if factors.diag_right else dt * (A @ Q)  # (B, H, k)
             pending = pending + scale[:, t, None]
-            if (t + 1) % reorthonormalize_every == 0 or t == steps - 1:
+            if (t + 1) % every == 0 or t == steps - 1:
                 Q, R = np.linalg.qr(Q)
                 with np.errstate(divide="ignore"):
                     logs += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
                 pending = np.zeros((bsz, 1))
-    return torch.from_numpy(logs / steps).to(device)
+    # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
+    return torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values.to(device)
 
 
 def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1, *,
-                      reorthonormalize_every: int = 1) -> Tensor:
+                      reorthonormalize_every: int = 1, seed: int = 0) -> Tensor:
     r"""Top-k Lyapunov exponents of ``rnn`` along the trajectory from h0 driven by x: (B, k) float64, nats/step.
 
-    QR (Benettin) method, re-orthonormalising every ``reorthonormalize_every`` steps. x: (B, T, I);
-    h0: (B, H) or None (zeros); 1 ≤ k ≤ H.
+    QR (Benettin) method, re-orthonormalising every ``reorthonormalize_every`` steps, from the same k
+    orthonormal directions (drawn with ``seed``) for every sequence. x: (B, T, I); h0: (B, H) or None (zeros);
+    1 ≤ k ≤ H (any integer type but bool). Each row is sorted in descending order: for finite T the QR estimates
+    need not be ordered (see the module docstring). ValueError naming the parameter if W, U or b is not finite.
     """
-    if not isinstance(k, int) or not 1 <= k <= rnn.hidden_size:
-        raise ValueError(f"k must be an int in [1, H={rnn.hidden_size}], got {k!r}")
-    return lyapunov_from_factors(jacobian_factors(rnn, x, h0), k, reorthonormalize_every=reorthonormalize_every)
+    if not isinstance(rnn, RNN):
+        raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
+    k = _check_k(k, rnn.hidden_size)
+    every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)  # fail before the trajectory is run
+    seed = _check_int("seed", seed, 0)
+    rnn.check_finite_parameters()  # W, U and b all shape the trajectory
+    return lyapunov_from_factors(jacobian_factors(rnn, x, h0), k, reorthonormalize_every=every, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -91,19 +138,33 @@ class Certificate:
     vanishing_guaranteed: bool
 
     def log_bound(self, steps: int | float) -> float:
-        """log δ^T (−inf for δ = 0), overflow-free."""
+        """log δ^T, overflow-free: 0 for T = 0 (δ⁰ = 1, whatever δ), −inf for δ = 0 and T > 0.
+
+        ValueError naming ``steps`` unless it is a real number ≥ 0 (T = inf gives the limit).
+        """
+        steps = _check_steps(steps)
+        if steps == 0 or self.delta == 1:  # δ⁰ = 1 even for δ = 0; 1^∞ = 1 (inf·log 1 would be NaN)
+            return 0.0
         return -math.inf if self.delta == 0 else steps * math.log(self.delta)
 
     def bound(self, steps: int | float) -> float:
-        """δ^T itself (may underflow to 0 or overflow to inf: use :meth:`log_bound`)."""
-        return self.delta**steps
+        """δ^T itself (may underflow to 0 or overflow to inf: use :meth:`log_bound`); ValueError as log_bound."""
+        return self.delta ** _check_steps(steps)
+
+
+def _check_steps(steps: object) -> float:
+    """``steps`` as a float; ValueError naming it unless it is a real number ≥ 0 (not bool, not NaN)."""
+    ok = isinstance(steps, numbers.Real) and not isinstance(steps, bool)
+    if not ok or math.isnan(steps) or steps < 0:
+        raise ValueError(f"steps must be a real number >= 0, got {steps!r} ({type(steps).__name__})")
+    return float(steps)
 
 
 def certificate(rnn: RNN) -> Certificate:
     """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1."""
     if not isinstance(rnn, RNN):
         raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
-    rnn.check_parameters()
+    rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan
     sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
     gamma = derivative_bound(rnn.activation)
     delta = sigma_max * gamma

@@ -21,12 +21,17 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ._threads import threads_for
 from .activations import get_activation
 
 FORMS = ("h", "g")
+PARAMETERS = ("W", "U", "b")
+SECOND_ORDER_ERROR = (
+    "RNN.forward is differentiable once only: its backward through time is hand-written and not itself recorded, "
+    "so trying to differentiate twice (a gradient penalty, a Hessian-vector product) would give wrong numbers. "
+    "Use RNN.forward_reference for higher derivatives."
+)
 
 
 class RNN(nn.Module):
@@ -72,7 +77,9 @@ class RNN(nn.Module):
         return get_activation(self.activation).fn(h)
 
     def check_parameters(self) -> None:
-        """ValueError naming the parameter unless W is (H, H), U (H, I) and b (H,) (they may have been replaced)."""
+        """ValueError naming the parameter unless W is (H, H), U (H, I) and b (H,) (they may have been replaced);
+        TypeError naming it unless it is real floating point (``rnn.to(torch.complex64)`` would run a complex
+        recurrence whose diagnostics silently drop the imaginary part)."""
         h, i = self.hidden_size, self.input_size
         for name, shape in (("W", (h, h)), ("U", (h, i)), ("b", (h,))):
             p = getattr(self, name)
@@ -80,16 +87,40 @@ class RNN(nn.Module):
                 got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"parameter {name} must have shape {shape} for hidden_size={h}, input_size={i}, "
                                  f"got {got}")
+            _check_real_floating(f"parameter {name}", p)
+
+    def check_finite_parameters(self, *names: str) -> None:
+        """ValueError naming the first of ``names`` (default: W, U and b) that contains NaN or ±inf.
+
+        The forward pass runs on such parameters (and yields NaN), but the diagnostics would fail obscurely (an
+        SVD that does not converge) or return nan/inf as if it were a measurement. Meta tensors hold no values and
+        are not checked.
+        """
+        self.check_parameters()
+        for name in names or PARAMETERS:
+            if name not in PARAMETERS:
+                raise ValueError(f"unknown parameter {name!r}; expected one of {', '.join(PARAMETERS)}")
+            p = getattr(self, name)
+            if p.device.type != "meta" and not bool(torch.isfinite(p.detach()).all()):
+                raise ValueError(f"parameter {name} is not finite (contains NaN or inf)")
 
     def check_inputs(self, x: Tensor, h0: Tensor | None) -> None:
-        """ValueError naming the offending shape unless x is (B, T, I) and h0 is None or (B, H)."""
+        """ValueError naming the offending shape unless x is (B, T, I) and h0 is None or (B, H); TypeError naming
+        the dtype unless both are real floating point.
+
+        Integer or bool x would be cast silently and complex x would run a complex recurrence (whose diagnostics
+        drop the imaginary part); the attention modules reject them the same way.
+        """
         self.check_parameters()
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, T, {self.input_size}), got {shape}")
+        _check_real_floating("x", x)
         if h0 is not None and (not isinstance(h0, Tensor) or tuple(h0.shape) != (x.shape[0], self.hidden_size)):
             shape = tuple(h0.shape) if isinstance(h0, Tensor) else type(h0).__name__
             raise ValueError(f"h0 must have shape (B, H) = ({x.shape[0]}, {self.hidden_size}), got {shape}")
+        if h0 is not None:
+            _check_real_floating("h0", h0)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the recurrence over x (B, T, I) from h0 (B, H) (h_0 for form h, g_0 for form g; None -> zeros).
@@ -140,8 +171,14 @@ class _Recurrence(torch.autograd.Function):
     Form g: :math:`g_t = \sigma(a_t)`, :math:`a_t = W g_{t-1} + u_t`; :math:`\bar a_t = \sigma'(a_t) \odot \bar g_t`,
     :math:`\bar g_{t-1} = W^\top \bar a_t + \partial L/\partial g_{t-1}`, :math:`\bar u_t = \bar a_t`,
     :math:`\bar W = \sum_t \bar a_t g_{t-1}^\top`. Only the per-step vector products stay in the loop;
-    :math:`\bar W` is one matmul at the end. First derivatives only: differentiating the backward again raises
-    (``once_differentiable``); use :meth:`RNN.forward_reference` for higher derivatives.
+    :math:`\bar W` is one matmul at the end.
+
+    First derivatives only. The sweep runs under ``no_grad``, so a graph built through it (``create_graph=True``)
+    would treat it as a constant: an input-gradient penalty would get no gradient for W and a wrong one for U.
+    ``once_differentiable`` does not catch that (it only guards when the incoming gradient requires grad, which a
+    loss like ``states.sum()`` does not), so under ``create_graph`` the gradients pass through
+    :class:`_FirstOrderOnly`, whose backward raises: any attempt to differentiate them names
+    :meth:`RNN.forward_reference`, the plain autograd loop, which supports higher derivatives.
     """
 
     @staticmethod
@@ -161,34 +198,71 @@ class _Recurrence(torch.autograd.Function):
                 pre[:, t] = a
                 s = act.fn(a)
             out[:, t + 1] = s
-        ctx.save_for_backward(out, W, *(() if pre is None else (pre,)))
+        states = out[:, 1:]
+        # states, saved as the output it is, comes back in backward with this node as its grad_fn: the link from the
+        # gradients to x, h0, W, U and b that _FirstOrderOnly needs (no extra memory: it is a view of out).
+        ctx.save_for_backward(out, W, states, *(() if pre is None else (pre,)))
         ctx.activation, ctx.form = activation, form
-        return out[:, 1:]
+        return states
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_states: Tensor):
-        act = get_activation(ctx.activation)
-        out, W, *rest = ctx.saved_tensors
-        steps = out.shape[1] - 1
-        grad_drive = torch.empty_like(grad_states)
-        with threads_for(2 * out.shape[0] * out.shape[2] ** 2):
-            if ctx.form == "h":
-                prev = out[:, :-1]  # h_0..h_{T-1}
-                deriv = act.deriv(prev)  # σ'(h_{t-1})
-                carry = torch.zeros_like(grad_states[:, 0])
-                for t in range(steps - 1, -1, -1):
-                    carry = carry + grad_states[:, t]  # total ∂L/∂h_{t+1}
-                    grad_drive[:, t] = carry
-                    carry = (carry @ W) * deriv[:, t]  # into h_t through σ
-                grad_w = torch.einsum("bti,btj->ij", grad_drive, act.fn(prev))
-            else:
-                (pre,) = rest
-                deriv = act.deriv(pre)  # σ'(a_t)
-                carry = torch.zeros_like(grad_states[:, 0])
-                for t in range(steps - 1, -1, -1):
-                    g_a = (carry + grad_states[:, t]) * deriv[:, t]  # ∂L/∂a_{t+1}
-                    grad_drive[:, t] = g_a
-                    carry = g_a @ W  # into g_t
-                grad_w = torch.einsum("bti,btj->ij", grad_drive, out[:, :-1])
-        return grad_drive, carry, grad_w, None, None
+    def backward(ctx, grad_states: Tensor) -> tuple[Tensor | None, ...]:
+        out, W, states, *rest = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _backward_through_time(grad_states, out, W, rest, ctx.activation, ctx.form)
+        if torch.is_grad_enabled():  # create_graph: the engine runs backward with grad mode on
+            # The gradients depend on grad_states, W and the trajectory; states' graph reaches x, h0, W, U and b.
+            grads = _FirstOrderOnly.apply(*grads, grad_states, states, W)
+        return (*grads, None, None)
+
+
+def _backward_through_time(grad_states: Tensor, out: Tensor, W: Tensor, rest: list[Tensor], activation: str,
+                           form: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (drive, s_0, W) of :class:`_Recurrence` (see its docstring for the recursions)."""
+    act = get_activation(activation)
+    steps = out.shape[1] - 1
+    grad_drive = torch.empty_like(grad_states)
+    with threads_for(2 * out.shape[0] * out.shape[2] ** 2):
+        if form == "h":
+            prev = out[:, :-1]  # h_0..h_{T-1}
+            deriv = act.deriv(prev)  # σ'(h_{t-1})
+            carry = torch.zeros_like(grad_states[:, 0])
+            for t in range(steps - 1, -1, -1):
+                carry = carry + grad_states[:, t]  # total ∂L/∂h_{t+1}
+                grad_drive[:, t] = carry
+                carry = (carry @ W) * deriv[:, t]  # into h_t through σ
+            grad_w = torch.einsum("bti,btj->ij", grad_drive, act.fn(prev))
+        else:
+            (pre,) = rest
+            deriv = act.deriv(pre)  # σ'(a_t)
+            carry = torch.zeros_like(grad_states[:, 0])
+            for t in range(steps - 1, -1, -1):
+                g_a = (carry + grad_states[:, t]) * deriv[:, t]  # ∂L/∂a_{t+1}
+                grad_drive[:, t] = g_a
+                carry = g_a @ W  # into g_t
+            grad_w = torch.einsum("bti,btj->ij", grad_drive, out[:, :-1])
+    return grad_drive, carry, grad_w
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the first three tensors (the gradients), recorded as depending on all inputs; backward raises.
+
+    Differentiating a gradient of :meth:`RNN.forward` reaches this node whatever the target (x, h0, W, U or b),
+    so it raises :data:`SECOND_ORDER_ERROR` instead of returning a gradient computed with the hand-written sweep
+    held constant.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_drive: Tensor, grad_s0: Tensor, grad_w: Tensor, *depends_on: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        return grad_drive.clone(), grad_s0.clone(), grad_w.clone()  # new tensors: no view bookkeeping
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> None:
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def _check_real_floating(name: str, t: Tensor) -> None:
+    """TypeError naming ``name`` and its dtype unless ``t`` is real floating point."""
+    if not t.is_floating_point():  # is_floating_point() is False for complex, integer and bool
+        raise TypeError(f"{name} must be real floating point (float16, bfloat16, float32, float64), got {t.dtype}")

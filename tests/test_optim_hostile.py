@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from theorylab.optim import (
     AdamW,
     RunningAverageSGD,
     SGDMomentum,
+    decay_param_groups,
+    decayed_names,
     momentum_from_running_average,
     running_average_from_momentum,
 )
@@ -510,3 +513,90 @@ def test_a_step_that_fails_on_a_later_group_changes_nothing():
 def test_switches_accept_the_integers_0_and_1_as_torch_optim_does(make):
     p = torch.nn.Parameter(torch.ones(2))
     make(p)
+
+
+# --- found by the fifth session's review: torch.optim interop ------------------------------------------------
+
+
+def _stepped(factory):
+    model = torch.nn.Linear(3, 2)
+    opt = factory(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+OPTIMIZERS = {
+    "SGD": lambda p: SGD(p, lr=0.1, momentum=0.9),
+    "Adam": lambda p: Adam(p, lr=1e-2),
+    "AdamW": lambda p: AdamW(p, lr=1e-2),
+    "SGDMomentum": lambda p: SGDMomentum(p, lr=0.1, momentum=0.9),
+    "RunningAverageSGD": lambda p: RunningAverageSGD(p, lr=0.1, beta=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_loads_twice_and_after_deepcopy_and_pickling(name):
+    """torch's Optimizer.__setstate__ adds 'differentiable' to defaults; a second load_state_dict, a deepcopy or
+    an unpickled optimizer then refused every state_dict ("lacks 'differentiable'")."""
+    model, opt = _stepped(OPTIMIZERS[name])
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    copy.deepcopy(opt).load_state_dict(saved)
+    pickle.loads(pickle.dumps(opt)).load_state_dict(saved)
+
+
+def test_a_hand_written_schedule_is_measured_against_the_constructors_lr():
+    """initial_lr is recorded at construction, so lr set by hand every step (a warm-up starting at 1e-6) gives
+    the decoupled multiplier lr / lr_0 <= 1; recorded at the first step instead, it would have been 1e4."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([p], lr=1e-2, weight_decay=0.1)
+    for lr in (1e-6, 1e-4, 1e-2):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.zeros(3)
+        opt.step()
+    assert opt.param_groups[0]["initial_lr"] == 1e-2
+
+
+def test_skip_skips_the_whole_step_as_grad_scaler_does():
+    """A NaN in the bias group stepped the weight group anyway (half a step), and counted once per group."""
+    model = torch.nn.Linear(3, 2)
+    opt = Adam([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1, nonfinite="skip")
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3)).sum().backward()
+    model.bias.grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not opt.state
+
+
+def test_loading_keeps_the_loaders_nonfinite_policy():
+    _, saver = _stepped(lambda p: Adam(p, lr=1e-2, nonfinite="propagate"))
+    _, loader = _stepped(lambda p: Adam(p, lr=1e-2, nonfinite="raise"))
+    loader.load_state_dict(saver.state_dict())
+    assert loader.param_groups[0]["nonfinite"] == "raise"
+
+
+def test_meta_parameters_step_with_the_default_policy():
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    p.grad = torch.empty(3, device="meta")
+    for opt in (Adam([p], lr=1e-2), SGD([p], lr=0.1, momentum=0.9)):
+        opt.step()
+
+
+def test_decay_param_groups_spares_every_kind_of_bias_and_allows_add_param_group():
+    """LSTM's bias_ih_l0, MultiheadAttention's in_proj_bias and the RNN's b were decayed; and the groups' names
+    made torch refuse a later add_param_group without names."""
+    from theorylab.rnn import RNN
+
+    net = torch.nn.ModuleDict({"lstm": torch.nn.LSTM(4, 4), "mha": torch.nn.MultiheadAttention(4, 2),
+                               "rnn": RNN(4, 4), "head": torch.nn.Linear(4, 2)})
+    groups = decay_param_groups(net, 0.1)
+    named = decayed_names(net, groups)
+    assert {n for n, wd in named.items() if wd} == {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "mha.in_proj_weight",
+                                                    "mha.out_proj.weight", "rnn.W", "rnn.U", "head.weight"}
+    opt = AdamW(groups, lr=1e-3)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    torch.optim.AdamW(decay_param_groups(net, 0.1)).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})

@@ -9,7 +9,7 @@ from .momentum import (
     momentum_from_running_average,
     running_average_from_momentum,
 )
-from .param_groups import decay_param_groups
+from .param_groups import decay_param_groups, decayed_names
 from .sgd import SGD
 from .transforms import (
     AddDecayedWeights,
@@ -40,6 +40,7 @@ __all__ = [
     "Transform",
     "chain_step",
     "decay_param_groups",
+    "decayed_names",
     "momentum_from_running_average",
     "running_average_from_momentum",
     "with_decay",

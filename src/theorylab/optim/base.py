@@ -22,6 +22,9 @@ STATE_KIND_KEY = "theorylab_optimizer"
 #: group keys that are execution choices, not hyperparameters of the saved run: a state_dict without them (saved
 #: before they existed) takes the loading optimizer's values
 EXECUTION_KEYS = ("nonfinite", "fused")
+# keys torch.optim.Optimizer itself adds to ``defaults`` (``__setstate__``: after a load_state_dict, deepcopy or
+# unpickling); not hyperparameters of ours, so a saved group need not carry them
+TORCH_DEFAULT_KEYS = ("differentiable", "foreach", "maximize", "capturable")
 
 
 def as_real(value: Any, name: str) -> float:
@@ -101,15 +104,17 @@ class ChainOptimizer(torch.optim.Optimizer):
     with different step counts are stepped in buckets, so bias corrections use each parameter's own count.
 
     Every group records ``initial_lr`` (the lr it was created with, as torch's lr schedulers do), which the
-    schedule-multiplied decoupled decay reads.
+    schedule-multiplied decoupled decay reads. So a schedule written by hand (``group["lr"] = ...`` every step)
+    is measured against the constructor's lr; one consequence differs from torch.optim: an lr scheduler created
+    later starts from that lr too, not from an lr changed in between (set ``initial_lr`` as well to move it).
 
     **Non-finite gradients.** ``group["nonfinite"]`` (default ``"raise"``) decides what a NaN or ±inf in any
     gradient of a group does, *before* any state or parameter is touched:
 
     * ``"raise"``: :class:`NonFiniteGradientError` (a ``FloatingPointError``) naming the group and parameter
       indices; parameters, buffers and step counts stay as they were, so training can resume after fixing it;
-    * ``"skip"``: the group's step is skipped (as ``torch.amp.GradScaler`` does) and ``self.skipped_steps``
-      is incremented;
+    * ``"skip"``: the whole step is skipped — every group, as ``torch.amp.GradScaler`` does — and
+      ``self.skipped_steps`` is incremented once;
     * ``"propagate"``: torch.optim's behaviour: the NaN flows into the moment buffers and the parameters, and
       stays there. Saves one read of the gradients per step.
 
@@ -173,7 +178,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
-        required = [k for k in self.defaults if k not in EXECUTION_KEYS]
+        required = [k for k in self.defaults if k not in EXECUTION_KEYS + TORCH_DEFAULT_KEYS]
         groups = []
         for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             missing = [k for k in required if k not in saved]
@@ -188,7 +193,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 elif saved_kind:
                     what.append(f"it was saved by theorylab's {saved_kind}")
                 raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
-            group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current and k not in saved}}
+            # how to execute (the non-finite policy, fused) is the loading optimizer's choice, not the checkpoint's
+            group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}
             try:
                 self.check_group(group)
                 check_nonfinite(group.get("nonfinite", "raise"))
@@ -203,7 +209,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = []  # every group is checked before any is stepped: an error leaves everything as it was
+        todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             self.check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
@@ -213,8 +219,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             policy = group.get("nonfinite", "raise")
             if policy != "propagate" and not _all_finite([p.grad for p in params]):
-                if policy == "skip":
-                    self.skipped_steps += 1
+                if policy == "skip":  # the whole step, after the other groups had their chance to raise
+                    skip = True
                     continue
                 bad = [i for i, p in enumerate(group["params"])
                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
@@ -223,6 +229,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
                     "'propagate' for torch.optim's behaviour")
             todo.append((group, params))
+        if skip:
+            self.skipped_steps += 1
+            return loss
         for group, params in todo:
             chain = self.transforms(group)
             if self._fused_group_step(group, params):
@@ -312,6 +321,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     entry is (a NaN or inf cannot cancel out); a sum can also overflow to inf on large finite entries, so a
     non-finite sum is re-checked exactly. A sum is the cheapest full read torch offers here (about 0.6× the time
     of a 2-norm on 10M float32 entries); half-precision tensors are summed in float32 to keep false alarms rare."""
+    tensors = [t for t in tensors if t.device.type != "meta"]  # no values to check (torch.optim steps them)
+    if not tensors:
+        return True
     sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
     if len({x.dtype for x in sums}) > 1:  # stack needs one dtype; |x| keeps a complex sum's non-finiteness
         sums = [x.abs().to(torch.float64) for x in sums]

@@ -22,32 +22,37 @@ def decay_param_groups(model: nn.Module, weight_decay: float, *, decay_embedding
                        extra_no_decay: tuple[type[nn.Module], ...] = ()) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a decayed group and a group with ``weight_decay = 0``.
 
-    Not decayed: every parameter named ``bias``, every parameter of a normalisation module (:data:`NORM_TYPES`
-    and ``extra_no_decay``), and embeddings when ``decay_embeddings`` is False. A parameter shared between
-    modules (tied weights) appears once, in the no-decay group if any of its owners says so. Empty groups are
-    left out. Each group also carries ``"param_names"`` (its parameters' qualified names).
+    Not decayed: every bias — a parameter with fewer than 2 dimensions, or whose name has a ``bias`` part
+    (``bias``, ``bias_ih_l0``, ``in_proj_bias``: recurrent and attention layers name theirs so) —, every parameter
+    of a normalisation module (:data:`NORM_TYPES` and ``extra_no_decay``), and embeddings when
+    ``decay_embeddings`` is False. A parameter shared between modules (tied weights) appears once, in the no-decay
+    group if any of its owners says so. Empty groups are left out. The groups carry no ``"param_names"``: torch
+    then requires names in every group added later (``add_param_group``); :func:`decayed_names` lists them.
 
     Returns groups for any optimizer here or in torch.optim, e.g. ``AdamW(decay_param_groups(model, 0.1))``.
     """
     check_nonnegative(weight_decay, "weight_decay")
     no_decay_types = NORM_TYPES + tuple(extra_no_decay) + (() if decay_embeddings else (nn.Embedding,))
-    names: dict[int, str] = {}
     params: dict[int, nn.Parameter] = {}
     exempt: set[int] = set()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             key = id(p)
             params.setdefault(key, p)
-            names.setdefault(key, f"{module_name}.{name}" if module_name else name)
-            if name == "bias" or isinstance(module, no_decay_types):
+            if p.dim() < 2 or "bias" in name.split("_") or isinstance(module, no_decay_types):
                 exempt.add(key)
     decay = [k for k in params if k not in exempt]
     keep = [k for k in params if k in exempt]
     groups = []
     for keys, wd in ((decay, weight_decay), (keep, 0.0)):
         if keys:
-            groups.append({"params": [params[k] for k in keys], "weight_decay": wd,
-                           "param_names": [names[k] for k in keys]})
+            groups.append({"params": [params[k] for k in keys], "weight_decay": wd})
     return groups
+
+
+def decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, float]:
+    """Qualified parameter name -> the weight decay its group applies (for checking what is decayed)."""
+    decay = {id(p): g.get("weight_decay", 0.0) for g in groups for p in g["params"]}
+    return {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}

@@ -10,14 +10,22 @@ and the chain rule gives :math:`\partial s_t/\partial s_0 = P_t = J_t J_{t-1}\cd
 :math:`P_t = e^{c_t} M_t` with :math:`\|M_t\|_2 = 1`: each step multiplies :math:`M` by :math:`J_t` (one H×H matmul,
 with A and d_t pre-scaled to max-abs 1 and their logs added to :math:`c`), measures :math:`\|M\|_2` exactly and divides
 it out. Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent W, a dead relu layer)
-gives :math:`-\infty`.
+gives :math:`-\infty`. One limit remains: within one step, a unit whose σ' lies more than float64's range
+(~e^-745) below the step's largest is flushed to 0. That loses nothing unless every larger direction later dies
+while that one survives, as with decoupled units (W diagonal) where a tanh unit sits at a pre-activation of 1000
+while another sits at 0: such a product is reported as :math:`-\infty` though it is ~e^-1600.
 
 The norm :math:`\|M\|_2 = \sqrt{\lambda_1(M^\top M)}` comes from a block Rayleigh–Ritz iteration on
 :math:`M^\top M` (never formed), warm-started from the previous step's top-k right singular vectors plus one random
 direction (so a direction that has just become dominant is found), and extended by the Ritz residuals (a block
 Krylov/Davidson step) until the top Ritz value's error estimate :math:`\min(r, r^2/\mathrm{gap})` is below
 ``tol`` relative (r the Ritz residual, gap the distance to the next Ritz value); a sequence that has not converged
-by ``max_dim`` search directions falls back to an SVD. With a spread Lyapunov spectrum the warm start is nearly
+by ``max_dim`` search directions falls back to an SVD. A small residual proves only that θ is *an* eigenvalue: a
+search space that is (nearly) invariant — the warm start is exactly so for a diagonal or permutation W — can
+converge to one that is not the top. So every θ is then proved to be within ``tol`` of λ₁: by an upper bound from
+the same Rayleigh–Ritz step (free; it succeeds when little of MᵀM lies outside the search space, the usual case),
+else by a Cholesky factorisation of θ(1 + tol)·I − MᵀM (clustered spectra), else an SVD is taken.
+With a spread Lyapunov spectrum the warm start is nearly
 exact and 0–2 extensions per step suffice; with clustered singular values (orthogonal W) it takes more. Either
 way the H×H matmul dominates, not the norm: at H = 256 an SVD per step costs 5× more (``theorylab bench rnn``).
 The small eigen/QR problems run on one BLAS thread (see ``_threads``).

@@ -22,6 +22,7 @@ from theorylab.attention import (
 )
 from theorylab.attention.linear import linear_attention_log_reference, linear_attention_reference
 from theorylab.attention.separable import separable_attention_reference
+from theorylab.cost import peak_memory
 
 # --- FAVOR+ at any scale -------------------------------------------------------------------------------------
 
@@ -387,3 +388,37 @@ def _output_and_grads(fn, q, k, v, autocast):
         out = fn(*inputs)
     out.sum().backward()  # outside autocast, as torch recommends
     return [out.detach()] + [x.grad for x in inputs]
+
+
+@pytest.mark.parametrize("kind", ["separable", "linear", "favor"])
+def test_a_chunk_size_beyond_the_sequence_costs_nothing_extra(kind):
+    """chunk_size=16384 on a 5-token input allocated (chunk, chunk) masks and padded chunks: 0.5-4.4 GiB, 11 s."""
+    x = torch.randn(1, 5, 64)
+    mha = MultiheadAttention(64, 4, kind=kind, causal=True, chunk_size=16384, num_features=32, seed=0)
+    small = MultiheadAttention(64, 4, kind=kind, causal=True, chunk_size=5, num_features=32, seed=0)
+    small.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        assert peak_memory(mha, x) < 1 << 20
+        torch.testing.assert_close(mha(x), small(x), atol=1e-6, rtol=1e-6)
+
+
+def test_causal_separable_attention_runs_on_meta_tensors_for_flop_counting():
+    from theorylab.cost import count_flops
+
+    real = [torch.randn(1, 2, 64, 8) for _ in range(3)]
+    meta = [t.to("meta") for t in real]
+    fn = lambda q, k, v: separable_attention(q, k, v, causal=True)  # noqa: E731
+    assert count_flops(fn, *meta) == count_flops(fn, *real) > 0
+
+
+def test_small_argument_slips_are_named():
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="scale must be a finite number or None; got nan"):
+        softmax_attention(q, q, q, scale=float("nan"))
+    with pytest.raises(TypeError, match="causal must be a bool; got 'False'"):
+        MultiheadAttention(8, 2, causal="False")
+    assert "chunk_size=16" in repr(MultiheadAttention(8, 2, kind="linear", chunk_size=16))
+    # zero head dim (causal separable raised in amax) and no keys in the separable reference (IndexError)
+    assert separable_attention(q[..., :0], q[..., :0], q, causal=True).shape == (1, 1, 3, 4)
+    empty = separable_attention_reference(q, q[:, :, :0], q[:, :, :0])
+    assert empty.shape == (1, 1, 3, 4) and not empty.any()

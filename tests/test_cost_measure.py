@@ -74,3 +74,32 @@ def test_views_of_preexisting_tensors_are_not_allocations():
     assert peak_memory(slices) == 10 * 10 * 100 * 4
     assert peak_memory(lambda: x.t().contiguous()) == 1000 * 100 * 4
     assert peak_memory(lambda: x.add_(0)) == 0
+
+
+def test_sdpa_on_cpu_tensors_is_counted_like_on_meta():
+    """torch's counter has no formula for SDPA's CPU flash kernel: softmax_attention on CPU tensors counted 0."""
+    from theorylab.attention import softmax_attention
+
+    q = k = v = torch.randn(1, 2, 64, 64)
+    real = count_flops(softmax_attention, q, k, v)
+    assert real == count_flops(softmax_attention, *(t.to("meta") for t in (q, k, v))) == 4 * 2 * 64 * 64 * 64
+    qg = q.clone().requires_grad_(True)
+    both = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, v).sum().backward())
+    assert both == real + 5 * real // 2  # torch's SDPA backward formula: 2.5x the forward
+
+
+def test_a_reused_peak_memory_tracker_starts_from_zero():
+    tracker = PeakMemory()
+    with tracker:
+        kept = torch.randn(1000)  # noqa: F841 - alive after the block
+    with tracker:
+        torch.randn(10)
+    assert tracker.peak == 40
+
+
+def test_power_law_fit_of_constant_data_has_r2_one_whatever_the_rounding():
+    """R² of constant y was rounding noise: 1.0, 0.0 or -10.0 for y equal up to the last bit."""
+    for y in ([5, 5, 5], [0.3, 0.3, 0.1 + 0.2], [5, 5 * (1 + 2**-52), 5]):
+        assert fit_power_law([1, 2, 3], y).r2 == 1.0
+    assert fit_power_law([1, 2, 3], [1, 4, 9]).r2 == pytest.approx(1.0)
+    assert fit_power_law([1, 2, 3, 4], [1, 3, 2, 4]).r2 < 0.9

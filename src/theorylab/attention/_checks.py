@@ -111,6 +111,8 @@ def zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
 
 def masked_softmax(x: Tensor, keep: Tensor | None, dim: int) -> Tensor:
     """Softmax of ``x`` over ``dim`` restricted to ``keep``; all-zero where nothing is kept (never NaN)."""
+    if x.shape[dim] == 0:  # nothing to normalise over (no key): amax would raise
+        return x.new_zeros(x.shape)
     if keep is not None:
         x = x.masked_fill(~keep, float("-inf"))
     m = x.amax(dim, keepdim=True).detach()

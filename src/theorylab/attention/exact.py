@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +30,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         (B, H, Nq, Dv). A query that sees no key at all (every visible key padded) gets zeros, not NaN.
     """
     _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
+    _check_scale(scale, "softmax_attention")
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
@@ -37,10 +41,18 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     return out.masked_fill(empty, 0.0)
 
 
+def _check_scale(scale: float | None, name: str) -> None:
+    """ValueError unless scale is None or a finite real number (SDPA turned a NaN scale into finite outputs)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"{name}: scale must be a finite number or None; got {scale!r}")
+
+
 def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                                 key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """The naive reference of :func:`softmax_attention`: forms the (B, H, Nq, Nk) score matrix."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention_reference")
+    _check_scale(scale, "softmax_attention_reference")
     scale = D ** -0.5 if scale is None else scale
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     scores = (q @ k.mT) * scale  # (B, H, Nq, Nk)

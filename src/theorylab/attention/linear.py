@@ -253,11 +253,11 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         acc = _working_dtype(q, k, pad, feature_map, acc)
     q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)  # padded keys: removed from φ(K)
     with no_autocast(q.device):
-        if causal:
-            out = _causal(q, k, v, terms, pad, chunk_size or CAUSAL_CHUNK, recompute)
+        if causal:  # chunks no longer than the sequence: a chunk_size set for long ones must not cost memory here
+            out = _causal(q, k, v, terms, pad, min(chunk_size or CAUSAL_CHUNK, Nq), recompute)
         else:
             chunk = chunk_size or max(16, NONCAUSAL_FEATURE_ELEMENTS // max(1, B * H * terms.num_features))
-            out = _noncausal(q, k, v, terms, pad, chunk, recompute)
+            out = _noncausal(q, k, v, terms, pad, min(chunk, max(Nq, Nk)), recompute)
     return out.to(out_dtype)
 
 

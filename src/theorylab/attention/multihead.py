@@ -58,6 +58,8 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"MultiheadAttention: num_features must be positive; got {num_features}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiheadAttention: dropout must be in [0, 1); got {dropout}")
+        if not isinstance(causal, bool):  # causal="False" would be truthy
+            raise TypeError(f"MultiheadAttention: causal must be a bool; got {causal!r}")
         if not isinstance(recompute, bool):
             raise TypeError(f"MultiheadAttention: recompute must be a bool; got {recompute!r}")
         if recompute and kind not in ("linear", "favor"):
@@ -116,6 +118,7 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(self.dropout(out))
 
     def extra_repr(self) -> str:
-        extra = ", recompute=True" if self.recompute else ""
+        extra = (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "") + (
+            ", recompute=True" if self.recompute else "")
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kind={self.kind!r}, causal={self.causal}"
                 f"{extra}")

@@ -24,6 +24,7 @@ from torch import Tensor
 from ._checks import (
     ChunkOutputs,
     accumulation_dtype,
+    can_inspect,
     check_qkv,
     empty_attention,
     keep_mask,
@@ -79,6 +80,7 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     B, H, N, D = a.shape
     Dv = v.shape[-1]
+    chunk = min(chunk, N)  # a chunk_size set for long sequences must not cost (chunk, chunk) memory on short ones
     # m_ic: running max per column over keys j <= i (the lowest finite value before the first non-padded key:
     # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
     floor = lowest(a.dtype)
@@ -100,7 +102,8 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
         new_ref = m[:, :, -1]  # (B, H, D): M_c, the max at the chunk's end
         carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
         ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
-        if float((new_ref - m[:, :, 0]).max()) <= limit:
+        # the check reads a value back: skipped on meta tensors (FLOP counting), where the matmul path is counted
+        if not can_inspect(a) or D == 0 or float((new_ref - m[:, :, 0]).max()) <= limit:
             out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above))
         else:  # a key far above the earlier ones inside this chunk: per-query references
             out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state))

@@ -28,5 +28,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
     p, logc = np.polyfit(lx, ly, 1)
     resid = ly - (p * lx + logc)
     ss_tot = float(np.sum((ly - ly.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    # y constant up to rounding: nothing to explain, and the residuals are rounding too (R² would be noise: 1, 0, -10)
+    flat = ss_tot <= (64 * np.finfo(float).eps * max(1.0, float(np.abs(ly).max()))) ** 2 * ly.size
+    r2 = 1.0 if flat else 1.0 - float(np.sum(resid**2)) / ss_tot
     return PowerLawFit(float(p), float(np.exp(logc)), r2)

@@ -1,16 +1,40 @@
 """FLOPs of a call, counted by PyTorch's ``FlopCounterMode`` (matmuls, convolutions, attention kernels — not
-elementwise ops such as softmax or exp)."""
+elementwise ops such as softmax or exp).
+
+torch 2.13's counter has no formula for SDPA's CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``,
+what ``scaled_dot_product_attention`` runs on CPU tensors when the value head dim equals the key's): such calls
+counted 0, while the same call on meta tensors or with Dv != D counted in full. :func:`count_flops` adds that
+kernel, forward and backward, with torch's own SDPA formulas. As torch does, causal attention is counted in full.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _cpu_flash(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                        **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _missing_formulas() -> dict[Any, Callable[..., int]]:
+    """Formulas for the kernels torch's counter lacks (shapes in, FLOPs out), where this torch has the kernel."""
+    aten = torch.ops.aten
+    pairs = (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward))
+    return {getattr(aten, name): fn for name, fn in pairs if hasattr(aten, name)}
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Total FLOPs of ``fn(*args, **kwargs)`` (a multiply-add counts 2)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_missing_formulas()) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

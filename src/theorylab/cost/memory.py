@@ -26,13 +26,22 @@ from torch.utils._pytree import tree_leaves
 class PeakMemory(TorchDispatchMode):
     """Context manager tracking live bytes of the tensor storages created inside it.
 
-    Attributes after (or during) the block: ``current`` (bytes alive now), ``peak`` (the maximum)."""
+    Attributes during the block: ``current`` (bytes alive now) and ``peak`` (the maximum); after it, their values
+    at its end. Each ``with`` starts from zero (a reused instance had reported the previous block's peak). Not
+    seen: work on other threads (dispatch modes are thread-local) and a storage that grows after its creation
+    (``resize_``, an ``out=`` tensor resized by the op)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.current = 0
         self.peak = 0
         self._alive: dict[int, weakref.finalize] = {}
+
+    def __enter__(self) -> PeakMemory:
+        self.current = 0
+        self.peak = 0
+        self._alive = {}
+        return super().__enter__()
 
     def _freed(self, key: int, nbytes: int) -> None:
         self.current -= nbytes

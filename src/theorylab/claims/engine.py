@@ -56,8 +56,11 @@ def json_number(x: Any) -> Any:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
+    from ..experiments.checkpoint import umask_mode
+
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
+        umask_mode(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, allow_nan=False, ensure_ascii=False)
             f.write("\n")
@@ -73,16 +76,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> list[str]:
+def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[list[str], list[str]]:
+    """(the PNG files written, a note per figure that could not be drawn): a figure that fails to render (a
+    mathtext typo, a full disk) must not cost the claim its measured numbers and verdict."""
     import matplotlib.pyplot as plt
 
-    names = []
+    names, failures = [], []
     for name, fig in evidence.figures.items():
         file = f"{section.kind}-{section.id}-{name}.png".replace(" ", "_")
-        fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        names.append(file)
-    return names
+        try:
+            fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
+            names.append(file)
+        except Exception as e:  # noqa: BLE001 - reported in the claim's notes instead
+            (out_dir / file).unlink(missing_ok=True)
+            failures.append(f"figure {name!r} could not be drawn: {type(e).__name__}: {str(e).strip()[:300]}")
+        finally:
+            plt.close(fig)
+    return names, failures
 
 
 def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -109,8 +119,10 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             numbers = {k: json_number(v) for k, v in evidence.numbers.items()}
             key = evidence.key if evidence.key is not None else list(numbers)[:3]
             record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
-                          key=[k for k in key if k in numbers], method=evidence.method, notes=evidence.notes,
-                          figures=_save_figures(section, evidence, out_dir))
+                          key=[k for k in key if k in numbers], method=evidence.method, notes=evidence.notes)
+            record["figures"], failures = _save_figures(section, evidence, out_dir)
+            if failures:
+                record["notes"] = "\n".join(filter(None, [record.get("notes") or "", *failures]))
     except Exception:  # noqa: BLE001 - one failing claim must not lose the others
         record.update(verdict="error", evidence=record.get("evidence", {}), figures=[],
                       error=traceback.format_exc(), method=record.get("method", ""))

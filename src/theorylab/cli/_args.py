@@ -20,6 +20,15 @@ def seed(text: str) -> int:
     return value
 
 
+def check_files(folder: Path, names: tuple[str, ...]) -> str | None:
+    """None unless one of the output files ``names`` in ``folder`` exists as a folder (the write would fail only
+    after all the work), else the reason."""
+    for name in names:
+        if (folder / name).is_dir():
+            return f"cannot write {str(folder / name)!r}: a folder of that name exists"
+    return None
+
+
 def check_writable(folder: Path, what: str = "output folder") -> str | None:
     """None if ``folder`` can be created and written to, else the reason (for an error message)."""
     try:

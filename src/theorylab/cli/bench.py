@@ -22,8 +22,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.json and (err := check_writable(Path(args.json).parent, "the --json file's folder")):
-        print(f"theorylab bench: error: {err}", file=sys.stderr)  # before minutes of benchmarking, not after
+    err = None
+    if args.json is not None:  # before minutes of benchmarking, not after
+        if not args.json.strip():
+            err = "--json needs a file name"
+        elif Path(args.json).is_dir():
+            err = f"--json {args.json!r} is a folder; give a file name"
+        else:
+            err = check_writable(Path(args.json).parent, "the --json file's folder")
+    if err:
+        print(f"theorylab bench: error: {err}", file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(f"theorylab.bench.{args.suite}")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 
-from ._args import MAX_SEED, check_writable, seed
+from ._args import MAX_SEED, check_files, check_writable, seed
 
 DEFAULT_STEPS = 300
 # Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
@@ -156,11 +157,14 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
         raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
     try:
         validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        if err := check_writable(out):  # after the other checks, which leave no folder behind
-            raise UsageError(err)
+        if err := check_writable(out) or check_files(out, (CHECKPOINT_FILE, "metrics.json")):
+            raise UsageError(err)  # after the other checks, which leave no folder behind
         env = init_distributed(args.device, args.threads)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.overwrite and main:  # afresh: an interrupted new run must not leave the old run to be resumed
+        for name in (CHECKPOINT_FILE, "metrics.json"):
+            (out / name).unlink(missing_ok=True)
     progress = _progress_bar(main)
     try:
         with progress or contextlib.nullcontext():
@@ -175,10 +179,23 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
             result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
                                   on_step=on_step, **options)
     except KeyboardInterrupt:
-        if main:
-            print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out {out} "
-                  f"--resume", file=sys.stderr)
+        if main and (out / CHECKPOINT_FILE).exists():
+            print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out "
+                  f"{shlex.quote(str(out))} --resume", file=sys.stderr)
+        elif main:
+            print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
         return 130
+    except CheckpointError as e:
+        if main:
+            print(f"theorylab train charlm: error: cannot resume: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # out of memory: say so, no traceback
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        if main:
+            print(f"theorylab train charlm: out of memory ({str(e).strip().splitlines()[0][:200]}); use a "
+                  f"smaller --batch-size, --width, --layers, --seq-len or --num-features", file=sys.stderr)
+        return 1
     except FloatingPointError as e:  # the loss diverged: a finding about the settings, not a crash
         if main:
             print(f"theorylab train charlm: {e}", file=sys.stderr)

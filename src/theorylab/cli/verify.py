@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
-from ._args import MAX_SEED, check_writable, seed
+from ._args import MAX_SEED, check_files, check_writable, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if err := check_writable(out):
+    if err := check_writable(out) or check_files(out, ("results.json", "report.html")):
         print(f"theorylab verify: error: {err}", file=sys.stderr)
         return 2
     try:
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _print_summary(records: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ..report.html import format_number
@@ -66,6 +67,7 @@ def _print_summary(records: list[dict]) -> None:
         numbers = ", ".join(f"{k}={format_number(r['evidence'][k])}" for k in keys if k in r["evidence"])
         if r["verdict"] == "error":
             numbers = (r.get("error") or "").strip().splitlines()[-1][:100]
-        table.add_row(r["id"], r["title"], f"[{colours[r['verdict']]}]{r['verdict']}", numbers,
-                      f"{r['seconds']:.1f}")
+        # escaped: an error text such as "expected [batch, n]" is not rich markup (it was dropped, or crashed)
+        table.add_row(escape(r["id"]), escape(r["title"]), f"[{colours[r['verdict']]}]{r['verdict']}",
+                      escape(numbers), f"{r['seconds']:.1f}")
     Console(width=160).print(table)

@@ -46,6 +46,10 @@ class CharLMConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        for name in ("seq_len", "layers", "width", "heads", "num_features", "batch_size", "warmup", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):  # 16.5 from a tampered checkpoint
+                raise ValueError(f"{name.replace('_', '-')} must be an integer, got {value!r}")
         for name in ("seq_len", "layers", "width", "heads", "num_features", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

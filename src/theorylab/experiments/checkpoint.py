@@ -20,12 +20,21 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not belong to this run."""
 
 
+def umask_mode(fd: int) -> None:
+    """Give a file from ``tempfile.mkstemp`` (always 0600) the mode an ordinary ``open`` would: 0666 minus the
+    umask, so the outputs renamed into place are as readable as the report beside them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
+        umask_mode(fd)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

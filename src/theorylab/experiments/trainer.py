@@ -109,8 +109,13 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
                               f"(Python {ckpt.get('python', '?')}; this is Python {corpus.python})")
     try:
         CharLMConfig.from_dict(ckpt["config"])
-    except (TypeError, ValueError) as e:
+    except (AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} has an invalid config: {e}") from e
+    step, options = ckpt["step"], ckpt.get("options", {})
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} has an invalid step {step!r}")
+    if not isinstance(options, dict) or not set(options) <= {"checkpoint_every", "eval_every", "eval_chars"}:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} has invalid options {options!r}")
     return ckpt
 
 
@@ -166,12 +171,17 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
     evals: list[dict[str, float]] = []
     train_seconds, tokens_seen = 0.0, 0
     if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        losses = [float(v) for v in resume_from.get("train_bpc", [])]
-        evals = [dict(e) for e in resume_from.get("evals", [])]
-        train_seconds = float(resume_from.get("train_seconds", 0.0))
-        tokens_seen = int(resume_from.get("tokens_seen", 0))
+        try:  # a checkpoint that unpickles but does not fit this model (tampered, or another version of it)
+            model.load_state_dict(resume_from["model"])
+            optimizer.load_state_dict(resume_from["optimizer"])
+            losses = [float(v) for v in resume_from.get("train_bpc", [])]
+            evals = [dict(e) for e in resume_from.get("evals", [])]
+            train_seconds = float(resume_from.get("train_seconds", 0.0))
+            tokens_seen = int(resume_from.get("tokens_seen", 0))
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"the checkpoint does not fit this model (corrupt, or written by another "
+                                  f"version): {type(e).__name__}: {first}") from e
     ddp: nn.Module = model
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel

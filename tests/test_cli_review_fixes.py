@@ -145,3 +145,27 @@ def test_a_stdout_that_cannot_encode_unicode_gets_no_traceback(tmp_path):
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_an_interrupt_during_start_up_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while the subcommands (and torch) were imported printed Python's traceback."""
+    import theorylab.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_subcommands", interrupted)
+    assert cli.main(["verify", "--quick"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", True), ("0", True), ("false", True), ("1", False),
+                                                  ("true", False)])
+def test_progress_bars_follow_stderr_and_the_ci_variable(monkeypatch, value, expected):
+    """CI=false had disabled the bar, and the bar was drawn on stdout while the test looked at stderr."""
+    from theorylab.experiments import progress
+
+    monkeypatch.setenv("CI", value)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress.show_progress() is expected
+    assert progress.progress_console().stderr

@@ -149,8 +149,10 @@ def _progress(total: int):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..experiments.progress import progress_console
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
+                  transient=True, console=progress_console()) as bar:
         task = bar.add_task("bench attention", total=total)
         yield lambda label: bar.update(task, advance=1, description=label)
 

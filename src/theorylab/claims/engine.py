@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 import traceback
@@ -137,13 +136,17 @@ def _progress(enabled: bool):
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..experiments.progress import progress_console
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=True, console=None)
+                    TimeElapsedColumn(), transient=True, console=progress_console())
 
 
 def show_progress() -> bool:
-    """A progress bar only on an interactive terminal, never in CI."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    """A progress bar only on an interactive terminal, never in CI (see :mod:`theorylab.experiments.progress`)."""
+    from ..experiments.progress import show_progress as terminal_and_not_ci
+
+    return terminal_and_not_ci()
 
 
 def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, quick: bool = False,

@@ -7,10 +7,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import bench, env, verify
-
 
 def _subcommands() -> list:
+    from . import bench, env, verify  # here, not at import: main() catches an interrupt while torch loads
+
     modules = [verify, bench, env]
     try:  # `theorylab train` lives with the training experiments
         modules.insert(2, importlib.import_module("theorylab.cli.train"))
@@ -35,9 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
-        return int(e.code or 0)
-    return int(args.run(args, argv))
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
+            return int(e.code or 0)
+        return int(args.run(args, argv))
+    except KeyboardInterrupt:  # during start-up or a benchmark; verify and train handle their own first
+        print("theorylab: interrupted", file=sys.stderr)
+        return 130

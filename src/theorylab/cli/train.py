@@ -211,7 +211,7 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
 
 
 def _progress_bar(main: bool):
-    from ..experiments.progress import show_progress
+    from ..experiments.progress import progress_console, show_progress
 
     if not (main and show_progress()):
         return None
@@ -226,4 +226,4 @@ def _progress_bar(main: bool):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[bpc]:.3f} bits/char"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=progress_console())

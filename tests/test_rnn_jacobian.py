@@ -79,10 +79,10 @@ def check_against_reference(ours, ref, factors, steps):
     # compare where ‖P_t‖ ≥ 1e-6 ∏‖J_k‖ (and then to 1e-8), and elsewhere only that both are tiny.
     step_norms = torch.stack([torch.linalg.svdvals(factors.dense(t))[:, 0] for t in range(steps)], 1)
     upper = torch.log(step_norms).cumsum(1)  # log ∏_k ‖J_k‖ ≥ log ‖P_t‖
-    assert (ours <= upper + 1e-10).all() and (ref <= upper + 1e-10).all()
-    # below e^-700 the naive running product leaves float64's range (ours does not: it is scaled), so there is no
-    # reference to compare with beyond the bound above
+    # below e^-700 the naive running product leaves float64's normal range (ours does not: it is scaled): its
+    # subnormals lose digits (a reference of e^-733.586 exceeded the bound by 8e-6), so it is not compared there
     has_ref = ref > -700
+    assert (ours <= upper + 1e-10).all() and (ref[has_ref] <= upper[has_ref] + 1e-10).all()
     ok = (ref > upper + math.log(1e-6)) & has_ref
     assert rel_err(ours[ok], ref[ok]) <= 1e-8
     assert (ours[~ok & has_ref] <= upper[~ok & has_ref] + math.log(1e-5)).all()

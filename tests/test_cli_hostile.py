@@ -66,3 +66,19 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     assert main(["verify", "--only", "2.2", "--out", str(f)]) == 2
     assert "cannot write to output folder" in capsys.readouterr().err
     assert f.read_text() == "keep me"
+
+
+def test_a_second_run_into_a_busy_out_is_refused_and_the_lock_is_released(fake_claims, tmp_path, capsys):
+    """Two runs into one --out interleaved their writes; a run now holds the folder (flock) while it works."""
+    from theorylab.cli._args import exclusive_output
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with exclusive_output(out):  # as another run would hold it
+        assert main(["verify", "--only", "2.2", "--out", str(out)]) == 2
+        assert "another theorylab run is writing into" in capsys.readouterr().err
+        assert not (out / "results.json").exists()
+    assert main(["verify", "--only", "2.2", "--out", str(out)]) == 0  # released when the holder ends
+    assert (out / "results.json").exists()
+    assert main(["verify", "--only", "2.2", "--out", str(out)]) == 0  # and by a run that ended
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", "report.html"])  # no lock file

@@ -600,3 +600,30 @@ def test_decay_param_groups_spares_every_kind_of_bias_and_allows_add_param_group
     opt = AdamW(groups, lr=1e-3)
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     torch.optim.AdamW(decay_param_groups(net, 0.1)).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_load_state_dict_pre_hooks_run_before_validation_and_once():
+    """A pre-hook that adapts an old checkpoint (here: fills in a missing hyperparameter) runs before our checks, as
+    torch runs it before its own; it had run after them, so the checkpoint was refused first."""
+    _, saver = _stepped(lambda p: Adam(p, lr=1e-2, weight_decay=0.1, decay="decoupled"))
+    old = saver.state_dict()
+    for group in old["param_groups"]:
+        del group["decay"]
+    _, loader = _stepped(lambda p: Adam(p, lr=1e-2))
+    with pytest.raises(ValueError, match="lacks 'decay'"):
+        loader.load_state_dict(old)
+    calls = []
+
+    def fill_in(opt, state_dict):
+        calls.append(1)
+        groups = [{**g, "decay": g.get("decay", "decoupled")} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    handle = loader.register_load_state_dict_pre_hook(fill_in)
+    loader.load_state_dict(old)
+    assert calls == [1] and loader.param_groups[0]["decay"] == "decoupled"
+    assert "decay" not in old["param_groups"][0]  # the caller's dict is not changed
+    handle.remove()
+    with pytest.raises(ValueError, match="lacks 'decay'"):
+        loader.load_state_dict(old)
+    assert calls == [1]

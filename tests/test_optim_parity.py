@@ -114,3 +114,22 @@ def test_sgd_decoupled_is_sgdw():
                 p.sub_(lr * bufs[i] + lam * p)
         ref.append(torch.cat([p.detach().flatten() for p in params]).clone())
     assert max_diff(ours, ref) <= 1e-6
+
+
+
+def test_sgd_buffer_created_beside_existing_ones_starts_at_the_gradient():
+    """Two parameters at the same step count, one with a momentum buffer and one without (b stepped once while
+    momentum was 0): b's buffer starts at g, undamped, as torch's per-parameter rule; it had started at (1 - d)·g."""
+
+    def run(cls):
+        a = torch.tensor([1.0, -2.0], requires_grad=True)
+        b = torch.tensor([0.5, 3.0], requires_grad=True)
+        opt = cls([a, b], lr=0.1, momentum=0.9, dampening=0.3)
+        for ps, mu in [([a], 0.9), ([b], 0.0), ([a, b], 0.9), ([a, b], 0.9)]:
+            opt.param_groups[0]["momentum"] = mu
+            opt.zero_grad()
+            sum((p**2).sum() for p in ps).backward()
+            opt.step()
+        return [torch.cat([a.detach(), b.detach()])]
+
+    assert max_diff(run(SGD), run(torch.optim.SGD)) <= TOL

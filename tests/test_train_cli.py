@@ -150,3 +150,12 @@ def test_a_checkpoint_holding_code_is_refused_without_torchs_unsafe_advice(tmp_p
     err = capsys.readouterr().err
     assert "cannot resume" in err and "corrupt or not a checkpoint" in err
     assert "weights_only" not in err and "Re-running" not in err
+
+
+def test_a_run_into_a_busy_out_exits_2_and_writes_nothing(tmp_path, capsys):
+    from theorylab.cli._args import exclusive_output
+
+    with exclusive_output(tmp_path):
+        assert charlm(tmp_path, "--attention", "linear", "--steps", "2") == 2
+    assert "another theorylab run is writing into" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {}

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs into one folder are not locked against each other
+    fcntl = None  # type: ignore[assignment]
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take any of these; the claims derive sub-seeds from it
 
@@ -39,3 +46,29 @@ def check_writable(folder: Path, what: str = "output folder") -> str | None:
     except (OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
         return f"cannot write to {what} {str(folder)!r}: {getattr(e, 'strerror', None) or e}"
     return None
+
+
+class OutputBusyError(RuntimeError):
+    """Another theorylab run holds the output folder."""
+
+
+@contextlib.contextmanager
+def exclusive_output(folder: Path) -> Iterator[None]:
+    """Holds an advisory lock on the (existing) ``folder`` for the block, so that two runs cannot interleave their
+    writes into it; raises :class:`OutputBusyError` at once if another run holds it.
+
+    The lock is ``flock`` on the folder itself: no lock file is left behind, and the kernel releases it when the
+    process ends, however it ends. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(f"another theorylab run is writing into {str(folder)!r}; wait for it to end or "
+                                  "choose another output folder") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._args import MAX_SEED, check_files, check_writable, seed
+from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, seed
 
 DEFAULT_STEPS = 300
 # Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
@@ -108,14 +108,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     main = env_rank() == 0  # under torchrun only rank 0 talks
     try:
-        return _run_charlm(args, main)
+        with contextlib.ExitStack() as held:  # the output folder's lock, from the checks to the last write
+            return _run_charlm(args, main, held)
     except UsageError as e:
         if main:
             print(f"theorylab train charlm: error: {e}", file=sys.stderr)
         return 2
 
 
-def _run_charlm(args: argparse.Namespace, main: bool) -> int:
+def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack) -> int:
     import os
 
     from ..experiments.checkpoint import CheckpointError
@@ -159,8 +160,10 @@ def _run_charlm(args: argparse.Namespace, main: bool) -> int:
         validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if err := check_writable(out) or check_files(out, (CHECKPOINT_FILE, "metrics.json")):
             raise UsageError(err)  # after the other checks, which leave no folder behind
+        if main:  # rank 0 writes every file
+            held.enter_context(exclusive_output(out))
         env = init_distributed(args.device, args.threads)
-    except ValueError as e:
+    except (ValueError, OutputBusyError) as e:
         raise UsageError(str(e)) from None
     if args.overwrite and main:  # afresh: an interrupted new run must not leave the old run to be resumed
         for name in (CHECKPOINT_FILE, "metrics.json"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
-from ._args import MAX_SEED, check_files, check_writable, seed
+from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,13 +37,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {err}", file=sys.stderr)
         return 2
     try:
-        payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
-                             argv=["theorylab", *argv])
-    except KeyboardInterrupt:
-        write_report(out)  # results.json holds every finished claim
-        print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
-        return 130
-    report = write_report(out, payload)
+        with exclusive_output(out):
+            try:
+                payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
+                                     argv=["theorylab", *argv])
+            except KeyboardInterrupt:
+                write_report(out)  # results.json holds every finished claim
+                print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
+                return 130
+            report = write_report(out, payload)
+    except OutputBusyError as e:
+        print(f"theorylab verify: error: {e}", file=sys.stderr)
+        return 2
     records = payload["claims"] + payload["extras"]
     _print_summary(records)
     confirmed = sum(r["verdict"] == "confirmed" for r in records)

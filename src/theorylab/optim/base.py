@@ -162,7 +162,19 @@ class ChainOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(self._checked_state_dict(state_dict))
+        # the pre-hooks first, as torch runs them: a hook that adapts an old checkpoint must do so before it is
+        # validated; then torch's load, with the hooks held back so that they do not run twice
+        state_dict = state_dict.copy()
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        for hook in hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        checked = self._checked_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()
+        try:
+            super().load_state_dict(checked)
+        finally:  # the same dict object: the hooks' handles still remove from it
+            self._optimizer_load_state_dict_pre_hooks = hooks
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.

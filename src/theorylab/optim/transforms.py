@@ -149,11 +149,18 @@ class Trace:
         damp = ctx.group[self.dampening_key] if self.dampening_key else 0.0
         fresh = [self.state_key not in s for s in ctx.states]
         bufs = _buffers(ctx, self.state_key, updates)
-        if self.first_step_copies and all(fresh):
+        copies = fresh if self.first_step_copies else [False] * len(fresh)
+        if all(copies):
             torch._foreach_copy_(bufs, updates)
         else:
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, updates, alpha=1.0 - damp)
+            # a buffer created in a later step (a parameter whose first gradient came late) also starts at u,
+            # undamped, as torch.optim.SGD's per-parameter rule
+            old = [(b, u) for b, u, c in zip(bufs, updates, copies, strict=True) if not c]
+            torch._foreach_mul_([b for b, _ in old], mu)
+            torch._foreach_add_([b for b, _ in old], [u for _, u in old], alpha=1.0 - damp)
+            if any(copies):
+                new = [(b, u) for b, u, c in zip(bufs, updates, copies, strict=True) if c]
+                torch._foreach_copy_([b for b, _ in new], [u for _, u in new])
         if self.nesterov_key and ctx.group.get(self.nesterov_key, False):
             updates = writable(updates, ctx)
             torch._foreach_add_(updates, bufs, alpha=mu)

@@ -108,3 +108,74 @@ def test_report_has_summary_sections_figures_and_environment(tmp_path):
     assert "Environment" in page and "torch" in page
     assert "http://" not in page and "https://" not in page  # offline: no CDN
     assert "<script" not in page
+
+
+@pytest.mark.parametrize("bad", [dict(notes=float("nan")), dict(numbers={("a", 1): 1.0}), dict(method=b"bytes")])
+def test_evidence_that_json_cannot_hold_costs_nothing_else(tmp_path, bad):
+    """NaN notes or a tuple key made json.dumps raise inside run_claims: the later claims and the report were lost."""
+
+    def odd(seed, quick):
+        return Evidence(**{"confirmed": True, "numbers": {"a": 1.0}, "method": "m", **bad})
+
+    payload = run_claims(sections(odd, ok_claim), out_dir=tmp_path, progress=False)
+    assert [r["verdict"] for r in payload["claims"]] == ["confirmed", "confirmed"]
+    json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert "test 1" in write_report(tmp_path).read_text()
+
+
+def test_sys_exit_in_a_claim_is_an_error_of_that_claim(tmp_path):
+    def exits(seed, quick):
+        raise SystemExit(3)
+
+    payload = run_claims(sections(exits, ok_claim), out_dir=tmp_path, progress=False)
+    assert [r["verdict"] for r in payload["claims"]] == ["error", "confirmed"]
+    assert "SystemExit" in payload["claims"][0]["error"]
+
+
+def test_a_claim_that_changes_global_torch_state_does_not_change_the_next(tmp_path):
+    import torch
+
+    seen = {}
+
+    def meddles(seed, quick):
+        torch.set_default_dtype(torch.float64)
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(1)
+        raise RuntimeError("and then fails")
+
+    def looks(seed, quick):
+        seen.update(dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(), threads=torch.get_num_threads())
+        return Evidence(confirmed=True, numbers={}, method="m")
+
+    before = (torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads())
+    run_claims(sections(meddles, looks), out_dir=tmp_path, progress=False)
+    assert (seen["dtype"], seen["grad"], seen["threads"]) == before
+
+
+def test_a_figure_that_is_not_a_figure_keeps_the_verdict(tmp_path):
+    def axes_not_figure(seed, quick):
+        ax = Figure().subplots()
+        return Evidence(confirmed=True, numbers={"x": 1.0}, method="m", figures={"axes": ax})
+
+    rec = run_claims(sections(axes_not_figure), out_dir=tmp_path, progress=False)["claims"][0]
+    assert rec["verdict"] == "confirmed" and rec["figures"] == []
+    assert "is not a matplotlib Figure" in rec["notes"]
+
+
+def test_an_interrupt_before_the_first_write_carries_no_payload(tmp_path, monkeypatch):
+    """Ctrl-C before results.json was written rendered an earlier run's file as this run's partial results."""
+    from theorylab.claims import engine
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def interrupt(seed, quick):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_claims(sections(ok_claim, interrupt), out_dir=tmp_path, progress=False)
+    assert [r["verdict"] for r in caught.value.payload["claims"]] == ["confirmed"]
+    monkeypatch.setattr(engine, "write_json_atomic", lambda *a: interrupted())
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_claims(sections(ok_claim), out_dir=tmp_path, progress=False)
+    assert caught.value.payload is None

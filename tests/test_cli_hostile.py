@@ -82,3 +82,28 @@ def test_a_second_run_into_a_busy_out_is_refused_and_the_lock_is_released(fake_c
     assert (out / "results.json").exists()
     assert main(["verify", "--only", "2.2", "--out", str(out)]) == 0  # and by a run that ended
     assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", "report.html"])  # no lock file
+
+
+def test_only_given_twice_runs_both_lists(fake_claims, tmp_path, capsys):
+    """A second --only silently replaced the first: '--only 2.1 --only 2.2' ran 2.2 alone and exited 0."""
+    import json
+
+    assert main(["verify", "--only", "2.1", "--only", "2.2", "--out", str(tmp_path)]) == 0
+    assert [c["id"] for c in json.loads((tmp_path / "results.json").read_text())["claims"]] == ["2.1", "2.2"]
+
+
+def test_an_interrupt_before_anything_is_written_renders_no_stale_report(fake_claims, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the first results.json write rendered an earlier run's complete results as 'partial'."""
+    from theorylab.claims import engine
+
+    assert main(["verify", "--only", "2.1", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "report.html").read_bytes()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "environment", interrupted)
+    capsys.readouterr()
+    assert main(["verify", "--only", "2.1", "--out", str(tmp_path)]) == 130
+    assert "before any result was written" in capsys.readouterr().err
+    assert (tmp_path / "report.html").read_bytes() == before

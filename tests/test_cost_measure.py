@@ -103,3 +103,25 @@ def test_power_law_fit_of_constant_data_has_r2_one_whatever_the_rounding():
         assert fit_power_law([1, 2, 3], y).r2 == 1.0
     assert fit_power_law([1, 2, 3], [1, 4, 9]).r2 == pytest.approx(1.0)
     assert fit_power_law([1, 2, 3, 4], [1, 3, 2, 4]).r2 < 0.9
+
+
+def test_matrix_vector_and_dot_products_are_counted():
+    """torch's counter had no formula for mv, addmv, dot and vdot: ``A @ x`` counted 0 while nn.Linear on x counted."""
+    a, x = torch.randn(300, 200), torch.randn(200)
+    assert count_flops(lambda: a @ x) == count_flops(torch.nn.functional.linear, x, a) == 2 * 300 * 200
+    assert count_flops(torch.addmv, torch.zeros(300), a, x) == 2 * 300 * 200
+    assert count_flops(torch.dot, x, x) == count_flops(torch.vdot, x, x) == 2 * 200
+    assert count_flops(lambda: a.to("meta") @ x.to("meta")) == 2 * 300 * 200
+
+
+def test_peak_memory_sees_torch_tensor_of_python_data_and_skips_sparse():
+    """torch.tensor(list) reaches the dispatcher as lift_fresh, which returns its argument: it counted 0 bytes.
+    A sparse result raised NotImplementedError (no storage) from inside the tracker."""
+    assert peak_memory(lambda: torch.tensor([0.0] * 262144)) == 262144 * 4
+    assert peak_memory(lambda: torch.randn(4, 4).to_sparse()) == 4 * 4 * 4  # the dense input; sparse not seen
+
+
+@pytest.mark.parametrize(("x", "y"), [(3, 4), ([[1, 2], [3, 4]], [[1, 2], [3, 4]]), ([1, 2], [1, 2, 3])])
+def test_power_law_fit_of_non_vectors_is_a_value_error(x, y):
+    with pytest.raises(ValueError, match="1-D sequences of one length"):
+        fit_power_law(x, y)

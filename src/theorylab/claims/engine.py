@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import random
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ RESULTS_FILE = "results.json"
 
 class UnknownClaimError(ValueError):
     pass
+
+
+class ClaimsInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_claims`; ``payload`` is what results.json holds (None if nothing was written yet,
+    so that a caller does not render an earlier run's file as this one's)."""
+
+    def __init__(self, payload: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.payload = payload
 
 
 def select_sections(only: Sequence[str] | None, extras: bool) -> list[Section]:
@@ -79,19 +89,37 @@ def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[
     """(the PNG files written, a note per figure that could not be drawn): a figure that fails to render (a
     mathtext typo, a full disk) must not cost the claim its measured numbers and verdict."""
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names, failures = [], []
     for name, fig in evidence.figures.items():
-        file = f"{section.kind}-{section.id}-{name}.png".replace(" ", "_")
+        file = f"{section.kind}-{section.id}-{name}.png".replace(" ", "_").replace("/", "_")
         try:
+            if not isinstance(fig, Figure):
+                raise TypeError(f"{type(fig).__name__} is not a matplotlib Figure")
             fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
             names.append(file)
         except Exception as e:  # noqa: BLE001 - reported in the claim's notes instead
             (out_dir / file).unlink(missing_ok=True)
             failures.append(f"figure {name!r} could not be drawn: {type(e).__name__}: {str(e).strip()[:300]}")
         finally:
-            plt.close(fig)
+            if isinstance(fig, Figure):
+                plt.close(fig)
     return names, failures
+
+
+@contextlib.contextmanager
+def _torch_state_restored() -> Iterator[None]:
+    """Each claim starts from the same global torch state: one that sets the default dtype, turns gradients off or
+    changes the thread count (and then raises) must not change the claims after it."""
+    dtype, grad, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -112,17 +140,20 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             record.update(verdict="error", evidence={}, figures=[], error=reason, method="")
         else:
             _seed_everything(seed)
-            evidence = section.fn(seed, quick)
+            with _torch_state_restored():
+                evidence = section.fn(seed, quick)
             if not isinstance(evidence, Evidence):
                 raise TypeError(f"claim {section.id} returned {type(evidence).__name__}, not Evidence")
-            numbers = {k: json_number(v) for k, v in evidence.numbers.items()}
+            numbers = {str(k): json_number(v) for k, v in evidence.numbers.items()}
             key = evidence.key if evidence.key is not None else list(numbers)[:3]
+            notes = None if evidence.notes is None else str(evidence.notes)
             record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
-                          key=[k for k in key if k in numbers], method=evidence.method, notes=evidence.notes)
+                          key=[str(k) for k in key if str(k) in numbers], method=str(evidence.method), notes=notes)
+            json.dumps(record, allow_nan=False)  # what results.json cannot hold fails this claim, not the run
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:
                 record["notes"] = "\n".join(filter(None, [record.get("notes") or "", *failures]))
-    except Exception:  # noqa: BLE001 - one failing claim must not lose the others
+    except (Exception, SystemExit):  # noqa: BLE001 - one failing claim must not lose the others (Ctrl-C still stops)
         record.update(verdict="error", evidence=record.get("evidence", {}), figures=[],
                       error=traceback.format_exc(), method=record.get("method", ""))
     finally:
@@ -153,7 +184,8 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
                progress: bool | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``sections`` in order, rewriting ``out_dir/results.json`` after each one; return the final payload.
 
-    An interrupted run (Ctrl-C, a killed process) leaves a valid results.json holding every finished claim.
+    An interrupted run (Ctrl-C, a killed process) leaves a valid results.json holding every finished claim; Ctrl-C
+    raises :class:`ClaimsInterrupted` carrying that payload.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
@@ -163,13 +195,15 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
         "complete": False,
     }
     results_path = out_dir / RESULTS_FILE
-    write_json_atomic(results_path, payload)
+    written = False
     bar = _progress(show_progress() if progress is None else progress)
     task = None
-    if bar is not None:
-        bar.start()
-        task = bar.add_task("verifying", total=len(sections))
     try:
+        write_json_atomic(results_path, payload)
+        written = True
+        if bar is not None:
+            bar.start()
+            task = bar.add_task("verifying", total=len(sections))
         for section in sections:
             if bar is not None:
                 bar.update(task, description=f"{section.kind} {section.id}")
@@ -178,6 +212,8 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
             write_json_atomic(results_path, payload)
             if bar is not None:
                 bar.advance(task)
+    except KeyboardInterrupt:
+        raise ClaimsInterrupted(payload if written else None) from None
     finally:
         if bar is not None:
             bar.stop()

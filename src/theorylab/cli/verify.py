@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes: the whole run in seconds")
     p.add_argument("--extras", action="store_true",
                    help="also run the extra sections that train models (minutes)")
-    p.add_argument("--only", nargs="+", metavar="ID", help=f"claim IDs to run ({' '.join(CLAIM_IDS)})")
+    p.add_argument("--only", nargs="+", action="extend", metavar="ID",
+                   help=f"claim IDs to run ({' '.join(CLAIM_IDS)}); may be given more than once")
     p.add_argument("--out", default="theorylab-report", metavar="DIR",
                    help="output folder (default: ./theorylab-report)")
     p.add_argument("--seed", type=seed, default=0, help=f"seed of every experiment, 0..{MAX_SEED} (default: 0)")
@@ -41,9 +42,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
                                      argv=["theorylab", *argv])
-            except KeyboardInterrupt:
-                write_report(out)  # results.json holds every finished claim
-                print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
+            except KeyboardInterrupt as e:
+                payload = getattr(e, "payload", None)  # None: interrupted before this run wrote anything
+                if payload is None:
+                    print("interrupted before any result was written", file=sys.stderr)
+                else:
+                    write_report(out, payload)  # every finished claim
+                    print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
                 return 130
             report = write_report(out, payload)
     except OutputBusyError as e:

@@ -21,9 +21,13 @@ class PowerLawFit:
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
     """Fit y ≈ c x^p; every x and y must be positive, at least two distinct x."""
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = xa.size >= 2 and xa.shape == ya.shape and np.all(xa > 0) and np.all(ya > 0)
+    if xa.ndim != 1 or xa.shape != ya.shape:
+        raise ValueError(f"fit_power_law: x and y must be 1-D sequences of one length; got shapes {xa.shape} and "
+                         f"{ya.shape}")
+    ok = xa.size >= 2 and np.all(xa > 0) and np.all(ya > 0)
     if not ok or not np.all(np.isfinite(xa)) or not np.all(np.isfinite(ya)) or np.ptp(xa) == 0:
-        raise ValueError(f"fit_power_law: need >= 2 distinct positive x and positive y; got x={list(x)}, y={list(y)}")
+        raise ValueError(f"fit_power_law: need >= 2 distinct positive x and positive y; got x={xa.tolist()}, "
+                         f"y={ya.tolist()}")
     lx, ly = np.log(xa), np.log(ya)
     p, logc = np.polyfit(lx, ly, 1)
     resid = ly - (p * lx + logc)

@@ -5,6 +5,10 @@ torch 2.13's counter has no formula for SDPA's CPU flash kernel (``_scaled_dot_p
 what ``scaled_dot_product_attention`` runs on CPU tensors when the value head dim equals the key's): such calls
 counted 0, while the same call on meta tensors or with Dv != D counted in full. :func:`count_flops` adds that
 kernel, forward and backward, with torch's own SDPA formulas. As torch does, causal attention is counted in full.
+The backward formula is the flash kernel's, which recomputes the scores: one (N, N) matmul more than the math
+backend's backward that the same call runs on meta tensors (7 against 6 matmuls of 2·N²·D FLOPs per head, forward
+included, when Dv = D). It also adds the matrix-vector and dot products that torch 2.13's counter left at 0
+(``mv``, ``addmv``, ``dot``, ``vdot``; ``nn.Linear`` on a vector was counted, ``A @ x`` was not).
 """
 
 from __future__ import annotations
@@ -25,11 +29,24 @@ def _cpu_flash_backward(grad_out: Any, query: Any, key: Any, value: Any, *args: 
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _mv(mat: Any, vec: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * mat[0] * mat[1]
+
+
+def _addmv(bias: Any, mat: Any, vec: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * mat[0] * mat[1]
+
+
+def _dot(a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * a[0]
+
+
 def _missing_formulas() -> dict[Any, Callable[..., int]]:
     """Formulas for the kernels torch's counter lacks (shapes in, FLOPs out), where this torch has the kernel."""
     aten = torch.ops.aten
     pairs = (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
-             ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward))
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward),
+             ("mv", _mv), ("addmv", _addmv), ("dot", _dot), ("vdot", _dot))
     return {getattr(aten, name): fn for name, fn in pairs if hasattr(aten, name)}
 
 

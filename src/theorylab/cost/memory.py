@@ -9,7 +9,9 @@ finalizer subtracts it when the storage is freed. So the measure is
 which excludes what existed before (inputs, parameters, imports: the "extra peak a call adds") and is exactly
 reproducible — no allocator caching, no page-level noise, no dependence on other processes. It does not see
 scratch buffers that a single kernel allocates and frees internally (e.g. inside SDPA's fused CPU kernel), nor
-memory outside torch tensors.
+memory outside torch tensors, nor storages created outside the dispatcher (``torch.from_numpy`` and
+``torch.as_tensor`` of an array share numpy's memory; ``torch.load`` builds its storages directly), nor sparse
+tensors. ``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+
+def _counted(t: Any) -> bool:
+    """A tensor whose storage is measured: strided (sparse tensors have no single storage) and not on meta."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
 
 
 class PeakMemory(TorchDispatchMode):
@@ -49,11 +56,12 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # an output that shares an argument's storage (a view, an in-place or out= op) allocated nothing
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        # an output that shares an argument's storage (a view, an in-place or out= op) allocated nothing; except
+        # lift_fresh, which returns its argument: the storage torch.tensor(data) has just filled
+        fresh = func is torch.ops.aten.lift_fresh.default
+        inputs = set() if fresh else {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _counted(t)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if _counted(t):
                 storage = t.untyped_storage()
                 key = storage._cdata
                 if key in self._alive or key in inputs:

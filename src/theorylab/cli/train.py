@@ -183,8 +183,10 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
                                   on_step=on_step, **options)
     except KeyboardInterrupt:
         if main and (out / CHECKPOINT_FILE).exists():
+            # --steps: a run extended with --resume --steps M and interrupted before its first checkpoint still
+            # has the old target in its checkpoint
             print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out "
-                  f"{shlex.quote(str(out))} --resume", file=sys.stderr)
+                  f"{shlex.quote(str(out))} --resume --steps {steps}", file=sys.stderr)
         elif main:
             print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
         return 130
@@ -201,7 +203,10 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
         return 1
     except FloatingPointError as e:  # the loss diverged: a finding about the settings, not a crash
         if main:
-            print(f"theorylab train charlm: {e}", file=sys.stderr)
+            # a resumed run keeps its lr, and the last checkpoint may hold weights already on their way out
+            hint = ("; a resumed run keeps its lr: start afresh with --overwrite and a lower --lr"
+                    if (out / CHECKPOINT_FILE).exists() else "")
+            print(f"theorylab train charlm: {e}{hint}", file=sys.stderr)
         return 1
     finally:
         shutdown(env)

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_KINDS = ("softmax", "separable", "linear", "favor")
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Adam's first step size is lr / (1 - β₁) = 10·lr, a float32 scalar in torch's kernel: lr must leave room for it
+_MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
+# Upper bounds on the sizes: far beyond what fits in memory (so they refuse only nonsense), below what overflows a
+# C++ int64 shape product. A run inside them can still run out of memory: the CLI says so then.
+SIZE_LIMITS = {"seq_len": 2**24, "layers": 4096, "width": 2**16, "heads": 2**12, "num_features": 2**16,
+               "batch_size": 2**20}
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,16 @@ class CharLMConfig:
             if isinstance(value, bool) or not isinstance(value, int):  # 16.5 from a tampered checkpoint
                 raise ValueError(f"{name.replace('_', '-')} must be an integer, got {value!r}")
         for name in ("seq_len", "layers", "width", "heads", "num_features", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+            value, limit = getattr(self, name), SIZE_LIMITS[name]
+            if value <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {value}")
+            if value > limit:  # beyond: an overflow traceback in torch, or blocks built until memory ends
+                raise ValueError(f"{name.replace('_', '-')} must be at most {limit}, got {value}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if not (0 < self.lr <= _FLOAT32_MAX):  # the optimizer multiplies float32 tensors by it
-            raise ValueError(f"lr must be a positive number at most {_FLOAT32_MAX:.4g} (float32's largest), "
+        if not (0 < self.lr <= _MAX_LR):
+            raise ValueError(f"lr must be a positive number at most {_MAX_LR:.4g} (float32's largest over 10: "
+                             "Adam's first step is lr/(1−β₁)), "
                              f"got {self.lr}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")

@@ -70,6 +70,8 @@ def evaluate_bpc(model: CharTransformer, tokens: torch.Tensor, seq_len: int, *, 
         if max_chars < 2:
             raise ValueError(f"max_chars must be >= 2, got {max_chars}")
         tokens = tokens[:max_chars]
+    if tokens.numel() < 2:
+        raise ValueError(f"need at least 2 characters to predict one, got {tokens.numel()}")
     windows = shard_items(eval_windows(tokens, seq_len), env.rank, env.world_size)
     was_training = model.training
     model.eval()
@@ -116,7 +118,42 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} has an invalid step {step!r}")
     if not isinstance(options, dict) or not set(options) <= {"checkpoint_every", "eval_every", "eval_chars"}:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} has invalid options {options!r}")
+    # a tampered or foreign checkpoint: each field as train_charlm writes it, else an error now (not a traceback
+    # after the training)
+    problems = [f"options.{k}={v!r}" for k, v in options.items()
+                if not (_is_int(v, 0) if k != "eval_chars" else v is None or _is_int(v, 2))]
+    if "target_steps" in ckpt and not _is_int(ckpt["target_steps"], 1):
+        problems.append(f"target_steps={ckpt['target_steps']!r}")
+    if not _numbers(ckpt.get("train_bpc", [])):
+        problems.append("train_bpc is not a list of numbers")
+    evals = ckpt.get("evals", [])
+    if not (isinstance(evals, list) and all(isinstance(e, dict) and set(e) == {"step", "seconds", "heldout_bpc"}
+                                            and _is_int(e["step"], 0) and _numbers([e["seconds"], e["heldout_bpc"]])
+                                            for e in evals)):
+        problems.append("evals is not a list of {step, seconds, heldout_bpc}")
+    if not _numbers([ckpt.get("train_seconds", 0.0)]) or not _is_int(ckpt.get("tokens_seen", 0), 0):
+        problems.append("train_seconds or tokens_seen is invalid")
+    if problems:
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} is corrupt or tampered: {'; '.join(problems)}")
     return ckpt
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless every state tensor but the step count has its parameter's shape."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key!r} has shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(p.shape)}")
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def validate_run(config: CharLMConfig, world_size: int = 1) -> None:
@@ -174,6 +211,7 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         try:  # a checkpoint that unpickles but does not fit this model (tampered, or another version of it)
             model.load_state_dict(resume_from["model"])
             optimizer.load_state_dict(resume_from["optimizer"])
+            _check_optimizer_state(optimizer)  # torch's Adam does not check its state's shapes
             losses = [float(v) for v in resume_from.get("train_bpc", [])]
             evals = [dict(e) for e in resume_from.get("evals", [])]
             train_seconds = float(resume_from.get("train_seconds", 0.0))
@@ -191,6 +229,8 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
     ckpt_path = out / CHECKPOINT_FILE if out is not None else None
 
     def checkpoint(step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # keep the last good checkpoint
+            raise FloatingPointError(f"the weights became non-finite at step {step}; lower the learning rate")
         if ckpt_path is not None and env.is_main:
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "step": step, "target_steps": steps, "config": config.to_dict(),
@@ -200,12 +240,19 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
                 "options": {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_chars": eval_chars}})
         barrier(env)
 
-    def heldout_bpc() -> float:
-        return evaluate_bpc(model, corpus.heldout, config.seq_len, env=env, max_chars=eval_chars)
+    def heldout_bpc(step: int) -> float:
+        bpc = evaluate_bpc(model, corpus.heldout, config.seq_len, env=env, max_chars=eval_chars)
+        if not math.isfinite(bpc):  # the last step can diverge with a finite training loss (measured before it)
+            raise FloatingPointError(f"held-out loss became {bpc} at step {step}; lower the learning rate")
+        return bpc
+
+    if resume_from is not None and evals and evals[-1]["step"] == start and start > 0 and \
+            not (eval_every and start % eval_every == 0):
+        evals.pop()  # the final eval of the run being extended, off the eval grid: an uninterrupted run has none
 
     model.train()
     if eval_every and start == 0:  # the untrained model: the start of the bits/char-against-time curve
-        evals.append({"step": 0, "seconds": 0.0, "heldout_bpc": heldout_bpc()})
+        evals.append({"step": 0, "seconds": 0.0, "heldout_bpc": heldout_bpc(0)})
     for step in range(start, steps):
         t0 = time.perf_counter()
         lr = config.lr_at(step)
@@ -227,13 +274,13 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"training loss became {losses[-1]} at step {done}; lower the learning rate")
         if eval_every and done % eval_every == 0 and done < steps:
-            evals.append({"step": done, "seconds": train_seconds, "heldout_bpc": heldout_bpc()})
+            evals.append({"step": done, "seconds": train_seconds, "heldout_bpc": heldout_bpc(done)})
         if checkpoint_every and done % checkpoint_every == 0 and done < steps:
             checkpoint(done)
         if on_step is not None and env.is_main:
             on_step(StepInfo(done, steps, losses[-1], tokens_seen / max(train_seconds, 1e-12)))
 
-    final_bpc = heldout_bpc()
+    final_bpc = heldout_bpc(steps)
     if not evals or evals[-1]["step"] != steps:
         evals.append({"step": steps, "seconds": train_seconds, "heldout_bpc": final_bpc})
     checkpoint(steps)

@@ -1,0 +1,137 @@
+"""Regressions found by the sixth session's review of the trainer and ``theorylab train``: a divergence on the last
+step that exited 0, tampered checkpoint fields that escaped as tracebacks, an interrupt hint that did not continue
+an extended run, sizes that overflowed, and the metrics of an extended run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from theorylab.cli import main
+from theorylab.experiments import load_corpus
+from theorylab.experiments.charlm import CharLMConfig, CharTransformer
+from theorylab.experiments.trainer import evaluate_bpc
+
+TINY = ["--seq-len", "16", "--layers", "1", "--width", "16", "--heads", "2", "--num-features", "8",
+        "--batch-size", "4", "--warmup", "2", "--eval-chars", "300", "--threads", "1"]
+
+
+def charlm(out, *extra: str) -> int:
+    return main(["train", "charlm", "--out", str(out), *TINY, *extra])
+
+
+def test_a_divergence_on_the_last_step_exits_1_and_writes_nothing(tmp_path, capsys):
+    """The training loss is measured before the step's update: a run diverging on its last step exited 0 with
+    final_bpc NaN and a checkpoint of weights around 2e28."""
+    assert charlm(tmp_path, "--lr", "1e30", "--steps", "1") == 1
+    err = capsys.readouterr().err
+    assert "became nan" in err and "lower the learning rate" in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    """A step can make the weights NaN while its loss (measured before the update) is finite: the checkpoint of
+    that step would then hold them."""
+    from theorylab.experiments import trainer
+
+    def poison(params, max_norm):
+        for p in params:
+            p.grad.fill_(float("inf"))  # Adam: inf / inf = NaN weights
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_", poison)
+    assert charlm(tmp_path, "--steps", "5", "--checkpoint-every", "1") == 1
+    assert "weights became non-finite at step 1" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_divergence_after_a_checkpoint_says_how_to_start_afresh(tmp_path, capsys):
+    """lr 1e30: the step-1 checkpoint holds finite weights of ~1e28 and step 2's loss is NaN; resuming keeps the lr."""
+    assert charlm(tmp_path, "--lr", "1e30", "--steps", "5", "--checkpoint-every", "1") == 1
+    assert "start afresh with --overwrite and a lower --lr" in capsys.readouterr().err
+
+
+def test_an_lr_whose_first_adam_step_overflows_float32_exits_2(tmp_path, capsys):
+    """lr 3e38 passed the float32 bound, then Adam's first step size lr/(1-β₁) overflowed: a RuntimeError traceback."""
+    assert charlm(tmp_path, "--lr", "3e38", "--steps", "1") == 2
+    assert "Adam's first step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tamper", ["checkpoint_every", "eval_chars", "eval_every", "evals", "target_steps",
+                                    "adam_state", "train_bpc"])
+def test_tampered_checkpoint_fields_exit_2(tmp_path, capsys, tamper):
+    assert charlm(tmp_path, "--steps", "2") == 0
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if tamper == "checkpoint_every":
+        ckpt["options"]["checkpoint_every"] = -1
+    elif tamper == "eval_chars":
+        ckpt["options"]["eval_chars"] = 1
+    elif tamper == "eval_every":
+        ckpt["options"]["eval_every"] = "3"
+    elif tamper == "evals":
+        ckpt["evals"] = [{}]
+    elif tamper == "target_steps":
+        ckpt["target_steps"] = "abc"
+    elif tamper == "train_bpc":
+        ckpt["train_bpc"] = ["x"]
+    else:
+        state = next(iter(ckpt["optimizer"]["state"].values()))
+        state["exp_avg"] = torch.zeros(3, 3, 3)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "4", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "Traceback" not in err
+    assert path.read_bytes() == before
+
+
+def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypatch):
+    """'--resume --steps 8', interrupted before its first checkpoint, hinted '--resume', which trained 0 steps."""
+    from theorylab.experiments import trainer
+
+    assert charlm(tmp_path, "--steps", "2") == 0
+    real_sample = trainer.sample_batch
+
+    def interrupt_at_step_4(*args, step, **kw):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_sample(*args, step=step, **kw)
+
+    monkeypatch.setattr(trainer, "sample_batch", interrupt_at_step_4)
+    capsys.readouterr()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "8", "--threads", "1"]) == 130
+    assert "--resume --steps 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--width", "99999999999999999999"), ("--layers", "1000000000"),
+                                             ("--batch-size", "99999999999999999999"), ("--heads", "100000")])
+def test_absurd_sizes_exit_2(tmp_path, capsys, flag, value):
+    """Sizes above 2^63 overflowed inside torch (a traceback and a C++ frame dump); --layers 1e9 built blocks until
+    memory ran out."""
+    args = list(TINY)
+    if flag in args:
+        del args[args.index(flag):args.index(flag) + 2]
+    assert main(["train", "charlm", "--out", str(tmp_path), *args, flag, value, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "must be at most" in err and "Traceback" not in err
+
+
+def test_an_extended_run_has_the_metrics_of_a_run_started_with_that_target(tmp_path):
+    """The final eval of the run being extended stayed in the curve: evals at 0, 2, 3, 4, 6 against 0, 2, 4, 6."""
+    assert charlm(tmp_path / "ext", "--steps", "3", "--eval-every", "2") == 0
+    assert main(["train", "charlm", "--out", str(tmp_path / "ext"), "--resume", "--steps", "6", "--threads", "1"]) == 0
+    assert charlm(tmp_path / "full", "--steps", "6", "--eval-every", "2") == 0
+    ext, full = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ext", "full"))
+    assert [e["step"] for e in ext["evals"]] == [e["step"] for e in full["evals"]] == [0, 2, 4, 6]
+    assert [e["heldout_bpc"] for e in ext["evals"]] == [e["heldout_bpc"] for e in full["evals"]]
+    assert ext["train_bpc"] == full["train_bpc"]
+
+
+def test_evaluating_on_fewer_than_two_characters_is_a_value_error():
+    config = CharLMConfig(seq_len=8, layers=1, width=16, heads=2)
+    model = CharTransformer(len(load_corpus().vocab), config)
+    with pytest.raises(ValueError, match="at least 2 characters"):
+        evaluate_bpc(model, load_corpus().heldout[:1], 8)

@@ -152,15 +152,16 @@ class Trace:
         copies = fresh if self.first_step_copies else [False] * len(fresh)
         if all(copies):
             torch._foreach_copy_(bufs, updates)
-        else:
-            # a buffer created in a later step (a parameter whose first gradient came late) also starts at u,
+        elif not any(copies):
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, updates, alpha=1.0 - damp)
+        else:  # buffers created beside existing ones (e.g. momentum switched on after some steps at 0) start at u,
             # undamped, as torch.optim.SGD's per-parameter rule
-            old = [(b, u) for b, u, c in zip(bufs, updates, copies, strict=True) if not c]
-            torch._foreach_mul_([b for b, _ in old], mu)
-            torch._foreach_add_([b for b, _ in old], [u for _, u in old], alpha=1.0 - damp)
-            if any(copies):
-                new = [(b, u) for b, u, c in zip(bufs, updates, copies, strict=True) if c]
-                torch._foreach_copy_([b for b, _ in new], [u for _, u in new])
+            kept = [i for i, c in enumerate(copies) if not c]
+            made = [i for i, c in enumerate(copies) if c]
+            torch._foreach_mul_([bufs[i] for i in kept], mu)
+            torch._foreach_add_([bufs[i] for i in kept], [updates[i] for i in kept], alpha=1.0 - damp)
+            torch._foreach_copy_([bufs[i] for i in made], [updates[i] for i in made])
         if self.nesterov_key and ctx.group.get(self.nesterov_key, False):
             updates = writable(updates, ctx)
             torch._foreach_add_(updates, bufs, alpha=mu)

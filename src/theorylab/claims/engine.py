@@ -63,6 +63,18 @@ def json_number(x: Any) -> Any:
     return x if math.isfinite(x) else str(x)
 
 
+def json_safe(x: Any) -> Any:
+    """``x`` with every float (and tensor or numpy scalar) through :func:`json_number`, in nested dicts and lists:
+    what ``json.dump(..., allow_nan=False)`` accepts."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating, np.integer, np.bool_, torch.Tensor)):
+        return json_number(x)
+    return x
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
     from ..experiments.checkpoint import umask_mode

@@ -1,4 +1,4 @@
-"""``theorylab bench attention|optim|rnn``: benchmarks with medians and same-run baselines."""
+"""``theorylab bench attention|optim|rnn``: medians of interleaved rounds against baselines timed in the same run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ SUITES = ("attention", "optim", "rnn")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark a system against its baselines (medians, same-run ratios)")
+    p = sub.add_parser("bench", help="benchmark a system against its baselines (medians of interleaved rounds, "
+                                     "same-run ratios, must/goal targets)")
     p.add_argument("suite", choices=SUITES, help="which system to benchmark")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
@@ -40,9 +41,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise
         print(f"theorylab bench: error: the {args.suite} benchmark is not implemented yet", file=sys.stderr)
         return 2
-    result = module.run(quick=args.quick)
+    from ..claims.engine import json_safe
+    from ..env import environment
+
+    result = {**module.run(quick=args.quick), "environment": environment()}  # the date and the machine
     print(module.format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:  # strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as in results.json)
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -1,4 +1,4 @@
-"""Wall-clock time of a call: the median of repeats after a warm-up."""
+"""Wall-clock time: the median of repeats after a warm-up, alone or interleaved with the calls it is compared to."""
 
 from __future__ import annotations
 
@@ -23,3 +23,31 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, bud
         if budget_s is not None and spent >= budget_s:
             break
     return statistics.median(times)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1,
+                      max_rounds: int | None = None, budget_s: float | None = None) -> dict[str, list[float]]:
+    """Seconds of every call of each ``fns[name]()``, timed in rounds: each round calls every function once, in an
+    order that rotates by one per round, so that load which comes and goes on a shared machine falls on every
+    contender alike (timing one contender's repeats, then the next's, lets it fall on one of them).
+
+    ``warmup`` untimed rounds come first. After ``rounds`` timed rounds, more run (up to ``max_rounds``) while the
+    timed seconds so far are below ``budget_s``. Compare medians of the returned lists."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    if not names:
+        return {}
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    spent, r = 0.0, 0
+    while r < rounds or (r < (max_rounds or rounds) and budget_s is not None and spent < budget_s):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+        r += 1
+    return times

@@ -305,18 +305,8 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         "train_bpc": losses,
     }
     if out is not None and env.is_main:
-        from ..claims.engine import json_number, write_json_atomic
+        from ..claims.engine import json_safe, write_json_atomic
 
-        write_json_atomic(out / METRICS_FILE, _jsonable(metrics, json_number))
+        write_json_atomic(out / METRICS_FILE, json_safe(metrics))
     barrier(env)
     return TrainResult(metrics=metrics, model=model, checkpoint=ckpt_path, evals=evals)
-
-
-def _jsonable(x: Any, number: Callable[[Any], Any]) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v, number) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v, number) for v in x]
-    if isinstance(x, float):
-        return number(x)
-    return x

@@ -179,3 +179,45 @@ def test_an_interrupt_before_the_first_write_carries_no_payload(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt) as caught:
         run_claims(sections(ok_claim), out_dir=tmp_path, progress=False)
     assert caught.value.payload is None
+
+
+def test_default_device_and_anomaly_mode_are_restored_and_figure_names_do_not_collide(tmp_path):
+    import torch
+
+    seen = {}
+
+    def meddles(seed, quick):
+        torch.set_default_device("meta")
+        torch.set_anomaly_enabled(True)
+        raise SystemExit(1)
+
+    def looks(seed, quick):
+        seen.update(device=torch.empty(1).device.type, anomaly=torch.is_anomaly_enabled())
+        figs = {}
+        for name in ("a b", "a/b"):
+            figs[name] = Figure()
+            figs[name].subplots().plot([0, 1], [0, 1])
+        return Evidence(confirmed=True, numbers={}, method="m", figures=figs)
+
+    payload = run_claims(sections(meddles, looks), out_dir=tmp_path, progress=False)
+    assert seen == {"device": "cpu", "anomaly": False}
+    files = payload["claims"][1]["figures"]
+    assert len(set(files)) == 2 and all((tmp_path / f).exists() for f in files)
+
+
+def test_an_interrupt_during_the_final_write_still_carries_the_payload(tmp_path, monkeypatch):
+    from theorylab.claims import engine
+
+    real = engine.write_json_atomic
+    calls = []
+
+    def interrupted_on_the_last(path, payload):
+        calls.append(1)
+        if payload.get("complete"):
+            raise KeyboardInterrupt
+        real(path, payload)
+
+    monkeypatch.setattr(engine, "write_json_atomic", interrupted_on_the_last)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_claims(sections(ok_claim), out_dir=tmp_path, progress=False)
+    assert caught.value.payload is not None and len(caught.value.payload["claims"]) == 1

@@ -125,3 +125,12 @@ def test_peak_memory_sees_torch_tensor_of_python_data_and_skips_sparse():
 def test_power_law_fit_of_non_vectors_is_a_value_error(x, y):
     with pytest.raises(ValueError, match="1-D sequences of one length"):
         fit_power_law(x, y)
+
+
+def test_views_of_a_sparse_arguments_parts_allocate_nothing():
+    """Sparse arguments were left out of the existing storages: coo._values() counted 24,000 bytes."""
+    coo = torch.randn(100, 30).to_sparse()
+    csr = torch.randn(100, 30).to_sparse_csr()
+    assert peak_memory(lambda: coo._values()) == peak_memory(lambda: coo._indices()) == 0
+    assert peak_memory(lambda: csr.values()) == peak_memory(lambda: csr.col_indices()) == 0
+    assert peak_memory(lambda: coo._values() * 2) == coo._values().numel() * 4

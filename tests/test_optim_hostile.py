@@ -627,3 +627,19 @@ def test_load_state_dict_pre_hooks_run_before_validation_and_once():
     with pytest.raises(ValueError, match="lacks 'decay'"):
         loader.load_state_dict(old)
     assert calls == [1]
+
+
+def test_a_pre_hook_registered_during_a_load_is_kept():
+    """The hooks were held back in a temporary dict during torch's load, and one registered then was dropped."""
+    _, saver = _stepped(lambda p: Adam(p, lr=1e-2))
+    _, loader = _stepped(lambda p: Adam(p, lr=1e-2))
+    calls = []
+
+    def registers(opt):
+        opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(1))
+
+    handle = loader.register_load_state_dict_post_hook(registers)
+    loader.load_state_dict(saver.state_dict())
+    handle.remove()
+    loader.load_state_dict(saver.state_dict())
+    assert calls == [1]

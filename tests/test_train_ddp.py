@@ -57,3 +57,21 @@ def test_torchrun_bad_input_exits_2_on_every_rank(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("seq-len must be positive") == 1  # rank 0 says it once
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_into_a_busy_out_exits_2_on_every_rank(tmp_path):
+    """Only rank 0 takes the --out lock; when it was held elsewhere rank 0 exited 2 and the other ranks waited for
+    it in init_process_group (30 minutes without torchrun's agent). Now every rank exits 2 together."""
+    from theorylab.cli._args import exclusive_output
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    with exclusive_output(out):
+        r = subprocess.run([*torchrun, "-m", "theorylab", *ARGS, "--out", str(out)], env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("another theorylab run is writing into") == 1  # rank 0 says it once
+    assert r.stderr.count("exitcode  : 2") == 2  # both ranks exit 2: none waits, crashes or is killed
+    assert list(out.iterdir()) == []

@@ -135,3 +135,59 @@ def test_evaluating_on_fewer_than_two_characters_is_a_value_error():
     model = CharTransformer(len(load_corpus().vocab), config)
     with pytest.raises(ValueError, match="at least 2 characters"):
         evaluate_bpc(model, load_corpus().heldout[:1], 8)
+
+
+def test_a_busy_folder_is_refused_before_its_checkpoint_is_read(tmp_path, capsys):
+    """The lock was taken after the 'checkpoint exists' check (1.6 s later): a run finishing in between was
+    retrained over without --overwrite. Now the folder is held first."""
+    from theorylab.cli._args import exclusive_output
+
+    assert charlm(tmp_path, "--steps", "1") == 0
+    capsys.readouterr()
+    with exclusive_output(tmp_path):
+        assert charlm(tmp_path, "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "another theorylab run is writing into" in err and "exists: pass --resume" not in err
+
+
+@pytest.mark.parametrize("tamper", ["missing_exp_avg", "step_of_three"])
+def test_adam_state_with_wrong_keys_or_step_exits_2(tmp_path, capsys, tamper):
+    assert charlm(tmp_path, "--steps", "2") == 0
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    state = next(iter(ckpt["optimizer"]["state"].values()))
+    if tamper == "missing_exp_avg":
+        del state["exp_avg"]
+    else:
+        state["step"] = torch.zeros(3)
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "4", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_the_old_split_is_refused_for_that_reason(tmp_path, capsys):
+    """It said 'trained on a different pydoc_data text (Python 3.11.7; this is Python 3.11.7)'."""
+    from theorylab.experiments.data import legacy_sha256
+
+    assert charlm(tmp_path, "--steps", "1") == 0
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["data_sha256"] = legacy_sha256()
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "2"]) == 2
+    assert "held-out split used before 2026-11-26" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.1, 0.5])
+def test_the_held_out_share_overshoots_by_at_most_half(fraction):
+    """Whole groups were added until the share was reached: 0.01 held out 6.7% (one group of 29,616 characters)."""
+    from theorylab.experiments import data
+
+    topics = data._topics()
+    total = sum(len(t) for t in topics.values())
+    _, heldout = data.split_topics(topics, fraction)
+    share = sum(len(topics[k]) for k in heldout) / total
+    assert fraction <= share <= 1.5 * fraction

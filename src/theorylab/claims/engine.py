@@ -106,6 +106,8 @@ def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[
     names, failures = [], []
     for name, fig in evidence.figures.items():
         file = f"{section.kind}-{section.id}-{name}.png".replace(" ", "_").replace("/", "_")
+        while file in names:  # names that map to one file name ("a b", "a/b") must not overwrite each other
+            file = file.removesuffix(".png") + "_.png"
         try:
             if not isinstance(fig, Figure):
                 raise TypeError(f"{type(fig).__name__} is not a matplotlib Figure")
@@ -122,14 +124,19 @@ def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[
 
 @contextlib.contextmanager
 def _torch_state_restored() -> Iterator[None]:
-    """Each claim starts from the same global torch state: one that sets the default dtype, turns gradients off or
-    changes the thread count (and then raises) must not change the claims after it."""
+    """Each claim starts from the same global torch state: one that sets the default dtype or device, turns
+    gradients off, anomaly detection on or changes the thread count (and then raises) must not change the claims
+    after it."""
     dtype, grad, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
+    device, anomaly = torch.get_default_device(), torch.is_anomaly_enabled()
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
+        if torch.get_default_device() != device:  # only then: a default-device context intercepts every factory
+            torch.set_default_device(None if device == torch.device("cpu") else device)
         torch.set_grad_enabled(grad)
+        torch.set_anomaly_enabled(anomaly)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
@@ -224,12 +231,12 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
             write_json_atomic(results_path, payload)
             if bar is not None:
                 bar.advance(task)
+        payload["complete"] = True
+        payload["total_seconds"] = round(sum(r["seconds"] for r in payload["claims"] + payload["extras"]), 3)
+        write_json_atomic(results_path, payload)
     except KeyboardInterrupt:
         raise ClaimsInterrupted(payload if written else None) from None
     finally:
         if bar is not None:
             bar.stop()
-    payload["complete"] = True
-    payload["total_seconds"] = round(sum(r["seconds"] for r in payload["claims"] + payload["extras"]), 3)
-    write_json_atomic(results_path, payload)
     return payload

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,17 +59,26 @@ def exclusive_output(folder: Path) -> Iterator[None]:
     writes into it; raises :class:`OutputBusyError` at once if another run holds it.
 
     The lock is ``flock`` on the folder itself: no lock file is left behind, and the kernel releases it when the
-    process ends, however it ends. Where ``fcntl`` is missing (Windows) nothing is locked."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+    process ends, however it ends. Where it cannot be taken for another reason (no ``fcntl`` on Windows; NFS, whose
+    exclusive locks need a file open for writing; a folder that can be written but not read) the block runs
+    unlocked, as before locks existed, with a one-line warning on stderr."""
+    fd = None
+    if fcntl is not None:
         try:
+            fd = os.open(folder, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise OutputBusyError(f"another theorylab run is writing into {str(folder)!r}; wait for it to end or "
                                   "choose another output folder") from None
+        except OSError as e:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+            print(f"theorylab: warning: cannot lock {str(folder)!r} ({e.strerror or e}); a second run into it at "
+                  "the same time would not be refused", file=sys.stderr)
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd is not None:
+            os.close(fd)  # closing releases the lock

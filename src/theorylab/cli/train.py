@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = tasks.add_parser(
         "charlm", help="decoder-only Transformer on Python's documentation text, bits/char on held-out text",
         description="Train a small decoder-only Transformer on pydoc_data.topics (the documentation that ships with "
-                    "Python; the last 10% held out) with one kind of causal attention. Writes DIR/metrics.json "
+                    "Python; about 10% held out, by whole groups of topics that share no 100-character span) "
+                    "with one kind of causal attention. Writes DIR/metrics.json "
                     "(final_bpc, tokens_per_second, steps, config, the curves train_bpc and evals, ...) and "
                     "DIR/checkpoint.pt. Exit 0 on success, "
                     "2 for bad arguments or an unusable checkpoint (nothing is overwritten then).")
@@ -120,7 +121,7 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
     import os
 
     from ..experiments.checkpoint import CheckpointError
-    from ..experiments.distributed import init_distributed, shutdown
+    from ..experiments.distributed import all_reduce_sum, init_distributed, shutdown
     from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run
 
     out = Path(args.out)
@@ -136,6 +137,13 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Rank 0 writes every file, so it holds the folder, and from before the checks that read it: a run that
+    # finishes in between must not be overwritten. Under torchrun a busy folder is reported after the process
+    # group is up, so that every rank exits 2 together (the others would wait for rank 0 in init).
+    locked, busy = _hold(held, out) if main and out.is_dir() else (False, None)
+    if busy and world == 1:
+        raise UsageError(busy)
     saved = None
     if args.resume:
         if args.overwrite:
@@ -157,14 +165,19 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
     if saved is not None and steps < int(saved["step"]):
         raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
     try:
-        validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate_run(config, world_size=world)
         if err := check_writable(out) or check_files(out, (CHECKPOINT_FILE, "metrics.json")):
             raise UsageError(err)  # after the other checks, which leave no folder behind
-        if main:  # rank 0 writes every file
-            held.enter_context(exclusive_output(out))
+        if main and not locked and busy is None:  # the folder did not exist before
+            locked, busy = _hold(held, out)
+        if busy and world == 1:
+            raise UsageError(busy)
         env = init_distributed(args.device, args.threads)
-    except (ValueError, OutputBusyError) as e:
+    except ValueError as e:
         raise UsageError(str(e)) from None
+    if all_reduce_sum(env, [1.0 if busy else 0.0])[0] > 0:
+        shutdown(env)
+        raise UsageError(busy or "another theorylab run is writing into the output folder (rank 0 found it held)")
     if args.overwrite and main:  # afresh: an interrupted new run must not leave the old run to be resumed
         for name in (CHECKPOINT_FILE, "metrics.json"):
             (out / name).unlink(missing_ok=True)
@@ -216,6 +229,15 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
               f"(unigram {m['unigram_bpc']:.2f}), {m['tokens_per_second']:,.0f} tokens/s on {m['world_size']} "
               f"process(es); wrote {out / 'metrics.json'} and {out / CHECKPOINT_FILE}")
     return 0
+
+
+def _hold(held: contextlib.ExitStack, out: Path) -> tuple[bool, str | None]:
+    """(locked, why not): the output folder's lock, held until ``held`` closes."""
+    try:
+        held.enter_context(exclusive_output(out))
+    except OutputBusyError as e:
+        return False, str(e)
+    return True, None
 
 
 def _progress_bar(main: bool):

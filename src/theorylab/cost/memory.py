@@ -11,7 +11,8 @@ reproducible — no allocator caching, no page-level noise, no dependence on oth
 scratch buffers that a single kernel allocates and frees internally (e.g. inside SDPA's fused CPU kernel), nor
 memory outside torch tensors, nor storages created outside the dispatcher (``torch.from_numpy`` and
 ``torch.as_tensor`` of an array share numpy's memory; ``torch.load`` builds its storages directly), nor sparse
-tensors. ``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``.
+tensors made inside the call (views of a sparse argument's parts, such as ``_values()``, count as nothing).
+``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ from torch.utils._pytree import tree_leaves
 def _counted(t: Any) -> bool:
     """A tensor whose storage is measured: strided (sparse tensors have no single storage) and not on meta."""
     return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
+
+
+_SPARSE_PARTS = {torch.sparse_coo: ("_indices", "_values"),
+                 torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+                 torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+                 torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+                 torch.sparse_bsc: ("ccol_indices", "row_indices", "values")}
+
+
+def _storages(t: Any) -> list[int]:
+    """The storages behind an argument: its own, or a sparse tensor's indices and values (whose views, such as
+    ``_values()``, allocate nothing)."""
+    if _counted(t):
+        return [t.untyped_storage()._cdata]
+    if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout in _SPARSE_PARTS:
+        return [getattr(t, part)().untyped_storage()._cdata for part in _SPARSE_PARTS[t.layout]]
+    return []
 
 
 class PeakMemory(TorchDispatchMode):
@@ -59,7 +77,7 @@ class PeakMemory(TorchDispatchMode):
         # an output that shares an argument's storage (a view, an in-place or out= op) allocated nothing; except
         # lift_fresh, which returns its argument: the storage torch.tensor(data) has just filled
         fresh = func is torch.ops.aten.lift_fresh.default
-        inputs = set() if fresh else {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _counted(t)}
+        inputs = set() if fresh else {key for t in tree_leaves((args, kwargs)) for key in _storages(t)}
         for t in tree_leaves(out):
             if _counted(t):
                 storage = t.untyped_storage()

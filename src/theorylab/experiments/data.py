@@ -5,8 +5,9 @@ joined in sorted key order with a blank line between topics. The help repeats it
 ``while`` and ``with`` nearly whole, ``break``, ``continue`` and ``return`` share paragraphs. A cut at 90% of the
 characters had put 8.4% of the held-out characters in spans of 100+ characters that the training text holds
 verbatim. So the split is by *groups* of topics: topics that share any span of ``SHARED_SPAN`` characters form one
-group (transitively), and a group lies wholly on one side. Held out are the last groups (ordered by their first
-key) until ``heldout_fraction`` of the characters is reached; each side is its topics joined in sorted key order.
+group (transitively), and a group lies wholly on one side. Held out are groups from the last (ordered by their
+first key) until ``heldout_fraction`` of the characters is reached, passing over a group that would overshoot it
+by more than half; each side is its topics joined in sorted key order.
 No span of ``SHARED_SPAN`` characters of a held-out topic occurs in a training topic. The vocabulary is every
 character of the whole text, sorted, so held-out text never meets an unknown one.
 
@@ -71,15 +72,22 @@ def topic_groups(topics: dict[str, str], span: int = SHARED_SPAN) -> list[list[s
 
 
 def split_topics(topics: dict[str, str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """(training keys, held-out keys): the last groups of :func:`topic_groups` (by first key) are held out until
-    they hold ``heldout_fraction`` of the characters."""
+    """(training keys, held-out keys): groups of :func:`topic_groups` are held out from the last (by first key)
+    until they hold ``heldout_fraction`` of the characters; a group that would overshoot that by more than half is
+    passed over."""
     groups = topic_groups(topics)
     total = sum(len(t) for t in topics.values())
+    target = heldout_fraction * total
     heldout: list[str] = []
+    size = 0
     for group in reversed(groups):
-        if sum(len(topics[k]) for k in heldout) >= heldout_fraction * total or len(heldout) + len(group) == len(topics):
+        if size >= target:
             break
-        heldout += group
+        grown = size + sum(len(topics[k]) for k in group)
+        # a group that would overshoot by more than half the target is passed over for earlier, smaller ones
+        if grown - target <= target / 2 and len(heldout) + len(group) < len(topics):
+            heldout += group
+            size = grown
     return sorted(set(topics) - set(heldout)), sorted(heldout)
 
 
@@ -124,13 +132,18 @@ class CharCorpus:
     vocab: CharVocab
     train: torch.Tensor  # (N_train,)
     heldout: torch.Tensor  # (N_heldout,)
-    sha256: str  # of the whole text: checkpoints remember which text they were trained on
+    sha256: str  # of the two split texts: checkpoints remember which text and split they were trained on
     python: str  # the Python whose pydoc_data this is (the text differs between versions)
 
     def describe(self) -> dict:
         return {"source": SOURCE, "python": self.python, "sha256": self.sha256,
                 "train_chars": int(self.train.numel()), "heldout_chars": int(self.heldout.numel()),
                 "vocab_size": len(self.vocab)}
+
+
+def legacy_sha256() -> str:
+    """The corpus hash of the split used before 2026-11-26 (the whole text, cut at 90%), to name it on refusal."""
+    return hashlib.sha256(pydoc_text().encode("utf-8")).hexdigest()
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .charlm import CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import CharCorpus, eval_windows, load_corpus, sample_batch
+from .data import CharCorpus, eval_windows, legacy_sha256, load_corpus, sample_batch
 from .distributed import DistEnv, all_reduce_sum, barrier, shard_items
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -106,6 +106,10 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
     if missing:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} lacks {', '.join(missing)}")
     corpus = corpus or load_corpus()
+    if ckpt["data_sha256"] == legacy_sha256():
+        raise CheckpointError(f"checkpoint in {str(out_dir)!r} was trained on the held-out split used before "
+                              "2026-11-26 (part of its held-out text was training text); start afresh with "
+                              "--overwrite")
     if ckpt["data_sha256"] != corpus.sha256:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} was trained on a different pydoc_data text "
                               f"(Python {ckpt.get('python', '?')}; this is Python {corpus.python})")
@@ -138,14 +142,25 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
     return ckpt
 
 
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.Adam's per-parameter state (amsgrad off)
+
+
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless every state tensor but the step count has its parameter's shape."""
+    """ValueError unless each parameter's state is Adam's: a one-element step and moments of its shape."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
-                    raise ValueError(f"optimizer state {key!r} has shape {tuple(value.shape)} for a parameter of "
-                                     f"shape {tuple(p.shape)}")
+            state = optimizer.state.get(p, {})
+            if not state:
+                continue
+            if set(state) != ADAM_STATE:
+                raise ValueError(f"optimizer state has keys {sorted(state)}, not {sorted(ADAM_STATE)}")
+            if not isinstance(state["step"], torch.Tensor) or state["step"].numel() != 1:
+                raise ValueError(f"optimizer state 'step' is not a one-element tensor: {state['step']!r}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state[key]
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key!r} has shape {tuple(getattr(value, 'shape', ()))} "
+                                     f"for a parameter of shape {tuple(p.shape)}")
 
 
 def _is_int(v: Any, low: int) -> bool:

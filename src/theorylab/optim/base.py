@@ -170,10 +170,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
         checked = self._checked_state_dict(state_dict)
-        self._optimizer_load_state_dict_pre_hooks = type(hooks)()
+        self._optimizer_load_state_dict_pre_hooks = held_back = type(hooks)()
         try:
             super().load_state_dict(checked)
-        finally:  # the same dict object: the hooks' handles still remove from it
+        finally:  # the same dict object, so the hooks' handles still remove from it, plus any hook registered
+            # during the load (from a post-hook, say), as torch would keep it
+            hooks.update(held_back)
             self._optimizer_load_state_dict_pre_hooks = hooks
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_interleaved_rounds_rotate_the_order_and_respect_the_budget():
     more = interleaved_times(fns, rounds=2, warmup=0, max_rounds=5, budget_s=1e9)
     assert all(len(v) == 5 for v in more.values())  # budget left: up to max_rounds
     assert interleaved_times({}, rounds=3) == {}
-    with pytest.raises(ValueError, match="rounds must be >= 1"):
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
         interleaved_times(fns, rounds=0)
 
 
@@ -82,3 +82,10 @@ def test_bench_json_is_strict_and_records_the_date_and_machine(tmp_path, monkeyp
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert data["x"] == "nan" and data["y"] == ["inf"]
     assert data["environment"]["date"] and data["environment"]["cpu"]
+
+
+def test_rounds_that_are_not_a_positive_integer_are_refused():
+    """rounds=nan returned empty lists, whose median then failed far from the cause."""
+    for rounds in (float("nan"), 2.5, True):
+        with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+            interleaved_times({"a": lambda: None}, rounds=rounds)

@@ -643,3 +643,26 @@ def test_a_pre_hook_registered_during_a_load_is_kept():
     handle.remove()
     loader.load_state_dict(saver.state_dict())
     assert calls == [1]
+
+
+def test_a_pre_hook_registered_during_a_load_can_be_removed_and_prepended():
+    """Registered during a load, a pre-hook went into a temporary dict: its handle could not remove it, and
+    prepend=True put it last."""
+    _, saver = _stepped(lambda p: Adam(p, lr=1e-2))
+    _, loader = _stepped(lambda p: Adam(p, lr=1e-2))
+    calls, handles = [], []
+    loader.register_load_state_dict_pre_hook(lambda o, sd: calls.append("A"))
+
+    def registers(opt):
+        handles.append(opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("first"), prepend=True))
+
+    post = loader.register_load_state_dict_post_hook(registers)
+    loader.load_state_dict(saver.state_dict())
+    post.remove()
+    calls.clear()
+    loader.load_state_dict(saver.state_dict())
+    assert calls == ["first", "A"]
+    handles[0].remove()
+    calls.clear()
+    loader.load_state_dict(saver.state_dict())
+    assert calls == ["A"]

@@ -191,3 +191,11 @@ def test_the_held_out_share_overshoots_by_at_most_half(fraction):
     _, heldout = data.split_topics(topics, fraction)
     share = sum(len(topics[k]) for k in heldout) / total
     assert fraction <= share <= 1.5 * fraction
+
+
+def test_a_held_out_fraction_below_the_smallest_group_is_a_value_error():
+    """load_corpus(1e-4) held out nothing (every group overshoots by more than half), failing later in evaluation."""
+    from theorylab.experiments import data
+
+    with pytest.raises(ValueError, match="holds out nothing"):
+        data.split_topics(data._topics(), 1e-4)

@@ -9,11 +9,12 @@ Baselines, measured in the same run on the same inputs:
   it also overflows for long horizons, which the timing ignores).
 
 Ours and its baseline are timed in interleaved rounds (:func:`theorylab.cost.interleaved_times`) after one
-untimed warm-up round; each time is the median of 3 rounds (one round and no warm-up for the T = 10,000 sizes at
-H = 256, where a call takes seconds to minutes). The error column is the largest relative error of our norms
-against the reference where both are computed; where one is finite and the other not, it is inf. The baselines run
-with one torch thread: they are loops of small kernels, which are faster so on a shared 2-core machine (the fair
-comparison). The target of the issue, T = 10,000 and H = 256 in under 30 s, is judged in the full run.
+untimed warm-up round; each time is the median of 3 rounds (for log_jacobian_norms at T = 10,000 and H = 256, one
+round and no warm-up: a call takes seconds; the Lyapunov rows always take 3 rounds after a warm-up). The error
+column is the largest relative error of our norms against the reference where both are computed; where one is
+finite and the other not, it is inf. The baselines run with one torch thread: they are loops of small kernels,
+which are faster so on a shared 2-core machine (the fair comparison). The target of the issue, T = 10,000 and
+H = 256 in under 30 s, is judged in the full run.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, war
 
     ``warmup`` untimed rounds come first. After ``rounds`` timed rounds, more run (up to ``max_rounds``) while the
     timed seconds so far are below ``budget_s``. Compare medians of the returned lists."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     names = list(fns)
     if not names:
         return {}

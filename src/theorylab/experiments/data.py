@@ -88,6 +88,10 @@ def split_topics(topics: dict[str, str], heldout_fraction: float) -> tuple[list[
         if grown - target <= target / 2 and len(heldout) + len(group) < len(topics):
             heldout += group
             size = grown
+    if not heldout:
+        smallest = min(sum(len(topics[k]) for k in group) for group in groups)
+        raise ValueError(f"heldout_fraction {heldout_fraction} holds out nothing: the smallest group of topics has "
+                         f"{smallest} characters, {smallest / total:.2g} of the text")
     return sorted(set(topics) - set(heldout)), sorted(heldout)
 
 

@@ -96,6 +96,9 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or ±inf and the group's ``nonfinite`` policy is ``"raise"``."""
 
 
+_VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-hook (torch's keys are ints)
+
+
 class ChainOptimizer(torch.optim.Optimizer):
     r"""Base class: subclasses return the transform chain of a parameter group in :meth:`transforms`.
 
@@ -162,21 +165,16 @@ class ChainOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # the pre-hooks first, as torch runs them: a hook that adapts an old checkpoint must do so before it is
-        # validated; then torch's load, with the hooks held back so that they do not run twice
-        state_dict = state_dict.copy()
+        # The validation runs as the last load pre-hook: after the user's hooks (a hook that adapts an old
+        # checkpoint must do so before it is checked), each of which torch runs once. It sits in torch's own dict
+        # only for this call, so hooks registered meanwhile keep their order (prepend) and their handles.
         hooks = self._optimizer_load_state_dict_pre_hooks
-        for hook in hooks.values():
-            result = hook(self, state_dict)
-            state_dict = state_dict if result is None else result
-        checked = self._checked_state_dict(state_dict)
-        self._optimizer_load_state_dict_pre_hooks = held_back = type(hooks)()
+        hooks[_VALIDATE] = lambda optimizer, loaded: self._checked_state_dict(loaded)
+        hooks.move_to_end(_VALIDATE)
         try:
-            super().load_state_dict(checked)
-        finally:  # the same dict object, so the hooks' handles still remove from it, plus any hook registered
-            # during the load (from a post-hook, say), as torch would keep it
-            hooks.update(held_back)
-            self._optimizer_load_state_dict_pre_hooks = hooks
+            super().load_state_dict(state_dict)
+        finally:
+            hooks.pop(_VALIDATE, None)
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.

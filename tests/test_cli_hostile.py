@@ -31,7 +31,7 @@ def fake_claims(monkeypatch):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=8)), max_size=6))
 def test_any_argv_gives_an_exit_code_not_a_traceback(argv, fake_claims, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # an empty --out means the current folder
+    monkeypatch.chdir(tmp_path)  # a stray relative --out lands in tmp_path
     if "--out" not in argv and argv[:1] == ["verify"]:
         argv += ["--out", str(tmp_path / "o")]
     code = main(argv)
@@ -47,6 +47,10 @@ def test_any_argv_gives_an_exit_code_not_a_traceback(argv, fake_claims, tmp_path
     (["bench", "rnn", "--quick", "--json", "/proc/theorylab-no/x.json"], "cannot write to the --json file's"),
     (["verify", "--only", "2.1", "nope"], "valid IDs"),
     (["bench"], "required: suite"),
+    # an empty --out (an unset shell variable) used to mean the current folder: verify wrote a report there
+    (["verify", "--out", ""], "invalid folder ''"),
+    (["verify", "--out", "  "], "give a folder name"),
+    (["train", "charlm", "--out", ""], "invalid folder ''"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_name_the_problem(argv, message, capsys):

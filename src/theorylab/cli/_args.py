@@ -28,6 +28,14 @@ def seed(text: str) -> int:
     return value
 
 
+def folder(text: str) -> str:
+    """argparse type for ``--out``: a non-blank path. An empty one (say, an unset shell variable) would otherwise
+    mean the current folder and scatter the run's files there; '.' asks for that explicitly."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"invalid folder {text!r}: give a folder name ('.' for the current one)")
+    return text
+
+
 def check_files(folder: Path, names: tuple[str, ...]) -> str | None:
     """None unless one of the output files ``names`` in ``folder`` exists as a folder (the write would fail only
     after all the work), else the reason."""

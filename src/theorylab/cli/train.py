@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, seed
+from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
 
 DEFAULT_STEPS = 300
 # Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--steps", type=int, default=None,
                    help=f"train up to this step (default: {DEFAULT_STEPS}; with --resume: the checkpoint's target)")
     c.add_argument("--seq-len", type=int, default=None, help=f"characters per window (default: {d.seq_len})")
-    c.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and checkpoint.pt")
+    c.add_argument("--out", type=folder, required=True, metavar="DIR", help="folder for metrics.json and checkpoint.pt")
     c.add_argument("--batch-size", type=int, default=None,
                    help=f"global batch, windows per step over all processes (default: {d.batch_size})")
     c.add_argument("--lr", type=float, default=None, help=f"peak Adam learning rate (default: {d.lr})")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
-from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, seed
+from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also run the extra sections that train models (minutes)")
     p.add_argument("--only", nargs="+", action="extend", metavar="ID",
                    help=f"claim IDs to run ({' '.join(CLAIM_IDS)}); may be given more than once")
-    p.add_argument("--out", default="theorylab-report", metavar="DIR",
+    p.add_argument("--out", type=folder, default="theorylab-report", metavar="DIR",
                    help="output folder (default: ./theorylab-report)")
     p.add_argument("--seed", type=seed, default=0, help=f"seed of every experiment, 0..{MAX_SEED} (default: 0)")
     p.set_defaults(run=run)

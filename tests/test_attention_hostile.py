@@ -333,24 +333,27 @@ _KINDS = {
                                                             causal=causal, key_padding_mask=mask, chunk_size=3),
     "elu": lambda q, k, v, causal, mask: linear_attention(q, k, v, EluFeatures(4), causal=causal,
                                                           key_padding_mask=mask, chunk_size=3),
+    "trig": lambda q, k, v, causal, mask: linear_attention(q, k, v, TrigRandomFeatures(4, 16, seed=0).double(),
+                                                           causal=causal, key_padding_mask=mask, chunk_size=3),
 }
 
 
 @pytest.mark.parametrize("kind", list(_KINDS))
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("padded_value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("padded_value", [float("inf"), float("-inf"), float("nan"), 1e308])
 def test_padded_keys_and_values_of_any_value_change_neither_outputs_nor_gradients(kind, causal, padded_value):
-    """Whatever sits in the padded keys and values: the outputs and the gradients of q and of the unpadded keys and
-    values are those with zeros there (a weight of 0 times inf or NaN is NaN: before the fix, NaN padded values
-    made every output NaN, in every kind)."""
+    """Whatever sits in the padded keys and values: the outputs and the gradients of q, k and v are those with zeros
+    there, and the gradient of a padded key or value is 0 (a weight of 0 times inf or NaN is NaN: before the fix,
+    NaN padded values made every output NaN, in every kind; later, the random-feature maps still gave NaN in the
+    padded keys' own gradient, because the mask came after the map)."""
     q, k, v = qkv(B=2, H=2, Nq=8, D=4)
     mask = padding_mask(2, 8)
     padded = mask[:, None, :, None]
 
     def run(fill):
-        inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        kk, vv = (x.masked_fill(padded, fill) for x in inputs[1:])
-        out = _KINDS[kind](inputs[0], kk, vv, causal, mask)
+        inputs = [q.clone(), k.masked_fill(padded, fill), v.masked_fill(padded, fill)]
+        inputs = [x.requires_grad_(True) for x in inputs]
+        out = _KINDS[kind](*inputs, causal, mask)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         return [out.detach()] + [x.grad for x in inputs]
 
@@ -358,6 +361,8 @@ def test_padded_keys_and_values_of_any_value_change_neither_outputs_nor_gradient
     for a, b in zip(clean, hostile, strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+    for grad in hostile[2:]:
+        assert not grad.masked_select(padded).any()
 
 
 @pytest.mark.parametrize("kind", ["separable", "favor", "elu", "trig"])

@@ -251,7 +251,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         return empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
     if terms.scaled and can_inspect(q):
         acc = _working_dtype(q, k, pad, feature_map, acc)
-    q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)  # padded keys: removed from φ(K)
+    # padded keys are removed from φ(K); their rows are zeroed before the feature map too, or the backward pass
+    # multiplies the mask's zero by the map's derivative at a NaN, inf or overflowing key (0·NaN in k.grad)
+    q, k, v = q.to(acc), zero_padded(k.to(acc), key_padding_mask), zero_padded(v.to(acc), key_padding_mask)
     with no_autocast(q.device):
         if causal:  # chunks no longer than the sequence: a chunk_size set for long ones must not cost memory here
             out = _causal(q, k, v, terms, pad, min(chunk_size or CAUSAL_CHUNK, Nq), recompute)

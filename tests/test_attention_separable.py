@@ -90,9 +90,22 @@ def test_large_norm_inputs_stay_finite(causal):
 
 def test_bad_input():
     q, k, v = qkv(Nq=9, Nk=12)
-    with pytest.raises(ValueError, match="causal needs Nq == Nk"):
-        separable_attention(q, k, v, causal=True)
     with pytest.raises(ValueError, match="head dims differ"):
         separable_attention(q[..., :3], k, v)
     with pytest.raises(ValueError, match=r"\(B, Nk\)"):
         separable_attention(q, k, v, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("Nq, Nk", [(5, 12), (12, 5), (7, 2), (0, 7), (1, 1), (40, 33)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_with_nq_ne_nk_is_top_left_aligned_like_sdpa(Nq, Nk, padded):
+    """Causal with Nq != Nk had raised; it is now top-left aligned like softmax_attention and SDPA's is_causal
+    (query i sees keys j <= i; from Nk on, every key), equal to the reference in outputs and gradients."""
+    q, k, v = qkv(B=2, H=2, Nq=Nq, Nk=Nk, D=4)
+    mask = None
+    if padded and Nk > 2:
+        mask = torch.zeros(2, Nk, dtype=torch.bool)
+        mask[1, 1] = mask[0, -1] = True
+    assert_same_outputs_and_grads(
+        lambda q, k, v: separable_attention(q, k, v, causal=True, key_padding_mask=mask, chunk_size=3),
+        lambda q, k, v: separable_attention_reference(q, k, v, causal=True, key_padding_mask=mask), (q, k, v))

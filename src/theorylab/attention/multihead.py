@@ -27,8 +27,8 @@ class MultiheadAttention(nn.Module):
 
     Args:
         embed_dim: E, the model width; num_heads must divide it (head dim D = E / num_heads).
-        causal: every position attends to itself and earlier positions only (kinds other than softmax need
-            query and key of the same length).
+        causal: every position attends to itself and earlier positions only (top-left aligned when query and
+            key lengths differ; kinds "linear" and "favor" need them equal).
         num_features: M, the random features of ``kind="favor"``.
         dropout: probability of zeroing an entry of the attention output before the output projection, during
             training (linear kinds never form attention weights to drop).

@@ -45,7 +45,8 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
-        causal: query i uses the column softmax over keys j <= i only (needs Nq == Nk).
+        causal: query i uses the column softmax over keys j <= i only (top-left aligned when Nq != Nk, as
+            SDPA's is_causal and :func:`softmax_attention`: queries from Nk on see every key).
         key_padding_mask: bool (B, Nk), True = padding: removed from the key softmax.
         chunk_size: positions per chunk in causal mode (None: 32).
 
@@ -56,10 +57,17 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         TypeError: q, k or v is not floating point, or chunk_size is not an integer.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="separable_attention")
-    if causal and Nq != Nk:
-        raise ValueError(f"separable_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, what="chunk_size", name="separable_attention")
+    if causal and Nq < Nk:  # keys after the last query are seen by none
+        mask = None if key_padding_mask is None else key_padding_mask[:, :Nq]
+        return separable_attention(q, k[:, :, :Nq], v[:, :, :Nq], causal=True, key_padding_mask=mask,
+                                   chunk_size=chunk_size)
+    if causal and Nq > Nk:  # queries from Nk on see every key: the non-causal result
+        head = separable_attention(q[:, :, :Nk], k, v, causal=True, key_padding_mask=key_padding_mask,
+                                   chunk_size=chunk_size)
+        tail = separable_attention(q[:, :, Nk:], k, v, key_padding_mask=key_padding_mask)
+        return torch.cat([head, tail], dim=2)
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype)
     q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)

@@ -1,0 +1,120 @@
+r"""FAVOR+ against torch SDPA on a CUDA GPU: forward and forward+backward, causal and not, float32.
+
+The CPU suite (``theorylab bench attention``) is where the project's targets live; this script records how the
+same kernels fare on a GPU, where SDPA runs fused flash/memory-efficient kernels and the causal FAVOR+ kernel reads
+one value back to the host per block of chunks (the steep-chunk check). Settings as the CPU suite: B=1, H=8, d=64,
+m=256 features. Each contender is timed in interleaved rounds (:func:`theorylab.cost.interleaved_times`, every call
+ending in ``torch.cuda.synchronize()``), median of at least 10 rounds after 3 warm-up rounds; memory is the peak
+of ``torch.cuda.max_memory_allocated`` above what was allocated before the call. Outputs are checked against a
+float64 reference at the smallest n.
+
+    python benchmarks/gpu_attention.py [--json FILE] [--ns 4096 16384 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from theorylab.attention import PositiveRandomFeatures, linear_attention
+from theorylab.attention.linear import linear_attention_log_reference
+from theorylab.cost import interleaved_times
+from theorylab.env import environment
+
+B, H, D, M = 1, 8, 64, 256
+
+
+def _contenders(causal: bool, fm: torch.nn.Module) -> dict[str, Callable[..., torch.Tensor]]:
+    return {"theorylab FAVOR+": lambda q, k, v: linear_attention(q, k, v, fm, causal=causal),
+            "torch SDPA (exact)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+
+
+def _synced(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
+    def call() -> None:
+        out = fn()
+        if backward:
+            out.sum().backward()
+        torch.cuda.synchronize()
+    return call
+
+
+def _peak_mib(call: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(ns: list[int], rounds: int = 10) -> list[dict]:
+    dev = torch.device("cuda")
+    fm = PositiveRandomFeatures(D, M, seed=0).to(dev)
+    rows = []
+    for n in ns:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        for backward in (False, True):
+            q, k, v = (torch.randn(B, H, n, D, device=dev, generator=gen).requires_grad_(backward)
+                       for _ in range(3))
+            for causal in (False, True):
+                calls = {name: _synced(lambda f=f, qkv=(q, k, v): f(*qkv), backward)
+                         for name, f in _contenders(causal, fm).items()}
+                peaks = {name: _peak_mib(call) for name, call in calls.items()}
+                times = interleaved_times(calls, rounds=rounds, warmup=3)
+                for name, ts in times.items():
+                    rows.append({"impl": name, "n": n, "causal": causal,
+                                 "pass": "forward+backward" if backward else "forward",
+                                 "median_ms": statistics.median(ts) * 1e3, "rounds": len(ts),
+                                 "peak_mib": peaks[name]})
+                for x in (q, k, v):
+                    x.grad = None
+    return rows
+
+
+def accuracy(n: int = 256) -> dict[str, float]:
+    """Max |ours - float64 log-domain reference| on the GPU, float32 inputs of unit scale."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    q, k, v = (torch.randn(B, H, n, D, device=dev, generator=gen) for _ in range(3))
+    fm = PositiveRandomFeatures(D, M, seed=0).to(dev)
+    out = {}
+    for causal in (False, True):
+        ours = linear_attention(q, k, v, fm, causal=causal).double()
+        ref = linear_attention_log_reference(q.double(), k.double(), v.double(), fm.double(), causal=causal)
+        fm.float()
+        out[f"max_abs_err_{'causal' if causal else 'noncausal'}"] = float((ours - ref).abs().max())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ns", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_attention.py: no CUDA device (the CPU benchmark is `theorylab bench attention`)")
+    rows = measure(args.ns, args.rounds)
+    result = {"setting": {"B": B, "H": H, "d": D, "m": M, "dtype": "float32"}, "gpu": torch.cuda.get_device_name(),
+              "rows": rows, "accuracy": accuracy(), "environment": environment()}
+    print(f"{result['gpu']}, torch {torch.__version__}; B={B} H={H} d={D} m={M} float32; medians of interleaved rounds")
+    print(f"{'pass':17s} {'causal':>6s} {'n':>6s} {'FAVOR+ ms':>10s} {'SDPA ms':>9s} {'SDPA/FAVOR+':>12s} "
+          f"{'FAVOR+ MiB':>11s} {'SDPA MiB':>9s}")
+    for i in range(0, len(rows), 2):
+        ours, sdpa = rows[i], rows[i + 1]
+        print(f"{ours['pass']:17s} {str(ours['causal']):>6s} {ours['n']:6d} {ours['median_ms']:10.2f} "
+              f"{sdpa['median_ms']:9.2f} {sdpa['median_ms'] / ours['median_ms']:11.2f}x "
+              f"{ours['peak_mib']:11.1f} {sdpa['peak_mib']:9.1f}")
+    print("accuracy vs float64 reference (n=256):", {k: f"{v:.1e}" for k, v in result["accuracy"].items()})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from theorylab.attention import (
     linear_attention,
     softmax_attention,
 )
-from theorylab.attention.linear import linear_attention_reference
+from theorylab.attention.linear import linear_attention_log_reference, linear_attention_reference
 from theorylab.cost import peak_memory
 
 FEATURE_MAPS = {
@@ -362,3 +362,42 @@ def test_recompute_must_be_a_bool():
     q, k, v = qkv(Nq=5)
     with pytest.raises(TypeError, match="recompute must be a bool; got 'no'"):
         linear_attention(q, k, v, EluFeatures(8), recompute="no")
+
+
+def test_default_sizes_are_the_cpu_ones_on_cpu_and_meta_and_larger_on_an_accelerator():
+    from theorylab.attention import linear
+
+    cpu = (linear.CAUSAL_CHUNK, linear.CAUSAL_BLOCK_ELEMENTS, linear.NONCAUSAL_FEATURE_ELEMENTS)
+    assert linear._default_sizes(torch.device("cpu")) == cpu
+    assert linear._default_sizes(torch.device("meta")) == cpu  # FLOP counting counts the CPU configuration
+    gpu = linear._default_sizes(torch.device("cuda", 0))
+    assert gpu == (linear.ACCELERATOR_CAUSAL_CHUNK, linear.ACCELERATOR_FEATURE_ELEMENTS,
+                   linear.ACCELERATOR_FEATURE_ELEMENTS)
+    assert all(g > c for g, c in zip(gpu, cpu, strict=True))
+
+
+@pytest.mark.parametrize("name", ["favor", "elu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_accelerator_sizes_give_the_reference_outputs_and_grads(monkeypatch, name, causal):
+    """The GPU defaults (chunks of 256, one block of many chunks) run here on CPU: 700 positions are three chunks,
+    the last one cut short, in one block; padded keys. For FAVOR+ the first 300 keys are long (log-features near
+    -535), so the running maximum rises by ~500 inside the second chunk and sends it down the per-query path."""
+    from theorylab.attention import linear
+
+    sizes = linear._default_sizes(torch.device("cuda"))
+    monkeypatch.setattr(linear, "_default_sizes", lambda device: sizes)
+    q, k, v = qkv(B=2, H=1, Nq=700, D=8, Dv=5)
+    k[:, :, :300] = k[:, :, :300] / k[:, :, :300].norm(dim=-1, keepdim=True) * 55.0
+    fm = FEATURE_MAPS[name](8).double()
+    mask = padding_mask(2, 700)
+    if name == "favor" and causal:
+        steep = []
+        real = linear._chunk_per_query
+        monkeypatch.setattr(linear, "_chunk_per_query", lambda *a: steep.append(1) or real(*a))
+    assert_same_outputs_and_grads(
+        lambda q, k, v: linear_attention(q, k, v, fm, causal=causal, key_padding_mask=mask),
+        # FAVOR+: the log-domain reference, as the plain one underflows on the long keys (e^-535 · e^-535)
+        lambda q, k, v: (linear_attention_log_reference if name == "favor" else linear_attention_reference)(
+            q, k, v, fm, causal=causal, key_padding_mask=mask), (q, k, v))
+    if name == "favor" and causal:
+        assert steep  # the per-query path ran

@@ -1,12 +1,13 @@
-r"""FAVOR+ against torch SDPA on a CUDA GPU: forward and forward+backward, causal and not, float32.
+r"""FAVOR+ (and separable attention) against torch SDPA on a CUDA GPU: forward and forward+backward, causal and
+not, float32.
 
 The CPU suite (``theorylab bench attention``) is where the project's targets live; this script records how the
 same kernels fare on a GPU, where SDPA runs fused flash/memory-efficient kernels and the causal FAVOR+ kernel reads
 one value back to the host per block of chunks (the steep-chunk check). Settings as the CPU suite: B=1, H=8, d=64,
 m=256 features. Each contender is timed in interleaved rounds (:func:`theorylab.cost.interleaved_times`, every call
 ending in ``torch.cuda.synchronize()``), median of at least 10 rounds after 3 warm-up rounds; memory is the peak
-of ``torch.cuda.max_memory_allocated`` above what was allocated before the call. Outputs are checked against a
-float64 reference at the smallest n.
+of ``torch.cuda.max_memory_allocated`` above what was allocated before the call. Outputs are checked against the
+float64 reference at n=256 and against the float64 CPU kernels at n=8192 (see :func:`accuracy`).
 
     python benchmarks/gpu_attention.py [--json FILE] [--ns 4096 16384 65536]
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from theorylab.attention import PositiveRandomFeatures, linear_attention
+from theorylab.attention import PositiveRandomFeatures, linear_attention, separable_attention
 from theorylab.attention.linear import linear_attention_log_reference
 from theorylab.cost import interleaved_times
 from theorylab.env import environment
@@ -31,7 +32,8 @@ B, H, D, M = 1, 8, 64, 256
 
 def _contenders(causal: bool, fm: torch.nn.Module) -> dict[str, Callable[..., torch.Tensor]]:
     return {"theorylab FAVOR+": lambda q, k, v: linear_attention(q, k, v, fm, causal=causal),
-            "torch SDPA (exact)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+            "torch SDPA (exact)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            "theorylab separable": lambda q, k, v: separable_attention(q, k, v, causal=causal)}
 
 
 def _synced(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
@@ -92,6 +94,11 @@ def accuracy(n: int = 256, n_long: int = 8192) -> dict[str, float]:
             ref = (linear_attention_log_reference if name == "reference" else linear_attention)(*args, causal=causal)
             out[f"max_abs_err_{'causal' if causal else 'noncausal'}_vs_{name}_n{length}"] = float(
                 (ours - ref).abs().max())
+            if name == "cpu_float64":  # separable attention with the GPU's chunks against the CPU's
+                sep = separable_attention(q, k, v, causal=causal).double().cpu()
+                sep_ref = separable_attention(*args[:3], causal=causal)
+                out[f"max_abs_err_separable_{'causal' if causal else 'noncausal'}_vs_{name}_n{length}"] = float(
+                    (sep - sep_ref).abs().max())
     return out
 
 
@@ -108,12 +115,15 @@ def main() -> None:
               "rows": rows, "accuracy": accuracy(), "environment": environment()}
     print(f"{result['gpu']}, torch {torch.__version__}; B={B} H={H} d={D} m={M} float32; medians of interleaved rounds")
     print(f"{'pass':17s} {'causal':>6s} {'n':>6s} {'FAVOR+ ms':>10s} {'SDPA ms':>9s} {'SDPA/FAVOR+':>12s} "
-          f"{'FAVOR+ MiB':>11s} {'SDPA MiB':>9s}")
-    for i in range(0, len(rows), 2):
-        ours, sdpa = rows[i], rows[i + 1]
-        print(f"{ours['pass']:17s} {str(ours['causal']):>6s} {ours['n']:6d} {ours['median_ms']:10.2f} "
-              f"{sdpa['median_ms']:9.2f} {sdpa['median_ms'] / ours['median_ms']:11.2f}x "
-              f"{ours['peak_mib']:11.1f} {sdpa['peak_mib']:9.1f}")
+          f"{'FAVOR+ MiB':>11s} {'SDPA MiB':>9s} {'separable ms':>13s}")
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        cells.setdefault((row["pass"], row["causal"], row["n"]), {})[row["impl"]] = row
+    for (kind, causal, n), by in cells.items():
+        ours, sdpa, sep = by["theorylab FAVOR+"], by["torch SDPA (exact)"], by["theorylab separable"]
+        print(f"{kind:17s} {str(causal):>6s} {n:6d} {ours['median_ms']:10.2f} {sdpa['median_ms']:9.2f} "
+              f"{sdpa['median_ms'] / ours['median_ms']:11.2f}x {ours['peak_mib']:11.1f} {sdpa['peak_mib']:9.1f} "
+              f"{sep['median_ms']:13.2f}")
     print("accuracy:", {k: f"{v:.1e}" for k, v in result["accuracy"].items()})
     if args.json:
         with open(args.json, "w") as f:

@@ -109,3 +109,31 @@ def test_causal_with_nq_ne_nk_is_top_left_aligned_like_sdpa(Nq, Nk, padded):
     assert_same_outputs_and_grads(
         lambda q, k, v: separable_attention(q, k, v, causal=True, key_padding_mask=mask, chunk_size=3),
         lambda q, k, v: separable_attention_reference(q, k, v, causal=True, key_padding_mask=mask), (q, k, v))
+
+
+@pytest.mark.parametrize("fallback_elements", [1, 200, 1 << 22])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_per_query_fallback_in_steps_of_rows_equals_the_reference(monkeypatch, fallback_elements, masked):
+    """A key far above the earlier ones sends its chunk down the per-query path, which forms its (rows, C, D)
+    weights a few rows at a time (one row, a few, all): outputs and gradients equal the reference's."""
+    from theorylab.attention import separable
+
+    calls = []
+    real = separable._chunk_explicit
+    monkeypatch.setattr(separable, "_chunk_explicit", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(separable, "FALLBACK_ELEMENTS", fallback_elements)
+    q, k, v = qkv(Nq=40, Dv=6)
+    k[:, :, 13] = 2000.0  # a rise of 2000 > 0.45 log(1/tiny) ~ 319 in float64, inside the second chunk
+    mask = padding_mask(2, 40) if masked else None
+    assert_same_outputs_and_grads(
+        lambda q, k, v: separable_attention(q, k, v, causal=True, key_padding_mask=mask, chunk_size=10),
+        lambda q, k, v: separable_attention_reference(q, k, v, causal=True, key_padding_mask=mask), (q, k, v))
+    assert calls
+
+
+def test_default_chunk_is_the_cpu_one_on_cpu_and_meta_and_larger_on_an_accelerator():
+    from theorylab.attention import separable
+
+    assert separable._default_chunk(torch.device("cpu")) == separable.SEPARABLE_CHUNK
+    assert separable._default_chunk(torch.device("meta")) == separable.SEPARABLE_CHUNK
+    assert separable._default_chunk(torch.device("cuda")) == separable.ACCELERATOR_SEPARABLE_CHUNK > 32

@@ -37,6 +37,11 @@ from ._checks import (
 )
 
 SEPARABLE_CHUNK = 32
+# On a GPU each chunk costs kernel launches and one read-back (the steepness check), not memory traffic: an H200
+# ran causal separable attention at n=65536 (B=1, H=8, D=64, float32) in 786 ms with chunks of 32 and 70 ms with
+# chunks of 512 (SDPA causal: 126 ms), 2026-11-26.
+ACCELERATOR_SEPARABLE_CHUNK = 512
+FALLBACK_ELEMENTS = 1 << 22  # entries of the (rows, C, D) weights per step of a chunk's per-query fallback
 
 
 def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -48,7 +53,7 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         causal: query i uses the column softmax over keys j <= i only (top-left aligned when Nq != Nk, as
             SDPA's is_causal and :func:`softmax_attention`: queries from Nk on see every key).
         key_padding_mask: bool (B, Nk), True = padding: removed from the key softmax.
-        chunk_size: positions per chunk in causal mode (None: 32).
+        chunk_size: positions per chunk in causal mode (None: 32 on CPU, 512 on a GPU).
 
     Returns:
         (B, H, Nq, Dv) in the dtype of q; zeros where a query sees no key (in particular when Nk = 0).
@@ -82,7 +87,12 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
             keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
             b = masked_softmax(logits, keep, dim=-2)  # (B, H, Nk, D): columns sum to 1 over the kept keys
             return (a @ (b.mT @ v)).to(out_dtype)  # (B, H, Nq, D) @ (B, H, D, Dv)
-        return _causal(a, logits, v, chunk_size or SEPARABLE_CHUNK).to(out_dtype)
+        return _causal(a, logits, v, chunk_size or _default_chunk(q.device)).to(out_dtype)
+
+
+def _default_chunk(device: torch.device) -> int:
+    """The causal chunk length on ``device``: CPU (and meta, for FLOP counting) or an accelerator."""
+    return SEPARABLE_CHUNK if device.type in ("cpu", "meta") else ACCELERATOR_SEPARABLE_CHUNK
 
 
 def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
@@ -138,15 +148,21 @@ def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor,
 def _chunk_explicit(a: Tensor, k: Tensor, v: Tensor, m: Tensor, ref: Tensor, norm: Tensor,
                     state: Tensor) -> Tensor:
     """One chunk with each query's own reference m_ic: the (C, C, D) weights exp(k_jc - m_ic), j <= i, formed
-    explicitly (every factor <= 1, so no overflow and no underflow caused by later keys)."""
-    C = a.shape[-2]
+    explicitly (every factor <= 1, so no overflow and no underflow caused by later keys), in steps of rows that
+    keep them within FALLBACK_ELEMENTS."""
+    B, H, C, D = a.shape
     future = torch.ones(C, C, dtype=torch.bool, device=a.device).triu(1)[:, :, None]
-    w = torch.exp((k[:, :, None, :, :] - m[:, :, :, None, :]).masked_fill(future, float("-inf")))  # (B,H,C,C,D)
     carry = torch.exp(ref[:, :, None, :] - m)  # (B, H, C, D): rescales the carried sums to m_i
-    z = w.sum(-2) + carry * norm[:, :, None, :]  # (B, H, C, D): Z_ic
-    a_over_z = safe_divide(a, z)
-    p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, C, C)
-    return p @ v + (a_over_z * carry) @ state
+    step = max(1, FALLBACK_ELEMENTS // max(1, B * H * C * D))
+    parts = []
+    for i in range(0, C, step):
+        j = min(C, i + step)  # rows i..j-1 see keys 0..j-1
+        w = torch.exp((k[:, :, None, :j] - m[:, :, i:j, None]).masked_fill(future[i:j, :j], float("-inf")))
+        z = w.sum(-2) + carry[:, :, i:j] * norm[:, :, None, :]  # (B, H, R, D): Z_ic
+        a_over_z = safe_divide(a[:, :, i:j], z)
+        p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, R, j)
+        parts.append(p @ v[:, :, :j] + (a_over_z * carry[:, :, i:j]) @ state)
+    return torch.cat(parts, dim=2)
 
 
 def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

@@ -5,9 +5,10 @@ The CPU suite (``theorylab bench attention``) is where the project's targets liv
 same kernels fare on a GPU, where SDPA runs fused flash/memory-efficient kernels and the causal FAVOR+ kernel reads
 one value back to the host per block of chunks (the steep-chunk check). Settings as the CPU suite: B=1, H=8, d=64,
 m=256 features. Each contender is timed in interleaved rounds (:func:`theorylab.cost.interleaved_times`, every call
-ending in ``torch.cuda.synchronize()``), median of at least 10 rounds after 3 warm-up rounds; memory is the peak
-of ``torch.cuda.max_memory_allocated`` above what was allocated before the call. Outputs are checked against the
-float64 reference at n=256 and against the float64 CPU kernels at n=8192 (see :func:`accuracy`).
+ending in ``torch.cuda.synchronize()``), median of at least 10 rounds after 3 warm-up rounds. Memory is the peak
+of ``torch.cuda.max_memory_allocated`` above what was allocated before the call, for a call made after an
+untimed one. Outputs are checked against the float64 reference at n=256 and against the float64 CPU kernels at
+n=8192 (see :func:`accuracy`).
 
     python benchmarks/gpu_attention.py [--json FILE] [--ns 4096 16384 65536]
 """
@@ -65,6 +66,8 @@ def measure(ns: list[int], rounds: int = 10) -> list[dict]:
             for causal in (False, True):
                 calls = {name: _synced(lambda f=f, qkv=(q, k, v): f(*qkv), backward)
                          for name, f in _contenders(causal, fm).items()}
+                for call in calls.values():  # one-time allocations (cuBLAS workspace, kernels) are not the call's
+                    call()
                 peaks = {name: _peak_mib(call) for name, call in calls.items()}
                 times = interleaved_times(calls, rounds=rounds, warmup=3)
                 for name, ts in times.items():

@@ -401,3 +401,17 @@ def test_the_accelerator_sizes_give_the_reference_outputs_and_grads(monkeypatch,
             q, k, v, fm, causal=causal, key_padding_mask=mask), (q, k, v))
     if name == "favor" and causal:
         assert steep  # the per-query path ran
+
+
+def test_a_block_budget_also_bounds_the_intra_chunk_products_when_chunks_outgrow_the_features(monkeypatch):
+    """With few features (M=16) and long chunks (C=256, as on a GPU) the (C, C) products of a block had been left
+    out of its budget: 32 chunks per block here, 16 MiB of products against a 1 MiB budget (found by review; on
+    a GPU, 1 GiB per intermediate at M=16). The budget now counts max(M, C) per row."""
+    from theorylab.attention import linear
+
+    monkeypatch.setattr(linear, "_default_sizes", lambda device: (256, 1 << 18, 1 << 18))
+    q, k, v = qkv(B=1, H=2, Nq=8192, D=16, dtype=torch.float32)
+    fm = EluFeatures(16)
+    with torch.no_grad():
+        extra = peak_memory(lambda: linear_attention(q, k, v, fm, causal=True))
+    assert extra < 8 * 2**20, extra / 2**20  # the output is 1 MiB; products of 2 chunks ~1 MiB, a few of each

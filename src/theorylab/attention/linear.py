@@ -80,7 +80,8 @@ NONCAUSAL_FEATURE_ELEMENTS = 1 << 20
 # On a GPU every op is a kernel launch and each causal block reads one value back to the host, while memory
 # bandwidth is plentiful: far larger chunks and blocks win. Measured on an H200 (B=1, H=8, D=64, M=256, float32,
 # n=65536, `benchmarks/gpu_attention.py`, 2026-11-26): causal forward 192 -> 12.8 ms (SDPA: 129 ms), non-causal
-# 44 -> 8.4 ms (SDPA: 255 ms). A block's features then take up to 64 MiB in float32.
+# 44 -> 8.4 ms (SDPA: 255 ms). A block's features, and its (C, C) products, then take up to 64 MiB each in
+# float32.
 ACCELERATOR_CAUSAL_CHUNK = 256
 ACCELERATOR_FEATURE_ELEMENTS = 1 << 24
 # A causal chunk is read relative to its final reference while that reference rises by at most
@@ -398,10 +399,12 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`)."""
     B, H, N, _ = q.shape
     Dv, W, M = v.shape[-1], terms.width, terms.num_features
-    # chunks per block: G·C rows of features within the budget, and the G states its queries read, G·M·(Dv + 1),
-    # within twice the budget (they outgrow the features for small chunks: C < Dv + 1)
+    # chunks per block: G·C rows of features and the G (C, C) intra-chunk products within the budget (the products
+    # outgrow the features when C > M: few features, or a GPU's long chunks), and the G states its queries read,
+    # G·M·(Dv + 1), within twice the budget (they outgrow the features for small chunks: C < Dv + 1)
     per_chunk = max(1, B * H * M)
-    G = max(1, min(block_elements // (per_chunk * chunk), 2 * block_elements // (per_chunk * (Dv + 1))))
+    G = max(1, min(block_elements // (B * H * max(M, chunk) * chunk),
+                   2 * block_elements // (per_chunk * (Dv + 1))))
     block = G * chunk
     recompute = recompute and N > block and _needs_grad(q, k, v, terms)
     block_fn = _checkpointed(terms.fm, _causal_block) if recompute else _causal_block

@@ -92,6 +92,8 @@ def test_bad_arguments():
         MultiheadAttention(8, 2, kind="linear", causal=True)(torch.randn(1, 3, 8), torch.randn(1, 4, 8))
     with pytest.raises(ValueError, match="recompute applies to kinds 'linear' and 'favor'; got kind='softmax'"):
         MultiheadAttention(8, 2, recompute=True)
+    with pytest.raises(TypeError, match="dropout must be a number in \\[0, 1\\); got '0.1'"):
+        MultiheadAttention(8, 2, dropout="0.1")  # had failed inside a comparison: '<=' not supported
 
 
 @pytest.mark.parametrize("kind", ["linear", "favor"])

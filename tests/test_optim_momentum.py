@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from theorylab.optim import (
+    NonFiniteGradientError,
     RunningAverageSGD,
     SGDMomentum,
     momentum_from_running_average,
@@ -206,3 +207,17 @@ def test_float32_parameters_stay_float32():
     opt.step()
     assert w.dtype == torch.float32 and opt.state[w]["running_average"].dtype == torch.float32
     assert math.isfinite(w.sum().item())
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SGDMomentum, {"momentum": 0.9}), (RunningAverageSGD, {"beta": 0.9})])
+def test_the_nonfinite_policy_is_a_constructor_argument_as_the_error_message_says(cls, kwargs):
+    """A NaN gradient's error says "pass nonfinite='skip'"; these two took no such argument (TypeError)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cls([p], lr=0.1, nonfinite="skip", **kwargs)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and opt.skipped_steps == 1
+    with pytest.raises(NonFiniteGradientError, match="nonfinite='skip'"):
+        cls([p], lr=0.1, **kwargs).step()
+    with pytest.raises(ValueError, match="Invalid nonfinite policy: 'x'"):
+        cls([p], lr=0.1, nonfinite="x", **kwargs)

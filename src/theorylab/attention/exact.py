@@ -28,6 +28,11 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
     Returns:
         (B, H, Nq, Dv). A query that sees no key at all (every visible key padded) gets zeros, not NaN.
+
+    Raises:
+        TypeError: q, k or v is not floating point.
+        ValueError: the shapes do not match (B, H, N, D) as above, the mask is not a bool (B, Nk) tensor, or
+            scale is not a finite number.
     """
     _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
     _check_scale(scale, "softmax_attention")

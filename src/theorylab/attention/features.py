@@ -98,11 +98,20 @@ class _RandomFeatures(nn.Module):
 class PositiveRandomFeatures(_RandomFeatures):
     """FAVOR+ positive random features: fm(q) @ fm(k).mT is an unbiased estimate of exp(scale · qᵀk).
 
-    ``log_features`` gives log φ exactly; :func:`~theorylab.attention.linear_attention` uses it to stabilise the
-    exponentials (the stabilisation lives there, not here: ``forward`` overflows or underflows where exp does).
+    φ(x) = M^{-1/2} exp(ω_rᵀx' − |x'|²/2), r = 1..M, with x' = sqrt(scale)·x and ω_r ~ N(0, I_D) (Performers,
+    Lemma 1). ``log_features`` gives log φ exactly; :func:`~theorylab.attention.linear_attention` uses it to
+    stabilise the exponentials (the stabilisation lives there, not here: ``forward`` overflows or underflows where
+    exp does).
+
+    Args:
+        head_dim: D, the last dimension of the inputs.
+        num_features: M, the number of features (and of random directions ω).
+        orthogonal: draw the ω in blocks of D exactly orthogonal directions (lower variance; default True).
+        scale: s in exp(s·qᵀk); None means 1/sqrt(D), as softmax attention's.
+        seed: seeds the draws (this one and every ``redraw()``); None uses torch's global generator.
 
     Raises:
-        TypeError: head_dim or num_features is not an integer, scale not a real number.
+        TypeError: head_dim, num_features or seed is not an integer, scale not a real number.
         ValueError: head_dim or num_features <= 0, scale not finite and > 0.
     """
 
@@ -122,11 +131,28 @@ class PositiveRandomFeatures(_RandomFeatures):
         return self.project(x), offset
 
     def forward(self, x: Tensor) -> Tensor:
+        """φ(x): (..., N, D) -> (..., N, M), positive wherever representable."""
         return torch.exp(self.log_features(x))
 
 
 class TrigRandomFeatures(_RandomFeatures):
-    """sin/cos random features of num_features/2 frequencies; unbiased for exp(scale · qᵀk) but not positive."""
+    """sin/cos random features of num_features/2 frequencies; unbiased for exp(scale · qᵀk) but not positive.
+
+    φ(x) = (M/2)^{-1/2} exp(|x'|²/2) [sin(ω_rᵀx'), cos(ω_rᵀx')], r = 1..M/2, with x' = sqrt(scale)·x and
+    ω_r ~ N(0, I_D): E[φ(q)ᵀφ(k)] = exp(scale·qᵀk). Negative entries make attention normalisers that can be
+    near zero or negative, which is why FAVOR+ uses positive features.
+
+    Args:
+        head_dim: D, the last dimension of the inputs.
+        num_features: M, even: sin and cos of M/2 random frequencies.
+        orthogonal: draw the ω in blocks of D orthogonal directions (default False).
+        scale: s in exp(s·qᵀk); None means 1/sqrt(D).
+        seed: seeds the draws (this one and every ``redraw()``); None uses torch's global generator.
+
+    Raises:
+        TypeError: head_dim, num_features or seed is not an integer, scale not a real number.
+        ValueError: head_dim or num_features <= 0, num_features odd, scale not finite and > 0.
+    """
 
     def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = False, scale: float | None = None,
                  seed: int | None = None) -> None:
@@ -145,6 +171,7 @@ class TrigRandomFeatures(_RandomFeatures):
         return bounded, 0.5 * self.scale * (x * x).sum(-1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """φ(x): (..., N, D) -> (..., N, M)."""
         bounded, log_scale = self.log_scaled_features(x)
         return bounded * torch.exp(log_scale)[..., None]  # overflows for |x'|² > ~176 in float32
 
@@ -163,6 +190,7 @@ class EluFeatures(nn.Module):
         self.num_features = head_dim
 
     def forward(self, x: Tensor) -> Tensor:
+        """φ(x) = elu(x) + 1: (..., N, D) -> (..., N, D), positive."""
         # exp of min(x, 0): the branch torch.where discards must not be inf, or its zero gradient becomes 0·inf = NaN
         return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
 
@@ -178,4 +206,5 @@ class ReluFeatures(nn.Module):
         self.num_features = head_dim
 
     def forward(self, x: Tensor) -> Tensor:
+        """φ(x) = relu(x): (..., N, D) -> (..., N, D), non-negative."""
         return F.relu(x)

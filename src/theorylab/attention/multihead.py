@@ -27,6 +27,8 @@ class MultiheadAttention(nn.Module):
 
     Args:
         embed_dim: E, the model width; num_heads must divide it (head dim D = E / num_heads).
+        num_heads: H, the number of heads.
+        kind: the attention, one of "softmax" (default), "separable", "linear", "favor" (above).
         causal: every position attends to itself and earlier positions only (top-left aligned when query and
             key lengths differ; kinds "linear" and "favor" need them equal).
         num_features: M, the random features of ``kind="favor"``.
@@ -38,6 +40,12 @@ class MultiheadAttention(nn.Module):
         recompute: kinds ``"linear"`` and ``"favor"``: recompute the attention's features block by block in the
             backward pass instead of keeping them (see :func:`linear_attention`; ~3x less memory for
             forward+backward, ~1.4x the time).
+
+    Raises:
+        TypeError: embed_dim, num_heads, num_features or chunk_size is not an integer, dropout not a real number,
+            causal or recompute not a bool.
+        ValueError: an unknown kind; num_heads not positive or not dividing embed_dim; num_features or
+            chunk_size <= 0; dropout outside [0, 1); recompute with a kind other than "linear" or "favor".
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "softmax", causal: bool = False,
@@ -56,6 +64,8 @@ class MultiheadAttention(nn.Module):
                              f"({embed_dim})")
         if num_features <= 0:
             raise ValueError(f"MultiheadAttention: num_features must be positive; got {num_features}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"MultiheadAttention: dropout must be a number in [0, 1); got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiheadAttention: dropout must be in [0, 1); got {dropout}")
         if not isinstance(causal, bool):  # causal="False" would be truthy

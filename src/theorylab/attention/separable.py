@@ -60,6 +60,8 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 
     Raises:
         TypeError: q, k or v is not floating point, or chunk_size is not an integer.
+        ValueError: the shapes do not match (B, H, N, D) as above, the mask is not a bool (B, Nk) tensor, or
+            chunk_size <= 0.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="separable_attention")
     if chunk_size is not None:

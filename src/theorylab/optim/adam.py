@@ -82,8 +82,9 @@ def check_betas(betas: Any) -> tuple[float, float]:
 class Adam(ChainOptimizer):
     r"""Adam with L2 regularisation or decoupled weight decay: ``ScaleByAdam`` plus the decay part.
 
-    Let ε be ``lr`` (η under a schedule, :math:`\eta_0` the group's ``initial_lr``), :math:`(\beta_1, \beta_2)`
-    ``betas``, δ ``eps`` and λ ``weight_decay``. With :math:`\tilde g_t` the gradient seen by the moments,
+    Notation of the problem set: ε is the learning rate ``lr`` (under a schedule, η is the current ``lr`` and
+    :math:`\eta_0` the group's ``initial_lr``, so ε = η), δ is ``eps`` (not ε), :math:`(\beta_1, \beta_2)` are
+    ``betas`` and λ is ``weight_decay``. With :math:`\tilde g_t` the gradient seen by the moments,
 
     .. math::
         s_t = \beta_1 s_{t-1} + (1-\beta_1)\tilde g_t,\quad r_t = \beta_2 r_{t-1} + (1-\beta_2)\tilde g_t^2,\quad
@@ -211,7 +212,7 @@ class Adam(ChainOptimizer):
 
 
 class AdamW(Adam):
-    r"""torch.optim.AdamW's convention: ``Adam(decay="decoupled_lr")``, decay ε·λ·θ per step, λ = 1e-2 default.
+    r"""torch.optim.AdamW's convention: ``Adam(decay="decoupled_lr")``, decay lr·λ·θ per step, λ = 1e-2 default.
 
     For the paper's decoupling of λ from the learning rate use ``Adam(..., decay="decoupled")``. ``fused=True``
     runs torch's fused AdamW kernel: see :class:`Adam`.

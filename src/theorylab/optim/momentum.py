@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import ChainOptimizer, as_param_list, check_beta, check_flag, check_lr, check_nonnegative
+from .base import (
+    ChainOptimizer,
+    as_param_list,
+    check_beta,
+    check_flag,
+    check_lr,
+    check_nonfinite,
+    check_nonnegative,
+)
 from .transforms import RunningAverage, ScaleByLearningRate, Trace, Transform
 
 
@@ -31,6 +39,10 @@ class SGDMomentum(ChainOptimizer):
         params: parameters or parameter groups.
         lr: η ≥ 0, multiplies the gradient *before* it enters the buffer.
         momentum: μ ≥ 0 (μ = 0 is plain SGD).
+        nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises NonFiniteGradientError and
+            changes nothing, ``"skip"`` skips the step, ``"propagate"`` steps as torch.optim does.
+
+    Raises ValueError naming the value for lr < 0, momentum < 0 or an unknown ``nonfinite``.
 
     Unlike ``torch.optim.SGD`` (:math:`v \leftarrow \mu v + g`, :math:`p \leftarrow p - \eta v`) the learning rate
     lives inside the buffer; the two agree at a constant learning rate, but their ``momentum_buffer`` states differ
@@ -38,9 +50,10 @@ class SGDMomentum(ChainOptimizer):
     :class:`ChainOptimizer`.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float) -> None:
-        defaults = {"lr": lr, "momentum": momentum}
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float, *, nonfinite: str = "raise") -> None:
+        defaults = {"lr": lr, "momentum": momentum, "nonfinite": nonfinite}
         self.check_group(defaults)
+        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
@@ -62,13 +75,18 @@ class RunningAverageSGD(ChainOptimizer):
         lr: δ ≥ 0.
         beta: β in (0, 1).
         debias: divide by :math:`1-\beta^t`, which makes :math:`E[v_t] = \mu` under a stationary mean μ.
+        nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises NonFiniteGradientError and
+            changes nothing, ``"skip"`` skips the step, ``"propagate"`` steps as torch.optim does.
 
-    Validation and complex parameters: see :class:`ChainOptimizer`.
+    Raises ValueError naming the value for lr < 0, β outside (0, 1), a non-bool ``debias`` or an unknown
+    ``nonfinite``. Validation and complex parameters: see :class:`ChainOptimizer`.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, beta: float, debias: bool = False) -> None:
-        defaults = {"lr": lr, "beta": beta, "debias": debias}
+    def __init__(self, params: Iterable[Any], lr: float, beta: float, debias: bool = False, *,
+                 nonfinite: str = "raise") -> None:
+        defaults = {"lr": lr, "beta": beta, "debias": debias, "nonfinite": nonfinite}
         self.check_group(defaults)
+        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
@@ -86,6 +104,8 @@ def momentum_from_running_average(beta: float, lr: float) -> tuple[float, float]
 
     From :math:`\Delta\theta_t = \beta\Delta\theta_{t-1} - \delta(1-\beta) g_t` against
     :math:`\Delta\theta_t = \alpha\Delta\theta_{t-1} - \varepsilon g_t`: α = β and ε = δ(1-β).
+
+    Raises ValueError naming the value for β outside (0, 1) or lr < 0 (TypeError if lr is not a number).
     """
     beta, lr = check_beta(beta, "beta"), check_lr(lr)
     return beta, lr * (1.0 - beta)

@@ -349,6 +349,11 @@ def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
 
     Exact spectral norms (relative error ~1e-11, tested ≤ 1e-8 against an SVD; an SVD is the fallback),
     overflow-free at any T; an exactly zero product gives −inf. x: (B, T, I); h0: (B, H) or None (zeros).
+
+    Raises:
+        ValueError: rnn is not a theorylab.rnn.RNN, x or h0 has the wrong shape, a parameter is not finite, or
+            the trajectory overflows to inf/NaN.
+        TypeError: x is not floating point.
     """
     return log_norms_of_products(jacobian_factors(rnn, x, h0))
 

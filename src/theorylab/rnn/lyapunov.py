@@ -110,7 +110,12 @@ def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1,
     QR (Benettin) method, re-orthonormalising every ``reorthonormalize_every`` steps, from the same k
     orthonormal directions (drawn with ``seed``) for every sequence. x: (B, T, I); h0: (B, H) or None (zeros);
     1 ≤ k ≤ H (any integer type but bool). Each row is sorted in descending order: for finite T the QR estimates
-    need not be ordered (see the module docstring). ValueError naming the parameter if W, U or b is not finite.
+    need not be ordered (see the module docstring).
+
+    Raises:
+        ValueError: rnn is not a theorylab.rnn.RNN; k outside 1..H or not an integer; T = 0; x or h0 of the
+            wrong shape; W, U or b not finite (naming the parameter).
+        TypeError: x is not floating point.
     """
     if not isinstance(rnn, RNN):
         raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")

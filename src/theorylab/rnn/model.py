@@ -44,6 +44,10 @@ class RNN(nn.Module):
         form: ``"h"`` or ``"g"``; the parameters (``W`` (H, H), ``U`` (H, I), ``b`` (H,)) are the same for both.
 
     The parameters are initialised as torch.nn.RNN's: uniform on [−1/√H, 1/√H].
+
+    Raises:
+        ValueError: hidden_size not a positive int, input_size not a non-negative int (a float or bool is a
+            ValueError here too), an unknown activation or form.
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, activation: str = "tanh", form: str = "h") -> None:
@@ -64,6 +68,7 @@ class RNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw W, U and b again, uniform on [−1/√H, 1/√H] (torch.nn.RNN's initialisation)."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in (self.W, self.U, self.b):
             nn.init.uniform_(p, -bound, bound)
@@ -125,9 +130,15 @@ class RNN(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the recurrence over x (B, T, I) from h0 (B, H) (h_0 for form h, g_0 for form g; None -> zeros).
 
-        Returns ``(states (B, T, H), last (B, H))``: s_1..s_T and s_T (s_0 = h0 when T = 0). The recurrence is
-        one autograd node (:class:`_Recurrence`: a hand-written backward through time, a few kernels per step)
-        instead of T small graphs; :meth:`forward_reference` is the plain autograd loop it is tested against.
+        Returns ``(states (B, T, H), last (B, H))``: s_1..s_T and s_T (s_0 = h0 when T = 0), in the dtype
+        ``torch.promote_types(x.dtype, W.dtype)`` (h0 is cast to it). The recurrence is one autograd node
+        (:class:`_Recurrence`: a hand-written backward through time, a few kernels per step) instead of T small
+        graphs; :meth:`forward_reference` is the plain autograd loop it is tested against. It is differentiable
+        once: a second derivative raises RuntimeError (use :meth:`forward_reference` for those).
+
+        Raises:
+            ValueError: x not (B, T, input_size) or h0 not (B, hidden_size).
+            TypeError: x is not floating point.
         """
         self.check_inputs(x, h0)
         bsz, steps, _ = x.shape

@@ -190,7 +190,7 @@ def test_non_contiguous_parameter_falls_back_to_the_chain():
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("bad", ["yes", 2, -1, None, 1.0])  # 0 and 1 are accepted, as torch.optim accepts them
+@pytest.mark.parametrize("bad", ["yes", 2, -1, 1.0])  # 0, 1 and None (torch's default) are accepted, as by torch
 def test_invalid_fused_values_raise(bad):
     params, _ = make_problem()
     with pytest.raises(ValueError, match="Invalid fused value"):
@@ -215,3 +215,10 @@ def test_unsupported_dtype_raises_naming_it():
     assert len(opt.param_groups) == 1
     Adam([z], fused=False)  # the chain takes it
     Adam([torch.zeros(3, dtype=torch.complex128, requires_grad=True)], fused=True)
+
+
+def test_fused_none_is_torch_default_the_chain():
+    params, _ = make_problem()
+    opt = Adam(params[:2], fused=None)
+    opt.add_param_group({"params": params[2:], "fused": None})
+    assert [g["fused"] for g in opt.param_groups] == [False, False]

@@ -17,7 +17,9 @@ KINDS = ("softmax", "separable", "linear", "favor")
 
 class MultiheadAttention(nn.Module):
     """Like ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)``, but ``forward`` returns only the
-    output tensor and the attention itself is chosen by ``kind``:
+    output tensor and the attention itself is chosen by ``kind``. It is not a drop-in replacement inside
+    ``nn.TransformerEncoderLayer``: ``forward`` takes no ``attn_mask``, ``need_weights`` or ``is_causal`` (the
+    linear kinds never form attention weights; causality is the constructor's ``causal``).
 
     * ``"softmax"``: exact attention (torch SDPA);
     * ``"separable"``: softmax_row(Q) softmax_col(K)ᵀ V;

@@ -18,6 +18,7 @@ from .base import (
     check_nonfinite,
     check_nonnegative,
     check_positive,
+    check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
 from .transforms import ScaleByAdam, Transform
@@ -79,6 +80,10 @@ def check_betas(betas: Any) -> tuple[float, float]:
     return beta1, beta2
 
 
+#: torch.optim.Adam's keywords beyond ours, accepted at their default values (see check_torch_options)
+ADAM_TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay")
+
+
 class Adam(ChainOptimizer):
     r"""Adam with L2 regularisation or decoupled weight decay: ``ScaleByAdam`` plus the decay part.
 
@@ -105,6 +110,9 @@ class Adam(ChainOptimizer):
     need a shrink per step below 1: λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for
     ``"decoupled"``, ελ < 1 for ``"decoupled_lr"``; ValueError otherwise
     (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
+    torch.optim.Adam's ``amsgrad``, ``maximize``, ``foreach``, ``capturable``, ``differentiable``,
+    ``decoupled_weight_decay`` and ``fused=None`` are accepted at their default values (``foreach`` at any), so
+    that a configuration written for torch runs unchanged; other values raise ValueError.
 
     **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
     moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
@@ -132,7 +140,8 @@ class Adam(ChainOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *,
-                 nonfinite: str = "raise", fused: bool = False) -> None:
+                 nonfinite: str = "raise", fused: bool = False, **torch_options: Any) -> None:
+        check_torch_options(type(self).__name__, torch_options, ADAM_TORCH_OPTIONS)
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps,
                     "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite, "fused": fused}
         self.check_group(defaults)
@@ -146,6 +155,8 @@ class Adam(ChainOptimizer):
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
         check_decay(group["decay"])
         check_decay_rate(group)
+        if "fused" in group and group["fused"] is None:  # torch.optim's default: not fused
+            group["fused"] = False
         check_flag(group.get("fused", False), "fused")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -220,6 +231,6 @@ class AdamW(Adam):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, nonfinite: str = "raise",
-                 fused: bool = False) -> None:
+                 fused: bool = False, **torch_options: Any) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay="decoupled_lr",
-                         nonfinite=nonfinite, fused=fused)
+                         nonfinite=nonfinite, fused=fused, **torch_options)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, schedule_multiplier
 
 DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
+
+#: one fixed text, so that Python's default filter shows it once per process rather than at every step
+RISING_LR_WARNING = (
+    "decay='decoupled': the lr is above the group's initial_lr, so the decay per step, weight_decay * lr / "
+    "initial_lr, is above weight_decay (the schedule multiplier of Loshchilov & Hutter's Algorithm 2). Schedules "
+    "that start low and rise (OneCycleLR starts at max_lr/25, CyclicLR at base_lr) multiply it by up to "
+    "max_lr/initial_lr: choose weight_decay for that peak, or use decay='decoupled_lr'")
 
 
 def check_decay(decay: str) -> None:
@@ -35,6 +43,8 @@ def check_decay_rate(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {lam} for decay='decoupled' (must be < 1: the weights are "
                          f"multiplied by 1 - weight_decay per step, and weight_decay >= 1 zeroes them or flips "
                          f"their sign)")
+    if decay == "decoupled" and schedule_multiplier(group) > 1:
+        warnings.warn(RISING_LR_WARNING, UserWarning, stacklevel=2)
     if group.get("nonfinite", "raise") == "propagate":
         return
     if decay == "decoupled":

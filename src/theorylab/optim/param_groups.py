@@ -53,6 +53,13 @@ def decay_param_groups(model: nn.Module, weight_decay: float, *, decay_embedding
 
 
 def decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, float]:
-    """Qualified parameter name -> the weight decay its group applies (for checking what is decayed)."""
+    """Qualified parameter name -> the weight decay its group applies (for checking what is decayed).
+
+    Raises ValueError when the groups hold parameters but none of ``model``'s (groups of another model, or of a
+    copy of it: an empty answer would read as "nothing is decayed")."""
     decay = {id(p): g.get("weight_decay", 0.0) for g in groups for p in g["params"]}
-    return {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}
+    names = {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}
+    if decay and not names:
+        raise ValueError(f"decayed_names: none of the {len(decay)} parameters in the groups belongs to the model "
+                         "(groups built from another model, or from a copy of it?)")
+    return names

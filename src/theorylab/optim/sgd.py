@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import ChainOptimizer, as_param_list, check_flag, check_lr, check_nonfinite, check_nonnegative
+from .base import (
+    ChainOptimizer,
+    as_param_list,
+    check_flag,
+    check_lr,
+    check_nonfinite,
+    check_nonnegative,
+    check_torch_options,
+)
 from .decay import check_decay, check_decay_rate, with_decay
 from .transforms import Trace, Transform
 
@@ -32,12 +40,15 @@ class SGD(ChainOptimizer):
     With μ = 0 this is plain SGD and keeps no buffer. The decoupled decays need a shrink per step below 1:
     λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for ``"decoupled"``, :math:`\eta\lambda < 1` for
     ``"decoupled_lr"``; ValueError otherwise (:func:`~theorylab.optim.decay.check_decay_rate`).
-    ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`.
+    ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`. torch.optim.SGD's ``maximize``,
+    ``foreach``, ``differentiable`` and ``fused`` are accepted at their default values (``foreach`` at any), so
+    that a configuration written for torch runs unchanged; other values raise ValueError.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str = "raise", **torch_options: Any) -> None:
+        check_torch_options("SGD", torch_options, ("maximize", "foreach", "differentiable", "fused"))
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
                     "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite}
         self.check_group(defaults)

@@ -323,32 +323,62 @@ def test_torch_options_at_other_values_are_refused_by_name(cls, key, value):
         cls([torch.nn.Parameter(torch.ones(2))], lr=0.1, **{key: value})
 
 
+def test_torch_switches_take_the_values_torch_takes():
+    import numpy as np
+
+    p = [torch.nn.Parameter(torch.ones(2))]
+    Adam(p, amsgrad=np.False_, maximize=0, foreach=np.True_, fused=np.False_)
+    SGD(p, lr=0.1, foreach=1, fused=False)
+    with pytest.raises(ValueError, match="Invalid foreach value: 'yes'"):
+        Adam(p, foreach="yes")
+
+
+def test_torch_decoupled_weight_decay_is_the_lr_scaled_decay():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert Adam(p, decoupled_weight_decay=True).param_groups[0]["decay"] == "decoupled_lr"
+    assert Adam(p, decoupled_weight_decay=False).param_groups[0]["decay"] == "l2"
+    with pytest.raises(ValueError, match="contradicts decay='decoupled'"):
+        Adam(p, decay="decoupled", decoupled_weight_decay=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'decoupled_weight_decay'"):
+        AdamW(p, decoupled_weight_decay=True)  # torch.optim.AdamW has no such keyword either
+
+
 def test_an_unknown_keyword_is_a_type_error_as_in_torch():
     with pytest.raises(TypeError, match="unexpected keyword argument 'amsgrad'"):
         SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, amsgrad=False)  # torch's SGD has no amsgrad either
 
 
-def test_decoupled_decay_warns_once_when_a_schedule_lifts_the_lr_above_its_initial_value(recwarn):
+def _steps(opt, sched, n, p):
+    for _ in range(n):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+
+
+def test_decoupled_decay_warns_once_when_a_schedule_lifts_the_lr_above_its_initial_value(monkeypatch):
     """OneCycleLR starts at max_lr/25, so Algorithm 2's multiplier lr/initial_lr reaches 25: a λ tuned at the
     start silently decayed 25x harder at the peak (test accuracy 0.86 -> 0.32 on digits, found by review)."""
     import warnings
 
+    from theorylab.optim import decay
+
+    monkeypatch.setattr(decay, "_warned_rising_lr", False)
     p = torch.nn.Parameter(torch.ones(3))
+    lr_scheduler = torch.optim.lr_scheduler
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # cosine annealing never lifts the lr: no warning
-        opt = Adam([p], lr=1e-3, weight_decay=0.01, decay="decoupled")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
-        for _ in range(10):
-            p.grad = torch.ones(3)
-            opt.step()
-            sched.step()
+        warnings.simplefilter("error")  # schedules that never lift the lr above its start: no warning
+        for make in (lambda o: lr_scheduler.CosineAnnealingLR(o, 10),
+                     lambda o: lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10)):  # ends 2e-16 above
+            opt = Adam([p], lr=1e-3, weight_decay=0.01, decay="decoupled")
+            _steps(opt, make(opt), 12, p)
     opt = Adam([p], lr=1e-3, weight_decay=0.01, decay="decoupled")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
-    with pytest.warns(UserWarning, match="choose weight_decay for that peak"):
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    with pytest.warns(UserWarning, match="choose weight_decay for that peak") as record:
         for _ in range(5):
-            p.grad = torch.ones(3)
-            opt.step()
-            sched.step()
+            with warnings.catch_warnings():  # a library that touches the filters must not make it warn again
+                warnings.simplefilter("always")
+                _steps(opt, sched, 1, p)
+    assert len([w for w in record if "choose weight_decay" in str(w.message)]) == 1
 
 
 def test_decayed_names_refuses_groups_of_another_model():
@@ -356,3 +386,4 @@ def test_decayed_names_refuses_groups_of_another_model():
     with pytest.raises(ValueError, match="none of the 2 parameters in the groups belongs to the model"):
         decayed_names(net, decay_param_groups(other, 0.1))
     assert decayed_names(net, []) == {}
+    assert decayed_names(net, [{"params": net.weight, "weight_decay": 0.1}]) == {"weight": 0.1}  # a lone tensor

@@ -81,7 +81,16 @@ def check_betas(betas: Any) -> tuple[float, float]:
 
 
 #: torch.optim.Adam's keywords beyond ours, accepted at their default values (see check_torch_options)
-ADAM_TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay")
+ADAM_TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable")
+
+
+def _decay_from_torch_flag(flag: Any, decay: str) -> str:
+    """torch.optim.Adam's ``decoupled_weight_decay``: True is torch's AdamW convention, ``"decoupled_lr"``; False
+    is L2. A ``decay`` other than the default ``"l2"`` must agree with it."""
+    wanted = "decoupled_lr" if check_flag(flag, "decoupled_weight_decay") else "l2"
+    if decay not in ("l2", wanted):
+        raise ValueError(f"Adam: decoupled_weight_decay={flag!r} (torch's {wanted!r}) contradicts decay={decay!r}")
+    return wanted
 
 
 class Adam(ChainOptimizer):
@@ -110,9 +119,9 @@ class Adam(ChainOptimizer):
     need a shrink per step below 1: λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for
     ``"decoupled"``, ελ < 1 for ``"decoupled_lr"``; ValueError otherwise
     (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
-    torch.optim.Adam's ``amsgrad``, ``maximize``, ``foreach``, ``capturable``, ``differentiable``,
-    ``decoupled_weight_decay`` and ``fused=None`` are accepted at their default values (``foreach`` at any), so
-    that a configuration written for torch runs unchanged; other values raise ValueError.
+    torch.optim.Adam's ``amsgrad``, ``maximize``, ``capturable`` and ``differentiable`` are accepted off, and
+    ``foreach`` and ``fused=None`` at any value, so that a configuration written for torch runs unchanged (on:
+    ValueError); ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch.
 
     **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
     moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
@@ -141,6 +150,8 @@ class Adam(ChainOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *,
                  nonfinite: str = "raise", fused: bool = False, **torch_options: Any) -> None:
+        if "decoupled_weight_decay" in torch_options and type(self) is Adam:  # torch.optim.Adam's (AdamW lacks it)
+            decay = _decay_from_torch_flag(torch_options.pop("decoupled_weight_decay"), decay)
         check_torch_options(type(self).__name__, torch_options, ADAM_TORCH_OPTIONS)
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps,
                     "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite, "fused": fused}

@@ -77,21 +77,21 @@ def check_positive(value: Any, name: str) -> float:
     return x
 
 
-#: torch.optim keyword arguments taken at the values that mean torch's default behaviour, so that a configuration
-#: written for torch.optim runs unchanged (``foreach`` at any value: an execution choice with the same result)
-TORCH_OPTIONS = {"amsgrad": (False,), "maximize": (False,), "foreach": (None, False, True), "capturable": (False,),
-                 "differentiable": (False,), "decoupled_weight_decay": (False,), "fused": (None, False)}
+#: torch.optim switches taken when off (or None, torch's "default"), so that a configuration written for
+#: torch.optim runs unchanged; ``foreach`` is taken at any value (an execution choice with the same result)
+TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
 
 
 def check_torch_options(name: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
     """TypeError for a keyword that ``name``'s torch.optim twin does not take either (as Python's own error would
-    read), ValueError for a torch option at a value whose behaviour is not implemented here."""
+    read), ValueError for a switch that is not a bool or 0/1, or is on where its behaviour is not implemented."""
     for key, value in options.items():
         if key not in accepted:
             raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
-        if not any(value is v for v in TORCH_OPTIONS[key]):
-            raise ValueError(f"{name}: {key}={value!r} is not implemented (torch.optim's option is accepted only "
-                             f"as {' or '.join(map(repr, TORCH_OPTIONS[key]))}, its default behaviour)")
+        on = value is not None and check_flag(value, key)
+        if on and key != "foreach":
+            raise ValueError(f"{name}: {key}={value!r} is not implemented (torch.optim's option is accepted "
+                             "only off, its default behaviour)")
 
 
 def check_flag(value: Any, name: str) -> bool:

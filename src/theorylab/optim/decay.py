@@ -9,7 +9,7 @@ from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, sched
 
 DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
 
-#: one fixed text, so that Python's default filter shows it once per process rather than at every step
+#: shown once per process (a flag, not Python's warning registry, which any change of the filters clears)
 RISING_LR_WARNING = (
     "decay='decoupled': the lr is above the group's initial_lr, so the decay per step, weight_decay * lr / "
     "initial_lr, is above weight_decay (the schedule multiplier of Loshchilov & Hutter's Algorithm 2). Schedules "
@@ -20,6 +20,9 @@ RISING_LR_WARNING = (
 def check_decay(decay: str) -> None:
     if decay not in DECAY_MODES:
         raise ValueError(f"Invalid decay mode: {decay!r} (must be one of {', '.join(map(repr, DECAY_MODES))})")
+
+
+_warned_rising_lr = False
 
 
 def check_decay_rate(group: dict[str, Any]) -> None:
@@ -43,7 +46,10 @@ def check_decay_rate(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {lam} for decay='decoupled' (must be < 1: the weights are "
                          f"multiplied by 1 - weight_decay per step, and weight_decay >= 1 zeroes them or flips "
                          f"their sign)")
-    if decay == "decoupled" and schedule_multiplier(group) > 1:
+    global _warned_rising_lr
+    # 1e-6: schedules that update the lr from its last value (LinearLR) end a rounding error above initial_lr
+    if decay == "decoupled" and schedule_multiplier(group) > 1 + 1e-6 and not _warned_rising_lr:
+        _warned_rising_lr = True
         warnings.warn(RISING_LR_WARNING, UserWarning, stacklevel=2)
     if group.get("nonfinite", "raise") == "propagate":
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import check_nonnegative
 
@@ -57,7 +57,8 @@ def decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, f
 
     Raises ValueError when the groups hold parameters but none of ``model``'s (groups of another model, or of a
     copy of it: an empty answer would read as "nothing is decayed")."""
-    decay = {id(p): g.get("weight_decay", 0.0) for g in groups for p in g["params"]}
+    decay = {id(p): g.get("weight_decay", 0.0) for g in groups
+             for p in ([g["params"]] if isinstance(g["params"], Tensor) else g["params"])}
     names = {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}
     if decay and not names:
         raise ValueError(f"decayed_names: none of the {len(decay)} parameters in the groups belongs to the model "

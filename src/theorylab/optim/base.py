@@ -158,6 +158,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     state_kind: str | None = None
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        """The chain of gradient transforms that defines this optimizer for ``group``, applied in order to the
+        gradients (e.g. ``[ScaleByAdam(), AddDecayedWeights(), ScaleByLearningRate()]``); the one method a
+        subclass must implement. Called at every step, so it may depend on the group's current settings."""
         raise NotImplementedError
 
     def check_group(self, group: dict[str, Any]) -> None:

@@ -67,7 +67,10 @@ class StepContext:
 class Transform(Protocol):
     """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions."""
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]: ...
+    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        """Transform one bucket's updates (one tensor per parameter of ``ctx.params``), reading and writing the
+        per-parameter state in ``ctx.states`` and the hyperparameters in ``ctx.group``; return the new updates."""
+        ...
 
 
 def scaled(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
@@ -188,6 +191,8 @@ class RunningAverage:
     debias_key: str | None = None
 
     def beta(self, group: dict[str, Any]) -> float:
+        """The decay rate β of the average, ``group[key]`` (its ``index``-th entry when the key holds a tuple,
+        as Adam's ``betas``)."""
         b = group[self.key]
         return b[self.index] if self.index is not None else b
 

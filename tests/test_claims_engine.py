@@ -221,3 +221,16 @@ def test_an_interrupt_during_the_final_write_still_carries_the_payload(tmp_path,
     with pytest.raises(KeyboardInterrupt) as caught:
         run_claims(sections(ok_claim), out_dir=tmp_path, progress=False)
     assert caught.value.payload is not None and len(caught.value.payload["claims"]) == 1
+
+
+def test_the_default_device_reads_as_the_cpu_where_torch_2_4_breaks_its_getter(tmp_path, monkeypatch):
+    """torch 2.4's get_default_device() raises AttributeError after set_default_device(None): every claim after one
+    that had reset the device became an error."""
+    import torch
+
+    def broken():
+        raise AttributeError("'NoneType' object has no attribute 'device'")
+
+    monkeypatch.setattr(torch, "get_default_device", broken)
+    payload = run_claims(sections(ok_claim, ok_claim), out_dir=tmp_path, progress=False)
+    assert [r["verdict"] for r in payload["claims"]] == ["confirmed", "confirmed"]

@@ -162,6 +162,15 @@ def test_orientation_gap_interval_is_paired_and_signed():
         q4.orientation_gap_interval(diagonal, aligned[..., :3], seed=0)
 
 
+def test_a_gap_interval_that_reaches_zero_by_rounding_is_not_resolved():
+    """torch 2.4 gave the SGD gap interval a lower end of 2.2e-16: a tie (|r| equal in exact arithmetic), which
+    `lo > 0` had counted as beyond replicate noise."""
+    assert q4.gap_side(2.220446049250313e-16, 0.87) == 0
+    assert q4.gap_side(-0.87, -2.220446049250313e-16) == 0
+    assert q4.gap_side(0.0, 0.0) == 0
+    assert q4.gap_side(0.1, 0.7) == 1 and q4.gap_side(-0.7, -0.1) == -1
+
+
 def _synthetic_grids(structured: bool, seed: int = 0) -> q4.Grids:
     """(4, 4, 3) grids (the --quick shape): L2 panels with a diagonal basin, decoupled panels with the best cells
     on one weight decay; or, unstructured, pure replicate noise everywhere. Rotation: √(lr·wd) or √λ."""

@@ -222,3 +222,22 @@ def test_fused_none_is_torch_default_the_chain():
     opt = Adam(params[:2], fused=None)
     opt.add_param_group({"params": params[2:], "fused": None})
     assert [g["fused"] for g in opt.param_groups] == [False, False]
+
+
+@pytest.mark.parametrize("decay", ["l2", "decoupled", "decoupled_lr"])
+def test_fused_calls_torch_2_4_signatures(decay, monkeypatch):
+    """torch < 2.7's functional adam() has no decoupled_weight_decay keyword: fused decoupled decay raised
+    TypeError there. Here adam() is made to refuse it, as it did."""
+    from theorylab.optim import adam as ours
+
+    real = ours.torch_adam
+
+    def adam_2_4(*args, **kwargs):
+        if "decoupled_weight_decay" in kwargs:
+            raise TypeError("adam() got an unexpected keyword argument 'decoupled_weight_decay'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "torch_adam", adam_2_4)
+    fused, _ = train(decay, fused=True, steps=10)
+    chain, _ = train(decay, fused=False, steps=10)
+    assert max_diff(fused, chain) < 1e-5

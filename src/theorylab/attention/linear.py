@@ -210,7 +210,8 @@ def _working_dtype(q: Tensor, k: Tensor, pad: Tensor | None, fm: nn.Module, acc:
     # whole-tensor reductions (one read-back): ~10x faster than per-row ones, which cost a few % of a FAVOR+
     # call; they decide alone unless the keys are large and some are padded (padded keys must not count)
     (q_min, q_max), (k_min, k_max) = torch.aminmax(q.detach()), torch.aminmax(k.detach())
-    q_top, k_top = torch.stack([torch.maximum(q_max, -q_min), torch.maximum(k_max, -k_min)]).tolist()
+    tops = torch.stack([torch.maximum(q_max, -q_min), torch.maximum(k_max, -k_min)]).cpu()
+    q_top, k_top = tops[0].item(), tops[1].item()  # not tolist(): torch 2.4 refuses it under torch.func.grad
     if pad is not None and not bound(k_top) < limit:
         k_min, k_max = torch.aminmax(k.detach(), dim=-1)  # (B, H, Nk) each; no |k| temporary
         k_top = float(torch.maximum(k_max, -k_min).masked_fill(pad, 0.0).amax())
@@ -509,7 +510,7 @@ def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> d
     start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
     rise = (ends - start).amax(dim=(0, 1, 3))  # (g,): a cheap upper bound
     steep = {}
-    for c in (rise > limit).nonzero().flatten().tolist():
+    for c in (int(i) for i in (rise > limit).nonzero().flatten().cpu()):  # not tolist(): see _working_dtype
         # exact for the flagged chunks: positions that see no key yet (m = floor) do not count
         run = torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
         if bool(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit):

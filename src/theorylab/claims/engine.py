@@ -128,17 +128,26 @@ def _torch_state_restored() -> Iterator[None]:
     gradients off, anomaly detection on or changes the thread count (and then raises) must not change the claims
     after it."""
     dtype, grad, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
-    device, anomaly = torch.get_default_device(), torch.is_anomaly_enabled()
+    device, anomaly = _default_device(), torch.is_anomaly_enabled()
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
-        if torch.get_default_device() != device:  # only then: a default-device context intercepts every factory
+        if _default_device() != device:  # only then: a default-device context intercepts every factory
             torch.set_default_device(None if device == torch.device("cpu") else device)
         torch.set_grad_enabled(grad)
         torch.set_anomaly_enabled(anomaly)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def _default_device() -> torch.device:
+    """``torch.get_default_device()``, which on torch 2.4 raises AttributeError once ``set_default_device(None)``
+    has been called (its context is then None: the default, the CPU)."""
+    try:
+        return torch.get_default_device()
+    except AttributeError:
+        return torch.device("cpu")
 
 
 def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> dict[str, Any]:

@@ -511,6 +511,16 @@ def orientation_gap_interval(coupled: np.ndarray, decoupled: np.ndarray, seed: i
     return float(lo), float(hi)
 
 
+#: |r| differences smaller than this are rounding: two |r| equal in exact arithmetic differ by ~1e-16 in floats
+GAP_ROUNDING = 1e-9
+
+
+def gap_side(lo: float, hi: float) -> int:
+    """Which side of 0 a bootstrap interval (lo, hi) of a gap lies on, beyond rounding: +1 above, -1 below, 0 where
+    it reaches 0. A lower end of 2.2e-16 (measured with torch 2.4) is a tie, not a resolved gap."""
+    return 1 if lo > GAP_ROUNDING else -1 if hi < -GAP_ROUNDING else 0
+
+
 def surface_signal_to_noise(errors: np.ndarray) -> float:
     """How much the (L, K, S) grid's mean surface varies between cells, against the noise of one cell's mean:
     std over cells of the mean error / the median standard error of a cell. Near 1, the surface is flat within
@@ -714,9 +724,10 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
         numbers[f"orientation_gap_{opt_name}_l2_minus_decoupled"] = gap
         numbers[f"orientation_gap_{opt_name}_bootstrap_90_lo"], numbers[f"orientation_gap_{opt_name}_bootstrap_90_hi"] \
             = lo, hi
-        beyond_noise[opt_name] = lo > 0
-        verdict = ("beyond replicate noise" if lo > 0 else "opposite, beyond replicate noise" if hi < 0
-                   else "NOT resolved beyond the noise of the replicates")
+        side = gap_side(lo, hi)
+        beyond_noise[opt_name] = side > 0
+        verdict = {1: "beyond replicate noise", -1: "opposite, beyond replicate noise",
+                   0: "NOT resolved beyond the noise of the replicates"}[side]
         resolved.append(f"{opt_name.upper()}: |r| L2 − |r| decoupled = {gap:+.2f} (paired 90% bootstrap "
                         f"{lo:+.2f}..{hi:+.2f}), {verdict}.")
     numbers["adam_best_error_gap_se"] = se_diff

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
+from torch.optim.adamw import adamw as torch_adamw
 
 from .base import (
     ChainOptimizer,
@@ -227,9 +228,10 @@ class Adam(ChainOptimizer):
         if not all(_kernel_safe(*ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
             return False
         beta1, beta2 = group["betas"]
-        torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
-                   decoupled_weight_decay=group["decay"] != "l2", amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-                   weight_decay=weight_decay, eps=group["eps"], maximize=False)
+        # adamw, not adam(decoupled_weight_decay=True): torch 2.4 (which we support) lacks that keyword
+        kernel = torch_adam if group["decay"] == "l2" else torch_adamw
+        kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=beta1,
+               beta2=beta2, lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False)
         return True
 
 

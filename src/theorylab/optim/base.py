@@ -344,7 +344,9 @@ def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
     if not any(k in group for k in ("foreach", "differentiable", "maximize", "capturable")):
         return None
     if "amsgrad" in group:
-        return "torch.optim.AdamW" if group.get("decoupled_weight_decay") else "torch.optim.Adam"
+        if "decoupled_weight_decay" not in group:  # older torch (2.4) saves the two alike
+            return "torch.optim.Adam or AdamW"
+        return "torch.optim.AdamW" if group["decoupled_weight_decay"] else "torch.optim.Adam"
     return "torch.optim.SGD" if "nesterov" in group else "torch.optim"
 
 

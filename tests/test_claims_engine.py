@@ -234,3 +234,18 @@ def test_the_default_device_reads_as_the_cpu_where_torch_2_4_breaks_its_getter(t
     monkeypatch.setattr(torch, "get_default_device", broken)
     payload = run_claims(sections(ok_claim, ok_claim), out_dir=tmp_path, progress=False)
     assert [r["verdict"] for r in payload["claims"]] == ["confirmed", "confirmed"]
+
+
+def test_write_report_reads_results_as_utf8_whatever_the_locale(tmp_path):
+    """results.json is written in UTF-8 (claim titles hold ≡, σ, λ); write_report(out_dir) read it in the locale's
+    encoding: UnicodeDecodeError under the C locale, mojibake under Windows' cp1252."""
+    import os
+    import subprocess
+    import sys
+
+    run_claims([Section("2.1", "Momentum ≡ SGD", "λ, σ", "claim", ok_claim)], out_dir=tmp_path, progress=False)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    code = "import sys, pathlib; from theorylab.report import write_report; write_report(pathlib.Path(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Momentum ≡ SGD" in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -47,6 +47,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     result = {**module.run(quick=args.quick), "environment": environment()}  # the date and the machine
     print(module.format_table(result))
     if args.json:  # strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as in results.json)
-        Path(args.json).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0

@@ -121,7 +121,7 @@ def render_report(payload: dict[str, Any]) -> str:
 def write_report(out_dir: Path, payload: dict[str, Any] | None = None) -> Path:
     """Render ``payload`` (or ``out_dir/results.json``) to ``out_dir/report.html``."""
     if payload is None:
-        payload = json.loads((out_dir / "results.json").read_text())
+        payload = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))  # as written, whatever the locale
     path = out_dir / REPORT_FILE
     path.write_text(render_report(payload), encoding="utf-8")
     return path

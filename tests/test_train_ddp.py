@@ -25,11 +25,22 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m theorylab ARGS``, started again (at most twice) when a port it
+    had found free was taken by another process before it bound it (the suite runs other socket tests beside it)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for _attempt in range(3):
+        done = subprocess.run([*torchrun, "-m", "theorylab", *args], env=_env(), capture_output=True, text=True,
+                              timeout=timeout)
+        text = (done.stdout + done.stderr).lower()
+        if done.returncode == 0 or not ("address already in use" in text or "eaddrinuse" in text):
+            break
+    return done
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run([*torchrun, "-m", "theorylab", *ARGS, "--out", str(tmp_path / "ddp")],
-                         env=_env(), capture_output=True, text=True, timeout=180)
+    two = _torchrun([*ARGS, "--out", str(tmp_path / "ddp")], timeout=180)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     assert two.stdout.count("bits/char") == 1  # only rank 0 reports
     one = subprocess.run([sys.executable, "-m", "theorylab", *ARGS, "--out", str(tmp_path / "single")],
@@ -51,9 +62,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_bad_input_exits_2_on_every_rank(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = subprocess.run([*torchrun, "-m", "theorylab", "train", "charlm", "--seq-len", "0",
-                        "--out", str(tmp_path / "x")], env=_env(), capture_output=True, text=True, timeout=120)
+    r = _torchrun(["train", "charlm", "--seq-len", "0", "--out", str(tmp_path / "x")], timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("seq-len must be positive") == 1  # rank 0 says it once
     assert not (tmp_path / "x").exists()

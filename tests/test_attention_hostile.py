@@ -90,10 +90,12 @@ def test_favor_large_inputs_float32_no_lost_rows(causal):
 
 @pytest.mark.parametrize("last", [0, 5, 9])  # the rise in the first chunk (no state yet), the second, the third
 @pytest.mark.parametrize("blocks", ["one", "per chunk"])
-def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch, last, blocks):
+@pytest.mark.parametrize("num_features", [16, 1])
+def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch, last, blocks, num_features):
     """Keys 0..last of large norm (log-features ~ -|k'|²/2 = -3000), then ordinary ones: the column maxima rise
     by ~3000 at key last + 1, so the chunk-end reference would underflow the earlier queries' weights; such
-    chunks go through the per-query path, and match the reference, wherever the chunk lies in its block."""
+    chunks go through the per-query path, and match the reference, wherever the chunk lies in its block. One
+    feature (one column, as a row-scaled map has) raised TypeError in that path: it took the row-scaled branch."""
     calls = []
     original = linear._chunk_per_query
     monkeypatch.setattr(linear, "_chunk_per_query", lambda *a: calls.append(1) or original(*a))
@@ -101,7 +103,7 @@ def test_causal_chunks_with_a_steep_rise_are_redone_per_query(monkeypatch, last,
         monkeypatch.setattr(linear, "CAUSAL_BLOCK_ELEMENTS", 1)
     q, k, v = qkv(B=2, H=2, Nq=12, D=4)
     k[:, :, : last + 1] = k[:, :, : last + 1] / k[:, :, : last + 1].norm(dim=-1, keepdim=True) * 110.0
-    fm = PositiveRandomFeatures(4, 16, seed=0).double()
+    fm = PositiveRandomFeatures(4, num_features, seed=0).double()
     assert_same_outputs_and_grads(
         lambda q, k, v: linear_attention(q, k, v, fm, causal=True, chunk_size=4),
         lambda q, k, v: linear_attention_log_reference(q, k, v, fm, causal=True), (q, k, v))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -33,7 +34,8 @@ def positive_finite(value: object, *, what: str, name: str) -> float:
     """``value`` as a float; TypeError unless it is a real number, ValueError unless finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: {what} must be a positive finite number; got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and value > 0):
+    # cast: numbers.Real declares only < and <= (real numbers have >, which is what runs)
+    if not (math.isfinite(value) and cast(float, value) > 0):
         raise ValueError(f"{name}: {what} must be a positive finite number; got {value!r}")
     return float(value)
 
@@ -89,6 +91,14 @@ def can_inspect(x: Tensor) -> bool:
     return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
+@overload
+def keep_mask(Nq: int, Nk: int, *, causal: Literal[True], key_padding_mask: Tensor | None,
+              device: torch.device) -> Tensor: ...
+@overload
+def keep_mask(Nq: int, Nk: int, *, causal: bool, key_padding_mask: Tensor, device: torch.device) -> Tensor: ...
+@overload
+def keep_mask(Nq: int, Nk: int, *, causal: bool, key_padding_mask: Tensor | None,
+              device: torch.device) -> Tensor | None: ...
 def keep_mask(Nq: int, Nk: int, *, causal: bool, key_padding_mask: Tensor | None,
               device: torch.device) -> Tensor | None:
     """Bool (B or 1, 1, Nq, Nk), True where query i may attend to key j; None when every pair may.

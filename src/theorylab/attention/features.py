@@ -58,6 +58,8 @@ def gaussian_random_matrix(num_rows: int, dim: int, *, generator: torch.Generato
 class _RandomFeatures(nn.Module):
     """Shared machinery: a seeded generator, the projection buffer, redraw()."""
 
+    projection: Tensor  # a registered buffer
+
     def __init__(self, head_dim: int, num_projections: int, num_features: int, *, orthogonal: bool,
                  scale: float | None, seed: int | None) -> None:
         super().__init__()

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,23 @@ def _feature_dtype(feature_map: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+class _RowwiseLogFeatures(Protocol):
+    """What :class:`_ColumnShifted` reads of a feature map besides the nn.Module: PositiveRandomFeatures' methods
+    (duck-typed; ``project`` is called only on that stock map)."""
+
+    num_features: int
+
+    def log_features_rowwise(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def project(self, x: Tensor) -> Tensor: ...
+
+
+class _LogFeatures(Protocol):
+    """A positive map that gives log φ (PositiveRandomFeatures, or any map with the same method)."""
+
+    def log_features(self, x: Tensor) -> Tensor: ...
+
+
 class _ColumnShifted:
     """Positive maps exposing log φ = ωᵀx' + offset(x): one stabiliser c_r per feature column (W = M)."""
 
@@ -120,16 +137,17 @@ class _ColumnShifted:
     scaled = True
 
     def __init__(self, fm: nn.Module) -> None:
-        self.fm, self.width, self.num_features = fm, fm.num_features, fm.num_features
+        log_map = cast(_RowwiseLogFeatures, fm)  # _terms checked that it has log_features_rowwise
+        self.fm, self.width, self.num_features = fm, log_map.num_features, log_map.num_features
         # queries need ωᵀq' alone (their offset is a per-row factor and cancels): ``project`` gives it without the
         # offset, but only the stock map is known to return project(x) first; a map that overrides
         # log_features_rowwise (or merely has a ``project`` attribute) goes through log_features_rowwise
         stock = getattr(type(fm), "log_features_rowwise", None) is PositiveRandomFeatures.log_features_rowwise
-        self.project = fm.project if stock else (lambda x: fm.log_features_rowwise(x)[0])
+        self.project = log_map.project if stock else (lambda x: log_map.log_features_rowwise(x)[0])
 
     def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """(None, ℓ(k) of shape (B, H, C, M), -inf where padded): φ(k) = exp(ℓ)."""
-        proj, offset = self.fm.log_features_rowwise(k)  # (B, H, C, M), (B, H, C)
+        proj, offset = cast(_RowwiseLogFeatures, self.fm).log_features_rowwise(k)  # (B, H, C, M), (B, H, C)
         logw = proj.add_(offset[..., None])
         if pad is not None:
             logw = logw.masked_fill_(pad[..., None], float("-inf"))
@@ -156,6 +174,9 @@ class _RowScaled:
 
     positive = False
     width = 1
+    #: ``log_scaled_features`` of the map (split into bounded features and per-row log-scale), or None
+    split: Callable[[Tensor], tuple[Tensor, Tensor]] | None
+    num_features: int
 
     def __init__(self, fm: nn.Module, D: int) -> None:
         self.fm = fm
@@ -165,7 +186,7 @@ class _RowScaled:
 
     def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """(bounded features (B, H, C, M), 0 where padded; log-scale (B, H, C, 1), -inf where padded)."""
-        if self.scaled:
+        if self.split is not None:  # i.e. self.scaled
             base, log_scale = self.split(k)
             logw = log_scale[..., None]
         else:
@@ -177,7 +198,7 @@ class _RowScaled:
         return base, logw
 
     def prepare_queries(self, q: Tensor) -> Tensor:
-        return self.split(q)[0] if self.scaled else self.fm(q)  # the query's own scale cancels
+        return self.split(q)[0] if self.split is not None else self.fm(q)  # the query's own scale cancels
 
     def query_features(self, prepared: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         return prepared
@@ -192,7 +213,7 @@ def _terms(fm: nn.Module, D: int) -> _ColumnShifted | _RowScaled:
 def _key_features(terms: _ColumnShifted | _RowScaled, base: Tensor | None, logw: Tensor, ref: Tensor) -> Tensor:
     """k̂ = base · exp(logw - ref) (in place on logw), ref broadcastable to logw; every factor <= 1."""
     if not terms.scaled:
-        return base
+        return cast(Tensor, base)  # maps without a log-scale always give their features as base
     e = logw.sub_(ref).exp_()
     return e if base is None else base * e
 
@@ -329,6 +350,7 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScal
     pads = pad.split(group, dim=2) if pad is not None else [None] * len(range(0, Nk, group))
     for k_g, v_g, pad_g in zip(k.split(group, dim=2), v.split(group, dim=2), pads, strict=True):
         state, ref = add_keys(terms, chunk, k_g, v_g, pad_g, state, ref)
+    state, ref = cast(Tensor, state), cast(Tensor, ref)  # set by the first group of keys (Nk > 0 here)
     out = ChunkOutputs(q, (B, H, Nq, Dv))
     for s, q_c in zip(range(0, Nq, chunk), q.split(chunk, dim=2), strict=True):
         out.write(s, s + q_c.shape[2], read_queries(terms, q_c, state, ref))
@@ -346,10 +368,11 @@ def _add_keys(terms: _ColumnShifted | _RowScaled, chunk: int, k: Tensor, v: Tens
         top = logw.detach().amax(2).clamp_min_(floor)  # (B, H, W); floor: no visible key yet
         new_ref = top if ref is None else torch.maximum(ref, top)
         kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, C, M); 0 where padded
-        decay = torch.exp(ref - new_ref)[:, :, None] if terms.scaled and state is not None else None  # <= 1
+        # <= 1; ref is a tensor wherever state is (both None before the first chunk)
+        decay = torch.exp(cast(Tensor, ref) - new_ref)[:, :, None] if terms.scaled and state is not None else None
         state = _accumulate(state, decay, kf, _with_ones(v_c))
         ref = new_ref
-    return state, ref
+    return cast(Tensor, state), cast(Tensor, ref)  # k has at least one chunk: both are set
 
 
 def _read_queries(terms: _ColumnShifted | _RowScaled, q_c: Tensor, state: Tensor, ref: Tensor) -> Tensor:
@@ -492,7 +515,7 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
                                         entering[c].mT, before[:, :, c])
         total = torch.stack(parts, dim=2)
     result = _ratio(total, Dv, terms.positive).flatten(2, 3)  # (B, H, L', Dv)
-    return (result[:, :, :L] if extra else result), state, before[:, :, -1]
+    return (result[:, :, :L] if extra else result), cast(Tensor, state), before[:, :, -1]  # g >= 1: state set
 
 
 def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
@@ -537,7 +560,7 @@ def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Te
     for a in range(0, C, step):
         b = min(C, a + step)  # rows a..b-1 see keys 0..b-1
         decay = (logw[:, :, None, :b] - run[:, :, a:b, None]).masked_fill_(future[a:b, :b], float("-inf")).exp_()
-        if W == 1:  # (B, H, R, b, 1): a scalar per (i, j)
+        if base is not None and W == 1:  # row-scaled: (B, H, R, b, 1), a scalar per (i, j)
             p = (qf[:, :, a:b] @ base[:, :, :b].mT) * decay[..., 0]
         else:
             weights = decay if base is None else decay * base[:, :, None, :b]
@@ -571,7 +594,8 @@ def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map:
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_log_reference")
     _check_feature_map(feature_map, D)
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
-    lq, lk = feature_map.log_features(q), feature_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)
+    log_map = cast(_LogFeatures, feature_map)  # duck-typed: the docstring's "maps with log_features"
+    lq, lk = log_map.log_features(q), log_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)
     logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], dim=-1)  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     return masked_softmax(logits, keep, dim=-1) @ v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -50,6 +51,20 @@ class MultiheadAttention(nn.Module):
             chunk_size <= 0; dropout outside [0, 1); recompute with a kind other than "linear" or "favor".
     """
 
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    kind: str
+    causal: bool
+    chunk_size: int | None
+    recompute: bool
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    dropout: nn.Dropout
+    feature_map: nn.Module | None  # EluFeatures ("linear"), PositiveRandomFeatures ("favor"), else None
+
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "softmax", causal: bool = False,
                  num_features: int = 256, dropout: float = 0.0, bias: bool = True, seed: int | None = None,
                  chunk_size: int | None = None, recompute: bool = False) -> None:
@@ -83,7 +98,7 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self.feature_map: nn.Module | None = None
+        self.feature_map = None
         if kind == "linear":
             self.feature_map = EluFeatures(self.head_dim)
         elif kind == "favor":
@@ -98,8 +113,9 @@ class MultiheadAttention(nn.Module):
 
     def redraw_features(self) -> None:
         """Draw new random features (``kind="favor"``); a no-op for the other kinds."""
-        if hasattr(self.feature_map, "redraw"):
-            self.feature_map.redraw()
+        feature_map: Any = self.feature_map  # duck-typed: any map with a redraw() method
+        if hasattr(feature_map, "redraw"):
+            feature_map.redraw()
 
     def _heads(self, x: Tensor, proj: nn.Linear) -> Tensor:
         B, N, _ = x.shape
@@ -124,7 +140,8 @@ class MultiheadAttention(nn.Module):
             out = separable_attention(q, k, v, causal=self.causal, key_padding_mask=mask,
                                       chunk_size=self.chunk_size)
         else:
-            out = linear_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=mask,
+            feature_map = cast(nn.Module, self.feature_map)  # kinds "linear" and "favor" always have one
+            out = linear_attention(q, k, v, feature_map, causal=self.causal, key_padding_mask=mask,
                                    chunk_size=self.chunk_size, recompute=self.recompute)
         out = out.transpose(1, 2).reshape(B, Nq, E)  # (B, Nq, H*D)
         return self.out_proj(self.dropout(out))

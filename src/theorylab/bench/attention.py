@@ -18,10 +18,11 @@ inputs for the backward pass). Every contender gets the same q, k, v.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def _flops(name: str, n: int, causal: bool) -> float | None:
         return None
 
 
-def _measure(fns: dict[str, Callable[[], Any]], budget_s: float) -> dict[str, tuple[float, int, int]]:
+def _measure(fns: Mapping[str, Callable[[], Any]], budget_s: float) -> dict[str, tuple[float, int, int]]:
     """name -> (median seconds, timed calls, peak bytes). Each contender's first call runs under PeakMemory (its
     memory; also its warm-up: the tracker's per-op Python hook slows a loop of small ops, so it is never timed),
     then the contenders are timed in interleaved rounds of rotating order (:func:`interleaved_times`): at least
@@ -168,7 +169,7 @@ def _run(ns: list[int], quick: bool, budget: float, advance: Callable[[str], Non
         for n in ns:
             q, k, v = _inputs(n)
             advance(f"{'causal' if causal else 'non-causal'} forward, n={n}")
-            calls = {name: (lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)) for name, fn in fns.items()}
+            calls = {name: functools.partial(fn, q, k, v) for name, fn in fns.items()}
             with torch.no_grad():
                 measured = _measure(calls, budget)
             for name, (seconds, timed, peak) in measured.items():
@@ -185,7 +186,7 @@ def _run(ns: list[int], quick: bool, budget: float, advance: Callable[[str], Non
         fn(q, k, v).square().mean().backward()
         q.grad = k.grad = v.grad = None
 
-    calls = {name: (lambda fn=fn: fwd_bwd(fn)) for name, fn in _fwd_bwd_contenders().items()
+    calls = {name: functools.partial(fwd_bwd, fn) for name, fn in _fwd_bwd_contenders().items()
              if not (name == "performer-pytorch" and quick)}
     for name, (seconds, timed, peak) in _measure(calls, budget).items():
         rows.append({"impl": name, "causal": True, "n": n_fb, "pass": "forward+backward", "seconds": seconds,

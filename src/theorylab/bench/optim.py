@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -22,7 +22,18 @@ from ..optim import AdamW, StepContext, chain_step
 #: a transformer-like parameter set: 9 square matrices, an embedding, 18 vectors (9,979,904 parameters)
 FULL_SHAPES = [(1024, 1024)] * 9 + [(4096, 128)] + [(1024,)] * 18
 QUICK_SHAPES = [(256, 256)] * 9 + [(1024, 128)] + [(256,)] * 18
-HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+
+
+class _Hyper(TypedDict):
+    """AdamW's hyperparameters, the same for every contender."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+
+HYPER: _Hyper = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
 
 def _param_set(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:

@@ -19,15 +19,18 @@ H = 256 in under 30 s, is judged in the full run.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 
 import torch
 
 from ..cost import interleaved_times
 from ..rnn import (
     RNN,
+    JacobianFactors,
     jacobian_factors,
     log_jacobian_norms,
     log_norms_of_products,
@@ -37,16 +40,17 @@ from ..rnn import (
 from ..rnn._threads import threads_for
 
 F64 = torch.float64
+T = TypeVar("T")
 
 
 TARGET = {"H": 256, "T": 10000, "seconds": 30.0}  # the issue's must: log_jacobian_norms at this size
 
 
-def _timed(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+def _timed(fns: Mapping[str, Callable[[], T]], repeats: int) -> tuple[dict[str, float], dict[str, T]]:
     """(median seconds, last output) per name: interleaved rounds after a warm-up round (none for one round)."""
-    outputs: dict[str, object] = {}
+    outputs: dict[str, T] = {}
 
-    def keeping(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+    def keeping(name: str, fn: Callable[[], T]) -> Callable[[], None]:
         def call() -> None:
             outputs[name] = fn()
         return call
@@ -105,32 +109,33 @@ def run(quick: bool = False) -> dict:
         stats: dict = {}
         reps = 1 if hidden**3 * steps > 5e10 else repeats  # one run only for the T = 10,000 sizes at H = 256
         factors = jacobian_factors(rnn, x, None)
-        fns = {"ours": lambda f=factors, s=stats: log_norms_of_products(f, stats=s),
-               "trajectory": lambda r=rnn, xx=x: jacobian_factors(r, xx, None)}
+        fns: dict[str, Callable[[], torch.Tensor | JacobianFactors]] = {
+            "ours": functools.partial(log_norms_of_products, factors, stats=stats),
+            "trajectory": functools.partial(jacobian_factors, rnn, x, None)}
         if steps <= 1000:  # the SVD-per-step reference: slow but feasible; also gives the error
-            fns["reference"] = lambda f=factors: _one_thread(log_norms_of_products_reference, f)
-        t, out = _timed(fns, reps)
-        ours = out["ours"]
+            fns["reference"] = functools.partial(_one_thread, log_norms_of_products_reference, factors)
+        t, outputs = _timed(fns, reps)
+        ours = cast(torch.Tensor, outputs["ours"])
         row = {"H": hidden, "T": steps, "init": init, "seconds": t["ours"] + t["trajectory"], "repeats": reps,
                "extensions_per_step": stats["extensions"] / steps,  # of the last call (reset per call)
                "svd_fallbacks": stats["fallbacks"], "log_norm_T": float(ours[0, -1])}
         if "reference" in t:
             row.update(svd_per_step_seconds=t["reference"], speedup_vs_svd_per_step=t["reference"] / row["seconds"],
-                       max_rel_err_vs_svd=_rel_err(ours, out["reference"]))
+                       max_rel_err_vs_svd=_rel_err(ours, cast(torch.Tensor, outputs["reference"])))
         norms.append(row)
 
     lyap = []
     for hidden, steps, k in lyap_grid:
         rnn, x = _model(hidden, "default"), _inputs(steps)
-        t, out = _timed({"ours": lambda r=rnn, xx=x, kk=k: lyapunov_spectrum(r, xx, None, kk)}, repeats)
+        t, out = _timed({"ours": functools.partial(lyapunov_spectrum, rnn, x, None, k)}, repeats)
         lyap.append({"H": hidden, "T": steps, "k": k, "seconds": t["ours"], "repeats": repeats,
                      "lambda_1": float(out["ours"][0, 0])})
 
     baselines = []
     for hidden, steps in base_grid:
         rnn, x = _model(hidden, "default"), _inputs(steps, batch=2)
-        t, out = _timed({"ours": lambda r=rnn, xx=x: log_jacobian_norms(r, xx, None),
-                         "autograd": lambda r=rnn, xx=x: _one_thread(_autograd_log_norms, r, xx)}, repeats)
+        t, out = _timed({"ours": functools.partial(log_jacobian_norms, rnn, x, None),
+                         "autograd": functools.partial(_one_thread, _autograd_log_norms, rnn, x)}, repeats)
         baselines.append({"H": hidden, "T": steps, "B": 2, "ours_seconds": t["ours"],
                           "autograd_seconds": t["autograd"], "speedup_vs_autograd": t["autograd"] / t["ours"],
                           "max_rel_err_vs_autograd": _rel_err(out["ours"], out["autograd"])})
@@ -140,7 +145,7 @@ def run(quick: bool = False) -> dict:
     return {**result, "targets": targets(result)}
 
 
-def _one_thread(fn: Callable[..., object], *args: object) -> object:
+def _one_thread(fn: Callable[..., T], *args: object) -> T:
     with threads_for(0):
         return fn(*args)
 

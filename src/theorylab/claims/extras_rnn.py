@@ -20,6 +20,8 @@ VARIANTS = {  # name -> (clip, orthogonal)
        "The h-form tanh RNN's success falls with the horizon T as ‖∂h_T/∂h_0‖ vanishes; gradient clipping and an "
        "orthogonal initial W change how much gradient reaches the start, measured exactly next to the results.")
 def rnn_tasks(seed: int, quick: bool) -> Evidence:
+    adding_T: tuple[int, ...]
+    copy_T: tuple[int, ...]
     if quick:
         adding_T, copy_T, iterations = (5, 20), (5,), 60
         variants = {k: VARIANTS[k] for k in ("plain", "orthogonal W + clip")}

@@ -264,6 +264,9 @@ class TaylorFeatures(nn.Module):
     f_α(x) = x^α / sqrt(α!) over the multi-indices |α| ≤ P (multinomial theorem), C(D + P, P) features; for
     |qᵀk| ≤ 1/2 and P = 10 the truncation error is < 1e-10 relative, so f(Q)f(K)ᵀ = exp(QKᵀ) to that accuracy."""
 
+    powers: Tensor  # registered buffers
+    inv_sqrt_factorial: Tensor
+
     def __init__(self, head_dim: int, degree: int) -> None:
         super().__init__()
         alphas = [a for p in range(degree + 1) for a in _multi_indices(head_dim, p)]
@@ -518,7 +521,7 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
     # trigonometric features fail where the kernel is small: relative RMSE vs exp(xᵀy)
     cosines = [-0.9, -0.5, 0.0, 0.5, 0.9]
     m_rel = 16
-    rel = {"positive": [], "trig": []}
+    rel: dict[str, list[float]] = {"positive": [], "trig": []}
     sms = []
     for c in cosines:
         xc, yc = _pair(d, 1.5, 1.5, c, gen)
@@ -552,7 +555,8 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
         fm = PositiveRandomFeatures(d_t, m, seed=seed)
         with torch.no_grad():
             flops.append(count_flops(linear_attention, qt, kt, vt, fm))
-            seconds.append(median_time(lambda fm=fm: linear_attention(qt, kt, vt, fm), repeats=3 if quick else 5))
+            seconds.append(median_time(functools.partial(linear_attention, qt, kt, vt, fm),
+                                       repeats=3 if quick else 5))
     fit_flops, fit_time = fit_power_law(ms_t, flops), fit_power_law(ms_t, seconds)
 
     confirmed = (all(_within(f.exponent, -1.1, -0.9) for f in fits.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from ..data import digits_split
-from ..optim import SGD, Adam
+from ..optim import SGD, Adam, ChainOptimizer
 from .base import Evidence, claim, torch_threads
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def _shrink(decay: str, weight_decay: float, seed: int, steps: int, lr: float, s
         opt.zero_grad()
         xi = torch.randn(len(scales), n, generator=gen, dtype=torch.float64)
         loss = sum((s * xi[i] * p).sum() for i, (s, p) in enumerate(zip(scales, groups, strict=True)))
-        loss.backward()
+        cast(torch.Tensor, loss).backward()  # a tensor: scales is not empty, so the sum is not its start, 0
         opt.step()
         ratio[t] = [float(p.detach().norm()) / math.sqrt(n) for p in groups]
     return _ShrinkRun(ratio, -np.log(ratio[-1]) / steps)
@@ -419,6 +420,7 @@ def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig
         per_wd.append((w1, w2, w3, b3))
         # decay on the scale-invariant hidden layers only (see CLASSIFIER_NOT_DECAYED): classifier and bias free
         groups += [{"params": [w1, w2], "weight_decay": wd}, {"params": [w3, b3], "weight_decay": 0.0}]
+    opt: ChainOptimizer
     if scheme.optimizer == "adam":
         opt = Adam(groups, lr=lr, decay=scheme.decay, nonfinite="propagate")
     else:

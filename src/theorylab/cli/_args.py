@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 try:
     import fcntl
@@ -75,8 +76,8 @@ def exclusive_output(folder: Path) -> Iterator[None]:
         try:
             fd = os.open(folder, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        except BlockingIOError:  # from flock: fd is open
+            os.close(cast(int, fd))
             raise OutputBusyError(f"another theorylab run is writing into {str(folder)!r}; wait for it to end or "
                                   "choose another output folder") from None
         except OSError as e:

@@ -43,11 +43,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
                                      argv=["theorylab", *argv])
             except KeyboardInterrupt as e:
-                payload = getattr(e, "payload", None)  # None: interrupted before this run wrote anything
-                if payload is None:
+                finished = getattr(e, "payload", None)  # None: interrupted before this run wrote anything
+                if finished is None:
                     print("interrupted before any result was written", file=sys.stderr)
                 else:
-                    write_report(out, payload)  # every finished claim
+                    write_report(out, finished)  # every finished claim
                     print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
                 return 130
             report = write_report(out, payload)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -25,7 +25,7 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, bud
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1,
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1,
                       max_rounds: int | None = None, budget_s: float | None = None) -> dict[str, list[float]]:
     """Seconds of every call of each ``fns[name]()``, timed in rounds: each round calls every function once, in an
     order that rotates by one per round, so that load which comes and goes on a shared machine falls on every

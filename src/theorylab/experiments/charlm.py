@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,19 +116,20 @@ class CharTransformer(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(vocab_size, c.width)
         self.position_embedding = nn.Embedding(c.seq_len, c.width)
-        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.attention, c.num_features) for _ in range(c.layers))
+        blocks = [Block(c.width, c.heads, c.attention, c.num_features) for _ in range(c.layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, vocab_size, bias=False)
         # GPT-2 initialisation of the layers defined here (the attention module keeps its own): N(0, 0.02), the
         # second MLP layer scaled by 1/sqrt(2 L) so the residual stream's variance does not grow with depth.
-        for m in [self.token_embedding, self.position_embedding, self.head, *(b.mlp for b in self.blocks)]:
+        for m in [self.token_embedding, self.position_embedding, self.head, *(b.mlp for b in blocks)]:
             for p_name, p in m.named_parameters():
                 if p_name.endswith("bias"):
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, std=0.02)
-        for b in self.blocks:
-            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * c.layers))
+        for b in blocks:
+            nn.init.normal_(cast(nn.Linear, b.mlp[2]).weight, std=0.02 / math.sqrt(2 * c.layers))
 
     @property
     def max_len(self) -> int:

@@ -75,6 +75,7 @@ def evaluate_bpc(model: CharTransformer, tokens: torch.Tensor, seq_len: int, *, 
     windows = shard_items(eval_windows(tokens, seq_len), env.rank, env.world_size)
     was_training = model.training
     model.eval()
+    count: float  # an int until all_reduce_sum returns it as a float
     total, count = 0.0, 0
     try:
         by_length: dict[int, list[int]] = {}

@@ -3,7 +3,7 @@ r"""Adam and AdamW as chains: ``ScaleByAdam`` with the decay part before it (L2)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -206,7 +206,7 @@ class Adam(ChainOptimizer):
         # by identity: list.index would compare the groups' tensors with ==
         has_complex = check_fused_params(group["params"],
                                          next(i for i, g in enumerate(self.param_groups) if g is group))
-        grads = [p.grad for p in params]
+        grads = cast("list[Tensor]", [p.grad for p in params])  # step() passes the parameters with a gradient
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]

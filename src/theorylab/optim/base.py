@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -188,7 +188,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         # The validation runs as the last load pre-hook: after the user's hooks (a hook that adapts an old
         # checkpoint must do so before it is checked), each of which torch runs once. It sits in torch's own dict
         # only for this call, so hooks registered meanwhile keep their order (prepend) and their handles.
-        hooks = self._optimizer_load_state_dict_pre_hooks
+        # torch types the hooks' dict by its own integer handle ids; this one key is a str, which cannot clash
+        hooks = cast("OrderedDict[int | str, Callable[..., Any]]", self._optimizer_load_state_dict_pre_hooks)
         hooks[_VALIDATE] = lambda optimizer, loaded: self._checked_state_dict(loaded)
         hooks.move_to_end(_VALIDATE)
         try:
@@ -281,7 +282,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                     _real_view_chain_step(chain, group, t, bucket, states)
                     continue
                 ctx = StepContext(params=bucket, states=states, group=group, step=t, scratch=self._scratch)
-                chain_step(chain, ctx, [p.grad for p in bucket])
+                chain_step(chain, ctx, cast("list[Tensor]", [p.grad for p in bucket]))  # every p has a gradient
         return loss
 
     def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -331,7 +332,7 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
     views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
              for p, s in zip(params, states, strict=True)]
     ctx = StepContext(params=real_params, states=views, group=group, step=step)
-    chain_step(chain, ctx, [_real_view(p.grad) for p in params])
+    chain_step(chain, ctx, [_real_view(cast(Tensor, p.grad)) for p in params])  # params with a gradient only
     for state, view, real in zip(states, views, real_params, strict=True):
         if view is not state:
             state.update({k: torch.view_as_complex(v) if isinstance(v, Tensor) and v.shape == real.shape else v

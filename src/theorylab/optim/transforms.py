@@ -34,12 +34,15 @@ as torch.optim does.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from torch import Tensor
+
+#: the updates passed along a chain: the gradients (a list) or the output of a ``torch._foreach_*`` op (a tuple)
+TensorList: TypeAlias = list[Tensor] | tuple[Tensor, ...]
 
 
 @dataclass
@@ -58,7 +61,7 @@ class StepContext:
     step: int
     scale: float = 1.0
     decay: float = 0.0
-    denom: list[Tensor] | None = None
+    denom: TensorList | None = None
     owned: bool = False
     #: ``scratch(params) -> list[Tensor]``: reusable per-parameter work tensors (uninitialised), or None
     scratch: Callable[[list[Tensor]], list[Tensor]] | None = None
@@ -67,13 +70,13 @@ class StepContext:
 class Transform(Protocol):
     """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions."""
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         """Transform one bucket's updates (one tensor per parameter of ``ctx.params``), reading and writing the
         per-parameter state in ``ctx.states`` and the hyperparameters in ``ctx.group``; return the new updates."""
         ...
 
 
-def scaled(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
     """The true updates ``scale * u / denom + decay * p``, read-only unless ``ctx.owned``; resets the deferred
     arithmetic."""
     if ctx.denom is not None:
@@ -100,7 +103,7 @@ def scaled(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
     return updates
 
 
-def writable(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+def writable(updates: TensorList, ctx: StepContext) -> TensorList:
     """The true updates as tensors the chain owns (copied if needed), safe to modify in place."""
     updates = scaled(updates, ctx)
     if not ctx.owned:
@@ -109,7 +112,7 @@ def writable(updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
     return updates
 
 
-def _buffers(ctx: StepContext, key: str, like: list[Tensor]) -> list[Tensor]:
+def _buffers(ctx: StepContext, key: str, like: Sequence[Tensor]) -> list[Tensor]:
     """Per-parameter state tensors under ``key``, created as zeros on first use."""
     out = []
     for state, u in zip(ctx.states, like, strict=True):
@@ -123,7 +126,7 @@ def _buffers(ctx: StepContext, key: str, like: list[Tensor]) -> list[Tensor]:
 class ScaleByLearningRate:
     r"""``u <- lr * u`` with ``lr = group["lr"]`` read at every step (so lr schedulers apply). Deferred: free."""
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         ctx.scale *= ctx.group["lr"]
         ctx.decay *= ctx.group["lr"]
         return updates
@@ -144,7 +147,7 @@ class Trace:
     first_step_copies: bool = False
     nesterov_key: str | None = None
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         mu = ctx.group[self.key]
         if mu == 0:
             return updates
@@ -196,7 +199,7 @@ class RunningAverage:
         b = group[self.key]
         return b[self.index] if self.index is not None else b
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
@@ -227,7 +230,7 @@ class ScaleByAdam:
     running mean of each component's square, as in torch.optim.Adam.
     """
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta1, beta2 = ctx.group["betas"]
         eps = ctx.group["eps"]
         grads = scaled(updates, ctx)
@@ -237,6 +240,7 @@ class ScaleByAdam:
         torch._foreach_mul_(r, beta2)
         torch._foreach_addcmul_(r, grads, grads, 1.0 - beta2)
         bc1, bc2_sqrt = 1.0 - beta1**ctx.step, math.sqrt(1.0 - beta2**ctx.step)
+        denom: TensorList
         if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
             denom = ctx.scratch(ctx.params)
             for r_i, d_i in zip(r, denom, strict=True):
@@ -275,7 +279,7 @@ class AddDecayedWeights:
     key: str = "weight_decay"
     schedule: bool = False
 
-    def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         lam = ctx.group[self.key]
         if self.schedule:
             lam = lam * schedule_multiplier(ctx.group)
@@ -283,7 +287,7 @@ class AddDecayedWeights:
         return updates
 
 
-def chain_step(transforms: list[Transform], ctx: StepContext, grads: list[Tensor]) -> None:
+def chain_step(transforms: Sequence[Transform], ctx: StepContext, grads: TensorList) -> None:
     """Run the chain on ``grads`` (never modified) and apply ``p <- (1 - decay) p - scale * u / denom``."""
     updates = grads
     ctx.scale, ctx.decay, ctx.denom, ctx.owned = 1.0, 0.0, None, False

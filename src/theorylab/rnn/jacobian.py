@@ -34,6 +34,7 @@ The small eigen/QR problems run on one BLAS thread (see ``_threads``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -95,6 +96,15 @@ def _as_float64_params(rnn: RNN) -> tuple[Tensor, Tensor, Tensor]:
     return rnn.W.detach().to(F64), rnn.U.detach().to(F64), rnn.b.detach().to(F64)
 
 
+@overload
+def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: Tensor, s0: Tensor | None,
+                           form: str, *, scaled: Literal[False] = False) -> Tensor: ...
+@overload
+def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: Tensor, s0: Tensor | None,
+                           form: str, *, scaled: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: Tensor, s0: Tensor | None,
+                           form: str, *, scaled: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
 def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: Tensor, s0: Tensor | None,
                            form: str, *, scaled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """σ' along the trajectory in float64: (B, T, H), σ'(h_{t-1}) (form h) or σ'(a_t) (form g), t = 1..T.
@@ -158,7 +168,7 @@ def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
 
 
 def _top_eig_gram(M: np.ndarray, V: np.ndarray, rand: np.ndarray, tol: float, max_dim: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """λ₁(MᵀM) for each of B matrices M (B, H, H) by block Rayleigh–Ritz, warm-started.
 
     The search space starts as span{V[..., :k−1], rand} (the previous step's top Ritz vectors and one random

@@ -42,11 +42,12 @@ from .model import RNN
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, *, hi_label: str = "") -> int:
     """``value`` as an int; ValueError naming it unless it is an integer (any numbers.Integral, e.g. numpy's;
     bool excluded: True is almost certainly a slip, not 1) in [lo, hi]."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not ok or value < lo or (hi is not None and value > hi):
-        where = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi_label}{hi}]"
-        raise ValueError(f"{name} must be {where}, got {value!r} ({type(value).__name__})")
-    return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)  # the same integer (numbers.Integral declares no > to compare value itself with)
+        if n >= lo and (hi is None or n <= hi):
+            return n
+    where = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi_label}{hi}]"
+    raise ValueError(f"{name} must be {where}, got {value!r} ({type(value).__name__})")
 
 
 def _check_k(k: object, hidden: int) -> int:
@@ -159,8 +160,7 @@ class Certificate:
 
 def _check_steps(steps: object) -> float:
     """``steps`` as a float; ValueError naming it unless it is a real number ≥ 0 (not bool, not NaN)."""
-    ok = isinstance(steps, numbers.Real) and not isinstance(steps, bool)
-    if not ok or math.isnan(steps) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or math.isnan(steps) or steps < 0:
         raise ValueError(f"steps must be a real number >= 0, got {steps!r} ({type(steps).__name__})")
     return float(steps)
 

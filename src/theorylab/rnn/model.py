@@ -18,6 +18,7 @@ for g.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -206,7 +207,7 @@ class _Recurrence(torch.autograd.Function):
                 s = torch.addmm(drive[:, t], act.fn(s), w_t)
             else:
                 a = torch.addmm(drive[:, t], s, w_t)
-                pre[:, t] = a
+                cast(Tensor, pre)[:, t] = a  # form "g": pre is a tensor
                 s = act.fn(a)
             out[:, t + 1] = s
         states = out[:, 1:]

@@ -4,6 +4,7 @@ Each test pins a reproduced bug: the fast paths are compared with the float64 re
 (``linear_attention_log_reference`` where the plain reference would overflow), outputs and gradients."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -273,6 +274,16 @@ def test_non_floating_inputs_raise_a_type_error_naming_the_dtype(kind, dtype):
 def test_random_features_reject_a_bad_scale(cls, scale):
     with pytest.raises(ValueError, match=f"scale must be a positive finite number; got {scale!r}"):
         cls(4, 8, scale=scale)
+
+
+@pytest.mark.parametrize("cls", [PositiveRandomFeatures, TrigRandomFeatures])
+@pytest.mark.parametrize("scale", [Fraction(1, 10**400), 10**400, -(10**400)])
+def test_random_features_check_the_scale_they_will_use(cls, scale):
+    """A Fraction that is > 0 but rounds to 0.0 was accepted as scale 0.0; an int beyond float's range raised
+    OverflowError."""
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        cls(4, 8, scale=scale)
+    assert cls(4, 8, scale=Fraction(1, 4)).scale == 0.25
 
 
 @pytest.mark.parametrize("cls", [PositiveRandomFeatures, TrigRandomFeatures])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Literal, cast, overload
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -34,10 +34,13 @@ def positive_finite(value: object, *, what: str, name: str) -> float:
     """``value`` as a float; TypeError unless it is a real number, ValueError unless finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: {what} must be a positive finite number; got {value!r} ({type(value).__name__})")
-    # cast: numbers.Real declares only < and <= (real numbers have >, which is what runs)
-    if not (math.isfinite(value) and cast(float, value) > 0):
+    try:  # checked as the float it becomes: Fraction(1, 10**400) is > 0 but rounds to 0.0
+        x = float(value)
+    except OverflowError:  # an int or Fraction beyond float's range
+        x = math.inf
+    if not (math.isfinite(x) and x > 0):
         raise ValueError(f"{name}: {what} must be a positive finite number; got {value!r}")
-    return float(value)
+    return x
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,

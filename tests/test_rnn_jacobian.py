@@ -56,7 +56,10 @@ def test_matches_autograd_jacobian_and_svd(act, form):
     h0 = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
     ours = log_jacobian_norms(rnn, x, h0)
     assert ours.shape == (3, 25) and ours.dtype == F64
-    assert rel_err(ours, autograd_log_norms(rnn, x, h0)) <= 1e-8
+    expected = autograd_log_norms(rnn, x, h0)
+    assert rel_err(ours, expected) <= 1e-8
+    # the default takes an SVD per step at this size: the Ritz iteration is held to the same reference
+    assert rel_err(log_norms_of_products(jacobian_factors(rnn, x, h0), method="iterative"), expected) <= 1e-8
 
 
 @settings(max_examples=30, deadline=None)
@@ -240,12 +243,17 @@ def test_diagonal_and_permutation_w_are_exact(kind, act, form, hidden):
     torch.testing.assert_close(log_jacobian_norms(rnn, x), ref, atol=1e-9, rtol=0)
     back = log_norms_of_products_reference(factors.transposed_reversed()).flip(1)
     torch.testing.assert_close(log_jacobian_profile(rnn, x), back, atol=1e-9, rtol=0)
+    # what the review found was in the Ritz iteration, which the default leaves at this size for an SVD
+    torch.testing.assert_close(log_norms_of_products(factors, method="iterative"), ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(log_norms_of_products(factors.transposed_reversed(), method="iterative").flip(1),
+                               back, atol=1e-9, rtol=0)
 
 
 def test_identical_rows_give_identical_norms():
     rnn, x = _structured_rnn("identity", "tanh", 8, seed=0)
-    norms = log_jacobian_norms(rnn, x[:1].expand(8, -1, -1))
-    assert (norms - norms[:1]).abs().max() < 1e-12
+    for method in ("auto", "iterative"):
+        norms = log_norms_of_products(jacobian_factors(rnn, x[:1].expand(8, -1, -1), None), method=method)
+        assert (norms - norms[:1]).abs().max() < 1e-12
 
 
 @settings(max_examples=60, deadline=None)
@@ -281,3 +289,21 @@ def test_non_finite_w_is_named_not_a_lapack_error(bad):
     for fn in (log_jacobian_norms, log_jacobian_profile):
         with pytest.raises(ValueError, match="parameter W is not finite"):
             fn(rnn, x)
+
+
+def test_auto_takes_the_svd_for_small_products_only(monkeypatch):
+    """method="auto" (the default) is "svd" up to B·H³ = SVD_MAX_WORK, where the Ritz iteration's per-step Python
+    work costs more than an SVD, and "iterative" above; both give the same norms."""
+    from theorylab.rnn import jacobian as jac
+
+    calls = []
+    real = jac._top_eig_gram
+    monkeypatch.setattr(jac, "_top_eig_gram", lambda *a: calls.append(1) or real(*a))
+    small = make_rnn(hidden=6)
+    factors = jacobian_factors(small, torch.randn(2, 10, 3, dtype=F64), None)
+    auto = log_norms_of_products(factors)
+    assert not calls
+    assert rel_err(auto, log_norms_of_products(factors, method="iterative")) <= 1e-8 and calls
+    monkeypatch.setattr(jac, "SVD_MAX_WORK", 2 * 6**3 - 1)  # one below this product's work
+    calls.clear()
+    assert rel_err(log_norms_of_products(factors), auto) <= 1e-8 and calls

@@ -277,7 +277,8 @@ def test_random_features_reject_a_bad_scale(cls, scale):
 
 
 @pytest.mark.parametrize("cls", [PositiveRandomFeatures, TrigRandomFeatures])
-@pytest.mark.parametrize("scale", [Fraction(1, 10**400), 10**400, -(10**400)])
+@pytest.mark.parametrize("scale", [Fraction(1, 10**400), 10**400, -(10**400)],
+                         ids=["tiny-fraction", "huge-int", "huge-negative-int"])
 def test_random_features_check_the_scale_they_will_use(cls, scale):
     """A Fraction that is > 0 but rounds to 0.0 was accepted as scale 0.0; an int beyond float's range raised
     OverflowError."""

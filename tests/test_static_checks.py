@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+IN_CHECKOUT = (ROOT / "pyproject.toml").is_file() and (ROOT / "src" / "theorylab").is_dir()
+pytestmark = pytest.mark.skipif(not IN_CHECKOUT, reason="these check the repository's sources: run from a checkout")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -781,9 +781,9 @@ def why_decoupled(seed: int, quick: bool) -> Evidence:
         (f"Adam decoupled best error ({100 * best_dec:.2f}% vs Adam+L2 {100 * best_l2:.2f}%: "
          f"{100 * (best_dec - best_l2):.2f} points worse, {(best_dec - best_l2) / max(se_diff, 1e-12):.1f} standard "
          "errors of the difference; allowed: 1)", error_ok),
-        ("Adam orientation gap not beyond replicate noise (paired 90% bootstrap interval includes 0)",
+        ("Adam orientation gap not beyond replicate noise (paired 90% bootstrap interval reaches 0 within rounding)",
          beyond_noise["adam"]),
-        ("SGD orientation gap not beyond replicate noise (paired 90% bootstrap interval includes 0)",
+        ("SGD orientation gap not beyond replicate noise (paired 90% bootstrap interval reaches 0 within rounding)",
          beyond_noise["sgd"])) if not ok]
     flatness = []  # how much the best cells differ, against the noise of one cell: is the orientation resolved?
     for name in ("adam-l2", "adam-decoupled"):

@@ -94,3 +94,20 @@ def test_a_busy_out_exits_2_on_every_rank(tmp_path):
     assert [p.returncode for p in procs] == [2, 2]
     assert "another theorylab run is writing into" in errs[0] and errs[1] == ""  # rank 0 says it
     assert list(out.iterdir()) == []
+
+
+def test_a_usage_error_on_another_rank_waits_for_rank_0_to_report_it(tmp_path, monkeypatch, capsys):
+    """Under torchrun, a rank other than 0 that exited 2 first made torchrun stop rank 0 before it had printed the
+    reason (seen once with torch 2.4). Such a rank now waits; torchrun ends the wait when rank 0 exits."""
+    from theorylab.cli import main, train
+
+    slept = []
+    monkeypatch.setattr(train.time, "sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, delays in (("1", [train.NON_MAIN_EXIT_DELAY_S]), ("0", [])):
+        monkeypatch.setenv("RANK", rank)
+        slept.clear()
+        assert main(["train", "charlm", "--seq-len", "0", "--out", str(tmp_path / "x")]) == 2
+        assert slept == delays
+        assert capsys.readouterr().err.count("seq-len must be positive") == (rank == "0")
+    assert not (tmp_path / "x").exists()

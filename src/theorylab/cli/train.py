@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
@@ -83,6 +85,10 @@ class UsageError(ValueError):
     pass
 
 
+#: how long a rank other than 0 waits before it exits 2 on a usage error, so that rank 0 reports it first
+NON_MAIN_EXIT_DELAY_S = 5.0
+
+
 def resolve_config(args: argparse.Namespace, saved: dict | None):
     """The run's config: defaults (or the checkpoint's) updated with the options given on the command line.
 
@@ -114,12 +120,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     except UsageError as e:
         if main:
             print(f"theorylab train charlm: error: {e}", file=sys.stderr)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun stops every rank once one has exited with an error: had this rank exited first, rank 0
+            # could be stopped before printing why. Under torchrun rank 0's exit ends this wait at once.
+            time.sleep(NON_MAIN_EXIT_DELAY_S)
         return 2
 
 
 def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack) -> int:
-    import os
-
     from ..experiments.checkpoint import CheckpointError
     from ..experiments.distributed import all_reduce_sum, init_distributed, shutdown
     from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run

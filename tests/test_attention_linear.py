@@ -415,3 +415,18 @@ def test_a_block_budget_also_bounds_the_intra_chunk_products_when_chunks_outgrow
     with torch.no_grad():
         extra = peak_memory(lambda: linear_attention(q, k, v, fm, causal=True))
     assert extra < 8 * 2**20, extra / 2**20  # the output is 1 MiB; products of 2 chunks ~1 MiB, a few of each
+
+
+def test_importing_and_eager_causal_calls_do_not_load_dynamo():
+    """The data-dependent check is marked for torch.compile lazily: ``@torch.compiler.disable`` at import loaded
+    torch._dynamo, about 1 s of the 2.2 s that ``import theorylab.attention`` took (torch alone: 1.1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from theorylab.attention import PositiveRandomFeatures, linear_attention; "
+            "q = torch.randn(1, 2, 40, 4); "
+            "linear_attention(q, q, q, PositiveRandomFeatures(4, 8, seed=0), causal=True, chunk_size=8); "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -46,9 +46,11 @@ block of causal chunks.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,9 @@ from ._checks import (
     zero_padded,
 )
 from .features import PositiveRandomFeatures
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 1M feature entries per chunk (4 MB in float32: with the
@@ -485,7 +490,7 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     # m_j is needed only in chunks redone per query)
     ends = torch.maximum(torch.cummax(logw.detach().amax(3), dim=2).values, ref[:, :, None])  # (B, H, g, W)
     before = torch.cat([ref[:, :, None], ends], dim=2)  # (B, H, g + 1, W): the reference entering chunk c
-    steep = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
+    steep: dict[int, Any] = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
     for c in steep:  # keep those chunks' queries: query_features overwrites prepared
         steep[c] = (steep[c], prepared[:, :, c].clone())
     qf = terms.query_features(prepared, ends[:, :, :, None])  # (B, H, g, C, M), relative to r_c
@@ -523,7 +528,26 @@ def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
     return torch.stack([torch.zeros_like(like) if t is None else t for t in read], dim=2)
 
 
-@torch.compiler.disable  # data-dependent: torch.compile breaks the graph here rather than skip the check
+def _compiler_disabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``torch.compiler.disable(fn)``, applied on the first call that may be compiled: applying it imports
+    torch._dynamo (~1 s), which ``import theorylab`` should not pay. Before anything imports torch._dynamo no
+    torch.compile can be tracing, so fn is called as it is. The first call traced by torch.compile breaks the
+    graph at the (skipped) ``torch.compiler.disable`` call and runs eagerly; later traces break at fn's call."""
+    disabled: Callable[_P, _R] | None = None
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        nonlocal disabled
+        if disabled is None:
+            if not torch.compiler.is_compiling() and "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
+@_compiler_disabled  # data-dependent: torch.compile breaks the graph here rather than skip the check
 def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> dict[int, Tensor]:
     """The chunks where the running maximum m rises by more than ``limit`` between a query that sees a key and
     the chunk's end (in any (batch, head, column)), each with its m_j (B, H, C, W); one read-back per block.

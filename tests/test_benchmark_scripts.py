@@ -1,0 +1,58 @@
+"""The standalone scripts in benchmarks/ that README numbers come from still run (tiny sizes, seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from theorylab.claims import q4_weight_decay as q4
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.skipif(not BENCHMARKS.is_dir(), reason="benchmarks/ ships with a checkout only")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_q4_power_writes_the_claims_numbers_and_a_readout(tmp_path, monkeypatch):
+    power = _load("q4_power")
+    tiny = dataclasses.replace(q4.QUICK, n_lr=3, n_wd=3, steps=10, n_train=60)
+    monkeypatch.setattr(q4, "FULL", tiny)
+    out = tmp_path / "power.json"
+    monkeypatch.setattr(sys, "argv", ["q4_power", "--replicates", "2", "--data-seeds", "3", "--json", str(out)])
+    power.main()
+    result = json.loads(out.read_text(encoding="utf-8"))
+    (row,) = result["rows"]
+    assert row["replicates"] == 2 and row["numbers"]["seeds"] == 2 and row["numbers"]["steps"] == 10
+    assert result["readout"] in ("power", "no effect at this power")
+    power_holds = row["adam_gap_resolved"] and row["point_criterion_passes"]
+    assert (result["readout"] == "power") == power_holds
+    assert row["verify_rule_confirms"] <= power_holds  # verify's rule adds the SGD conditions
+
+
+def test_q4_power_refuses_one_replicate(monkeypatch):
+    power = _load("q4_power")
+    monkeypatch.setattr(sys, "argv", ["q4_power", "--replicates", "1"])
+    with pytest.raises(SystemExit) as exc:
+        power.main()
+    assert exc.value.code == 2
+
+
+def test_q4_rotational_equilibrium_runs(tmp_path, monkeypatch):
+    bench = _load("q4_rotational_equilibrium")
+    out = tmp_path / "eq.json"
+    monkeypatch.setattr(sys, "argv", ["q4_rotational_equilibrium", "--steps", "6", "--tail", "3", "--json", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * sum(len(v) for v in bench.DECAYS.values())
+    assert all(len(r["angular_step"]) == len(bench.LRS) and all(a >= 0 for a in r["angular_step"]) for r in rows)

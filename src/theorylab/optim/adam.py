@@ -22,7 +22,7 @@ from .base import (
     check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
-from .transforms import ScaleByAdam, Transform
+from .transforms import ScaleByAdam, Transform, reference_lr
 
 #: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -197,7 +197,7 @@ class Adam(ChainOptimizer):
             return False
         weight_decay, lr = group["weight_decay"], group["lr"]
         if group["decay"] == "decoupled" and weight_decay != 0:
-            lr0 = group.get("initial_lr", lr)
+            lr0 = reference_lr(group)
             if lr0 == 0:
                 # the chain's multiplier is then 1 (decay λθ at any lr) while the kernel decays by lr·wd·θ, which
                 # no wd matches at lr == 0; a corner case not worth a second code path: the chain runs it exactly

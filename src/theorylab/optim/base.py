@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .transforms import StepContext, Transform, chain_step
+from .transforms import CONSTRUCTION_LR_KEY, StepContext, Transform, chain_step
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
@@ -40,7 +41,11 @@ def as_real(value: Any, name: str) -> float:
         if value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
             return float(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's bool is not numbers.Real
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int or Fraction beyond the float range (10**400)
+            raise ValueError(f"Invalid {name}: {type(value).__name__} value too large for a float (its magnitude "
+                             f"is above {sys.float_info.max:.4g})") from None
     raise TypeError(f"Invalid {name}: {value!r} has type {type(value).__name__}; expected a real number (an int, a "
                     "float, a numpy scalar or a one-element tensor)")
 
@@ -109,6 +114,17 @@ def check_nonfinite(policy: str) -> None:
         raise ValueError(f"Invalid nonfinite policy: {policy!r} (must be one of {', '.join(NONFINITE_POLICIES)})")
 
 
+def check_common_keys(group: dict[str, Any]) -> None:
+    """What every chain optimizer's group may hold besides its hyperparameters: the ``nonfinite`` policy and the
+    reference lrs of the schedule multiplier (``initial_lr``, set by lr schedulers or by hand, and the
+    constructor's lr), which must be finite and >= 0 (NaN would turn the decay into NaN, a negative one into
+    growth). Numbers are stored back as floats."""
+    check_nonfinite(group.get("nonfinite", "raise"))
+    for key in ("initial_lr", CONSTRUCTION_LR_KEY):
+        if group.get(key) is not None:
+            group[key] = check_nonnegative(group[key], key)
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or ±inf and the group's ``nonfinite`` policy is ``"raise"``."""
 
@@ -123,10 +139,10 @@ class ChainOptimizer(torch.optim.Optimizer):
     Parameters without a gradient are skipped and their step count does not advance; parameters of one group
     with different step counts are stepped in buckets, so bias corrections use each parameter's own count.
 
-    Every group records ``initial_lr`` (the lr it was created with, as torch's lr schedulers do), which the
-    schedule-multiplied decoupled decay reads. So a schedule written by hand (``group["lr"] = ...`` every step)
-    is measured against the constructor's lr; one consequence differs from torch.optim: an lr scheduler created
-    later starts from that lr too, not from an lr changed in between (set ``initial_lr`` as well to move it).
+    The schedule-multiplied decoupled decay divides the lr by a reference lr₀: the group's ``initial_lr``, which
+    torch's lr schedulers record when they are created (as with torch.optim, CyclicLR's is its ``base_lr``),
+    else the lr the group was created with, which every group records under ``"lr_at_construction"``. So a
+    schedule written by hand (``group["lr"] = ...`` every step) is measured against the constructor's lr.
 
     **Non-finite gradients.** ``group["nonfinite"]`` (default ``"raise"``) decides what a NaN or ±inf in any
     gradient of a group does, *before* any state or parameter is touched:
@@ -173,11 +189,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         given = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **given}
         self.check_group(merged)
-        check_nonfinite(merged.get("nonfinite", "raise"))
+        check_common_keys(merged)
         param_group.update({k: merged[k] for k in given})  # the validated values, as floats
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.setdefault("initial_lr", group["lr"])
+        group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -230,7 +246,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}
             try:
                 self.check_group(group)
-                check_nonfinite(group.get("nonfinite", "raise"))
+                check_common_keys(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from e
             groups.append(group)
@@ -245,6 +261,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             self.check_group(group)
+            check_common_keys(group)
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, schedule_multiplier
+from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, reference_lr, schedule_multiplier
 
 DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
 
@@ -57,7 +57,7 @@ def check_decay_rate(group: dict[str, Any]) -> None:
         rate = lam * schedule_multiplier(group)
         if rate >= 1:
             raise ValueError(f"decay='decoupled' with weight_decay={lam} at lr={lr} (initial_lr="
-                             f"{group.get('initial_lr', lr)}): the decay per step weight_decay * lr / initial_lr = "
+                             f"{reference_lr(group)}): the decay per step weight_decay * lr / initial_lr = "
                              f"{rate:g} must be < 1 (the weights are multiplied by 1 - {rate:g})")
     elif lr * lam >= 1:
         raise ValueError(f"decay='decoupled_lr' with lr={lr}, weight_decay={lam}: the decay per step lr * "
@@ -75,7 +75,7 @@ def with_decay(preconditioner: list[Transform], decay: str) -> list[Transform]:
     check_decay(decay)
     lr = ScaleByLearningRate()
     if decay == "l2":
-        return [AddDecayedWeights(), *preconditioner, lr]
+        return [AddDecayedWeights(into_gradient=True), *preconditioner, lr]
     if decay == "decoupled_lr":
         return [*preconditioner, AddDecayedWeights(), lr]
     return [*preconditioner, lr, AddDecayedWeights(schedule=True)]

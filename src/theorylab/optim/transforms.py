@@ -41,6 +41,9 @@ from typing import Any, Protocol, TypeAlias
 import torch
 from torch import Tensor
 
+#: half-precision dtypes, where deferring a small factor to a separate multiply can round it away
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 #: the updates passed along a chain: the gradients (a list) or the output of a ``torch._foreach_*`` op (a tuple)
 TensorList: TypeAlias = list[Tensor] | tuple[Tensor, ...]
 
@@ -224,7 +227,8 @@ class ScaleByAdam:
 
     δ is added to :math:`\sqrt{\hat r_t}` (outside the root), as torch.optim.Adam. Computed as
     :math:`\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\cdot m_t / (\sqrt{r_t} + \delta\sqrt{1-\beta_2^t})`, which is the
-    same number with two fewer passes over memory (the scalar is deferred). State: ``exp_avg`` (m) and
+    same number with two fewer passes over memory (the scalar is deferred); in float16 and bfloat16, where
+    :math:`\delta\sqrt{1-\beta_2^t}` can round to 0, as torch computes it. State: ``exp_avg`` (m) and
     ``exp_avg_sq`` (r), torch's names. :math:`u^2` is the elementwise square of real tensors: complex parameters
     reach the chain as ``view_as_real`` pairs (see :class:`~theorylab.optim.ChainOptimizer`), so r holds the
     running mean of each component's square, as in torch.optim.Adam.
@@ -247,17 +251,36 @@ class ScaleByAdam:
                 torch.sqrt(r_i, out=d_i)
         else:
             denom = torch._foreach_sqrt(r)
-        torch._foreach_add_(denom, eps * bc2_sqrt)
-        ctx.scale *= bc2_sqrt / bc1
+        if any(p.dtype in HALF_DTYPES for p in ctx.params):
+            # torch.optim's order, one more pass: in float16, δ·√(1−β₂ᵗ) (1e-8 · 0.03 at t = 1) rounds to 0, and a
+            # zero gradient entry would then give 0/0
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            ctx.scale /= bc1
+        else:
+            torch._foreach_add_(denom, eps * bc2_sqrt)
+            ctx.scale *= bc2_sqrt / bc1
         ctx.denom = denom  # the division m / denom is left to the optimizer's addcdiv_
         ctx.owned = False
         return m
 
 
+#: the group key under which :class:`~theorylab.optim.ChainOptimizer` records the lr a group was created with
+CONSTRUCTION_LR_KEY = "lr_at_construction"
+
+
+def reference_lr(group: dict[str, Any]) -> float:
+    r""":math:`\text{lr}_0` of the schedule multiplier: ``initial_lr`` where an lr scheduler recorded it (torch's
+    schedulers set it when created, CyclicLR after moving the lr to its ``base_lr``), else the lr the group was
+    created with (so an lr set by hand at every step is measured against a fixed reference), else the lr."""
+    lr0 = group.get("initial_lr")
+    return lr0 if lr0 is not None else group.get(CONSTRUCTION_LR_KEY, group["lr"])
+
+
 def schedule_multiplier(group: dict[str, Any]) -> float:
-    r""":math:`\eta_t = \text{lr}/\text{lr}_0`, the schedule multiplier of Loshchilov & Hutter (``initial_lr`` is
-    what lr schedulers record); 1 when ``lr_0 = 0``, where it has no meaning."""
-    lr0 = group.get("initial_lr", group["lr"])
+    r""":math:`\eta_t = \text{lr}/\text{lr}_0`, the schedule multiplier of Loshchilov & Hutter
+    (:func:`reference_lr`); 1 when :math:`\text{lr}_0 = 0`, where it has no meaning."""
+    lr0 = reference_lr(group)
     return group["lr"] / lr0 if lr0 != 0 else 1.0
 
 
@@ -273,17 +296,24 @@ class AddDecayedWeights:
       (torch.optim.AdamW, optax.adamw);
     * **after** :class:`ScaleByLearningRate` with ``schedule=True``: decay
       :math:`\eta_t\lambda\,p` with the schedule multiplier :math:`\eta_t = \text{lr}/\text{lr}_0`
-      (``group["initial_lr"]``; 1 when that is 0) — Loshchilov & Hutter (2019), Algorithm 2.
+      (:func:`reference_lr`; 1 when that is 0) — Loshchilov & Hutter (2019), Algorithm 2.
+
+    ``into_gradient`` (the L2 position) adds :math:`\lambda p` to the updates at once in float16 and bfloat16, as
+    torch.optim does: deferred, it would reach p as a separate ``p.mul_(1 - lr·λ)``, which rounds back to p when
+    lr·λ is below half a unit in the last place (2⁻⁹ in bfloat16), and the decay would be lost.
     """
 
     key: str = "weight_decay"
     schedule: bool = False
+    into_gradient: bool = False
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         lam = ctx.group[self.key]
         if self.schedule:
             lam = lam * schedule_multiplier(ctx.group)
         ctx.decay += lam  # deferred: applied to p as p.mul_(1 - decay) at the end, or by `scaled`
+        if self.into_gradient and lam != 0 and any(p.dtype in HALF_DTYPES for p in ctx.params):
+            return scaled(updates, ctx)
         return updates
 
 

@@ -358,3 +358,112 @@ def test_chaotic_unit_matches_autograd_through_the_models_own_forward(form):
         jac = torch.autograd.functional.jacobian(lambda s, t=t: rnn(x[:, :t], s)[1], h0)[0, :, 0, :]
         ref = torch.log(torch.linalg.matrix_norm(jac, ord=2))
         assert float(((ours[t - 1] - ref) / ref).abs()) <= 1e-8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the ninth session's review: products that shrink by more than float64's range in one step, Benettin's carry
+# between QRs, Certificate.bound at large T, and the arguments of the public helpers
+
+
+def _relu_rnn(W: torch.Tensor) -> RNN:
+    """relu, U = 0, b = 1: from h0 = 1 every state stays positive, so every J_t = W."""
+    rnn = RNN(1, W.shape[0], activation="relu").double()
+    with torch.no_grad():
+        rnn.W.copy_(W)
+        rnn.U.zero_()
+        rnn.b.fill_(1.0)
+    return rnn
+
+
+@pytest.mark.parametrize("method", ["svd", "iterative"])
+def test_a_product_that_shrinks_by_1e200_in_one_step_keeps_its_norm(method):
+    """W = [[0, 1], [1e-200, 0]]: W² = 1e-200·I, W³ = 1e-200·W, W⁴ = 1e-400·I. θ = ‖M‖² had underflowed to 0
+    and the norms read −inf from t = 2."""
+    from theorylab.rnn import log_norms_of_products
+
+    rnn = _relu_rnn(torch.tensor([[0.0, 1.0], [1e-200, 0.0]], dtype=F64))
+    x, h0 = torch.zeros(1, 4, 1, dtype=F64), torch.ones(1, 2, dtype=F64)
+    got = log_norms_of_products(jacobian_factors(rnn, x, h0), method=method)
+    tiny = math.log(1e-200)
+    torch.testing.assert_close(got, torch.tensor([[0.0, tiny, tiny, 2 * tiny]], dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("a", [182.0, 186.5, 200.0, 350.0])
+def test_one_saturated_step_is_measured_to_full_precision(a):
+    """tanh, W = diag(1, 0), h0 = (a, 0), T = 1: ‖∂h_1/∂h_0‖ = sech²(a). Relative error had been 5.5e-2 at
+    a = 186.5 and −inf at a = 200."""
+    from theorylab.rnn import log_jacobian_profile
+
+    rnn = fixed_rnn(torch.diag(torch.tensor([1.0, 0.0], dtype=F64)))
+    x, h0 = torch.zeros(1, 1, 1, dtype=F64), torch.tensor([[a, 0.0]], dtype=F64)
+    exact = math.log(4.0) - 2 * a - 2 * math.log1p(math.exp(-2 * a))
+    for got in (log_jacobian_norms(rnn, x, h0), log_jacobian_profile(rnn, x, h0)):
+        assert abs(float(got[0, 0]) - exact) <= 1e-12 * abs(exact)
+
+
+def test_lyapunov_with_sparse_qr_neither_underflows_nor_overflows():
+    """Between QRs Q had been carried unscaled: a contracting unit underflowed to −inf, a growing one to NaN."""
+    contracting = _relu_rnn(1e-10 * torch.eye(2, dtype=F64))
+    x, h0 = torch.zeros(1, 100, 1, dtype=F64), torch.ones(1, 2, dtype=F64)
+    for every in (1, 40, 100):
+        got = lyapunov_spectrum(contracting, x, h0, 2, reorthonormalize_every=every)
+        torch.testing.assert_close(got, torch.full((1, 2), math.log(1e-10), dtype=F64), rtol=1e-12, atol=1e-12)
+    rotating = fixed_rnn(1e3 * torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=F64))  # stays at the origin: J = W
+    x = torch.zeros(1, 300, 1, dtype=F64)
+    for every in (1, 300):
+        got = lyapunov_spectrum(rotating, x, None, 2, reorthonormalize_every=every)
+        torch.testing.assert_close(got, torch.full((1, 2), math.log(1e3), dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+def test_certificate_bound_overflows_to_inf_as_documented():
+    cert = Certificate(1.5, 1.0, 1.5, False)
+    assert cert.bound(2000) == math.inf and cert.log_bound(2000) == pytest.approx(2000 * math.log(1.5))
+    assert Certificate(0.5, 1.0, 0.5, True).bound(2000) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, name", [({"block": 0}, "block"), ({"block": -1}, "block"),
+                                          ({"block": 2.0}, "block"), ({"max_dim": 0}, "max_dim"),
+                                          ({"tol": float("nan")}, "tol"), ({"tol": -1e-3}, "tol"),
+                                          ({"tol": 0.0}, "tol")])
+def test_log_norms_of_products_refuses_bad_iteration_settings(kwargs, name):
+    """block = 0 had looped forever (the search space never grew)."""
+    from theorylab.rnn import log_norms_of_products
+
+    rnn = RNN(1, 6)
+    factors = jacobian_factors(rnn, torch.randn(1, 5, 1, generator=torch.Generator().manual_seed(0)), None)
+    with pytest.raises(ValueError, match=name):
+        log_norms_of_products(factors, method="iterative", **kwargs)
+
+
+def test_non_finite_factors_and_scales_are_named_by_every_consumer():
+    from theorylab.rnn import JacobianFactors, log_norms_of_products
+
+    A, d = torch.eye(2, dtype=F64), torch.ones(1, 3, 2, dtype=F64)
+    bad_A = A.clone()
+    bad_A[0, 1] = math.nan
+    with pytest.raises(ValueError, match="factors.A is not finite"):
+        log_norms_of_products(JacobianFactors(bad_A, d, True))
+    scale = torch.zeros(1, 3, dtype=F64)
+    scale[0, 1] = math.nan
+    for fn in (log_norms_of_products, lambda f: lyapunov_from_factors(f, 1)):
+        with pytest.raises(ValueError, match="d_log_scale"):
+            fn(JacobianFactors(A, d, True, scale))
+    scale[0, 1] = -math.inf  # an exactly zero step is allowed
+    assert float(log_norms_of_products(JacobianFactors(A, d, True, scale))[0, -1]) == -math.inf
+
+
+def test_trajectory_derivatives_refuses_an_unknown_form():
+    from theorylab.rnn.jacobian import trajectory_derivatives
+
+    W, U, b = torch.eye(2, dtype=F64), torch.zeros(2, 1, dtype=F64), torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match="form must be one of 'h', 'g', got 'H'"):
+        trajectory_derivatives(W, U, b, "tanh", torch.zeros(1, 3, 1, dtype=F64), None, "H")
+
+
+@pytest.mark.parametrize("clip", [-1.0, 0.0, float("nan"), float("inf"), True])
+def test_train_refuses_a_clip_that_is_not_a_positive_number(clip):
+    """clip_grad_norm_ takes a negative max_norm and flips every gradient (the adding task's loss went to 41)."""
+    from theorylab.rnn.tasks import train
+
+    with pytest.raises(ValueError, match="clip must be None or a finite number > 0"):
+        train("adding", 5, clip=clip, iterations=1)

@@ -8,12 +8,13 @@ and the chain rule gives :math:`\partial s_t/\partial s_0 = P_t = J_t J_{t-1}\cd
 
 :func:`log_jacobian_norms` returns :math:`\log\|P_t\|_2` for every t. The running product is kept as
 :math:`P_t = e^{c_t} M_t` with :math:`\|M_t\|_2 = 1`: each step multiplies :math:`M` by :math:`J_t` (one H×H matmul,
-with A and d_t pre-scaled to max-abs 1 and their logs added to :math:`c`), measures :math:`\|M\|_2` exactly and divides
-it out. Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent W, a dead relu layer)
-gives :math:`-\infty`. One limit remains: within one step, a unit whose σ' lies more than float64's range
-(~e^-745) below the step's largest is flushed to 0. That loses nothing unless every larger direction later dies
-while that one survives, as with decoupled units (W diagonal) where a tanh unit sits at a pre-activation of 1000
-while another sits at 0: such a product is reported as :math:`-\infty` though it is ~e^-1600.
+with A, d_t and then the new M scaled to max-abs 1 and their logs added to :math:`c`, so that
+:math:`1 \le \|M\|_2 \le H`), measures :math:`\|M\|_2` exactly and divides it out. Nothing overflows or
+underflows at any horizon; an exactly zero product (a nilpotent W, a dead relu layer) gives :math:`-\infty`.
+One limit remains: within one step, a unit whose σ' lies more than float64's range (~e^-745) below the step's
+largest is flushed to 0. That loses nothing unless every larger direction later dies while that one survives, as
+with decoupled units (W diagonal) where a tanh unit sits at a pre-activation of 1000 while another sits at 0:
+such a product is reported as :math:`-\infty` though it is ~e^-1600.
 
 The norm :math:`\|M\|_2 = \sqrt{\lambda_1(M^\top M)}` comes from a block Rayleigh–Ritz iteration on
 :math:`M^\top M` (never formed), warm-started from the previous step's top-k right singular vectors plus one random
@@ -35,6 +36,8 @@ The small eigen/QR problems run on one BLAS thread (see ``_threads``).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, overload
 
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads, threads_for
 from .activations import get_activation
-from .model import RNN
+from .model import FORMS, RNN
 
 F64 = torch.float64
 
@@ -116,6 +119,8 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     d_t divided by its largest |entry|, whose log is ``log_scale`` (B, T) (see :class:`JacobianFactors`), computed
     from log|σ'| so that derivatives below float64's range are not lost.
     """
+    if form not in FORMS:  # any other string would silently run the g-form
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     act = get_activation(activation)
     W, U, b, x = W.to(F64), U.to(F64), b.to(F64), x.to(F64)
     bsz, steps, _ = x.shape
@@ -147,7 +152,7 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     if scaled and not bool(torch.isfinite(z).all()):  # an overflowed state has no Jacobian: say so, not "−inf"
         b_bad, t_bad = (int(i) for i in (~torch.isfinite(z)).any(-1).nonzero()[0])
         raise ValueError(f"the state trajectory is not finite (inf or NaN) from step {t_bad} of sequence {b_bad}: "
-                         f"the unit overflowed, so its Jacobians are undefined")
+                         f"an input (x or h0) is not finite or the unit overflowed, so its Jacobians are undefined")
     if not scaled:
         return act.deriv(z)
     log_abs, sign = act.log_deriv(z)
@@ -307,6 +312,10 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     """
     if method not in ("auto", "iterative", "svd"):
         raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
+    block, max_dim = _check_count("block", block), _check_count("max_dim", max_dim)  # block 0 looped forever
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a real number in (0, 1), got {tol!r}")
+    _check_factors_finite(factors)
     stats = {} if stats is None else stats
     device = factors.d.device
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
@@ -337,7 +346,13 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
         for t in range(steps):
             dt = d[:, t, :, None]  # (B, H, 1)
             M = A @ (dt * M) if factors.diag_right else dt * (A @ M)  # (B, H, H)
-            c = c + step_log[:, t]
+            # back to max-abs 1 before the norm: one step can shrink M by any factor (W = [[0, 1], [1e-200, 0]]
+            # twice gives 1e-200·I), and θ = ‖M‖² below ~e^-708 would lose digits, then read as an exact 0
+            m_max = np.abs(M).max(axis=(-2, -1))
+            m_scale = np.where(m_max > 0, m_max, 1.0)
+            M /= m_scale[:, None, None]
+            with np.errstate(divide="ignore"):
+                c = c + step_log[:, t] + np.log(m_scale)
             if use_svd:
                 theta, conv, ext = np.linalg.svd(M, compute_uv=False)[:, 0] ** 2, np.ones(bsz, dtype=bool), 0
             else:
@@ -361,6 +376,25 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
             M /= safe[:, None, None]
             c = np.where(zero, -np.inf, c + np.log(safe))
     return torch.from_numpy(out).to(device)
+
+
+def _check_count(name: str, value: object) -> int:
+    """``value`` as an int >= 1; ValueError naming it otherwise (bool refused)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+
+
+def _check_factors_finite(factors: JacobianFactors) -> None:
+    """ValueError naming the first non-finite field: NaN would reach LAPACK as "SVD did not converge" or come
+    out as NaN norms. ``d_log_scale`` may be −inf (an exactly zero d_t), never NaN or +inf."""
+    for name, values in (("A", factors.A), ("d", factors.d)):
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"factors.{name} is not finite (contains NaN or inf)")
+    if factors.d_log_scale is not None:
+        scale = factors.d_log_scale
+        if bool(torch.isnan(scale).any()) or bool((scale == math.inf).any()):
+            raise ValueError("factors.d_log_scale contains NaN or +inf (only −inf, an exactly zero step, is allowed)")
 
 
 def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:

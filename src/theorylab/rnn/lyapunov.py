@@ -5,7 +5,8 @@ the growth rates :math:`\lambda_i = \lim_T \frac1T \log \sigma_i(J_T \cdots J_1)
 (Benettin et al. 1980; Shimada & Nagashima 1979) follows k orthonormal directions: :math:`Y = J_t Q`, and every
 ``reorthonormalize_every`` steps :math:`Q R = Y` (QR), accumulating :math:`\log|R_{ii}|`; then
 :math:`\lambda_i \approx \frac1T\sum\log|R_{ii}|`. Re-orthonormalising every step is the most stable; a longer
-interval saves QRs but lets the columns align with the top direction (and overflow) in between. The top exponent
+interval saves QRs but lets the columns align with the top direction in between (they are kept at max-abs 1,
+so nothing over- or underflows). The top exponent
 agrees with the slope of :math:`\log\|\partial s_T/\partial s_0\|` (:func:`~theorylab.rnn.log_jacobian_norms`).
 
 The starting directions are the first k columns of one random orthonormal (H, H) matrix, the same for every
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads
 from .activations import derivative_bound
-from .jacobian import F64, JacobianFactors, jacobian_factors
+from .jacobian import F64, JacobianFactors, _check_factors_finite, jacobian_factors
 from .model import RNN
 
 
@@ -83,9 +84,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     k = _check_k(k, hidden)
     if steps == 0:
         raise ValueError("Lyapunov exponents need at least one step: got a sequence of length T = 0")
-    for name, values in (("A", A), ("d", d)):  # NaN would propagate silently into every exponent
-        if not np.isfinite(values).all():
-            raise ValueError(f"factors.{name} is not finite (contains NaN or inf)")
+    _check_factors_finite(factors)  # NaN would propagate silently into every exponent
     scale = factors.log_scale().detach().cpu().numpy()  # d_t's true size, e^scale·d_t (see JacobianFactors)
     Q = np.broadcast_to(_starting_directions(hidden, k, seed), (bsz, hidden, k))  # read-only view: Q is rebound
     logs = np.zeros((bsz, k))
@@ -95,6 +94,12 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
             dt = d[:, t, :, None]
             Q = A @ (dt * Q) if factors.diag_right else dt * (A @ Q)  # (B, H, k)
             pending = pending + scale[:, t, None]
+            if every > 1:  # between QRs, keep Q at max-abs 1 (its log goes to pending): unscaled, a contracting
+                # product underflowed to 0 (read as −inf) and a growing one overflowed to NaN
+                q_max = np.abs(Q).max(axis=(-2, -1))[:, None]
+                q_scale = np.where(q_max > 0, q_max, 1.0)
+                Q = Q / q_scale[..., None]
+                pending = pending + np.log(q_scale)
             if (t + 1) % every == 0 or t == steps - 1:
                 Q, R = np.linalg.qr(Q)
                 with np.errstate(divide="ignore"):
@@ -155,7 +160,11 @@ class Certificate:
 
     def bound(self, steps: int | float) -> float:
         """δ^T itself (may underflow to 0 or overflow to inf: use :meth:`log_bound`); ValueError as log_bound."""
-        return self.delta ** _check_steps(steps)
+        steps = _check_steps(steps)
+        try:
+            return self.delta**steps
+        except OverflowError:  # Python floats raise rather than give inf (1.5 ** 2000)
+            return math.inf
 
 
 def _check_steps(steps: object) -> float:

@@ -135,7 +135,9 @@ class RNN(nn.Module):
         ``torch.promote_types(x.dtype, W.dtype)`` (h0 is cast to it). The recurrence is one autograd node
         (:class:`_Recurrence`: a hand-written backward through time, a few kernels per step) instead of T small
         graphs; :meth:`forward_reference` is the plain autograd loop it is tested against. It is differentiable
-        once: a second derivative raises RuntimeError (use :meth:`forward_reference` for those).
+        once, in reverse mode: a second derivative, forward mode (``jvp``) and the torch.func transforms
+        (``jacrev``, ``vmap``; also ``autograd.functional.jacobian(..., vectorize=True)``) raise RuntimeError or
+        NotImplementedError. Use :meth:`forward_reference` for those.
 
         Raises:
             ValueError: x not (B, T, input_size) or h0 not (B, hidden_size).

@@ -16,6 +16,7 @@ gradient clipping (``clip``) and an orthogonal initial W (``orthogonal``; the de
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -151,6 +152,9 @@ def train(task: str, steps: int, *, clip: float | None = None, orthogonal: bool 
     """Train the h-form tanh RNN on ``task`` at horizon T = ``steps`` with Adam; evaluate on fresh data."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not 0 < clip < math.inf):
+        # clip_grad_norm_ takes a negative max_norm and flips every gradient: gradient ascent
+        raise ValueError(f"clip must be None or a finite number > 0, got {clip!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     in_out = {"adding": (2, 1), "copy": (COPY_SYMBOLS + 2, COPY_SYMBOLS + 1), "digits": (1, 10)}[task]

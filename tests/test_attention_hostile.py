@@ -21,6 +21,7 @@ from theorylab.attention import (
     separable_attention,
     softmax_attention,
 )
+from theorylab.attention.exact import softmax_attention_reference
 from theorylab.attention.linear import linear_attention_log_reference, linear_attention_reference
 from theorylab.attention.separable import separable_attention_reference
 from theorylab.cost import peak_memory
@@ -337,6 +338,65 @@ def test_compiled_causal_favor_is_exact_where_the_running_maximum_rises_steeply(
     compiled = torch.compile(fn)(q, k, v)
     torch.testing.assert_close(compiled, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fn(q, k, v), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_causal_separable_never_sees_later_keys():
+    """The separable kernel's steep-rise check was skipped under torch.compile: a key 100 above the earlier ones at
+    position 5 zeroed the compiled outputs at positions 0-4 (eager and the reference were unchanged)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, 2, generator=gen) for _ in range(3))
+    later = k.clone()
+    later[:, :, 5] += 100.0
+    compiled = torch.compile(lambda q, k, v: separable_attention(q, k, v, causal=True))
+    before, after = compiled(q, k, v), compiled(q, later, v)
+    torch.testing.assert_close(after[:, :, :5], before[:, :, :5], atol=1e-6, rtol=1e-6)
+    ref = separable_attention_reference(q.double(), later.double(), v.double(), causal=True).float()
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("norm", [1e2, 1e6, 1e12, 1e18])
+def test_favor_float32_keys_of_one_large_norm_match_the_log_domain_reference(seed, norm):
+    """Keys of one norm differ only in ωᵀk (~|k|), which float32's rounding of -|k|²/2 (~|k|²) swamped: at norm
+    1e6 the output was 3.2 off. Such inputs now run in float64 (FLOAT32_LOG_SCALE_ERROR)."""
+    fm = PositiveRandomFeatures(8, 32, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 16, d, generator=gen) for d in (8, 8, 3))
+    q, k = (norm * x / x.norm(dim=-1, keepdim=True) for x in (q, k))
+    out = linear_attention(q, k, v, fm)
+    ref = linear_attention_log_reference(q.double(), k.double(), v.double(), fm.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_a_custom_map_that_returns_its_input_as_the_projection_leaves_q_and_k_alone():
+    """The kernel added the offset in place to what log_features_rowwise returned: q and k were overwritten."""
+
+    class IdentityLog(PositiveRandomFeatures):
+        def log_features_rowwise(self, x):
+            return x, -0.5 * (x * x).sum(-1) - 0.5 * math.log(self.num_features)
+
+    fm = IdentityLog(3, 3, scale=1.0).double()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, d, dtype=torch.float64, generator=gen) for d in (3, 3, 2))
+    q0, k0 = q.clone(), k.clone()
+    for causal in (False, True):
+        out = linear_attention(q, k, v, fm, causal=causal)
+        assert torch.equal(q, q0) and torch.equal(k, k0)
+        ref = linear_attention_reference(q, k, v, fm, causal=causal)
+        torch.testing.assert_close(out, ref)
+    q.requires_grad_()
+    linear_attention(q, k, v, fm).sum().backward()  # had raised: "a view ... is being modified inplace"
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("fn", [softmax_attention, softmax_attention_reference])
+def test_softmax_scale_of_any_real_type_is_a_float_or_a_value_error(fn):
+    q = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fn(q, q, q, scale=Fraction(1, 3)), fn(q, q, q, scale=1 / 3))  # SDPA: TypeError
+    for bad in (10**400, Fraction(10**400, 3), math.nan, True):  # 10**400 had raised OverflowError
+        with pytest.raises(ValueError, match="scale must be a finite number or None"):
+            fn(q, q, q, scale=bad)
 
 
 _KINDS = {

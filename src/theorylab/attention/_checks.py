@@ -4,12 +4,18 @@ v (B, H, Nk, Dv); ``key_padding_mask`` bool (B, Nk), True = padding, ignored).""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
-from typing import Literal, overload
+import sys
+from collections.abc import Callable
+from typing import Literal, ParamSpec, TypeVar, overload
 
 import torch
 from torch import Tensor
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def lowest(dtype: torch.dtype) -> float:
@@ -86,6 +92,25 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     except (RuntimeError, TypeError):  # a device type autocast does not know (meta)
         on = False
     return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def compiler_disabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``torch.compiler.disable(fn)``, applied on the first call that may be compiled: applying it imports
+    torch._dynamo (~1 s), which ``import theorylab`` should not pay. Before anything imports torch._dynamo no
+    torch.compile can be tracing, so fn is called as it is. The first call traced by torch.compile breaks the
+    graph at the (skipped) ``torch.compiler.disable`` call and runs eagerly; later traces break at fn's call."""
+    disabled: Callable[_P, _R] | None = None
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        nonlocal disabled
+        if disabled is None:
+            if not torch.compiler.is_compiling() and "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def can_inspect(x: Tensor) -> bool:

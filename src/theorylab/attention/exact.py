@@ -35,7 +35,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             scale is not a finite number.
     """
     _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
-    _check_scale(scale, "softmax_attention")
+    scale = _check_scale(scale, "softmax_attention")
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
@@ -46,18 +46,27 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     return out.masked_fill(empty, 0.0)
 
 
-def _check_scale(scale: float | None, name: str) -> None:
-    """ValueError unless scale is None or a finite real number (SDPA turned a NaN scale into finite outputs)."""
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale)):
+def _check_scale(scale: float | None, name: str) -> float | None:
+    """``scale`` as a float (SDPA takes floats only: a Fraction raised TypeError there), or None; ValueError unless
+    it is None or a finite real number (SDPA turned a NaN scale into finite outputs; 10**400 overflowed)."""
+    if scale is None:
+        return None
+    value = math.nan
+    if not isinstance(scale, bool) and isinstance(scale, numbers.Real):
+        try:
+            value = float(scale)
+        except OverflowError:
+            pass
+    if not math.isfinite(value):
         raise ValueError(f"{name}: scale must be a finite number or None; got {scale!r}")
+    return value
 
 
 def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                                 key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """The naive reference of :func:`softmax_attention`: forms the (B, H, Nq, Nk) score matrix."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention_reference")
-    _check_scale(scale, "softmax_attention_reference")
+    scale = _check_scale(scale, "softmax_attention_reference")
     scale = D ** -0.5 if scale is None else scale
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     scores = (q @ k.mT) * scale  # (B, H, Nq, Nk)

@@ -59,7 +59,8 @@ def test_an_lr_whose_first_adam_step_overflows_float32_exits_2(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("tamper", ["checkpoint_every", "eval_chars", "eval_every", "evals", "target_steps",
-                                    "adam_state", "train_bpc"])
+                                    "adam_state", "train_bpc", "maximize", "amsgrad", "eps", "betas",
+                                    "weight_decay"])
 def test_tampered_checkpoint_fields_exit_2(tmp_path, capsys, tamper):
     assert charlm(tmp_path, "--steps", "2") == 0
     path = tmp_path / "checkpoint.pt"
@@ -76,9 +77,12 @@ def test_tampered_checkpoint_fields_exit_2(tmp_path, capsys, tamper):
         ckpt["target_steps"] = "abc"
     elif tamper == "train_bpc":
         ckpt["train_bpc"] = ["x"]
-    else:
+    elif tamper == "adam_state":
         state = next(iter(ckpt["optimizer"]["state"].values()))
         state["exp_avg"] = torch.zeros(3, 3, 3)
+    else:  # the groups' settings: maximize=True had trained uphill (11 bits/char, exit 0), amsgrad crashed mid-run
+        ckpt["optimizer"]["param_groups"][0][tamper] = {"maximize": True, "amsgrad": True, "eps": -1e-8,
+                                                        "betas": (5.0, 5.0), "weight_decay": "x"}[tamper]
     torch.save(ckpt, path)
     before = path.read_bytes()
     capsys.readouterr()
@@ -199,3 +203,12 @@ def test_a_held_out_fraction_below_the_smallest_group_is_a_value_error():
 
     with pytest.raises(ValueError, match="holds out nothing"):
         data.split_topics(data._topics(), 1e-4)
+
+
+def test_a_warmup_beyond_a_float_exits_2(tmp_path, capsys):
+    """--warmup 1e400 passed (only >= 0 was checked) and overflowed at sqrt(warmup / step) on the first step."""
+    args = list(TINY)
+    del args[args.index("--warmup"):args.index("--warmup") + 2]
+    assert main(["train", "charlm", "--out", str(tmp_path), *args, "--warmup", "1" + "0" * 400, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "warmup must lie in [0, 9007199254740992]" in err and "Traceback" not in err

@@ -82,7 +82,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
         umask_mode(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        # backslashreplace: a path or argument that is not valid UTF-8 (Linux allows any bytes) reaches Python as
+        # lone surrogates, which UTF-8 cannot encode; written as \udcff escapes, the file stays valid JSON
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             json.dump(payload, f, indent=2, allow_nan=False, ensure_ascii=False)
             f.write("\n")
         os.replace(tmp, path)
@@ -114,7 +116,8 @@ def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[
             fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
             names.append(file)
         except Exception as e:  # noqa: BLE001 - reported in the claim's notes instead
-            (out_dir / file).unlink(missing_ok=True)
+            with contextlib.suppress(OSError, ValueError):  # the name itself may be what failed (too long, NUL)
+                (out_dir / file).unlink(missing_ok=True)
             failures.append(f"figure {name!r} could not be drawn: {type(e).__name__}: {str(e).strip()[:300]}")
         finally:
             if isinstance(fig, Figure):
@@ -181,7 +184,9 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:
                 record["notes"] = "\n".join(filter(None, [record.get("notes") or "", *failures]))
-    except (Exception, SystemExit):  # noqa: BLE001 - one failing claim must not lose the others (Ctrl-C still stops)
+    except KeyboardInterrupt:  # Ctrl-C stops the run (run_claims keeps what is finished)
+        raise
+    except BaseException:  # noqa: BLE001 - one failing claim must not lose the others (SystemExit, GeneratorExit too)
         record.update(verdict="error", evidence=record.get("evidence", {}), figures=[],
                       error=traceback.format_exc(), method=record.get("method", ""))
     finally:

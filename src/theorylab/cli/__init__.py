@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 
 def _subcommands() -> list:
@@ -18,6 +21,23 @@ def _subcommands() -> list:
         if e.name != "theorylab.cli.train":
             raise
     return modules
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C back (block SIGINT) for the block; a Ctrl-C meanwhile arrives when it ends, as KeyboardInterrupt.
+
+    ``import torch`` is not safe to interrupt: a SIGINT during it was ignored (the run went on and exited 0), or
+    left a half-initialised module (``ImportError: cannot load module more than once per process``, a claim
+    failing with RecursionError). Unix only; elsewhere, and off the main thread, the block runs as it is."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGINT is delivered here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="replace")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
+        with _interrupts_held():  # the subcommands import torch and numpy
+            parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help

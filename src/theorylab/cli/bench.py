@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,15 +23,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _check_json_target(name: str) -> str | None:
+    """Why ``--json name`` cannot be written, or None: checked before the benchmark, not after minutes of it."""
+    if not name.strip():
+        return "--json needs a file name"
+    if "\0" in name:  # pathlib's is_dir() answers False for it; the write at the end raised
+        return "--json contains a NUL byte"
+    path = Path(name)
+    try:
+        if path.is_dir():
+            return f"--json {name!r} is a folder; give a file name"
+    except (OSError, ValueError) as e:  # Python 3.11's pathlib lets "file name too long" and NUL bytes through
+        return f"--json {name!r} cannot be used: {getattr(e, 'strerror', None) or e}"
+    err = check_writable(path.parent, "the --json file's folder")
+    if err is None and hasattr(os, "pathconf"):  # the name itself: one longer than the filesystem allows
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+        if len(os.fsencode(path.name)) > limit:
+            err = f"--json file name is longer than the filesystem allows ({limit} bytes)"
+    return err
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     err = None
     if args.json is not None:  # before minutes of benchmarking, not after
-        if not args.json.strip():
-            err = "--json needs a file name"
-        elif Path(args.json).is_dir():
-            err = f"--json {args.json!r} is a folder; give a file name"
-        else:
-            err = check_writable(Path(args.json).parent, "the --json file's folder")
+        err = _check_json_target(args.json)
     if err:
         print(f"theorylab bench: error: {err}", file=sys.stderr)
         return 2

@@ -143,13 +143,17 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
         raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs of this machine), got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
+        out_is_dir = out.is_dir()
+        if out.exists() and not out_is_dir:
+            raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--out {str(out)!r} cannot be used: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 writes every file, so it holds the folder, and from before the checks that read it: a run that
     # finishes in between must not be overwritten. Under torchrun a busy folder is reported after the process
     # group is up, so that every rank exits 2 together (the others would wait for rank 0 in init).
-    locked, busy = _hold(held, out) if main and out.is_dir() else (False, None)
+    locked, busy = _hold(held, out) if main and out_is_dir else (False, None)
     if busy and world == 1:
         raise UsageError(busy)
     saved = None

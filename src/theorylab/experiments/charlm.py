@@ -30,6 +30,8 @@ _MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
 # C++ int64 shape product. A run inside them can still run out of memory: the CLI says so then.
 SIZE_LIMITS = {"seq_len": 2**24, "layers": 4096, "width": 2**16, "heads": 2**12, "num_features": 2**16,
                "batch_size": 2**20}
+#: steps of warm-up: beyond 2**53 (an exact float), warmup / step overflowed a float on the first step
+MAX_WARMUP = 2**53
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class CharLMConfig:
             raise ValueError(f"lr must be a positive number at most {_MAX_LR:.4g} (float32's largest over 10: "
                              "Adam's first step is lr/(1−β₁)), "
                              f"got {self.lr}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.warmup <= MAX_WARMUP:
+            raise ValueError(f"warmup must lie in [0, {MAX_WARMUP}], got {self.warmup}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
 

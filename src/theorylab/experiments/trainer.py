@@ -146,8 +146,16 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.Adam's per-parameter state (amsgrad off)
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless each parameter's state is Adam's: a one-element step and moments of its shape."""
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
+    """ValueError unless each parameter's state is Adam's (a one-element step and moments of its shape) and each
+    group's settings are those the configuration builds (``built``; the lr aside, which the schedule sets at every
+    step): a loaded ``maximize=True`` had trained uphill to 11 bits/char, ``amsgrad=True`` failed mid-run."""
+    if len(built) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer state has {len(optimizer.param_groups)} parameter groups, not {len(built)}")
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, built, strict=True)):
+        for key, value in want.items():
+            if key != "lr" and _plain(group.get(key)) != _plain(value):
+                raise ValueError(f"optimizer parameter group {i} has {key}={group.get(key)!r}, not {value!r}")
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
@@ -162,6 +170,11 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {tuple(getattr(value, 'shape', ()))} "
                                      f"for a parameter of shape {tuple(p.shape)}")
+
+
+def _plain(value: Any) -> Any:
+    """A setting comparable with ==: tuples and lists alike (betas)."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _is_int(v: Any, low: int) -> bool:
@@ -226,8 +239,9 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
     if resume_from is not None:
         try:  # a checkpoint that unpickles but does not fit this model (tampered, or another version of it)
             model.load_state_dict(resume_from["model"])
+            built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(resume_from["optimizer"])
-            _check_optimizer_state(optimizer)  # torch's Adam does not check its state's shapes
+            _check_optimizer_state(optimizer, built)  # torch's Adam checks neither shapes nor settings
             losses = [float(v) for v in resume_from.get("train_bpc", [])]
             evals = [dict(e) for e in resume_from.get("evals", [])]
             train_seconds = float(resume_from.get("train_seconds", 0.0))

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..claims.catalogue import BY_ID, QUESTIONS
 
@@ -77,7 +78,8 @@ def _section(rec: dict[str, Any]) -> str:
         parts.append(f'<p><b>Notes.</b> {_e(rec["notes"])}</p>')
     if numbers:
         parts.append(f"<table><tr><th>measured</th><th>value</th></tr>{numbers}</table>")
-    parts += [f'<p><img src="{_e(f)}" alt="figure {_e(f)}"></p>' for f in rec.get("figures", [])]
+    # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
+    parts += [f'<p><img src="{_e(quote(f))}" alt="figure {_e(f)}"></p>' for f in rec.get("figures", [])]
     if rec.get("error"):
         parts.append(f'<p><b>Error.</b></p><pre>{_e(rec["error"])}</pre>')
     parts.append(f'<p><small>{rec["seconds"]:.2f} s</small></p></div>')
@@ -91,6 +93,12 @@ def _environment(env: dict[str, Any]) -> str:
     return f"<table>{rows}</table>"
 
 
+def _total_seconds(payload: dict[str, Any], records: list[dict[str, Any]]) -> float:
+    """The run's total; an interrupted run has none yet, so the sum of its finished sections."""
+    total = payload.get("total_seconds")
+    return float(total) if total is not None else float(sum(r.get("seconds", 0.0) for r in records))
+
+
 def render_report(payload: dict[str, Any]) -> str:
     claims, extras = payload.get("claims", []), payload.get("extras", [])
     counts = {v: sum(r["verdict"] == v for r in claims) for v in ("confirmed", "refuted", "error")}
@@ -98,7 +106,7 @@ def render_report(payload: dict[str, Any]) -> str:
     body = [f"<h1>theorylab — verification report{_e(status)}</h1>",
             f'<p class="summary-line"><b>{counts["confirmed"]}/{len(claims)}</b> claims confirmed, '
             f'{counts["refuted"]} refuted, {counts["error"]} errors; '
-            f'{payload.get("total_seconds", 0):.1f} s in all.</p>',
+            f'{_total_seconds(payload, claims + extras):.1f} s in all.</p>',
             "<h2>Summary</h2>", _summary(claims + extras)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in claims:
@@ -123,5 +131,5 @@ def write_report(out_dir: Path, payload: dict[str, Any] | None = None) -> Path:
     if payload is None:
         payload = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))  # as written, whatever the locale
     path = out_dir / REPORT_FILE
-    path.write_text(render_report(payload), encoding="utf-8")
+    path.write_text(render_report(payload), encoding="utf-8", errors="backslashreplace")  # see write_json_atomic
     return path

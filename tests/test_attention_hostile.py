@@ -354,6 +354,25 @@ def test_compiled_causal_separable_never_sees_later_keys():
     torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch >= 2.5")
+@pytest.mark.parametrize("strict", [False, True])
+def test_causal_separable_exports_and_stays_exact_for_keys_it_was_not_traced_with(strict):
+    """The steep-rise check reads a value back, which torch.export can neither do nor break the graph for: the
+    exported program takes the per-query path, which is right for any keys (a later key 100 higher here)."""
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return separable_attention(q, k, v, causal=True)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=gen) for _ in range(3))
+    program = torch.export.export(Causal(), (q, k, v), strict=strict).module()
+    steep = k.clone()
+    steep[:, :, 40] += 100.0
+    ref = separable_attention_reference(q.double(), steep.double(), v.double(), causal=True).float()
+    torch.testing.assert_close(program(q, steep, v), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("norm", [1e2, 1e6, 1e12, 1e18])
 def test_favor_float32_keys_of_one_large_norm_match_the_log_domain_reference(seed, norm):

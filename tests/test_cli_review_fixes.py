@@ -236,6 +236,8 @@ def test_report_quotes_figure_urls_and_totals_a_partial_run():
               "figures": ["claim-x-loss_#1.png"], "seconds": 1.5}
     page = render_report({"claims": [record, {**record, "id": "y", "figures": []}], "complete": False})
     assert 'src="claim-x-loss_%231.png"' in page  # '#' had made the browser ask for "claim-x-loss_"
+    odd = render_report({"claims": [{**record, "figures": [os.fsdecode(b"claim-x-\xff.png")]}]})
+    assert 'src="claim-x-%FF.png"' in odd  # the file's bytes, as the browser must ask for them
     assert "3.0 s in all" in page  # an interrupted run has no total_seconds: it said 0.0 s
 
 

@@ -632,6 +632,19 @@ def test_bad_initial_lr_is_refused_where_it_enters(bad):
     assert torch.equal(p.detach(), torch.ones(3))
 
 
+@pytest.mark.parametrize("bad, error", [(10**400, ValueError), ("0.01", TypeError)])
+def test_an_initial_lr_beyond_a_float_or_not_a_number_is_named_before_it_is_divided_by(bad, error):
+    """check_group divided lr by initial_lr before initial_lr was checked: OverflowError / an unexplained TypeError."""
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(error, match="initial_lr"):
+        Adam([{"params": [p], "initial_lr": bad}], lr=0.1, weight_decay=0.1, decay="decoupled")
+    opt = Adam([p], lr=0.1, weight_decay=0.1, decay="decoupled")
+    saved = opt.state_dict()
+    saved["param_groups"][0]["initial_lr"] = bad
+    with pytest.raises(error, match="cannot load this state_dict into Adam: its parameter group 0: .*initial_lr"):
+        opt.load_state_dict(saved)
+
+
 def test_a_misspelt_nonfinite_policy_written_into_a_group_is_caught_at_the_step():
     p = torch.nn.Parameter(torch.ones(3))
     opt = Adam([p])

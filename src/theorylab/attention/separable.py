@@ -114,6 +114,7 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
     ref = a.new_full((B, H, D), floor)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
+    exporting = _is_exporting()
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),
                  a.split(chunk, dim=2), strict=True)
@@ -122,8 +123,9 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
         new_ref = m[:, :, -1]  # (B, H, D): M_c, the max at the chunk's end
         carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
         ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
-        # the check reads a value back: skipped on meta tensors (FLOP counting), where the matmul path is counted
-        if a.device.type == "meta" or D == 0 or not _rises_steeply(new_ref, m[:, :, 0], limit):
+        # the check reads a value back: skipped on meta tensors (FLOP counting), where the matmul path is counted;
+        # torch.export can neither read it back nor break the graph, so it traces the path that is always right
+        if a.device.type == "meta" or D == 0 or (not exporting and not _rises_steeply(new_ref, m[:, :, 0], limit)):
             out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above))
         else:  # a key far above the earlier ones inside this chunk: per-query references
             out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state))
@@ -132,6 +134,13 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
             norm = norm * carry + ek.sum(-2)
             ref = new_ref
     return out.result()
+
+
+def _is_exporting() -> bool:
+    """Whether torch.export is tracing (``torch.compiler.is_exporting`` appeared in torch 2.5; 2.4 has no such
+    query, and there export takes the graph break's error, as before)."""
+    query = getattr(torch.compiler, "is_exporting", None)
+    return bool(query()) if query is not None else False
 
 
 @compiler_disabled  # data-dependent: torch.compile breaks the graph here rather than skip the check (skipped,

@@ -188,8 +188,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         given = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **given}
+        check_common_keys(merged)  # first: check_group divides by initial_lr
         self.check_group(merged)
-        check_common_keys(merged)
         param_group.update({k: merged[k] for k in given})  # the validated values, as floats
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -245,8 +245,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             # how to execute (the non-finite policy, fused) is the loading optimizer's choice, not the checkpoint's
             group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}
             try:
-                self.check_group(group)
                 check_common_keys(group)
+                self.check_group(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from e
             groups.append(group)
@@ -260,8 +260,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 loss = closure()
         todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
-            self.check_group(group)
             check_common_keys(group)
+            self.check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue

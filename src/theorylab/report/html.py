@@ -79,7 +79,9 @@ def _section(rec: dict[str, Any]) -> str:
     if numbers:
         parts.append(f"<table><tr><th>measured</th><th>value</th></tr>{numbers}</table>")
     # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
-    parts += [f'<p><img src="{_e(quote(f))}" alt="figure {_e(f)}"></p>' for f in rec.get("figures", [])]
+    # surrogateescape: a name that is not UTF-8 (its bytes kept as lone surrogates) becomes %XX of those bytes
+    parts += [f'<p><img src="{_e(quote(f, errors="surrogateescape"))}" alt="figure {_e(f)}"></p>'
+              for f in rec.get("figures", [])]
     if rec.get("error"):
         parts.append(f'<p><b>Error.</b></p><pre>{_e(rec["error"])}</pre>')
     parts.append(f'<p><small>{rec["seconds"]:.2f} s</small></p></div>')

@@ -321,7 +321,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     block, max_dim = _check_count("block", block), _check_count("max_dim", max_dim)  # block 0 looped forever
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < 1:
         raise ValueError(f"tol must be a real number in (0, 1), got {tol!r}")
-    _check_factors_finite(factors)
+    check_factors_finite(factors)
     stats = {} if stats is None else stats
     device = factors.d.device
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
@@ -393,7 +393,7 @@ def _check_count(name: str, value: object) -> int:
     raise ValueError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
 
 
-def _check_factors_finite(factors: JacobianFactors) -> None:
+def check_factors_finite(factors: JacobianFactors) -> None:
     """ValueError naming the first non-finite field: NaN would reach LAPACK as "SVD did not converge" or come
     out as NaN norms. ``d_log_scale`` may be −inf (an exactly zero d_t), never NaN or +inf."""
     for name, values in (("A", factors.A), ("d", factors.d)):

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads
 from .activations import derivative_bound
-from .jacobian import F64, JacobianFactors, _check_factors_finite, jacobian_factors
+from .jacobian import F64, JacobianFactors, check_factors_finite, jacobian_factors
 from .model import RNN
 
 
@@ -84,7 +84,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     k = _check_k(k, hidden)
     if steps == 0:
         raise ValueError("Lyapunov exponents need at least one step: got a sequence of length T = 0")
-    _check_factors_finite(factors)  # NaN would propagate silently into every exponent
+    check_factors_finite(factors)  # NaN would propagate silently into every exponent
     scale = factors.log_scale().detach().cpu().numpy()  # d_t's true size, e^scale·d_t (see JacobianFactors)
     Q = np.broadcast_to(_starting_directions(hidden, k, seed), (bsz, hidden, k))  # read-only view: Q is rebound
     logs = np.zeros((bsz, k))

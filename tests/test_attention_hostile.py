@@ -388,6 +388,20 @@ def test_favor_float32_keys_of_one_large_norm_match_the_log_domain_reference(see
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tiny", [1e-9, 1e-10, 1e-15])
+def test_relu_features_of_tiny_inputs_are_scale_free_in_float32(tiny, causal):
+    """Relu attention does not change when q and k are scaled; at 1e-10 in float32 φ(q)ᵀΣφ(k) (~1e-20) fell under
+    safe_divide's threshold and the output was 0. Each query's features are now scaled to max-abs 1 first."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 4, generator=gen) for _ in range(3))
+    fm = ReluFeatures()
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), fm, causal=causal)
+    out = linear_attention(q * tiny, k * tiny, v, fm, causal=causal)
+    visible = ref.abs().sum(-1) > 0  # a query whose relu features miss every key's gives 0 in both
+    torch.testing.assert_close(out.double()[visible], ref[visible], atol=1e-5, rtol=1e-5)
+
+
 def test_a_custom_map_that_returns_its_input_as_the_projection_leaves_q_and_k_alone():
     """The kernel added the offset in place to what log_features_rowwise returned: q and k were overwritten."""
 

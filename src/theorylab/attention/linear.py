@@ -202,7 +202,12 @@ class _RowScaled:
         return base, logw
 
     def prepare_queries(self, q: Tensor) -> Tensor:
-        return self.split(q)[0] if self.split is not None else self.fm(q)  # the query's own scale cancels
+        if self.split is not None:
+            return self.split(q)[0]  # the query's own scale cancels
+        # a plain map: each query's features scaled to max-abs 1 (its scale cancels too), so that small inputs
+        # (relu features of q, k ~ 1e-10 in float32) do not put φ(q)ᵀΣφ(k) under safe_divide's threshold
+        f = self.fm(q)
+        return f / f.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
 
     def query_features(self, prepared: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         return prepared

@@ -22,6 +22,17 @@ def test_1_2_refutes_a_wrong_gamma_and_an_underestimated_norm(monkeypatch):
     assert not q1_rnn.vanishing_gradients(0, True).confirmed  # below the bound, but not the exact norm
 
 
+def test_1_2_refutes_factors_one_step_late_in_the_wrong_order_or_the_wrong_norm(monkeypatch):
+    """The ninth session's review: these passed the bound and the tight cases (0.03-0.6 nats off at T = 40)."""
+    real_derivs, real_factors = q1_rnn.trajectory_derivatives, q1_rnn.JacobianFactors
+    late = lambda *a, **k: (lambda d: torch.cat([d[:, 1:], d[:, -1:]], 1))(real_derivs(*a, **k))  # noqa: E731
+    monkeypatch.setattr(q1_rnn, "trajectory_derivatives", late)  # σ'(h_t) where σ'(h_{t-1}) belongs
+    assert not q1_rnn.vanishing_gradients(0, True).confirmed
+    monkeypatch.setattr(q1_rnn, "trajectory_derivatives", real_derivs)
+    monkeypatch.setattr(q1_rnn, "JacobianFactors", lambda A, d, right, *rest: real_factors(A, d, False, *rest))
+    assert not q1_rnn.vanishing_gradients(0, True).confirmed  # diag(σ')W instead of W diag(σ')
+
+
 def test_3_1_refutes_attention_with_the_wrong_scale(monkeypatch):
     def wrong_scale(x, w_q, w_k, w_v, w_o):
         heads = [torch.softmax((x @ w_q[i]) @ (x @ w_k[i]).mT / w_q.shape[-1], -1) @ (x @ w_v[i])

@@ -66,3 +66,19 @@ def test_4_3a_refutes_weights_that_grow(monkeypatch):
     ev = q4_weight_decay.adam_l2_is_uneven(0, True)
     assert ev.numbers["rate_ratio_small_over_large"] > 3 and ev.numbers["final_ratio_large_grad"] > 1
     assert not ev.confirmed
+
+
+def test_3_5_refutes_orthogonal_features_that_are_not_orthogonal(monkeypatch):
+    """The ninth session's review: rows mixed across blocks kept the MSE ratio below 1 by noise (0.96-0.99)."""
+    from theorylab.attention import features
+
+    real = features.gaussian_orthogonal_random_matrix
+
+    def mixed_blocks(num_rows, dim, **kw):
+        rows = real(num_rows, dim, **kw)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(0))
+        return rows[perm]  # the same rows, each block now holding directions from different blocks
+
+    assert q3_attention.choice_of_m_claim(0, True).confirmed
+    monkeypatch.setattr(features, "gaussian_orthogonal_random_matrix", mixed_blocks)
+    assert not q3_attention.choice_of_m_claim(0, True).confirmed

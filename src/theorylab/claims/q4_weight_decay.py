@@ -805,6 +805,8 @@ def why_decoupled(seed: int, quick: bool, cfg: GridConfig | None = None) -> Evid
     flatness_text = " ".join(flatness)
     decay_range = {s.name: [total_decay(s, lr, wd, cfg.steps) for lr in grid_axis(s.log10_lr, cfg.n_lr)
                             for wd in grid_axis(s.log10_wd, cfg.n_wd)] for s in SCHEMES}
+    split = digits_split(replicate_split(seed, 0) if cfg.resample_data else seed)  # the same sizes in every one
+    n_test, n_unused = split.x_test.shape[0], split.x_train.shape[0] - cfg.n_train
     numbers["total_decay_min_decoupled"] = float(min(decay_range["adam-decoupled"]))
     numbers["total_decay_max_decoupled"] = float(max(decay_range["adam-decoupled"]))
     return Evidence(
@@ -816,7 +818,7 @@ def why_decoupled(seed: int, quick: bool, cfg: GridConfig | None = None) -> Evid
                 "replaced are in the notes). "
                 f"scikit-learn digits. Each of the {cfg.seeds} replicates draws its own stratified 75/25 split, "
                 f"its own {cfg.n_train} training images from the 75% and its own initialisation; held out for test: "
-                "the replicate's 450 test images and the 947 training images it did not train on. "
+                f"the replicate's {n_test} test images and the {n_unused} training images it did not train on. "
                 f"MLP 64→{cfg.hidden}→{cfg.hidden}→10 with LayerNorm (no affine) after the first two layers, "
                 "only the two (scale-invariant) hidden layers decayed, the classifier and its bias not (the "
                 "axis-alignment argument holds for scale-invariant weights only; a decayed classifier under Adam "

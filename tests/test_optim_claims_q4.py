@@ -41,6 +41,24 @@ def test_run_grids_shapes_in_process():
         assert np.all((grids.rotation[name] > 0) & (grids.rotation[name] < np.pi))
 
 
+def test_run_grids_in_processes_forks_without_an_accelerator_and_spawns_with_one(monkeypatch):
+    """Both start methods give the single process's errors. Spawn is used where torch sees a GPU: there a child
+    forked after a backward pass fails its own (autograd's device threads), which broke claim 4.4 in `verify` on a
+    GPU machine (test_cuda.py checks that case on a GPU)."""
+    import sys
+
+    cfg = q4.GridConfig(n_lr=2, n_wd=2, seeds=2, steps=3, hidden=4, n_train=40)
+    one = q4.run_grids(cfg, data_seed=0, workers=1)
+    if sys.platform.startswith("linux") and not q4._has_accelerator():
+        assert q4._pool_context().get_start_method() == "fork"
+    monkeypatch.setattr(q4, "_has_accelerator", lambda: True)
+    assert q4._pool_context().get_start_method() == "spawn"
+    spawned = q4.run_grids(cfg, data_seed=0, workers=2)
+    for name in one.errors:
+        np.testing.assert_array_equal(spawned.errors[name], one.errors[name])
+        np.testing.assert_allclose(spawned.rotation[name], one.rotation[name], rtol=1e-12)
+
+
 def test_decay_sets_the_rotation_by_lambda_alone_when_decoupled_and_by_lr_times_wd_with_l2():
     """The mechanism of 4.4 (short runs): over 100× in lr, Adam's hidden layers rotate at nearly the same rate
     under decoupled decay, and at very different rates with L2 (measured: 1.4× vs 120×)."""

@@ -73,7 +73,7 @@ def test_forward_and_gradients_match_naive_reference(act, form):
     states, last = rnn(x, h0)
     ref = naive_forward(rnn, x, h0)
     torch.testing.assert_close(states, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(last, ref[:, -1], rtol=0, atol=0)
+    torch.testing.assert_close(last, states[:, -1], rtol=0, atol=0)  # the reference's op order rounds differently
     params = [x, h0, rnn.W, rnn.U, rnn.b]
     fast = torch.autograd.grad((states * w).sum() + last.square().sum(), params)
     slow = torch.autograd.grad((ref * w).sum() + ref[:, -1].square().sum(), params)

@@ -7,6 +7,9 @@ Notation as in the problem set: γ is the L2 coefficient of the loss term γ‖�
 from __future__ import annotations
 
 import math
+import multiprocessing
+import multiprocessing.context
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import cast
@@ -560,6 +563,24 @@ class Grids:
     rotation: dict[str, np.ndarray]  # mean angular step of the second hidden layer, rad per step (see train_row)
 
 
+def _has_accelerator() -> bool:
+    """Whether torch sees a non-CPU device (CUDA, ROCm, XPU, ...); asking does not initialise it."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and hasattr(accelerator, "device_count"):
+        return accelerator.device_count() > 0
+    return torch.cuda.device_count() > 0
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``fork`` on Linux without an accelerator: the workers start at once and inherit the loaded data. ``spawn``
+    elsewhere: where torch sees a GPU, the first backward pass starts autograd's device threads, and a child forked
+    after that fails its own first backward ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"); `verify` runs backward passes before this claim. On macOS fork is unsafe anyway."""
+    if sys.platform.startswith("linux") and not _has_accelerator():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def run_grids(cfg: GridConfig, data_seed: int, workers: int = 2) -> Grids:
     """Every scheme's grids; rows (one lr each) run in parallel processes."""
     tasks = [(scheme, float(lr), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)), cfg, data_seed)
@@ -567,10 +588,7 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int = 2) -> Grids:
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
     if workers > 1:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
             rows = list(pool.map(_train_row_task, tasks))
     else:
         with torch_threads(1):

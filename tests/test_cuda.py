@@ -1,8 +1,8 @@
 """The public API on a CUDA device, checked against the float64 CPU references and against torch.optim there.
 
-CI has no GPU, so these skip there; a session lent a GPU runs them (README, "On a GPU"). The device defaults to
-``cuda``; ``THEORYLAB_TEST_DEVICE=cpu`` runs the same checks on the CPU, which is how the tests themselves are
-checked on a machine without one.
+The device is ``cuda`` where torch sees one, else the CPU (``THEORYLAB_TEST_DEVICE`` overrides). CI has no GPU, so
+there they check the CPU's float32 paths against the same references, and a session lent a GPU runs them on it
+(``benchmarks/gpu_check.sh``; README, "On a GPU").
 
 What differs on a GPU and is checked here: the attention kernels' larger default chunks and blocks (a sequence of
 1000 spans several GPU chunks), their read-backs (FAVOR+'s float64 switch, separable attention's steep-chunk
@@ -36,9 +36,7 @@ from theorylab.attention.separable import separable_attention_reference
 from theorylab.optim import SGD, Adam, AdamW, NonFiniteGradientError
 from theorylab.rnn import RNN, certificate, log_jacobian_norms, lyapunov_spectrum
 
-DEVICE = torch.device(os.environ.get("THEORYLAB_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (or THEORYLAB_TEST_DEVICE=cpu)")
+DEVICE = torch.device(os.environ.get("THEORYLAB_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 FAVOR = PositiveRandomFeatures(16, 64, seed=0)
 ELU = EluFeatures(16)

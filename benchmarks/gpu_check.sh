@@ -4,12 +4,13 @@
 #   bench   benchmarks/gpu_attention.py: FAVOR+ and separable attention against SDPA on the GPU
 #   suite   the whole test suite on that machine (where `--device auto` trains on the GPU)
 #   verify  the full `theorylab verify` on that machine (only results.json comes back)
+#   ddp     torchrun with 1 and 2 processes per machine, `--device auto` and `cuda` (more processes than GPUs)
 # Run from the repository root with a Python that has torch (CUDA), pytest, pytest-xdist and hypothesis:
-#     bash benchmarks/gpu_check.sh [STEP ...]        (default: all four; logs and JSON go to $OUT or ./gpu-check)
+#     bash benchmarks/gpu_check.sh [STEP ...]        (default: all five; logs and JSON go to $OUT or ./gpu-check)
 set -u
 out=${OUT:-gpu-check}
 mkdir -p "$out"
-steps=${*:-cuda bench suite verify}
+steps=${*:-cuda bench suite verify ddp}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # the console script `theorylab` for the CLI tests; without it they fail, the rest still runs
@@ -30,6 +31,17 @@ for step in $steps; do
     verify) report=$(mktemp -d)
             timeout 180 $py -m theorylab verify --out "$report" >"$out/verify.log" 2>&1; echo "exit $?"
             tail -25 "$out/verify.log"; cp "$report/results.json" "$out/" 2>/dev/null ;;
-    *) echo "unknown step $step (cuda, bench, suite, verify)"; exit 2 ;;
+    ddp) tiny="--steps 3 --seq-len 32 --layers 1 --width 16 --heads 2 --batch-size 4 --eval-chars 300"
+         gpus=$($py -c "import torch; print(torch.cuda.device_count())")
+         for run in "$gpus auto" "$((gpus + 1)) auto" "$((gpus + 1)) cuda"; do
+           set -- $run; dir=$(mktemp -d)
+           timeout 120 $py -m torch.distributed.run --standalone --nproc_per_node "$1" -m theorylab train charlm \
+             $tiny --device "$2" --out "$dir" >"$out/ddp-$1-$2.log" 2>&1
+           echo "nproc $1 (GPUs: $gpus), --device $2: exit $? $(grep -ho 'UserWarning.*' "$out/ddp-$1-$2.log" \
+             | head -1) $(grep -ho 'error: .*' "$out/ddp-$1-$2.log" | head -1)"
+           $py -c "import json,sys; m=json.load(open(sys.argv[1])); print('  ', m['world_size'], m['backend'], \
+             m['device'], round(m['final_bpc'], 3))" "$dir/metrics.json" 2>/dev/null
+         done ;;
+    *) echo "unknown step $step (cuda, bench, suite, verify, ddp)"; exit 2 ;;
   esac
 done

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
+import pytest
 import torch
+
+# torch.compile's CPU backend (inductor) builds C++ with $CXX, else g++ (clang++ on macOS): slim images lack one
+_CXX = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+needs_cxx_compiler = pytest.mark.skipif(shutil.which(_CXX) is None,
+                                        reason=f"torch.compile's CPU backend needs a C++ compiler ({_CXX})")
 
 
 def qkv(B=2, H=3, Nq=19, Nk=None, D=8, Dv=None, *, dtype=torch.float64, seed=0, scale=1.0):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from attention_helpers import assert_same_outputs_and_grads, padding_mask, qkv
+from attention_helpers import assert_same_outputs_and_grads, needs_cxx_compiler, padding_mask, qkv
 
 from theorylab.attention import (
     EluFeatures,
@@ -193,6 +193,7 @@ def test_causal_memory_is_linear_in_n_forward_and_backward():
         assert large < 2048 * 2048 * 4
 
 
+@needs_cxx_compiler
 @pytest.mark.parametrize("causal", [False, True])
 def test_compiles_with_torch_compile(causal):
     """Non-causal compiles to one graph; causal breaks the graph once per block of chunks, where it reads back

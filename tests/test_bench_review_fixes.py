@@ -79,7 +79,7 @@ def test_bench_json_is_strict_and_records_the_date_and_machine(tmp_path, monkeyp
     monkeypatch.setattr(bench_optim, "format_table", lambda result: "table")
     out = tmp_path / "o.json"
     assert main(["bench", "optim", "--json", str(out)]) == 0
-    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    data = json.loads(out.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert data["x"] == "nan" and data["y"] == ["inf"]
     assert data["environment"]["date"] and data["environment"]["cpu"]
 

@@ -53,6 +53,6 @@ def test_q4_rotational_equilibrium_runs(tmp_path, monkeypatch):
     out = tmp_path / "eq.json"
     monkeypatch.setattr(sys, "argv", ["q4_rotational_equilibrium", "--steps", "6", "--tail", "3", "--json", str(out)])
     bench.main()
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     assert len(rows) == 2 * sum(len(v) for v in bench.DECAYS.values())
     assert all(len(r["angular_step"]) == len(bench.LRS) and all(a >= 0 for a in r["angular_step"]) for r in rows)

@@ -34,7 +34,7 @@ def test_a_raising_claim_does_not_lose_the_others(tmp_path):
     assert verdicts == ["confirmed", "error", "confirmed"]
     assert "boom in the middle" in payload["claims"][1]["error"]
     assert "Traceback" in payload["claims"][1]["error"]
-    on_disk = json.loads((tmp_path / "results.json").read_text())
+    on_disk = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert on_disk["complete"] is True and len(on_disk["claims"]) == 3
     assert on_disk["claims"][0]["evidence"]["seed"] == 3
     assert (tmp_path / on_disk["claims"][0]["figures"][0]).stat().st_size > 1000
@@ -46,11 +46,11 @@ def test_interrupted_run_keeps_finished_claims(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_claims(sections(ok_claim, interrupt, ok_claim), out_dir=tmp_path, progress=False)
-    on_disk = json.loads((tmp_path / "results.json").read_text())  # still valid JSON
+    on_disk = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))  # still valid JSON
     assert on_disk["complete"] is False
     assert [r["verdict"] for r in on_disk["claims"]] == ["confirmed"]
     assert not list(tmp_path.glob(".results-*"))  # no temporary files left behind
-    assert "partial results" in write_report(tmp_path).read_text()
+    assert "partial results" in write_report(tmp_path).read_text(encoding="utf-8")
 
 
 def test_not_implemented_is_an_error_not_a_pass(tmp_path):
@@ -68,7 +68,7 @@ def test_non_finite_numbers_and_wrong_return_type(tmp_path):
     assert payload["claims"][0]["evidence"]["gap"] == "inf"
     assert payload["claims"][0]["notes"] == "bound violated"
     assert payload["claims"][1]["verdict"] == "error" and "not Evidence" in payload["claims"][1]["error"]
-    json.loads((tmp_path / "results.json").read_text())
+    json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
 
 
 def test_json_number():
@@ -119,8 +119,8 @@ def test_evidence_that_json_cannot_hold_costs_nothing_else(tmp_path, bad):
 
     payload = run_claims(sections(odd, ok_claim), out_dir=tmp_path, progress=False)
     assert [r["verdict"] for r in payload["claims"]] == ["confirmed", "confirmed"]
-    json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert "test 1" in write_report(tmp_path).read_text()
+    json.loads((tmp_path / "results.json").read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(c))
+    assert "test 1" in write_report(tmp_path).read_text(encoding="utf-8")
 
 
 def test_sys_exit_in_a_claim_is_an_error_of_that_claim(tmp_path):

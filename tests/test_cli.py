@@ -10,22 +10,24 @@ import pytest
 from theorylab.cli import main
 
 
-def theorylab(*args, cwd=None):
-    env = {**os.environ, "CI": "1"}
+def theorylab(*args, cwd=None, **env_extra):
+    env = {**os.environ, "CI": "1", **env_extra}
     return subprocess.run([sys.executable, "-m", "theorylab", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
 def test_verify_quick_q2_end_to_end(tmp_path):
     out = tmp_path / "report"
-    proc = theorylab("verify", "--quick", "--only", "2.1", "2.2", "2.3", "--out", str(out))
+    # matplotlib's own cache folder: with an unwritable HOME it warns on stderr, which is not ours to test
+    proc = theorylab("verify", "--quick", "--only", "2.1", "2.2", "2.3", "--out", str(out),
+                     MPLCONFIGDIR=str(tmp_path / "mpl"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [c["verdict"] for c in results["claims"]] == ["confirmed"] * 3
     assert results["environment"]["quick"] is True and results["complete"] is True
     figures = [f for c in results["claims"] for f in c["figures"]]
     assert len(figures) == 3
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     for f in figures:
         assert (out / f).stat().st_size > 5000 and f'src="{f}"' in page
     assert "3/3 confirmed" in proc.stdout
@@ -76,7 +78,7 @@ def test_exit_1_when_a_claim_is_not_confirmed(tmp_path, monkeypatch):
     monkeypatch.setattr(verify, "select_sections",
                         lambda only, extras: [Section("2.1", "t", "s", "claim", refuted)])
     assert main(["verify", "--out", str(tmp_path)]) == 1
-    assert json.loads((tmp_path / "results.json").read_text())["claims"][0]["verdict"] == "refuted"
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["claims"][0]["verdict"] == "refuted"
     assert (tmp_path / "report.html").exists()
 
 

@@ -69,7 +69,7 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     f.write_text("keep me")
     assert main(["verify", "--only", "2.2", "--out", str(f)]) == 2
     assert "cannot write to output folder" in capsys.readouterr().err
-    assert f.read_text() == "keep me"
+    assert f.read_text(encoding="utf-8") == "keep me"
 
 
 def test_a_second_run_into_a_busy_out_is_refused_and_the_lock_is_released(fake_claims, tmp_path, capsys):
@@ -93,7 +93,8 @@ def test_only_given_twice_runs_both_lists(fake_claims, tmp_path, capsys):
     import json
 
     assert main(["verify", "--only", "2.1", "--only", "2.2", "--out", str(tmp_path)]) == 0
-    assert [c["id"] for c in json.loads((tmp_path / "results.json").read_text())["claims"]] == ["2.1", "2.2"]
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [c["id"] for c in results["claims"]] == ["2.1", "2.2"]
 
 
 def test_an_interrupt_before_anything_is_written_renders_no_stale_report(fake_claims, tmp_path, capsys, monkeypatch):

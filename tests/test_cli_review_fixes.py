@@ -43,7 +43,7 @@ def test_an_error_text_that_looks_like_markup_is_printed_literally(claim_21, tmp
     assert main(["verify", "--only", "2.1", "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "[batch, n]" in out and "[/red]" in out
-    assert "<script>" not in (tmp_path / "report.html").read_text()
+    assert "<script>" not in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_a_figure_that_fails_to_render_keeps_the_verdict_and_numbers(claim_21, tmp_path):
@@ -56,7 +56,7 @@ def test_a_figure_that_fails_to_render_keeps_the_verdict_and_numbers(claim_21, t
 
     claim_21(claim)
     assert main(["verify", "--only", "2.1", "--out", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "results.json").read_text())["claims"][0]
+    record = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["claims"][0]
     assert record["verdict"] == "confirmed" and record["evidence"] == {"measured": 0.123}
     assert record["figures"] == ["claim-2.1-good.png"] and "figure 'bad' could not be drawn" in record["notes"]
     assert not (tmp_path / "claim-2.1-bad.png").exists()
@@ -72,6 +72,17 @@ def test_results_are_as_readable_as_the_report(claim_21, tmp_path):
         os.umask(old)
     for name in ("results.json", "report.html"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_outputs_are_written_where_os_has_no_fchmod(tmp_path, monkeypatch):
+    """Windows before Python 3.13 has no os.fchmod: every results.json and checkpoint.pt write failed there."""
+    import torch
+
+    from theorylab.experiments.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    save_checkpoint(tmp_path / "c.pt", {"format": "x", "w": torch.arange(3.0)})
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["w"], torch.arange(3.0))
 
 
 def test_outputs_that_exist_as_folders_are_refused_before_any_work(tmp_path, capsys):

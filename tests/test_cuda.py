@@ -251,7 +251,7 @@ def _train(out, *extra: str) -> dict:
            "--num-features", "16", "--eval-chars", "2000", "--checkpoint-every", "0", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
 def test_charlm_trains_on_the_device_and_resumes_on_the_cpu(tmp_path):

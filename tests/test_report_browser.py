@@ -35,7 +35,7 @@ NOT_REQUIRED_TO_CONFIRM = {"4.4"}
 
 def test_quick_verify_runs_every_claim(quick_report):
     out, proc = quick_report
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     verdicts = {c["id"]: c["verdict"] for c in results["claims"]}
     assert list(verdicts) == list(CLAIM_IDS)
     details = {c["id"]: (c.get("error") or c.get("notes") or "")[-600:] for c in results["claims"]
@@ -68,7 +68,7 @@ def test_report_renders_in_headless_chromium(quick_report):
         assert driver.title == "theorylab report"
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
         expected = sorted(f for c in results["claims"] for f in c["figures"])
         assert sorted(src for src, _, _ in images) == expected
         broken = [src for src, complete, width in images if not (complete and width > 0)]

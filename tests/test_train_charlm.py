@@ -265,7 +265,7 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     import json
 
     result = train_charlm(tiny(lr=1e-2, width=32), 30, out_dir=tmp_path, eval_chars=2000, eval_every=10)
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert m["steps"] == 30 and m["config"]["width"] == 32 and m["tokens_per_second"] > 0
     assert m["final_bpc"] == pytest.approx(result.metrics["final_bpc"])
     assert [e["step"] for e in m["evals"]] == [0, 10, 20, 30]

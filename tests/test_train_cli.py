@@ -23,7 +23,7 @@ def snapshot(folder) -> dict[str, bytes]:
 
 def test_short_run_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys):
     assert charlm(tmp_path, "--attention", "linear", "--steps", "3") == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("final_bpc", "tokens_per_second", "steps", "config"):
         assert key in m
     assert m["steps"] == 3 and m["config"]["attention"] == "linear" and m["config"]["seq_len"] == 16
@@ -34,12 +34,24 @@ def test_short_run_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys
     assert "bits/char" in out and "metrics.json" in out
 
 
+def test_a_run_in_process_leaves_torchs_thread_count_as_it_was(tmp_path):
+    """--threads sets this process's intra-op threads for the run only (it had stayed at 1 for whatever the
+    caller ran next, e.g. every later test in the same pytest process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert charlm(tmp_path, "--steps", "1") == 0  # TINY has --threads 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_extends_a_run_to_the_same_result(tmp_path):
     assert charlm(tmp_path / "full", "--steps", "6") == 0
     assert charlm(tmp_path / "two", "--steps", "3") == 0
     assert charlm(tmp_path / "two", "--steps", "6", "--resume") == 0
-    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text(encoding="utf-8"))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
     assert two["resumed_from_step"] == 3
     assert two["train_bpc"] == full["train_bpc"] and two["final_bpc"] == full["final_bpc"]
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
@@ -118,8 +130,8 @@ def test_plain_resume_finishes_a_crashed_run_like_an_uninterrupted_one(tmp_path,
     assert not (tmp_path / "cut" / "metrics.json").exists()
     monkeypatch.setattr(trainer, "sample_batch", real_sample)
     assert main(["train", "charlm", "--out", str(tmp_path / "cut"), "--resume", "--threads", "1"]) == 0
-    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text(encoding="utf-8"))
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text(encoding="utf-8"))
     assert cut["steps"] == 6 and cut["resumed_from_step"] == 3
     assert cut["train_bpc"] == full["train_bpc"] and cut["final_bpc"] == full["final_bpc"]
 

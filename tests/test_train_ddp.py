@@ -49,8 +49,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr[-4000:]
 
-    m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    m1 = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text(encoding="utf-8"))
+    m1 = json.loads((tmp_path / "single" / "metrics.json").read_text(encoding="utf-8"))
     # each of the 2 ranks takes half the cores (1 on CI's 2 cores, 8 on a 16-core machine)
     assert (m2["world_size"], m2["backend"], m2["threads_per_rank"]) == (2, "gloo", max(1, available_cores() // 2))
     assert m1["world_size"] == 1
@@ -114,3 +114,42 @@ def test_a_usage_error_on_another_rank_waits_for_rank_0_to_report_it(tmp_path, m
         assert slept == delays
         assert capsys.readouterr().err.count("seq-len must be positive") == (rank == "0")
     assert not (tmp_path / "x").exists()
+
+
+def _as_rank(monkeypatch, local_rank: int, local_world: int, gpus: int) -> None:
+    """This process as rank ``local_rank`` of a torchrun job on one machine with ``gpus`` GPUs (simulated: the
+    process group and the GPUs are stand-ins)."""
+    from theorylab.experiments import distributed
+
+    for name, value in (("RANK", local_rank), ("WORLD_SIZE", local_world), ("LOCAL_RANK", local_rank),
+                        ("LOCAL_WORLD_SIZE", local_world)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group is joined
+    monkeypatch.setattr(distributed.torch, "set_num_threads", lambda n: None)
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_auto_trains_on_cpu_when_the_machine_has_fewer_gpus_than_processes(monkeypatch, local_rank):
+    """Two ranks on a one-GPU machine: rank 1 used to call torch.cuda.set_device(1) ("invalid device ordinal")."""
+    from theorylab.experiments.distributed import init_distributed
+
+    _as_rank(monkeypatch, local_rank, 2, gpus=1)
+    if local_rank == 0:
+        with pytest.warns(UserWarning, match=r"2 processes on this machine but 1 GPU\(s\): training on CPU"):
+            env = init_distributed("auto")
+    else:
+        env = init_distributed("auto")  # the warning comes once per machine
+    assert (env.device, env.backend, env.local_rank) == (torch.device("cpu"), "gloo", local_rank)
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 GPU\(s\).*--nproc_per_node 1"):
+        init_distributed("cuda")
+
+
+def test_auto_takes_one_gpu_per_process_when_there_are_enough(monkeypatch):
+    from theorylab.experiments.distributed import init_distributed
+
+    _as_rank(monkeypatch, 1, 2, gpus=2)
+    env = init_distributed("auto")
+    assert (env.device, env.backend) == (torch.device("cuda", 1), "nccl")

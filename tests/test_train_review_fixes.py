@@ -128,7 +128,7 @@ def test_an_extended_run_has_the_metrics_of_a_run_started_with_that_target(tmp_p
     assert charlm(tmp_path / "ext", "--steps", "3", "--eval-every", "2") == 0
     assert main(["train", "charlm", "--out", str(tmp_path / "ext"), "--resume", "--steps", "6", "--threads", "1"]) == 0
     assert charlm(tmp_path / "full", "--steps", "6", "--eval-every", "2") == 0
-    ext, full = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ext", "full"))
+    ext, full = (json.loads((tmp_path / d / "metrics.json").read_text(encoding="utf-8")) for d in ("ext", "full"))
     assert [e["step"] for e in ext["evals"]] == [e["step"] for e in full["evals"]] == [0, 2, 4, 6]
     assert [e["heldout_bpc"] for e in ext["evals"]] == [e["heldout_bpc"] for e in full["evals"]]
     assert ext["train_bpc"] == full["train_bpc"]

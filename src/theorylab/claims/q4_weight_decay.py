@@ -582,7 +582,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def run_grids(cfg: GridConfig, data_seed: int, workers: int = 2) -> Grids:
-    """Every scheme's grids; rows (one lr each) run in parallel processes."""
+    """Every scheme's grids; rows (one lr each) run in parallel processes (see :func:`_pool_context`). Where those
+    start with ``spawn`` (a GPU machine, macOS, Windows), a script that calls this must do so under
+    ``if __name__ == "__main__":``, as with any multiprocessing code."""
     tasks = [(scheme, float(lr), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)), cfg, data_seed)
              for scheme in SCHEMES for lr in grid_axis(scheme.log10_lr, cfg.n_lr)]
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack) -> int:
     from ..experiments.checkpoint import CheckpointError
-    from ..experiments.distributed import all_reduce_sum, init_distributed, shutdown
+    from ..experiments.distributed import all_reduce_sum, available_cores, init_distributed, shutdown
     from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run
 
     out = Path(args.out)
@@ -138,9 +138,9 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_chars is not None and args.eval_chars < 2:
         raise UsageError(f"--eval-chars must be >= 2, got {args.eval_chars}")
-    cpus = os.cpu_count() or 1
+    cpus = available_cores()  # the CPUs this process may run on (its affinity mask), not all the machine's
     if args.threads is not None and not 1 <= args.threads <= cpus:  # more threads than CPUs only oversubscribes
-        raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs of this machine), got {args.threads}")
+        raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs this process may use), got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
@@ -184,6 +184,9 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
             locked, busy = _hold(held, out)
         if busy and world == 1:
             raise UsageError(busy)
+        import torch
+
+        held.callback(torch.set_num_threads, torch.get_num_threads())  # a call of main() leaves the process's as it was
         env = init_distributed(args.device, args.threads)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -23,6 +23,8 @@ class CheckpointError(ValueError):
 def umask_mode(fd: int) -> None:
     """Give a file from ``tempfile.mkstemp`` (always 0600) the mode an ordinary ``open`` would: 0666 minus the
     umask, so the outputs renamed into place are as readable as the report beside them."""
+    if not hasattr(os, "fchmod"):  # Windows before Python 3.13, which has no such mode bits to set
+        return
     mask = os.umask(0)
     os.umask(mask)
     os.fchmod(fd, 0o666 & ~mask)

@@ -10,6 +10,7 @@ command runs with torchrun's rendezvous flags (``--nnodes N --node_rank i --rdzv
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -60,7 +61,9 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
     """Join the torchrun process group if there is one and pick this rank's device and CPU threads.
 
     ``device``: "auto" (CUDA when present, else CPU), "cpu" or "cuda". On CPU each process gets an equal share
-    of the cores (``threads`` overrides): the ranks of one machine must not oversubscribe it.
+    of the cores (``threads`` overrides): the ranks of one machine must not oversubscribe it. Under torchrun each
+    local process needs a GPU of its own (NCCL refuses two ranks on one GPU): with "auto", a machine with fewer
+    GPUs than local processes trains on CPU (gloo), with a warning; with "cuda" it is a ValueError.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -74,6 +77,16 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if use_cuda else 0
+    if use_cuda and local_world > gpus:
+        advice = f"run torchrun with --nproc_per_node {gpus} to train on the GPU"
+        if device == "cuda":
+            raise ValueError(f"device 'cuda': {local_world} processes on this machine but {gpus} GPU(s), and each "
+                             f"process needs its own; {advice}, or pass --device cpu")
+        if local_rank == 0:  # once per machine
+            warnings.warn(f"{local_world} processes on this machine but {gpus} GPU(s): training on CPU (gloo); "
+                          f"{advice}", stacklevel=2)
+        use_cuda = False
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"

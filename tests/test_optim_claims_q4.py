@@ -51,12 +51,22 @@ def test_run_grids_in_processes_forks_without_an_accelerator_and_spawns_with_one
     one = q4.run_grids(cfg, data_seed=0, workers=1)
     if sys.platform.startswith("linux") and not q4._has_accelerator():
         assert q4._pool_context().get_start_method() == "fork"
+    monkeypatch.setattr(q4, "available_cores", lambda: 3)  # the default: one worker per usable CPU
+    forked = q4.run_grids(cfg, data_seed=0)
+    for name in one.errors:
+        np.testing.assert_array_equal(forked.errors[name], one.errors[name])
     monkeypatch.setattr(q4, "_has_accelerator", lambda: True)
     assert q4._pool_context().get_start_method() == "spawn"
     spawned = q4.run_grids(cfg, data_seed=0, workers=2)
     for name in one.errors:
         np.testing.assert_array_equal(spawned.errors[name], one.errors[name])
         np.testing.assert_allclose(spawned.rotation[name], one.rotation[name], rtol=1e-12)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_run_grids_refuses_a_bad_worker_count(workers):
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        q4.run_grids(q4.GridConfig(n_lr=1, n_wd=1, seeds=2, steps=1, hidden=4, n_train=40), 0, workers=workers)
 
 
 def test_decay_sets_the_rotation_by_lambda_alone_when_decoupled_and_by_lr_times_wd_with_l2():

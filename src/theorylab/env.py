@@ -13,6 +13,14 @@ import torch
 _PACKAGES = ("theorylab", "torch", "numpy", "scipy", "scikit-learn", "matplotlib", "rich", "hypothesis")
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. under ``taskset``); all of them off Linux."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

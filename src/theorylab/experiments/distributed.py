@@ -18,6 +18,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ..env import available_cores as available_cores  # re-exported: the CLI and the tests import it from here
+
 T = TypeVar("T")
 
 
@@ -48,13 +50,6 @@ def launched_by_torchrun() -> bool:
 def env_rank() -> int:
     """This process's rank from the environment (0 outside torchrun), usable before any initialisation."""
     return int(os.environ.get("RANK", "0"))
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def init_distributed(device: str = "auto", threads: int | None = None) -> DistEnv:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 from importlib import metadata
@@ -13,12 +14,36 @@ import torch
 _PACKAGES = ("theorylab", "torch", "numpy", "scipy", "scikit-learn", "matplotlib", "rich", "hypothesis")
 
 
+#: where a container's CPU quota lives: cgroup v2 ("QUOTA PERIOD" or "max PERIOD"), then v1 (quota -1: none)
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def available_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. under ``taskset``); all of them off Linux."""
+    """The CPUs this process may use: its affinity mask (e.g. under ``taskset``; all CPUs off Linux), capped by a
+    container's CPU quota (``docker --cpus 2`` on a 64-core host gives 2), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time per period that the cgroup allows, or None (no quota, or no cgroup files)."""
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        with open(CGROUP_V1_QUOTA[0]) as fq, open(CGROUP_V1_QUOTA[1]) as fp:
+            quota_us, period_us = int(fq.read()), int(fp.read())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def cpu_model() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 # torch.compile's CPU backend (inductor) builds C++ with $CXX, else g++ (clang++ on macOS): slim images lack one
-_CXX = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+_CXX = (shlex.split(os.environ.get("CXX", "")) or ["clang++" if sys.platform == "darwin" else "g++"])[0]  # "ccache g++"
 needs_cxx_compiler = pytest.mark.skipif(shutil.which(_CXX) is None,
                                         reason=f"torch.compile's CPU backend needs a C++ compiler ({_CXX})")
 

@@ -63,6 +63,11 @@ def test_run_grids_in_processes_forks_without_an_accelerator_and_spawns_with_one
         np.testing.assert_allclose(spawned.rotation[name], one.rotation[name], rtol=1e-12)
 
 
+def test_run_grids_takes_any_integer_worker_count():
+    cfg = q4.GridConfig(n_lr=1, n_wd=1, seeds=2, steps=1, hidden=4, n_train=40)
+    assert set(q4.run_grids(cfg, 0, workers=np.int64(1)).errors) == {s.name for s in q4.SCHEMES}
+
+
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_run_grids_refuses_a_bad_worker_count(workers):
     with pytest.raises(ValueError, match="workers must be a positive integer"):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -141,10 +142,33 @@ def test_auto_trains_on_cpu_when_the_machine_has_fewer_gpus_than_processes(monke
         with pytest.warns(UserWarning, match=r"2 processes on this machine but 1 GPU\(s\): training on CPU"):
             env = init_distributed("auto")
     else:
-        env = init_distributed("auto")  # the warning comes once per machine
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning comes once per machine
+            env = init_distributed("auto")
     assert (env.device, env.backend, env.local_rank) == (torch.device("cpu"), "gloo", local_rank)
     with pytest.raises(ValueError, match=r"2 processes on this machine but 1 GPU\(s\).*--nproc_per_node 1"):
         init_distributed("cuda")
+
+
+def test_a_job_over_several_machines_with_too_few_gpus_is_refused_not_split_over_two_backends(monkeypatch):
+    """Each node decides alone: one with too few GPUs must not pick gloo while the others pick nccl."""
+    from theorylab.experiments.distributed import init_distributed
+
+    _as_rank(monkeypatch, 1, 2, gpus=1)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 2 nodes of 2 processes
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 GPU\(s\).*1 on every node"):
+        init_distributed("auto")
+
+
+def test_a_launcher_without_local_world_size_gets_an_error_not_a_missing_gpu(monkeypatch):
+    """Without LOCAL_WORLD_SIZE (a launcher other than torchrun) local rank 1 on a one-GPU machine was sent to
+    cuda:1, which does not exist."""
+    from theorylab.experiments.distributed import init_distributed
+
+    _as_rank(monkeypatch, 1, 2, gpus=1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 GPU\(s\)"):
+        init_distributed("auto")
 
 
 def test_auto_takes_one_gpu_per_process_when_there_are_enough(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.context
+import numbers
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -584,15 +585,16 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Grids:
     """Every scheme's grids; rows (one lr each) run in ``workers`` parallel processes (default: one per CPU this
-    process may use, at most one per row), each on one thread, so the results do not depend on ``workers``.
+    process may use; never more than the rows), each on one thread, so the results do not depend on ``workers``.
     Where the processes start with ``spawn`` (see :func:`_pool_context`: a GPU machine, macOS, Windows), a script
     that calls this must do so under ``if __name__ == "__main__":``, as with any multiprocessing code."""
     tasks = [(scheme, float(lr), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)), cfg, data_seed)
              for scheme in SCHEMES for lr in grid_axis(scheme.log10_lr, cfg.n_lr)]
     if workers is None:
-        workers = min(len(tasks), available_cores())
-    elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        workers = available_cores()
+    elif isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    workers = min(int(workers), len(tasks))  # a worker without a row would only start and stop
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
     if workers > 1:

@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="evaluate on the first N held-out characters only (default: all; with --resume: the "
                         "checkpoint's)")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when present (nccl under torchrun), else CPU (gloo)")
+                   help="auto: CUDA when present (nccl under torchrun), else CPU (gloo); under torchrun on one "
+                        "machine with fewer GPUs than processes, CPU with a warning")
     c.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; under torchrun the cores / local processes)")
     c.set_defaults(run=run)

@@ -2,9 +2,10 @@
 
 ``torchrun --standalone --nproc_per_node P -m theorylab ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
 ``LOCAL_WORLD_SIZE``; :func:`init_distributed` reads them and joins the process group (nccl when the ranks run on
-CUDA, gloo on CPU). Without them it is a single process and nothing is initialised. Across machines the same
-command runs with torchrun's rendezvous flags (``--nnodes N --node_rank i --rdzv_backend c10d
---rdzv_endpoint HOST:PORT``) in place of ``--standalone``.
+CUDA, gloo on CPU; a one-machine job with fewer GPUs than processes falls back to CPU under ``--device auto``).
+Without them it is a single process and nothing is initialised. Across machines the same command runs with
+torchrun's rendezvous flags (``--nnodes N --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT``) in place
+of ``--standalone``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
 
     ``device``: "auto" (CUDA when present, else CPU), "cpu" or "cuda". On CPU each process gets an equal share
     of the cores (``threads`` overrides): the ranks of one machine must not oversubscribe it. Under torchrun each
-    local process needs a GPU of its own (NCCL refuses two ranks on one GPU): with "auto", a machine with fewer
-    GPUs than local processes trains on CPU (gloo), with a warning; with "cuda" it is a ValueError.
+    local process needs a GPU of its own (NCCL refuses two ranks on one GPU). Too few GPUs: with "auto" a
+    one-machine job trains on CPU (gloo), with a warning; otherwise (``device="cuda"``, or a job over several
+    machines, whose nodes would each decide alone and could pick different backends) it is a ValueError.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -73,14 +75,16 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if use_cuda else 0
-    if use_cuda and local_world > gpus:
-        advice = f"run torchrun with --nproc_per_node {gpus} to train on the GPU"
-        if device == "cuda":
-            raise ValueError(f"device 'cuda': {local_world} processes on this machine but {gpus} GPU(s), and each "
-                             f"process needs its own; {advice}, or pass --device cpu")
+    if use_cuda and (local_world > gpus or local_rank >= gpus):  # LOCAL_WORLD_SIZE may be missing (not torchrun)
+        # every rank of a one-machine job sees the same counts, so all of them fall back together
+        one_machine = "LOCAL_WORLD_SIZE" in os.environ and local_world == world
+        shortage = f"{max(local_world, local_rank + 1)} processes on this machine but {gpus} GPU(s)"
+        advice = f"run torchrun with --nproc_per_node {gpus}{'' if one_machine else ' on every node'}"
+        if device == "cuda" or not one_machine:
+            raise ValueError(f"device {device!r}: {shortage}, and each process needs its own; {advice}, or pass "
+                             "--device cpu")
         if local_rank == 0:  # once per machine
-            warnings.warn(f"{local_world} processes on this machine but {gpus} GPU(s): training on CPU (gloo); "
-                          f"{advice}", stacklevel=2)
+            warnings.warn(f"{shortage}: training on CPU (gloo); {advice} to train on the GPU", stacklevel=2)
         use_cuda = False
     if use_cuda:
         torch.cuda.set_device(local_rank)

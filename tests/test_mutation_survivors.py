@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from theorylab.optim import SGD, Adam, AdamW, ChainOptimizer, SGDMomentum
+from theorylab.optim import SGD, Adam, AdamW, ChainOptimizer, NonFiniteGradientError, SGDMomentum
 from theorylab.optim.transforms import (
     AddDecayedWeights,
     RunningAverage,
@@ -174,3 +174,89 @@ def test_the_iterative_method_warm_starts_from_the_previous_step():
     out = log_norms_of_products(f, method="iterative", stats=stats)
     torch.testing.assert_close(out, log_norms_of_products(f, method="svd"), atol=1e-9, rtol=1e-9)
     assert stats["extensions"] <= 0.6 * 2 * T, stats
+
+
+# ---- second pass: optim/momentum.py, optim/base.py, attention/linear.py ----
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5])
+def test_running_average_from_momentum_refuses_momentum_of_one_or_more(momentum):
+    """Mutant: momentum checked as non-negative only (1.0 divided by zero; 1.5 gave a negative learning rate)."""
+    from theorylab.optim import running_average_from_momentum
+
+    with pytest.raises(ValueError, match="momentum"):
+        running_average_from_momentum(momentum, 0.1)
+
+
+@pytest.mark.parametrize("lr", [-0.1, math.nan, math.inf])
+def test_momentum_from_running_average_refuses_a_bad_learning_rate(lr):
+    """Mutant: lr taken as float(lr), so a negative or NaN lr came back as a 'valid' momentum setting."""
+    from theorylab.optim import momentum_from_running_average
+
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        momentum_from_running_average(0.9, lr)
+
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5])
+def test_sgd_momentum_accepts_momentum_of_one_and_above_as_documented(momentum):
+    """Mutant: SGDMomentum checked μ in [0, 1), though μ ≥ 0 is its contract (μ = 1 is a valid, undamped trace)."""
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = SGDMomentum([p], lr=0.1, momentum=np.float32(momentum))
+    assert type(opt.param_groups[0]["momentum"]) is float  # mutant: the numpy scalar was stored as given
+    for _ in range(2):
+        p.grad = torch.ones(1)
+        opt.step()
+    assert "momentum_buffer" in opt.state[p]  # mutant: the buffer saved under another name
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor([0.1 * momentum + 0.1]))
+
+
+def test_sgd_momentum_scales_by_the_lr_before_the_trace():
+    """SGDMomentum is Δθ_t = μΔθ_{t-1} − η_t g_t: the lr of each step enters the trace at that step. Mutant: lr
+    applied after the trace (param −0.69, buffer 1.9 instead of −1.05 and 0.55 under lr 0.5 then 0.1)."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SGDMomentum([p], lr=0.5, momentum=0.9)
+    for lr in (0.5, 0.1):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor([0.9 * 0.5 + 0.1], dtype=torch.float64))
+    torch.testing.assert_close(p.detach(), torch.tensor([-(0.5 + 0.55)], dtype=torch.float64))
+
+
+def test_a_group_that_raises_on_a_nonfinite_gradient_raises_even_after_a_group_that_skips():
+    """Every group is checked before any is stepped: a 'skip' group must not end the check early. Mutant: break
+    instead of continue (no error; the step was counted as skipped)."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = SGDMomentum([{"params": [a], "nonfinite": "skip"}, {"params": [b], "nonfinite": "raise"}], lr=0.1,
+                      momentum=0.9)
+    a.grad, b.grad = torch.tensor([math.nan]), torch.tensor([math.inf])
+    with pytest.raises(NonFiniteGradientError, match="parameter group 1"):
+        opt.step()
+
+
+def test_the_nonfinite_error_names_the_parameter_by_its_index_in_the_group():
+    """Mutant: the index counted among the parameters that have a gradient (named [0] instead of [2])."""
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = SGDMomentum(ps, lr=0.1, momentum=0.9)
+    ps[2].grad = torch.tensor([math.nan])
+    with pytest.raises(NonFiniteGradientError, match=r"index\(es\) \[2\]"):
+        opt.step()
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_favor_switches_to_float64_for_huge_negative_inputs_too(which):
+    """Mutant: the float64 switch looked at the largest entry, not the largest |entry|, so queries (or keys) all
+    near −3e38 stayed in float32 and gave NaN. The result must equal the one for the mirrored inputs."""
+    from theorylab.attention import PositiveRandomFeatures, linear_attention
+
+    torch.manual_seed(0)
+    fm = PositiveRandomFeatures(8, 32, seed=0)
+    big = (torch.rand(1, 1, 16, 8) + 1) * 1.5e38
+    small, v = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 4)
+    negative = linear_attention(-big, small, v, fm) if which == "q" else linear_attention(small, -big, v, fm)
+    assert bool(torch.isfinite(negative).all())
+    reference = linear_attention((-big).double(), small.double(), v.double(), fm.double()) if which == "q" else \
+        linear_attention(small.double(), (-big).double(), v.double(), fm.double())
+    torch.testing.assert_close(negative.double(), reference, atol=1e-5, rtol=1e-5)
+    fm.float()

@@ -260,3 +260,63 @@ def test_favor_switches_to_float64_for_huge_negative_inputs_too(which):
         linear_attention(small.double(), (-big).double(), v.double(), fm.double())
     torch.testing.assert_close(negative.double(), reference, atol=1e-5, rtol=1e-5)
     fm.float()
+
+
+def test_a_group_with_its_own_lr_starts_with_a_schedule_multiplier_of_one():
+    """Decoupled decay per step is λ·lr/lr₀ with lr₀ the group's own lr at construction. Mutant: lr₀ taken from
+    the constructor's default lr, so a group built with lr = 0.01 beside lr = 0.1 decayed at a tenth of λ."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = Adam([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1, weight_decay=0.1, decay="decoupled")
+    a.grad, b.grad = torch.zeros(2), torch.zeros(2)
+    opt.step()
+    torch.testing.assert_close(b.detach(), torch.full((2,), 0.9))
+    torch.testing.assert_close(a.detach(), torch.full((2,), 0.9))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_query_spoils_its_own_row_only(bad):
+    """NaN or inf inputs propagate as in SDPA: that query's output is NaN, the others are unchanged. Mutant: the
+    float64 switch treated them as 'too large' and raised a ValueError naming max |x| = nan."""
+    from theorylab.attention import PositiveRandomFeatures, linear_attention
+
+    fm = PositiveRandomFeatures(8, 16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, n, generator=g) for n in (8, 8, 4))
+    spoilt = q.clone()
+    spoilt[0, 0, 3, 0] = bad
+    out, clean = linear_attention(spoilt, k, v, fm), linear_attention(q, k, v, fm)
+    assert bool(torch.isnan(out[0, 0, 3]).all())
+    rows = [i for i in range(8) if i != 3]
+    torch.testing.assert_close(out[0, 0, rows], clean[0, 0, rows])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_float64_feature_map_makes_float32_inputs_compute_in_float64(causal):
+    """The working dtype includes the feature map's: a float64 map with float32 inputs gives the float64 result
+    rounded once to float32. Mutant: the map's dtype ignored (10-25x the error: 7e-7 to 1.4e-6 instead of 6e-8)."""
+    from theorylab.attention import PositiveRandomFeatures, linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    fm64 = PositiveRandomFeatures(16, 64, seed=0).double()
+    q, k, v = (torch.randn(2, 2, 300, n, generator=g) for n in (16, 16, 8))
+    out = linear_attention(q, k, v, fm64, causal=causal)
+    ref = linear_attention(q.double(), k.double(), v.double(), fm64, causal=causal)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_without_autograd_rescales_its_state_when_the_key_maximum_rises(causal):
+    """Without autograd the state is updated in place. Mutant: the in-place path dropped the rescaling by the
+    rising running maximum (non-causal output 0.35 off); the tests had exercised it only under autograd."""
+    from theorylab.attention import PositiveRandomFeatures, linear_attention
+    from theorylab.attention.linear import linear_attention_log_reference
+
+    g = torch.Generator().manual_seed(0)
+    fm = PositiveRandomFeatures(8, 32, seed=0).double()
+    q, k, v = (torch.randn(1, 2, 64, n, generator=g, dtype=torch.float64) for n in (8, 8, 4))
+    k = k * torch.linspace(0.5, 3.0, 64, dtype=torch.float64)[:, None]  # key norms rise along the sequence
+    with torch.no_grad():
+        out = linear_attention(q, k, v, fm, causal=causal, chunk_size=8)
+    torch.testing.assert_close(out, linear_attention_log_reference(q, k, v, fm, causal=causal), atol=1e-12,
+                               rtol=1e-10)

@@ -1,5 +1,6 @@
 """Attention: exact (SDPA + naive reference), separable, kernelised linear (non-causal and chunked causal) with
-feature maps (FAVOR+ positive, trigonometric, elu+1, relu), and a batch-first multi-head module.
+feature maps (FAVOR+ positive, trigonometric, elu+1, relu), a batch-first multi-head module, and a drop-in for
+``nn.MultiheadAttention`` inside torch's Transformer layers (``swap_attention``).
 
 Layout follows torch SDPA: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv);
 ``key_padding_mask`` is bool (B, Nk) with True = padding (ignored). The naive references every fast path is
@@ -16,6 +17,7 @@ from .features import EluFeatures, PositiveRandomFeatures, ReluFeatures, TrigRan
 from .linear import linear_attention
 from .multihead import MultiheadAttention
 from .separable import separable_attention
+from .swap import DropInMultiheadAttention, swap_attention
 
 __all__ = [
     "softmax_attention",
@@ -26,4 +28,6 @@ __all__ = [
     "EluFeatures",
     "ReluFeatures",
     "MultiheadAttention",
+    "DropInMultiheadAttention",
+    "swap_attention",
 ]

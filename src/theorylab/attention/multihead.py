@@ -18,9 +18,11 @@ KINDS = ("softmax", "separable", "linear", "favor")
 
 class MultiheadAttention(nn.Module):
     """Like ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)``, but ``forward`` returns only the
-    output tensor and the attention itself is chosen by ``kind``. It is not a drop-in replacement inside
-    ``nn.TransformerEncoderLayer``: ``forward`` takes no ``attn_mask``, ``need_weights`` or ``is_causal`` (the
-    linear kinds never form attention weights; causality is the constructor's ``causal``).
+    output tensor and the attention itself is chosen by ``kind``. ``forward`` takes no ``attn_mask`` or
+    ``need_weights`` (the linear kinds never form attention weights); causality is the constructor's ``causal``,
+    or a call's. To put it inside ``nn.TransformerEncoderLayer`` and friends, wrap it in
+    :class:`~theorylab.attention.swap.DropInMultiheadAttention`, or call
+    :func:`~theorylab.attention.swap.swap_attention` on the model.
 
     * ``"softmax"``: exact attention (torch SDPA);
     * ``"separable"``: softmax_row(Q) softmax_col(K)ᵀ V;
@@ -122,9 +124,14 @@ class MultiheadAttention(nn.Module):
         return proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
-                key_padding_mask: Tensor | None = None) -> Tensor:
+                key_padding_mask: Tensor | None = None, *, causal: bool | None = None) -> Tensor:
         """query (B, Nq, E), key (B, Nk, E) (default: query), value (B, Nk, E) (default: key),
-        key_padding_mask bool (B, Nk), True = padding -> (B, Nq, E)."""
+        key_padding_mask bool (B, Nk), True = padding -> (B, Nq, E). ``causal`` overrides the constructor's
+        setting for this call (None: keep it)."""
+        if causal is None:
+            causal = self.causal
+        elif not isinstance(causal, bool):
+            raise TypeError(f"MultiheadAttention: causal must be a bool or None; got {causal!r}")
         key = query if key is None else key
         value = key if value is None else value
         for name, x in (("query", query), ("key", key), ("value", value)):
@@ -135,13 +142,13 @@ class MultiheadAttention(nn.Module):
         q, k, v = self._heads(query, self.q_proj), self._heads(key, self.k_proj), self._heads(value, self.v_proj)
         mask = key_padding_mask
         if self.kind == "softmax":
-            out = softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask)
+            out = softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
         elif self.kind == "separable":
-            out = separable_attention(q, k, v, causal=self.causal, key_padding_mask=mask,
+            out = separable_attention(q, k, v, causal=causal, key_padding_mask=mask,
                                       chunk_size=self.chunk_size)
         else:
             feature_map = cast(nn.Module, self.feature_map)  # kinds "linear" and "favor" always have one
-            out = linear_attention(q, k, v, feature_map, causal=self.causal, key_padding_mask=mask,
+            out = linear_attention(q, k, v, feature_map, causal=causal, key_padding_mask=mask,
                                    chunk_size=self.chunk_size, recompute=self.recompute)
         out = out.transpose(1, 2).reshape(B, Nq, E)  # (B, Nq, H*D)
         return self.out_proj(self.dropout(out))

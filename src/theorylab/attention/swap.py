@@ -1,0 +1,183 @@
+"""Put the package's attention inside torch's Transformer layers: a drop-in for ``nn.MultiheadAttention``.
+
+``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` call their attention as
+``self_attn(x, x, x, attn_mask=..., key_padding_mask=..., need_weights=False, is_causal=...)[0]``.
+:class:`DropInMultiheadAttention` takes that call and runs a :class:`MultiheadAttention` of any kind;
+:func:`swap_attention` replaces every ``nn.MultiheadAttention`` of a model by one, with its weights, so that
+``kind="softmax"`` reproduces the model's outputs and the other kinds start from its projections.
+
+What a kernelised attention can do, and so what is accepted: no mask, or the causal mask (as ``attn_mask``, bool
+or torch's float 0/−inf form, or the ``is_causal`` hint); key padding masks (bool, or the 0/−inf float form that
+``nn.TransformerEncoder`` turns them into). Other masks, additive biases and ``need_weights=True`` raise
+``ValueError``: the linear kinds never form the n × n weights they would need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .multihead import MultiheadAttention
+
+
+class DropInMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s call signature around a :class:`MultiheadAttention` of any kind.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (output, None)``, with ``(N, B, E)`` inputs unless
+    ``batch_first``, and unbatched ``(N, E)`` inputs as torch allows. The call is causal when the inner module was
+    built causal, when ``is_causal`` is set, or when ``attn_mask`` is the causal mask (top-left aligned: query i
+    sees keys j ≤ i). ``need_weights`` defaults to False here (torch's default is True), since no kind but
+    softmax forms weights; asking for them raises.
+
+    The attributes torch's layers read to pick their fused fast paths are set so that those paths are declined
+    (``in_proj_bias`` is None): the layers then call this module's ``forward``.
+
+    Args:
+        attention: the :class:`MultiheadAttention` to run (its ``causal`` makes every call causal).
+        batch_first: inputs are ``(B, N, E)`` (True) or ``(N, B, E)`` (False, torch's default).
+    """
+
+    in_proj_weight = None  # read by torch's fast-path checks; None declines them
+    in_proj_bias = None
+    _qkv_same_embed_dim = True
+
+    def __init__(self, attention: MultiheadAttention, *, batch_first: bool = True) -> None:
+        super().__init__()
+        if not isinstance(attention, MultiheadAttention):
+            raise TypeError(f"DropInMultiheadAttention: attention must be a theorylab MultiheadAttention; got "
+                            f"{type(attention).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"DropInMultiheadAttention: batch_first must be a bool; got {batch_first!r}")
+        self.attention = attention
+        self.batch_first = batch_first
+
+    @property
+    def embed_dim(self) -> int:
+        return self.attention.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.num_heads
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.attention.out_proj
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, kind: str, **kwargs: Any) -> DropInMultiheadAttention:
+        """A :class:`MultiheadAttention` of ``kind`` with ``mha``'s projections, on its device and dtype.
+
+        ``kwargs`` go to :class:`MultiheadAttention` (``causal``, ``num_features``, ``seed``, ``chunk_size``,
+        ``recompute``, ``dropout``). ``dropout`` defaults to ``mha.dropout``; note that here it zeroes entries of
+        the attention output, where torch's zeroes attention weights.
+
+        Raises:
+            ValueError: ``mha`` has key/value widths other than ``embed_dim`` (``kdim``/``vdim``), ``add_bias_kv``
+                or ``add_zero_attn``, which the package's attention does not implement.
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"from_torch: expected nn.MultiheadAttention; got {type(mha).__name__}")
+        unsupported = [name for name, on in (("kdim/vdim other than embed_dim", not mha._qkv_same_embed_dim),
+                                             ("add_bias_kv", mha.bias_k is not None),
+                                             ("add_zero_attn", mha.add_zero_attn)) if on]
+        if unsupported:
+            raise ValueError(f"from_torch: nn.MultiheadAttention with {', '.join(unsupported)} is not supported")
+        kwargs.setdefault("dropout", mha.dropout)
+        weight = mha.in_proj_weight
+        new = MultiheadAttention(mha.embed_dim, mha.num_heads, kind=kind, bias=mha.in_proj_bias is not None,
+                                 **kwargs)
+        new.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            for proj, w in zip((new.q_proj, new.k_proj, new.v_proj), weight.chunk(3), strict=True):
+                proj.weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                for proj, b in zip((new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.chunk(3), strict=True):
+                    proj.bias.copy_(b)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None and new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return cls(new, batch_first=mha.batch_first)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = False, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, None]:
+        """torch's call; returns ``(output, None)``. See the class docstring for the masks accepted."""
+        if need_weights:
+            raise ValueError(f"DropInMultiheadAttention: need_weights=True is not supported (kind "
+                             f"{self.attention.kind!r}; the linear kinds never form attention weights); pass "
+                             f"need_weights=False")
+        unbatched = query.dim() == 2
+        if unbatched:  # torch's unbatched form: (N, E), mask (Nk,); made a batch of one, batch first
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        causal = self.attention.causal or bool(is_causal)
+        if attn_mask is not None:
+            causal = _causal_or_none(attn_mask, query.shape[1], key.shape[1]) or causal
+        out = self.attention(query, key, value, _padding_mask(key_padding_mask), causal=causal)
+        if unbatched:
+            return out.squeeze(0), None
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _blocked(mask: Tensor, name: str) -> Tensor:
+    """The entries a bool mask (True) or torch's float form of one (−inf) blocks; other floats are biases."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"DropInMultiheadAttention: {name} must be bool or floating point; got {mask.dtype}")
+    blocked = torch.isneginf(mask)
+    if not torch.all(blocked | (mask == 0)):
+        raise ValueError(f"DropInMultiheadAttention: {name} holds values other than 0 and -inf (an additive bias), "
+                         f"which kernelised attention cannot apply")
+    return blocked
+
+
+def _padding_mask(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else _blocked(mask, "key_padding_mask")
+
+
+def _causal_or_none(mask: Tensor, n_q: int, n_k: int) -> bool:
+    """True for the causal mask, False for a mask that blocks nothing; anything else raises."""
+    if mask.shape != (n_q, n_k):
+        raise ValueError(f"DropInMultiheadAttention: attn_mask must be ({n_q}, {n_k}) (per-head masks are not "
+                         f"supported); got {tuple(mask.shape)}")
+    blocked = _blocked(mask, "attn_mask")
+    if not blocked.any():
+        return False
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).triu(1)
+    if torch.equal(blocked, causal):
+        return True
+    raise ValueError("DropInMultiheadAttention: attn_mask must be the causal mask or none (kernelised attention "
+                     "cannot apply an arbitrary mask); use key_padding_mask for padding")
+
+
+def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`DropInMultiheadAttention` of ``kind``.
+
+    In place: each replacement keeps the original's projection weights, device, dtype and ``batch_first``
+    (:meth:`DropInMultiheadAttention.from_torch`; ``kwargs`` go there). ``nn.TransformerEncoder``'s nested-tensor
+    fast path is switched off (``use_nested_tensor = False``), because it bypasses the attention module's
+    ``forward``. Returns ``model``, or the replacement when ``model`` is itself an ``nn.MultiheadAttention``.
+
+    Example::
+
+        layer = nn.TransformerEncoderLayer(256, 8, batch_first=True)
+        encoder = swap_attention(nn.TransformerEncoder(layer, 4), "favor", num_features=128)
+        y = encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(n), is_causal=True)
+    """
+    if isinstance(model, nn.MultiheadAttention):
+        return DropInMultiheadAttention.from_torch(model, kind, **kwargs)
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, DropInMultiheadAttention.from_torch(getattr(parent, attr), kind, **kwargs))
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
+    return model

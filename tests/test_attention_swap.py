@@ -1,0 +1,212 @@
+"""swap_attention / DropInMultiheadAttention: the package's attention inside torch's Transformer layers.
+
+Kind "softmax" must reproduce torch's layers (outputs and gradients, float64), with every mask form torch's layers
+pass; the kernelised kinds must run there, respect causality and equal the package's own module; anything the
+kinds cannot do is a clear error."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from theorylab.attention import DropInMultiheadAttention, MultiheadAttention, swap_attention
+
+F64 = torch.float64
+E, H, N, B = 32, 4, 10, 3
+
+
+def _encoder(batch_first=True, norm_first=False, nested=False):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=batch_first,
+                                       norm_first=norm_first, dtype=F64)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+
+
+def _x(batch_first=True, n=N):
+    x = torch.randn(B, n, E, dtype=F64, generator=torch.Generator().manual_seed(1))
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _pad(n=N):
+    pad = torch.zeros(B, n, dtype=torch.bool)
+    pad[1, 7:] = True
+    pad[2, 1:] = True  # every key but one
+    return pad
+
+
+CAUSAL_F = nn.Transformer.generate_square_subsequent_mask(N, dtype=F64)
+CAUSAL_B = torch.ones(N, N, dtype=torch.bool).triu(1)
+CALLS = {
+    "plain": {},
+    "causal float mask + hint": {"mask": CAUSAL_F, "is_causal": True},
+    "causal float mask": {"mask": CAUSAL_F},
+    "causal bool mask": {"mask": CAUSAL_B},
+    "bool padding": {"src_key_padding_mask": _pad()},
+    "causal + padding": {"mask": CAUSAL_B, "src_key_padding_mask": _pad()},  # torch wants one mask type
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_softmax_kind_reproduces_torch_encoder(batch_first, norm_first, mode, call):
+    torch_enc = _encoder(batch_first, norm_first)
+    ours = swap_attention(copy.deepcopy(torch_enc), "softmax")
+    getattr(torch_enc, mode)()
+    getattr(ours, mode)()
+    x = _x(batch_first)
+    torch.testing.assert_close(ours(x, **CALLS[call]), torch_enc(x, **CALLS[call]), rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_match_torch():
+    torch_enc = _encoder()
+    ours = swap_attention(copy.deepcopy(torch_enc), "softmax")
+    x1, x2 = _x().requires_grad_(), _x().requires_grad_()
+    (torch_enc(x1, mask=CAUSAL_F, is_causal=True) ** 2).sum().backward()
+    (ours(x2, mask=CAUSAL_F, is_causal=True) ** 2).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-11, atol=1e-12)
+    w_torch = torch_enc.layers[0].self_attn.in_proj_weight.grad
+    attention = ours.layers[0].self_attn.attention
+    w_ours = torch.cat([attention.q_proj.weight.grad, attention.k_proj.weight.grad, attention.v_proj.weight.grad])
+    torch.testing.assert_close(w_ours, w_torch, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_tensor_fast_path_is_switched_off():
+    """nn.TransformerEncoder's nested-tensor path (eval, padding mask) would bypass our forward entirely."""
+    torch_enc = _encoder(nested=True).eval()
+    ours = swap_attention(copy.deepcopy(torch_enc), "softmax")
+    assert torch_enc.use_nested_tensor and not ours.use_nested_tensor
+    x, pad = _x(), _pad()
+    with torch.no_grad():
+        got, want = ours(x, src_key_padding_mask=pad), torch_enc(x, src_key_padding_mask=pad)
+    kept = ~pad  # torch's nested path writes zeros at padded positions; the unpadded ones must agree
+    torch.testing.assert_close(got[kept], want[kept], rtol=1e-12, atol=1e-12)
+
+
+def test_full_transformer_with_decoder_and_memory_padding():
+    torch.manual_seed(0)
+    model = nn.Transformer(E, H, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, dropout=0.0,
+                           batch_first=True, dtype=F64)
+    ours = swap_attention(copy.deepcopy(model), "softmax")
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in ours.modules())
+    src, tgt = _x(n=12), _x(n=N)
+    kw = {"tgt_mask": CAUSAL_F, "tgt_is_causal": True, "src_key_padding_mask": _pad(12),
+          "memory_key_padding_mask": _pad(12)}
+    torch.testing.assert_close(ours(src, tgt, **kw), model(src, tgt, **kw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["separable", "linear", "favor"])
+def test_kernelised_kinds_equal_the_package_module_and_are_causal(kind):
+    torch_enc = _encoder()
+    ours = swap_attention(copy.deepcopy(torch_enc), kind, seed=0) if kind == "favor" else \
+        swap_attention(copy.deepcopy(torch_enc), kind)
+    x = _x()
+    y = ours(x, mask=CAUSAL_F, is_causal=True)
+    assert torch.isfinite(y).all()
+    x_later = x.clone()
+    x_later[:, 6:] = 5 * torch.randn_like(x_later[:, 6:])
+    torch.testing.assert_close(ours(x_later, mask=CAUSAL_F, is_causal=True)[:, :6], y[:, :6], rtol=1e-10,
+                               atol=1e-12)  # the future does not reach the past
+    # the wrapped module is the package's own: calling it directly gives the same attention
+    layer = ours.layers[0]
+    inner = layer.self_attn.attention
+    assert isinstance(inner, MultiheadAttention) and inner.kind == kind
+    h = torch.randn(B, N, E, dtype=F64)
+    torch.testing.assert_close(layer.self_attn(h, h, h, attn_mask=CAUSAL_F)[0], inner(h, causal=True))
+
+
+def test_drop_in_keeps_weights_device_dtype_and_dropout():
+    mha = nn.MultiheadAttention(E, H, dropout=0.25, bias=False, batch_first=False, dtype=F64)
+    drop_in = swap_attention(mha, "favor", num_features=16)
+    assert isinstance(drop_in, DropInMultiheadAttention) and drop_in.batch_first is False
+    inner = drop_in.attention
+    assert inner.q_proj.weight.dtype == F64 and inner.q_proj.bias is None
+    assert inner.dropout.p == 0.25 and drop_in.embed_dim == E and drop_in.num_heads == H
+    torch.testing.assert_close(torch.cat([inner.q_proj.weight, inner.k_proj.weight, inner.v_proj.weight]),
+                               mha.in_proj_weight, rtol=0, atol=0)
+    torch.testing.assert_close(inner.out_proj.weight, mha.out_proj.weight, rtol=0, atol=0)
+
+
+def test_unbatched_and_sequence_first_calls_match_torch():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, dtype=F64)  # sequence first, torch's default
+    ours = swap_attention(copy.deepcopy(mha), "softmax")
+    x = torch.randn(N, B, E, dtype=F64)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+    u = torch.randn(N, E, dtype=F64)  # unbatched
+    pad = torch.zeros(N, dtype=torch.bool)
+    pad[8:] = True
+    got, weights = ours(u, u, u, key_padding_mask=pad)
+    assert weights is None
+    torch.testing.assert_close(got, mha(u, u, u, key_padding_mask=pad, need_weights=False)[0])
+
+
+def test_state_dict_moves_between_swapped_models():
+    a = swap_attention(_encoder(), "favor", seed=0)
+    b = swap_attention(_encoder(), "favor", seed=1)
+    b.load_state_dict(a.state_dict())
+    x = _x()
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_what_kernelised_attention_cannot_do_is_refused():
+    drop_in = swap_attention(nn.MultiheadAttention(E, H, batch_first=True, dtype=F64), "linear")
+    x = _x()
+    with pytest.raises(ValueError, match="need_weights=True"):
+        drop_in(x, x, x, need_weights=True)
+    band = torch.ones(N, N, dtype=torch.bool).tril(-3)  # a sliding-window style mask: not causal
+    with pytest.raises(ValueError, match="causal mask or none"):
+        drop_in(x, x, x, attn_mask=band)
+    with pytest.raises(ValueError, match=r"attn_mask must be \(10, 10\)"):
+        drop_in(x, x, x, attn_mask=torch.zeros(B * H, N, N, dtype=torch.bool))
+    bias = torch.zeros(B, N, dtype=F64)
+    bias[0, 0] = -1.0
+    with pytest.raises(ValueError, match="additive bias"):
+        drop_in(x, x, x, key_padding_mask=bias)
+    with pytest.raises(TypeError, match="bool or floating point"):
+        drop_in(x, x, x, key_padding_mask=torch.zeros(B, N, dtype=torch.int64))
+    # an all-zero attn_mask blocks nothing: the same as none
+    torch.testing.assert_close(drop_in(x, x, x, attn_mask=torch.zeros(N, N, dtype=F64))[0], drop_in(x, x, x)[0])
+
+
+@pytest.mark.parametrize("kwargs, what", [({"kdim": 16, "vdim": 16}, "kdim/vdim"),
+                                          ({"add_bias_kv": True}, "add_bias_kv"),
+                                          ({"add_zero_attn": True}, "add_zero_attn")])
+def test_unsupported_torch_options_are_named(kwargs, what):
+    with pytest.raises(ValueError, match=what):
+        swap_attention(nn.MultiheadAttention(E, H, **kwargs), "favor")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        swap_attention(_encoder(), "sparse")
+    with pytest.raises(TypeError, match="theorylab MultiheadAttention"):
+        DropInMultiheadAttention(nn.MultiheadAttention(E, H))
+    with pytest.raises(TypeError, match="batch_first must be a bool"):
+        DropInMultiheadAttention(MultiheadAttention(E, H), batch_first="yes")
+    with pytest.raises(TypeError, match="causal must be a bool or None"):
+        MultiheadAttention(E, H)(torch.randn(1, 3, E), causal="yes")
+
+
+def test_per_call_causal_overrides_the_constructor():
+    torch.manual_seed(0)
+    m = MultiheadAttention(E, H, kind="linear")
+    x = torch.randn(2, N, E)
+    causal_twin = MultiheadAttention(E, H, kind="linear", causal=True)
+    causal_twin.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x, causal=True), causal_twin(x))
+    torch.testing.assert_close(causal_twin(x, causal=False), m(x))
+
+
+def test_a_single_layer_reads_the_causal_mask_itself():
+    """nn.TransformerEncoderLayer passes attn_mask with is_causal=False unless told: the mask alone must do."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True, dtype=F64)
+    ours = swap_attention(copy.deepcopy(layer), "softmax")
+    x = _x()
+    for mask in (CAUSAL_F, CAUSAL_B):
+        torch.testing.assert_close(ours(x, src_mask=mask), layer(x, src_mask=mask), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ours(x, src_mask=CAUSAL_F), ours(x))  # the mask mattered

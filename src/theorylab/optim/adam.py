@@ -122,7 +122,8 @@ class Adam(ChainOptimizer):
     (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
     torch.optim.Adam's ``amsgrad``, ``maximize``, ``capturable`` and ``differentiable`` are accepted off, and
     ``foreach`` and ``fused=None`` at any value, so that a configuration written for torch runs unchanged (on:
-    ValueError); ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch.
+    ValueError); ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch. Pass them by
+    keyword: the sixth positional argument is ``decay`` here, ``amsgrad`` in torch.optim.Adam.
 
     **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
     moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex

@@ -185,6 +185,14 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _state_kind(self) -> str:
         return self.state_kind or type(self).__name__
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ (run by load_state_dict, deepcopy and unpickling) adds "differentiable" to
+        # ``defaults``; add_param_group would then copy it into new groups, whose state_dict, saved without
+        # STATE_KIND_KEY (DCP, FSDP, ZeRO keep only "state" and "param_groups"), would read as torch.optim's
+        super().__setstate__(state)
+        for key in TORCH_DEFAULT_KEYS:
+            self.defaults.pop(key, None)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         given = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **given}
@@ -359,7 +367,9 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
 def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
     """The torch.optim optimizer a saved parameter group seems to come from (by keys only torch's groups have), or
     None."""
-    if not any(k in group for k in ("foreach", "differentiable", "maximize", "capturable")):
+    # every torch.optim group (torch >= 2.0) has at least foreach, maximize and differentiable; one such key alone
+    # can be a leftover (a group added before the __setstate__ fix above)
+    if sum(k in group for k in TORCH_DEFAULT_KEYS) < 2:
         return None
     if "amsgrad" in group:
         if "decoupled_weight_decay" not in group:  # older torch (2.4) saves the two alike

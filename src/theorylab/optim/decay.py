@@ -18,6 +18,11 @@ RISING_LR_WARNING = (
 
 
 def check_decay(decay: str) -> None:
+    if not isinstance(decay, str):  # a number or bool here is a positional slip, worth saying which
+        hint = ("; a number or bool here is usually a torch.optim argument given by position (torch.optim.SGD's "
+                "fourth is dampening, torch.optim.Adam's sixth amsgrad): pass those by keyword")
+        raise ValueError(f"Invalid decay mode: {decay!r} (must be one of {', '.join(map(repr, DECAY_MODES))})"
+                         f"{hint}")
     if decay not in DECAY_MODES:
         raise ValueError(f"Invalid decay mode: {decay!r} (must be one of {', '.join(map(repr, DECAY_MODES))})")
 

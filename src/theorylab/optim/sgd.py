@@ -42,7 +42,9 @@ class SGD(ChainOptimizer):
     ``"decoupled_lr"``; ValueError otherwise (:func:`~theorylab.optim.decay.check_decay_rate`).
     ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`. torch.optim.SGD's ``maximize``,
     ``foreach``, ``differentiable`` and ``fused`` are accepted at their default values (``foreach`` at any), so
-    that a configuration written for torch runs unchanged; other values raise ValueError.
+    that a configuration written for torch runs unchanged; other values raise ValueError. Give it by keyword: the
+    positional order is ``(params, lr, momentum, weight_decay, decay)``, where torch.optim.SGD's fourth is
+    ``dampening`` (here keyword-only), so ``SGD(p, 0.1, 0.9, 0.5)`` sets weight_decay, not dampening.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,

@@ -1,0 +1,88 @@
+"""Optimizers in PyTorch's own workflows (found by a review that compared each with torch.optim).
+
+* After a resume (load_state_dict, deepcopy, unpickling) torch's ``__setstate__`` put "differentiable" into
+  ``defaults``; a group added later carried it, and a state_dict saved without our kind key (DCP, FSDP, ZeRO keep
+  only "state" and "param_groups") was then refused as "a torch.optim state_dict".
+* torch.optim's positional order differs after the first hyperparameters; a torch argument given by position
+  that lands on ``decay`` says so.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from theorylab.optim import SGD, Adam, AdamW, RunningAverageSGD, SGDMomentum
+
+MAKERS = {
+    "Adam": lambda ps: Adam(ps, lr=1e-2, weight_decay=1e-3, decay="decoupled"),
+    "AdamW": lambda ps: AdamW(ps, lr=1e-2),
+    "SGD": lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "SGDMomentum": lambda ps: SGDMomentum(ps, lr=0.1, momentum=0.9),
+    "RunningAverageSGD": lambda ps: RunningAverageSGD(ps, lr=0.1, beta=0.9),
+}
+RESUMES = {
+    "load_state_dict": lambda opt: (opt.load_state_dict(opt.state_dict()), opt)[1],
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda opt: pickle.loads(pickle.dumps(opt)),
+}
+
+
+def _step(opt, params):
+    opt.zero_grad()
+    sum((p**2).sum() for p in params).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("resume", list(RESUMES))
+def test_group_added_after_a_resume_saves_a_state_that_loads(name, resume):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = MAKERS[name](list(a.parameters()))
+    _step(opt, list(a.parameters()))
+    opt = RESUMES[resume](opt)
+    params_a = [p for g in opt.param_groups for p in g["params"]]
+    opt.add_param_group({"params": list(b.parameters())})  # e.g. unfreezing a layer
+    assert not any(k in g for g in opt.param_groups for k in ("differentiable", "foreach", "maximize"))
+    _step(opt, params_a + list(b.parameters()))
+    saved = opt.state_dict()
+    consolidated = {"state": saved["state"], "param_groups": saved["param_groups"]}  # what DCP returns
+    fresh = MAKERS[name](params_a)
+    fresh.add_param_group({"params": list(b.parameters())})
+    fresh.load_state_dict(consolidated)
+    assert fresh.state_dict()["state"].keys() == saved["state"].keys()
+
+
+def test_a_leftover_differentiable_key_alone_is_not_taken_for_torch():
+    """Checkpoints written before the fix carry it in added groups; they still load."""
+    p = [torch.nn.Parameter(torch.ones(3))]
+    opt = Adam(p, lr=1e-2)
+    saved = opt.state_dict()
+    saved = {"state": saved["state"], "param_groups": [{**g, "differentiable": False} for g in saved["param_groups"]]}
+    Adam(p, lr=1e-2).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("torch_opt, ours", [
+    (lambda p: torch.optim.Adam(p, lr=1e-2), lambda p: Adam(p, lr=1e-2)),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: SGD(p, lr=0.1, momentum=0.9)),
+])
+def test_a_torch_optim_state_is_still_refused(torch_opt, ours):
+    p = [torch.nn.Parameter(torch.ones(3))]
+    saved = torch_opt(p).state_dict()
+    for group in saved["param_groups"]:  # even with every hyperparameter of ours present
+        group.setdefault("decay", "l2")
+        group.setdefault("nonfinite", "raise")
+    with pytest.raises(ValueError, match="looks like a torch.optim"):
+        ours(p).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: SGD(p, 0.1, 0.9, 0, 5e-4),  # torch.optim.SGD: dampening=0, weight_decay=5e-4
+    lambda p: Adam(p, 1e-3, (0.9, 0.999), 1e-8, 0, False),  # torch.optim.Adam: amsgrad=False
+])
+def test_a_torch_positional_argument_landing_on_decay_is_explained(make):
+    with pytest.raises(ValueError, match="by keyword") as info:
+        make([torch.nn.Parameter(torch.ones(3))])
+    assert "Invalid decay mode" in str(info.value)

@@ -467,3 +467,32 @@ def test_train_refuses_a_clip_that_is_not_a_positive_number(clip):
 
     with pytest.raises(ValueError, match="clip must be None or a finite number > 0"):
         train("adding", 5, clip=clip, iterations=1)
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_numpy_blas_threads_follow_torch_for_large_products(monkeypatch, torch_threads):
+    """On a busy machine torch.set_num_threads(1) is the documented cure; the norms' numpy BLAS must follow it
+    (on two shared cores, two BLAS threads made H = 256 2× slower than one)."""
+    import contextlib
+
+    from theorylab.rnn import jacobian
+
+    limits = []
+
+    @contextlib.contextmanager
+    def recording(limit):
+        limits.append(limit)
+        yield
+
+    monkeypatch.setattr(jacobian, "numpy_blas_threads", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        rnn = RNN(2, 128)  # B·H³ = 2²¹: a "large" product per step
+        log_jacobian_norms(rnn, torch.randn(1, 3, 2), None)
+        small = RNN(2, 8)
+        log_jacobian_norms(small, torch.randn(1, 3, 2), None)
+    finally:
+        torch.set_num_threads(before)
+    assert limits[0] == torch_threads  # the large product's loop
+    assert limits[-1] == 1  # small products: always one thread

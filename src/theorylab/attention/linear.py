@@ -415,9 +415,10 @@ def _checkpointed(fm: nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
     def unchanged(*args: Any) -> Any:
         if [(id(t), t._version) for t in (*fm.parameters(), *fm.buffers())] != snapshot:
             raise RuntimeError("linear_attention(recompute=True): the feature map changed between the forward and "
-                               "the backward pass (redraw() or an in-place update of its parameters or buffers), "
-                               "so recomputing its features would give wrong gradients; change it after "
-                               "backward(), or use recompute=False")
+                               "the backward pass (redraw() or an in-place update of its parameters or buffers, or "
+                               "torch.func.functional_call, whose tensors are put back before backward runs), so "
+                               "recomputing its features would give wrong gradients; change it after backward(), "
+                               "or use recompute=False")
         return fn(*args)
 
     return lambda *args: checkpoint(unchanged, *args, use_reentrant=False)

@@ -345,10 +345,13 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     out = np.empty((bsz, steps))
     stats["extensions"] = 0
     stats["fallbacks"] = 0
-    # Small kernels run on one BLAS thread; only a large H×H product per step is worth two (see _threads).
+    # Small kernels run on one BLAS thread; only a large H×H product per step is worth more (see _threads), and
+    # then as many as torch may use: torch.set_num_threads(1), the cure on a busy machine, limits numpy's too
+    # (on 2 shared cores with one busy, H = 256 took 2.9 s on one BLAS thread and 5.8-7.2 s on two; idle, 1.3×
+    # faster on two).
     big = bsz * hidden**3 >= 2**21
     use_svd = method == "svd" or (method == "auto" and bsz * hidden**3 <= SVD_MAX_WORK)
-    with numpy_blas_threads(None if big else 1):
+    with numpy_blas_threads(torch.get_num_threads() if big else 1):
         for t in range(steps):
             dt = d[:, t, :, None]  # (B, H, 1)
             M = A @ (dt * M) if factors.diag_right else dt * (A @ M)  # (B, H, H)

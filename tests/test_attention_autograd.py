@@ -1,0 +1,99 @@
+"""Second derivatives (a gradient penalty) through every attention kind, and what torch.func can and cannot do.
+
+From a review that compared each kind with the float64 references under gradgradcheck, vmap and functional_call.
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from theorylab.attention import (
+    EluFeatures,
+    MultiheadAttention,
+    PositiveRandomFeatures,
+    linear_attention,
+    separable_attention,
+    softmax_attention,
+)
+from theorylab.attention import linear as linear_module
+from theorylab.attention.exact import softmax_attention_reference
+
+F64 = torch.float64
+
+
+def _qkv(n=9, d=3, dv=3, heads=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((0.5 * torch.randn(1, heads, n, w, dtype=F64, generator=gen)).requires_grad_() for w in (d, d, dv))
+
+
+def _pad(n=9):
+    pad = torch.zeros(1, n, dtype=torch.bool)
+    pad[0, 7:] = True
+    return pad
+
+
+KINDS = {
+    "separable": lambda q, k, v, **kw: separable_attention(q, k, v, chunk_size=3, **kw),
+    "linear elu": lambda q, k, v, **kw: linear_attention(q, k, v, EluFeatures(3), chunk_size=3, **kw),
+    "favor": lambda q, k, v, **kw: linear_attention(
+        q, k, v, PositiveRandomFeatures(3, 4, seed=0).double(), chunk_size=3, **kw),
+    "favor recompute": lambda q, k, v, **kw: linear_attention(
+        q, k, v, PositiveRandomFeatures(3, 4, seed=0).double(), chunk_size=3, recompute=True, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_second_derivatives_of_the_kernelised_kinds(kind, causal, monkeypatch):
+    monkeypatch.setattr(linear_module, "CAUSAL_BLOCK_ELEMENTS", 1)  # several blocks of chunks at n = 9
+    fn = KINDS[kind]
+    q, k, v = _qkv()
+    assert torch.autograd.gradgradcheck(lambda q, k, v: fn(q, k, v, causal=causal, key_padding_mask=_pad()),
+                                        (q, k, v), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_gradient_penalty_under_the_math_backend(causal):
+    """torch's fused CPU kernel has no double backward when q and v share a head dim (as in every multi-head
+    module); the README's cure is the math backend, which must then equal the reference."""
+    def penalty(fn):
+        q, k, v = _qkv(n=13, d=4, dv=4, heads=2)  # q and v share a head dim: torch's fused kernel would fail
+        (gq,) = torch.autograd.grad(fn(q, k, v, causal=causal).pow(2).sum(), q, create_graph=True)
+        return torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
+
+    want = penalty(softmax_attention_reference)
+    with sdpa_kernel(SDPBackend.MATH):
+        got = penalty(softmax_attention)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_multihead_softmax_gradient_penalty_under_the_math_backend():
+    torch.manual_seed(0)
+    m = MultiheadAttention(8, 2, kind="softmax").double()
+    x = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        (gx,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+    assert torch.isfinite(m.q_proj.weight.grad).all() and m.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_vmap_over_the_kinds_without_range_checks():
+    """softmax, elu linear and non-causal separable attention take vmap; the README lists those that do not."""
+    q, k, v = (t.detach() for t in _qkv())
+    for fn in (softmax_attention, lambda q, k, v: linear_attention(q, k, v, EluFeatures(3), causal=True),
+               separable_attention):
+        batched = torch.func.vmap(fn)(q[None].expand(3, -1, -1, -1, -1), k[None].expand(3, -1, -1, -1, -1),
+                                      v[None].expand(3, -1, -1, -1, -1))
+        torch.testing.assert_close(batched, fn(q, k, v)[None].expand(3, -1, -1, -1, -1))
+
+
+def test_functional_call_with_recompute_names_the_cause():
+    torch.manual_seed(0)
+    m = MultiheadAttention(16, 2, kind="favor", seed=0, num_features=8, chunk_size=4, recompute=True).double()
+    new = torch.randn_like(m.feature_map.projection)
+    x = torch.randn(1, 12, 16, dtype=F64, requires_grad=True)
+    y = torch.func.functional_call(m, {"feature_map.projection": new}, (x,))
+    with pytest.raises(RuntimeError, match="functional_call"):
+        y.sum().backward()

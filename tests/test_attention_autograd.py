@@ -80,13 +80,15 @@ def test_multihead_softmax_gradient_penalty_under_the_math_backend():
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 def test_vmap_over_the_kinds_without_range_checks():
-    """softmax, elu linear and non-causal separable attention take vmap; the README lists those that do not."""
-    q, k, v = (t.detach() for t in _qkv())
+    """softmax, elu linear and non-causal separable attention take vmap (over distinct inputs, so a batching rule
+    that mixed or dropped elements would show); the README lists the kinds that do not."""
+    triples = [tuple(t.detach() for t in _qkv(seed=s)) for s in range(3)]
+    q, k, v = (torch.stack([t[i] for t in triples]) for i in range(3))  # (3, 1, 1, n, d): a vmapped dim first
     for fn in (softmax_attention, lambda q, k, v: linear_attention(q, k, v, EluFeatures(3), causal=True),
                separable_attention):
-        batched = torch.func.vmap(fn)(q[None].expand(3, -1, -1, -1, -1), k[None].expand(3, -1, -1, -1, -1),
-                                      v[None].expand(3, -1, -1, -1, -1))
-        torch.testing.assert_close(batched, fn(q, k, v)[None].expand(3, -1, -1, -1, -1))
+        batched = torch.func.vmap(fn)(q, k, v)
+        looped = torch.stack([fn(*t) for t in triples])
+        torch.testing.assert_close(batched, looped)
 
 
 def test_functional_call_with_recompute_names_the_cause():

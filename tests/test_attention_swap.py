@@ -75,7 +75,8 @@ def test_gradients_match_torch():
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_nested_tensor_fast_path_is_switched_off():
-    """nn.TransformerEncoder's nested-tensor path (eval, padding mask) would bypass our forward entirely."""
+    """nn.TransformerEncoder's nested-tensor path (eval, padding mask) cannot run through the drop-in (it fails on
+    the nested input before our forward): it must be off, and the padded positions' outputs equal torch's."""
     torch_enc = _encoder(nested=True).eval()
     ours = swap_attention(copy.deepcopy(torch_enc), "softmax")
     assert torch_enc.use_nested_tensor and not ours.use_nested_tensor
@@ -210,3 +211,48 @@ def test_a_single_layer_reads_the_causal_mask_itself():
     for mask in (CAUSAL_F, CAUSAL_B):
         torch.testing.assert_close(ours(x, src_mask=mask), layer(x, src_mask=mask), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(ours(x, src_mask=CAUSAL_F), ours(x))  # the mask mattered
+
+
+def test_a_model_swapped_in_eval_mode_stays_in_eval_mode():
+    """Torch's layers give their attention dropout 0.1 by default: a swap at inference must not switch it on."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, batch_first=True, dtype=F64)  # dropout 0.1
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ours = swap_attention(copy.deepcopy(model), "softmax")
+    assert not any(m.training for m in ours.modules())
+    x = _x()
+    torch.testing.assert_close(ours(x), model(x), rtol=1e-12, atol=1e-12)
+    train_model = swap_attention(nn.TransformerEncoder(copy.deepcopy(layer), 1, enable_nested_tensor=False), "favor")
+    assert all(m.training for m in train_model.modules())
+
+
+def test_frozen_attention_stays_frozen():
+    mha = nn.MultiheadAttention(E, H, batch_first=True)
+    mha.in_proj_weight.requires_grad_(False)
+    mha.in_proj_bias.requires_grad_(False)
+    drop_in = swap_attention(mha, "linear")
+    inner = drop_in.attention
+    for proj in (inner.q_proj, inner.k_proj, inner.v_proj):
+        assert not any(p.requires_grad for p in proj.parameters())
+    assert all(p.requires_grad for p in inner.out_proj.parameters())  # out_proj was left trainable
+
+
+def test_a_shared_attention_is_replaced_everywhere_by_one_module():
+    shared = nn.MultiheadAttention(E, H, batch_first=True)
+    model = nn.ModuleDict({"a": nn.ModuleList([shared]), "b": nn.Sequential(shared)})
+    swap_attention(model, "favor", seed=0)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules(remove_duplicate=False))
+    assert model["a"][0] is model["b"][0]  # still tied
+
+
+def test_a_swapped_model_changes_kind_and_keeps_its_weights():
+    torch_enc = _encoder()
+    first = swap_attention(copy.deepcopy(torch_enc), "softmax")
+    again = swap_attention(copy.deepcopy(first), "favor", seed=0)
+    inner = again.layers[0].self_attn.attention
+    assert inner.kind == "favor"
+    torch.testing.assert_close(inner.q_proj.weight, first.layers[0].self_attn.attention.q_proj.weight, rtol=0,
+                               atol=0)
+    back = swap_attention(copy.deepcopy(again), "softmax")  # and back: torch's outputs again
+    x = _x()
+    torch.testing.assert_close(back(x), torch_enc(x), rtol=1e-12, atol=1e-12)

@@ -496,3 +496,16 @@ def test_numpy_blas_threads_follow_torch_for_large_products(monkeypatch, torch_t
         torch.set_num_threads(before)
     assert limits[0] == torch_threads  # the large product's loop
     assert limits[-1] == 1  # small products: always one thread
+
+
+def test_numpy_blas_threads_never_exceed_a_callers_limit():
+    """threadpool_limits(1) set by the caller holds inside the norms' loops, whatever torch's thread count."""
+    from threadpoolctl import threadpool_limits
+
+    from theorylab.rnn._threads import _blas_libraries, numpy_blas_threads
+
+    libs = _blas_libraries()
+    if not libs:
+        pytest.skip("numpy reports no BLAS library to threadpoolctl")
+    with threadpool_limits(1, user_api="blas"), numpy_blas_threads(4):
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)

@@ -67,19 +67,39 @@ class DropInMultiheadAttention(nn.Module):
         return self.attention.out_proj
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, kind: str, **kwargs: Any) -> DropInMultiheadAttention:
-        """A :class:`MultiheadAttention` of ``kind`` with ``mha``'s projections, on its device and dtype.
+    def from_torch(cls, mha: nn.Module, kind: str, **kwargs: Any) -> DropInMultiheadAttention:
+        """A :class:`MultiheadAttention` of ``kind`` with ``mha``'s projections, on its device and dtype, in its
+        training mode, with its parameters' ``requires_grad``. ``mha`` is an ``nn.MultiheadAttention`` or a
+        :class:`DropInMultiheadAttention` (to change the kind of a swapped model).
 
         ``kwargs`` go to :class:`MultiheadAttention` (``causal``, ``num_features``, ``seed``, ``chunk_size``,
-        ``recompute``, ``dropout``). ``dropout`` defaults to ``mha.dropout``; note that here it zeroes entries of
-        the attention output, where torch's zeroes attention weights.
+        ``recompute``, ``dropout``). ``dropout`` defaults to ``mha``'s; note that here it zeroes entries of the
+        attention output, where torch's zeroes attention weights.
 
         Raises:
             ValueError: ``mha`` has key/value widths other than ``embed_dim`` (``kdim``/``vdim``), ``add_bias_kv``
                 or ``add_zero_attn``, which the package's attention does not implement.
         """
-        if not isinstance(mha, nn.MultiheadAttention):
+        if isinstance(mha, DropInMultiheadAttention):
+            old = mha.attention
+            kwargs.setdefault("dropout", old.dropout.p)
+            new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
+                                     **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+            projections = {k: v for k, v in old.state_dict().items() if not k.startswith("feature_map.")}
+            new.load_state_dict(projections, strict=False)
+            trainable = [proj.weight.requires_grad for proj in (old.q_proj, old.k_proj, old.v_proj, old.out_proj)]
+        elif isinstance(mha, nn.MultiheadAttention):
+            new = cls._from_torch_module(mha, kind, kwargs)
+            trainable = [mha.in_proj_weight.requires_grad] * 3 + [mha.out_proj.weight.requires_grad]
+        else:
             raise TypeError(f"from_torch: expected nn.MultiheadAttention; got {type(mha).__name__}")
+        for proj, grad in zip((new.q_proj, new.k_proj, new.v_proj, new.out_proj), trainable, strict=True):
+            proj.requires_grad_(grad)  # a frozen attention stays frozen
+        drop_in = cls(new, batch_first=mha.batch_first)
+        return drop_in.train(mha.training)  # a model swapped in eval mode stays so (no dropout at inference)
+
+    @staticmethod
+    def _from_torch_module(mha: nn.MultiheadAttention, kind: str, kwargs: dict[str, Any]) -> MultiheadAttention:
         unsupported = [name for name, on in (("kdim/vdim other than embed_dim", not mha._qkv_same_embed_dim),
                                              ("add_bias_kv", mha.bias_k is not None),
                                              ("add_zero_attn", mha.add_zero_attn)) if on]
@@ -88,8 +108,7 @@ class DropInMultiheadAttention(nn.Module):
         kwargs.setdefault("dropout", mha.dropout)
         weight = mha.in_proj_weight
         new = MultiheadAttention(mha.embed_dim, mha.num_heads, kind=kind, bias=mha.in_proj_bias is not None,
-                                 **kwargs)
-        new.to(device=weight.device, dtype=weight.dtype)
+                                 **kwargs).to(device=weight.device, dtype=weight.dtype)  # before copying: no rounding
         with torch.no_grad():
             for proj, w in zip((new.q_proj, new.k_proj, new.v_proj), weight.chunk(3), strict=True):
                 proj.weight.copy_(w)
@@ -99,7 +118,7 @@ class DropInMultiheadAttention(nn.Module):
             new.out_proj.weight.copy_(mha.out_proj.weight)
             if mha.out_proj.bias is not None and new.out_proj.bias is not None:
                 new.out_proj.bias.copy_(mha.out_proj.bias)
-        return cls(new, batch_first=mha.batch_first)
+        return new
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -159,10 +178,12 @@ def _causal_or_none(mask: Tensor, n_q: int, n_k: int) -> bool:
 def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`DropInMultiheadAttention` of ``kind``.
 
-    In place: each replacement keeps the original's projection weights, device, dtype and ``batch_first``
-    (:meth:`DropInMultiheadAttention.from_torch`; ``kwargs`` go there). ``nn.TransformerEncoder``'s nested-tensor
-    fast path is switched off (``use_nested_tensor = False``), because it bypasses the attention module's
-    ``forward``. Returns ``model``, or the replacement when ``model`` is itself an ``nn.MultiheadAttention``.
+    In place: each replacement keeps the original's projection weights, device, dtype, ``batch_first``, training
+    mode and ``requires_grad`` (:meth:`DropInMultiheadAttention.from_torch`; ``kwargs`` go there). A module reached
+    from several places (tied layers) gets one replacement, shared at each. An already swapped model changes kind
+    (its :class:`DropInMultiheadAttention` modules are rebuilt with their projections). ``nn.TransformerEncoder``'s
+    nested-tensor fast path is switched off (``use_nested_tensor = False``): it cannot run through this module.
+    Returns ``model``, or the replacement when ``model`` is itself an attention module.
 
     Example::
 
@@ -170,13 +191,19 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         encoder = swap_attention(nn.TransformerEncoder(layer, 4), "favor", num_features=128)
         y = encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(n), is_causal=True)
     """
-    if isinstance(model, nn.MultiheadAttention):
+    swappable = (nn.MultiheadAttention, DropInMultiheadAttention)
+    if isinstance(model, swappable):
         return DropInMultiheadAttention.from_torch(model, kind, **kwargs)
-    targets = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    for name in targets:
+    replacements: dict[int, DropInMultiheadAttention] = {}
+    # remove_duplicate=False: a module shared by two parents is found at both paths (and replaced once)
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, swappable)]
+    targets = [(name, m) for name, m in targets
+               if not any(name.startswith(other + ".") for other, _ in targets)]  # not inside another target
+    for name, module in targets:
+        if id(module) not in replacements:
+            replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **kwargs)
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, DropInMultiheadAttention.from_torch(getattr(parent, attr), kind, **kwargs))
+        setattr(model.get_submodule(parent_name), attr, replacements[id(module)])
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False

@@ -49,8 +49,8 @@ def numpy_blas_threads(limit: int | None) -> Iterator[None]:
     """
     libs = _blas_libraries() if limit is not None else ()
     before = [lib.get_num_threads() for lib in libs]
-    for lib in libs:
-        lib.set_num_threads(limit)
+    for lib, n in zip(libs, before, strict=True):
+        lib.set_num_threads(min(limit, n))  # never above a limit the caller set (threadpool_limits)
     try:
         yield
     finally:

@@ -241,7 +241,7 @@ def test_a_shared_attention_is_replaced_everywhere_by_one_module():
     shared = nn.MultiheadAttention(E, H, batch_first=True)
     model = nn.ModuleDict({"a": nn.ModuleList([shared]), "b": nn.Sequential(shared)})
     swap_attention(model, "favor", seed=0)
-    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules(remove_duplicate=False))
+    assert not any(isinstance(m, nn.MultiheadAttention) for _, m in model.named_modules(remove_duplicate=False))
     assert model["a"][0] is model["b"][0]  # still tied
 
 

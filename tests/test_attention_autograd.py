@@ -91,11 +91,35 @@ def test_vmap_over_the_kinds_without_range_checks():
         torch.testing.assert_close(batched, looped)
 
 
-def test_functional_call_with_recompute_names_the_cause():
+@pytest.mark.parametrize("causal", [False, True])
+def test_functional_call_with_recompute_gives_the_plain_paths_gradients(causal, monkeypatch):
+    """functional_call puts the module's own tensors back when it returns, before backward recomputes: the
+    recomputation must still use the forward's (it had raised "the feature map changed")."""
+    monkeypatch.setattr(linear_module, "CAUSAL_BLOCK_ELEMENTS", 1)  # several blocks: recomputation is active
     torch.manual_seed(0)
-    m = MultiheadAttention(16, 2, kind="favor", seed=0, num_features=8, chunk_size=4, recompute=True).double()
-    new = torch.randn_like(m.feature_map.projection)
-    x = torch.randn(1, 12, 16, dtype=F64, requires_grad=True)
-    y = torch.func.functional_call(m, {"feature_map.projection": new}, (x,))
-    with pytest.raises(RuntimeError, match="functional_call"):
-        y.sum().backward()
+    m = MultiheadAttention(16, 2, kind="favor", causal=causal, seed=0, num_features=8, chunk_size=4,
+                           recompute=True).double()
+    own = m.feature_map.projection
+    grads = {}
+    for recompute in (True, False):
+        m.recompute = recompute
+        new = torch.randn(own.shape, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        x = torch.randn(1, 12, 16, dtype=F64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        y = torch.func.functional_call(m, {"feature_map.projection": new}, (x,))
+        y.pow(2).sum().backward()
+        grads[recompute] = (x.grad, new.grad)
+        assert m.feature_map.projection is own  # the module's own tensor is back
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_reassigned_buffer_between_forward_and_backward_keeps_the_forwards_features(monkeypatch):
+    monkeypatch.setattr(linear_module, "CAUSAL_BLOCK_ELEMENTS", 1)
+    fm = PositiveRandomFeatures(3, 4, seed=0).double()
+    q, k, v = _qkv()
+    want = torch.autograd.grad(linear_attention(q, k, v, fm, causal=True).sum(), (q, k, v))
+    out = linear_attention(q, k, v, fm, causal=True, chunk_size=3, recompute=True)
+    fm.projection = torch.randn_like(fm.projection)  # a new tensor, not an in-place change
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -46,8 +46,9 @@ block of causal chunks.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
 import torch
@@ -404,24 +405,47 @@ def _checkpointed(fm: nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn under activation checkpointing: autograd keeps only its arguments and calls it again in the backward
     pass (non-reentrant, so the gradients are those of fn itself).
 
-    The recomputation reads the feature map as it is then, so it must be the map of the forward pass: a redraw()
-    or an optimizer step on its parameters in between would silently change the gradients (the plain path keeps
-    the forward's features). Each call checks that the map's parameters and buffers are the same tensors at the
-    same version as when this wrapper was made. (A map whose forward depends on train/eval mode or updates state,
-    such as BatchNorm, is not suitable for recomputation at all.)"""
-    tensors = [*fm.parameters(), *fm.buffers()]  # kept alive, so their ids cannot be reused
-    snapshot = [(id(t), t._version) for t in tensors]
+    The recomputation must see the feature map of the forward pass (the plain path keeps the forward's features).
+    The map's parameters and buffers are kept as they were when this wrapper was made. If the module holds other
+    tensors by then (``torch.func.functional_call`` puts its own back after the call; an assignment), those kept
+    are put in place for the recomputation and restored after. If one of them was changed in place (``redraw()``,
+    an optimizer step), the forward's features are gone, and the call raises RuntimeError rather than compute
+    wrong gradients. (A map whose forward depends on train/eval mode or updates state, such as BatchNorm, is not
+    suitable for recomputation at all.)"""
+    kept = [*fm.named_parameters(remove_duplicate=False), *fm.named_buffers(remove_duplicate=False)]
+    versions = [t._version for _, t in kept]
 
     def unchanged(*args: Any) -> Any:
-        if [(id(t), t._version) for t in (*fm.parameters(), *fm.buffers())] != snapshot:
+        if [t._version for _, t in kept] != versions:
             raise RuntimeError("linear_attention(recompute=True): the feature map changed between the forward and "
-                               "the backward pass (redraw() or an in-place update of its parameters or buffers, or "
-                               "torch.func.functional_call, whose tensors are put back before backward runs), so "
-                               "recomputing its features would give wrong gradients; change it after backward(), "
-                               "or use recompute=False")
-        return fn(*args)
+                               "the backward pass (redraw() or an in-place update of its parameters or buffers), "
+                               "so recomputing its features would give wrong gradients; change it after "
+                               "backward(), or use recompute=False")
+        with _holding(fm, kept):
+            return fn(*args)
 
     return lambda *args: checkpoint(unchanged, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _holding(fm: nn.Module, kept: list[tuple[str, Tensor]]) -> Iterator[None]:
+    """``fm`` with the tensors ``kept`` (dotted name, tensor) in place of whatever it holds now; restored after."""
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for name, tensor in kept:
+            owner_name, _, attr = name.rpartition(".")
+            owner = fm.get_submodule(owner_name)
+            slots = cast("dict[str, Any]", owner._parameters if attr in owner._parameters else owner._buffers)
+            if attr not in slots:
+                raise RuntimeError(f"linear_attention(recompute=True): the feature map no longer has {name!r}, "
+                                   f"which the forward pass used; use recompute=False")
+            if slots[attr] is not tensor:
+                swapped.append((slots, attr, slots[attr]))
+                slots[attr] = tensor  # may be a plain tensor where a Parameter sits, as functional_call does
+        yield
+    finally:
+        for slots, attr, previous in reversed(swapped):
+            slots[attr] = previous
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,

@@ -256,3 +256,50 @@ def test_a_swapped_model_changes_kind_and_keeps_its_weights():
     back = swap_attention(copy.deepcopy(again), "softmax")  # and back: torch's outputs again
     x = _x()
     torch.testing.assert_close(back(x), torch_enc(x), rtol=1e-12, atol=1e-12)
+
+
+def test_weights_and_biases_keep_their_own_requires_grad():
+    """BitFit-style fine-tuning freezes weights and trains biases: the swap keeps each as it was."""
+    mha = nn.MultiheadAttention(E, H, batch_first=True)
+    for name, p in mha.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    drop_in = swap_attention(mha, "softmax")
+    assert {n: p.requires_grad for n, p in drop_in.attention.named_parameters()} == {
+        f"{proj}.{part}": part == "bias" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+        for part in ("weight", "bias")}
+    again = swap_attention(drop_in, "favor")  # and through a change of kind
+    assert {n: p.requires_grad for n, p in again.attention.named_parameters() if "_proj." in n} == {
+        n: p.requires_grad for n, p in drop_in.attention.named_parameters()}
+
+
+def test_a_change_of_kind_keeps_causality_and_settings():
+    first = swap_attention(nn.MultiheadAttention(E, H, batch_first=True), "favor", causal=True, num_features=16,
+                           chunk_size=4, recompute=True)
+    inner = swap_attention(first, "linear").attention
+    assert inner.causal and inner.chunk_size == 4 and inner.recompute
+    favor = swap_attention(first, "favor").attention
+    assert favor.feature_map.num_features == 16 and favor.causal
+    softmax = swap_attention(first, "softmax").attention  # recompute does not apply to softmax: not carried
+    assert softmax.causal and not softmax.recompute
+    assert not swap_attention(first, "linear", causal=False).attention.causal  # an explicit setting wins
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_softmax_kind_reproduces_torch_decoder_layers_with_gradients(mode):
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True, dtype=F64)
+    model = nn.TransformerDecoder(layer, 2)
+    ours = swap_attention(copy.deepcopy(model), "softmax")
+    getattr(model, mode)()
+    getattr(ours, mode)()
+    memory_causal = torch.ones(N, 12, dtype=torch.bool).triu(1)  # top-left aligned, n_q != n_k
+    kw = {"tgt_mask": CAUSAL_B, "memory_mask": memory_causal, "tgt_key_padding_mask": _pad(),
+          "memory_key_padding_mask": _pad(12)}
+    outputs = []
+    for net in (model, ours):
+        tgt, memory = _x().requires_grad_(), _x(n=12).requires_grad_()
+        out = net(tgt, memory, **kw)
+        out.pow(2).sum().backward()
+        outputs.append((out, tgt.grad, memory.grad))
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)

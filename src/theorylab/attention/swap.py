@@ -69,8 +69,9 @@ class DropInMultiheadAttention(nn.Module):
     @classmethod
     def from_torch(cls, mha: nn.Module, kind: str, **kwargs: Any) -> DropInMultiheadAttention:
         """A :class:`MultiheadAttention` of ``kind`` with ``mha``'s projections, on its device and dtype, in its
-        training mode, with its parameters' ``requires_grad``. ``mha`` is an ``nn.MultiheadAttention`` or a
-        :class:`DropInMultiheadAttention` (to change the kind of a swapped model).
+        training mode, with each parameter's ``requires_grad``. ``mha`` is an ``nn.MultiheadAttention`` or a
+        :class:`DropInMultiheadAttention`, to change the kind of a swapped model: its ``causal``, dropout and
+        chunk size are kept (and ``recompute`` and ``num_features`` where the new kind has them), unless given.
 
         ``kwargs`` go to :class:`MultiheadAttention` (``causal``, ``num_features``, ``seed``, ``chunk_size``,
         ``recompute``, ``dropout``). ``dropout`` defaults to ``mha``'s; note that here it zeroes entries of the
@@ -82,19 +83,24 @@ class DropInMultiheadAttention(nn.Module):
         """
         if isinstance(mha, DropInMultiheadAttention):
             old = mha.attention
-            kwargs.setdefault("dropout", old.dropout.p)
+            for key, value in _settings_of(old, kind).items():
+                kwargs.setdefault(key, value)
             new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
                                      **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
             projections = {k: v for k, v in old.state_dict().items() if not k.startswith("feature_map.")}
             new.load_state_dict(projections, strict=False)
-            trainable = [proj.weight.requires_grad for proj in (old.q_proj, old.k_proj, old.v_proj, old.out_proj)]
+            trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
         elif isinstance(mha, nn.MultiheadAttention):
             new = cls._from_torch_module(mha, kind, kwargs)
-            trainable = [mha.in_proj_weight.requires_grad] * 3 + [mha.out_proj.weight.requires_grad]
+            trainable = {f"{proj}.{part}": getattr(mha, f"in_proj_{part}").requires_grad
+                         for proj in ("q_proj", "k_proj", "v_proj") for part in ("weight", "bias")
+                         if getattr(mha, f"in_proj_{part}") is not None}
+            trainable.update({f"out_proj.{name}": p.requires_grad for name, p in mha.out_proj.named_parameters()})
         else:
             raise TypeError(f"from_torch: expected nn.MultiheadAttention; got {type(mha).__name__}")
-        for proj, grad in zip((new.q_proj, new.k_proj, new.v_proj, new.out_proj), trainable, strict=True):
-            proj.requires_grad_(grad)  # a frozen attention stays frozen
+        for name, p in new.named_parameters():
+            if name in trainable:  # frozen stays frozen, weights and biases each as they were
+                p.requires_grad_(trainable[name])
         drop_in = cls(new, batch_first=mha.batch_first)
         return drop_in.train(mha.training)  # a model swapped in eval mode stays so (no dropout at inference)
 
@@ -141,6 +147,17 @@ class DropInMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _settings_of(old: MultiheadAttention, kind: str) -> dict[str, Any]:
+    """What a change of kind keeps: causality, dropout, chunk size, and what still applies to the new kind
+    (``recompute`` for the linear kinds, the number of random features from FAVOR+ to FAVOR+)."""
+    settings: dict[str, Any] = {"causal": old.causal, "dropout": old.dropout.p, "chunk_size": old.chunk_size}
+    if kind in ("linear", "favor") and old.recompute:
+        settings["recompute"] = True
+    if kind == "favor" and old.kind == "favor":
+        settings["num_features"] = getattr(old.feature_map, "num_features", 256)
+    return settings
 
 
 def _blocked(mask: Tensor, name: str) -> Tensor:

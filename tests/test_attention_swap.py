@@ -188,6 +188,8 @@ def test_bad_arguments():
         DropInMultiheadAttention(nn.MultiheadAttention(E, H))
     with pytest.raises(TypeError, match="batch_first must be a bool"):
         DropInMultiheadAttention(MultiheadAttention(E, H), batch_first="yes")
+    with pytest.raises(TypeError, match="expected nn.MultiheadAttention or DropInMultiheadAttention; got Linear"):
+        DropInMultiheadAttention.from_torch(nn.Linear(E, E), "favor")
     with pytest.raises(TypeError, match="causal must be a bool or None"):
         MultiheadAttention(E, H)(torch.randn(1, 3, E), causal="yes")
 

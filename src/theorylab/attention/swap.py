@@ -97,7 +97,8 @@ class DropInMultiheadAttention(nn.Module):
                          if getattr(mha, f"in_proj_{part}") is not None}
             trainable.update({f"out_proj.{name}": p.requires_grad for name, p in mha.out_proj.named_parameters()})
         else:
-            raise TypeError(f"from_torch: expected nn.MultiheadAttention; got {type(mha).__name__}")
+            raise TypeError(f"from_torch: expected nn.MultiheadAttention or DropInMultiheadAttention; got "
+                            f"{type(mha).__name__}")
         for name, p in new.named_parameters():
             if name in trainable:  # frozen stays frozen, weights and biases each as they were
                 p.requires_grad_(trainable[name])

@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from theorylab.attention import DropInMultiheadAttention, MultiheadAttention, swap_attention
@@ -305,3 +307,24 @@ def test_softmax_kind_reproduces_torch_decoder_layers_with_gradients(mode):
         outputs.append((out, tgt.grad, memory.grad))
     for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(heads=st.integers(1, 3), head_dim=st.integers(1, 4), n=st.integers(1, 9), batch=st.integers(1, 3),
+       batch_first=st.booleans(), causal=st.booleans(), data=st.data())
+def test_softmax_swap_equals_torch_for_any_shape_and_padding(heads, head_dim, n, batch, batch_first, causal, data):
+    embed = heads * head_dim
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    layer = nn.TransformerEncoderLayer(embed, heads, dim_feedforward=8, dropout=0.0, batch_first=batch_first,
+                                       dtype=F64)
+    ours = swap_attention(copy.deepcopy(layer), "softmax")
+    # every row keeps its first key (a row with no visible key is NaN in torch, zeros here: see the README)
+    kept = [data.draw(st.integers(1, n), label="kept") for _ in range(batch)]
+    pad = torch.tensor([[j >= k for j in range(n)] for k in kept])
+    x = torch.randn(batch, n, embed, dtype=F64)
+    x = x if batch_first else x.transpose(0, 1)
+    mask = nn.Transformer.generate_square_subsequent_mask(n, dtype=F64) if causal else None
+    pad_f = torch.zeros(batch, n, dtype=F64).masked_fill(pad, float("-inf"))  # one mask type, as torch asks
+    got = ours(x, src_mask=mask, src_key_padding_mask=pad_f, is_causal=causal)
+    want = layer(x, src_mask=mask, src_key_padding_mask=pad_f, is_causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

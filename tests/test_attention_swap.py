@@ -328,3 +328,49 @@ def test_softmax_swap_equals_torch_for_any_shape_and_padding(heads, head_dim, n,
     got = ours(x, src_mask=mask, src_key_padding_mask=pad_f, is_causal=causal)
     want = layer(x, src_mask=mask, src_key_padding_mask=pad_f, is_causal=causal)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("kind", ["softmax", "separable", "favor"])
+def test_per_example_gradients_through_a_swapped_encoder_by_vmap(kind):
+    """vmap(grad(...)) over functional_call of a swapped encoder, with the causal mask and a per-example float
+    padding mask (the masks' checks read every example's values): equal to one grad per example; for "softmax",
+    also to torch's own encoder's per-example gradients."""
+    torch.manual_seed(0)
+    model = _encoder()
+    swapped = swap_attention(copy.deepcopy(model), kind, **({"seed": 0, "num_features": 16} if kind == "favor" else {}))
+    pad = torch.zeros(B, N, dtype=F64)
+    pad[1, 7:] = float("-inf")
+
+    def per_example(m):
+        params = {name: p.detach() for name, p in m.named_parameters()}
+
+        def loss(params, x, kp):
+            return torch.func.functional_call(m, params, (x[None],), {
+                "mask": CAUSAL_F, "src_key_padding_mask": kp[None], "is_causal": True}).pow(2).sum()
+
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, _x(), pad)
+        for i, (x, kp) in enumerate(zip(_x(), pad, strict=True)):
+            for name, g in torch.func.grad(loss)(params, x, kp).items():
+                torch.testing.assert_close(grads[name][i], g, rtol=1e-10, atol=1e-12)
+        return grads
+
+    ours = per_example(swapped)
+    if kind == "softmax":
+        theirs = per_example(model)
+        ours = _in_torch_names(ours)
+        assert ours.keys() == theirs.keys()
+        for name, g in theirs.items():
+            torch.testing.assert_close(ours[name], g, rtol=1e-10, atol=1e-12)
+
+
+def _in_torch_names(grads):
+    """Per-example gradients (leading example dim) of a swapped model, named and packed as torch's
+    MultiheadAttention holds its parameters (in_proj_* = the q, k, v projections stacked)."""
+    out = {name: g for name, g in grads.items() if ".attention." not in name}
+    for prefix in {name.split("attention.")[0] for name in grads if ".attention." in name}:
+        ours = prefix + "attention."
+        for kind in ("weight", "bias"):
+            out[f"{prefix}in_proj_{kind}"] = torch.cat([grads[f"{ours}{p}_proj.{kind}"] for p in "qkv"], dim=1)
+            out[f"{prefix}out_proj.{kind}"] = grads[f"{ours}out_proj.{kind}"]
+    return out

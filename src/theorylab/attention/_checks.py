@@ -113,6 +113,22 @@ def compiler_disabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def readable(x: Tensor) -> Tensor:
+    """The plain tensor beneath ``x``'s torch.func wrappers, for reading values back to Python.
+
+    Under ``torch.func.vmap`` a tensor holds one example's values and ``.item()`` is refused; the plain tensor
+    beneath holds every example's. A range check that reduces it over all its entries decides for the whole
+    vmapped batch at once, as it does for the batch dimension of an ordinary call (the path it picks is exact for
+    every example; only its cost differs). Outside torch.func this is ``x`` itself. The query uses torch's private
+    functorch bindings (present from torch 2.0), so it is looked up defensively."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if torch.compiler.is_compiling() or functorch is None or not hasattr(functorch, "get_unwrapped"):
+        return x  # torch.compile cannot trace the bindings (and breaks the graph at the read-back anyway)
+    while functorch.is_functorch_wrapped_tensor(x):
+        x = functorch.get_unwrapped(x)
+    return x
+
+
 def can_inspect(x: Tensor) -> bool:
     """Whether a data-dependent branch (reading a value back to Python) is possible: not while torch.compile
     traces, nor on meta tensors (FLOP counting)."""

@@ -68,6 +68,7 @@ from ._checks import (
     masked_softmax,
     no_autocast,
     positive_int,
+    readable,
     safe_divide,
     zero_padded,
 )
@@ -250,12 +251,13 @@ def _working_dtype(q: Tensor, k: Tensor, pad: Tensor | None, fm: nn.Module, acc:
 
     # whole-tensor reductions (one read-back): ~10x faster than per-row ones, which cost a few % of a FAVOR+
     # call; they decide alone unless the keys are large and some are padded (padded keys must not count)
-    (q_min, q_max), (k_min, k_max) = torch.aminmax(q.detach()), torch.aminmax(k.detach())
+    # under torch.func.vmap the reductions read every example's values (readable): one decision for them all
+    (q_min, q_max), (k_min, k_max) = torch.aminmax(readable(q).detach()), torch.aminmax(readable(k).detach())
     tops = torch.stack([torch.maximum(q_max, -q_min), torch.maximum(k_max, -k_min)]).cpu()
     q_top, k_top = tops[0].item(), tops[1].item()  # not tolist(): torch 2.4 refuses it under torch.func.grad
     if pad is not None and not bound(k_top) < limit:
         k_min, k_max = torch.aminmax(k.detach(), dim=-1)  # (B, H, Nk) each; no |k| temporary
-        k_top = float(torch.maximum(k_max, -k_min).masked_fill(pad, 0.0).amax())
+        k_top = float(readable(torch.maximum(k_max, -k_min).masked_fill(pad, 0.0)).amax())
     big = max(q_top, k_top) if not (math.isnan(q_top) or math.isnan(k_top)) else math.nan
     if not math.isfinite(big):  # inf or NaN inputs: nothing a wider dtype would fix
         return acc
@@ -341,10 +343,10 @@ def _ratio(num: Tensor, Dv: int, positive: bool) -> Tensor:
 def _accumulate(state: Tensor | None, decay: Tensor | None, kf: Tensor, v1: Tensor) -> Tensor:
     """state · decay + v1ᵀ kf, the state kept transposed ((B, H, Dv + 1, M); decay broadcastable, None = 1):
     with kf the untransposed operand the batched matmul runs ~20% faster on CPU. Without autograd the state is
-    updated in place (one batched addmm, no temporaries of the state's size)."""
+    updated in place (one batched addmm, no temporaries of the state's size), outside torch.func."""
     if state is None:
         return v1.mT @ kf
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _functorch_active():  # vmap has no batching rule for baddbmm's out=
         return (state if decay is None else state * decay) + v1.mT @ kf
     if decay is not None:
         state.mul_(decay)
@@ -575,14 +577,25 @@ def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> d
     logw (B, H, g, C, W): the key log-scales; before (B, H, g + 1, W): m entering each chunk (then r_c)."""
     ends = before[:, :, 1:]
     start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
-    rise = (ends - start).amax(dim=(0, 1, 3))  # (g,): a cheap upper bound
+    flagged = (ends - start).amax(dim=(0, 1, 3)) > limit  # (g,): a cheap upper bound
     steep = {}
-    for c in (int(i) for i in (rise > limit).nonzero().flatten().cpu()):  # not tolist(): see _working_dtype
+    for c in _flagged_chunks(flagged):
         # exact for the flagged chunks: positions that see no key yet (m = floor) do not count
         run = torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
-        if bool(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit):
+        if bool(readable(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit).any()):
             steep[c] = run
     return steep
+
+
+def _flagged_chunks(flagged: Tensor) -> list[int]:
+    """The indices c where ``flagged`` (g,) is True. Under torch.func.vmap, where it is True for any example (the
+    chunk is then redone per query for every example, which is exact for all of them)."""
+    plain = readable(flagged)
+    if plain.dim() == flagged.dim():  # not vmapped: one read-back
+        return [int(i) for i in plain.nonzero().flatten().cpu()]  # not tolist(): see _working_dtype
+    if not bool(plain.any()):
+        return []
+    return [c for c in range(flagged.shape[0]) if bool(readable(flagged[c]).any())]
 
 
 def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Tensor, pad: Tensor | None,

@@ -32,6 +32,7 @@ from ._checks import (
     masked_softmax,
     no_autocast,
     positive_int,
+    readable,
     safe_divide,
     zero_padded,
 )
@@ -147,7 +148,7 @@ def _is_exporting() -> bool:
 # a key far above the earlier ones zeroed the earlier queries' weights: outputs depended on later keys)
 def _rises_steeply(end: Tensor, start: Tensor, limit: float) -> bool:
     """Whether the running max rises by more than ``limit`` inside a chunk, in any (batch, head, column)."""
-    return float((end - start).max()) > limit
+    return float(readable(end - start).max()) > limit  # under torch.func.vmap: in any example
 
 
 def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,

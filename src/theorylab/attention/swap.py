@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import readable
 from .multihead import MultiheadAttention
 
 
@@ -168,7 +169,7 @@ def _blocked(mask: Tensor, name: str) -> Tensor:
     if not mask.is_floating_point():
         raise TypeError(f"DropInMultiheadAttention: {name} must be bool or floating point; got {mask.dtype}")
     blocked = torch.isneginf(mask)
-    if not torch.all(blocked | (mask == 0)):
+    if not bool(readable(blocked | (mask == 0)).all()):  # readable: under torch.func.vmap, every example's
         raise ValueError(f"DropInMultiheadAttention: {name} holds values other than 0 and -inf (an additive bias), "
                          f"which kernelised attention cannot apply")
     return blocked
@@ -184,10 +185,10 @@ def _causal_or_none(mask: Tensor, n_q: int, n_k: int) -> bool:
         raise ValueError(f"DropInMultiheadAttention: attn_mask must be ({n_q}, {n_k}) (per-head masks are not "
                          f"supported); got {tuple(mask.shape)}")
     blocked = _blocked(mask, "attn_mask")
-    if not blocked.any():
+    if not bool(readable(blocked).any()):
         return False
     causal = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).triu(1)
-    if torch.equal(blocked, causal):
+    if bool(readable(blocked == causal).all()):  # under torch.func.vmap, every example's mask must be causal
         return True
     raise ValueError("DropInMultiheadAttention: attn_mask must be the causal mask or none (kernelised attention "
                      "cannot apply an arbitrary mask); use key_padding_mask for padding")

@@ -182,14 +182,6 @@ class Adam(ChainOptimizer):
                 self.param_groups.pop()  # leave the optimizer as it was, as any other invalid group does
                 raise
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim would take ``fused`` from the saved groups; the state is the same on both paths, so the
-        # choice made at construction (this machine, this run) is kept
-        fused = [group.get("fused", False) for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, f in zip(self.param_groups, fused, strict=True):
-            group["fused"] = f
-
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         return with_decay([ScaleByAdam()], group["decay"])
 

@@ -56,8 +56,13 @@ def decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, f
     """Qualified parameter name -> the weight decay its group applies (for checking what is decayed).
 
     Raises ValueError when the groups hold parameters but none of ``model``'s (groups of another model, or of a
-    copy of it: an empty answer would read as "nothing is decayed")."""
-    decay = {id(p): g.get("weight_decay", 0.0) for g in groups
+    copy of it: an empty answer would read as "nothing is decayed"), or when a group has no ``"weight_decay"``
+    (the optimizer's default would apply, which the groups alone do not tell: pass ``optimizer.param_groups``)."""
+    for i, g in enumerate(groups):
+        if "weight_decay" not in g:
+            raise ValueError(f"decayed_names: parameter group {i} has no 'weight_decay' (the optimizer's default "
+                             "applies to it): pass optimizer.param_groups, which hold every group's value")
+    decay = {id(p): g["weight_decay"] for g in groups
              for p in ([g["params"]] if isinstance(g["params"], Tensor) else g["params"])}
     names = {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}
     if decay and not names:

@@ -189,10 +189,13 @@ def test_a_real_ctrl_c_while_torch_loads_exits_130(tmp_path):
     import signal
     import time
 
+    def as_from_a_terminal():  # a shell's background job (`pytest ... &`) ignores SIGINT, and Python keeps that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     for delay in [0.22 + 0.04 * i for i in range(8)]:  # torch loads somewhere in 0.2-0.6 s; the window is narrow
         proc = subprocess.Popen([sys.executable, "-m", "theorylab", "verify", "--only", "2.2", "--quick", "--out",
                                  str(tmp_path / f"run-{delay}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=as_from_a_terminal)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)

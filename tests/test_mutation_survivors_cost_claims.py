@@ -286,6 +286,7 @@ def test_import_error_for_maps_each_question_to_its_module(monkeypatch):
 
 def test_extra_sections_are_of_kind_extra_in_registration_order(monkeypatch):
     """@extra registers a section of kind 'extra'; extra_sections lists them in registration order."""
+    extra_sections()  # import the real extras first: imported later, they would register into the emptied registry
     monkeypatch.setattr(base, "_EXTRAS", {})
 
     def fn(seed, quick):

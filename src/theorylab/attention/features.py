@@ -19,7 +19,9 @@ sign in one coordinate) and the estimator is biased — and each row rescaled by
 that every ω_r is marginally N(0, I_D).
 
 Feature maps are nn.Modules: the random matrices are buffers (.to(), .double(), state_dict() work); the same
-seed gives the same features; ``redraw()`` draws new ones; nothing random happens in ``forward``.
+seed gives the same features; ``redraw()`` draws new ones; nothing random happens in ``forward``. A seeded map's
+generator state is part of its ``state_dict()`` (a uint8 tensor under ``_extra_state``), so a map loaded from a
+checkpoint redraws exactly what the saved one would have.
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ def gaussian_random_matrix(num_rows: int, dim: int, *, generator: torch.Generato
     return torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).to(dtype)
 
 
+_EXTRA_STATE = "_extra_state"  # the key suffix nn.Module gives get_extra_state()'s value in a state_dict
+
+
 class _RandomFeatures(nn.Module):
     """Shared machinery: a seeded generator, the projection buffer, redraw()."""
 
     projection: Tensor  # a registered buffer
+    _version = 2  # 2: the generator state is in the state_dict; state_dicts of version 1 lack it
 
     def __init__(self, head_dim: int, num_projections: int, num_features: int, *, orthogonal: bool,
                  scale: float | None, seed: int | None) -> None:
@@ -75,7 +81,7 @@ class _RandomFeatures(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else positive_finite(scale, what="scale", name=name)
         self.seed = seed
         self._num_projections = num_projections
-        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._generator: torch.Generator | None = torch.Generator().manual_seed(seed) if seed is not None else None
         self.register_buffer("projection", self._draw())  # (num_projections, head_dim): the ω_r
 
     def _draw(self) -> Tensor:
@@ -86,6 +92,46 @@ class _RandomFeatures(nn.Module):
     def redraw(self) -> None:
         """Draw new ω (the next draw of this module's seeded generator, or of torch's global one)."""
         self.projection.copy_(self._draw().to(self.projection))
+
+    def get_extra_state(self) -> Tensor:
+        """The seeded generator's state after the current draw (empty without a seed: the draws then come from
+        torch's global generator, which the module does not own). A tensor, so that code mapping over a
+        state_dict's values (``.to(device)``, ``.float()``, safetensors) keeps working."""
+        if self._generator is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return self._generator.get_state()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Restore a generator state saved by :meth:`get_extra_state`: the next ``redraw()`` continues the saved
+        module's sequence. Any real dtype or device is accepted, as long as the values are bytes (a ``.float()`` or
+        ``.half()`` over a state_dict keeps 0..255 exactly); an empty state leaves this module's generator as it
+        is."""
+        name = type(self).__name__
+        if not isinstance(state, Tensor) or state.dim() != 1 or state.is_complex() or state.dtype == torch.bool:
+            raise ValueError(f"{name}: the generator state must be a 1-D tensor of bytes; got "
+                             f"{type(state).__name__ if not isinstance(state, Tensor) else state.dtype} of shape "
+                             f"{tuple(state.shape) if isinstance(state, Tensor) else '?'}")
+        if state.numel() == 0:
+            return
+        values = state.detach().to("cpu", torch.float64)
+        if not bool(((values >= 0) & (values <= 255) & (values == values.round())).all()):
+            raise ValueError(f"{name}: the generator state holds values that are not bytes (0..255)")
+        generator = torch.Generator()
+        try:
+            generator.set_state(values.to(torch.uint8))
+        except RuntimeError as e:  # torch checks the size of its generator's state
+            raise ValueError(f"{name}: not a CPU generator state ({values.numel()} bytes): {e}") from e
+        self._generator = generator
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a state_dict saved before the generator state was saved (version 1; none for a hand-built dict) loads
+        # as it always did, the generator left as constructed
+        key = prefix + _EXTRA_STATE
+        if key in missing_keys and (local_metadata.get("version") or 1) < 2:
+            missing_keys.remove(key)
 
     def project(self, x: Tensor) -> Tensor:
         """ω_rᵀ x' for every row: (..., N, D) -> (..., N, num_projections)."""

@@ -1,10 +1,11 @@
-"""The seeded generator of a random feature map travels in its state_dict: a map (or a model holding one) loaded
-from a checkpoint redraws exactly what the saved one would have, which a run that redraws its features
-periodically (Performers) needs to resume bit for bit."""
+"""The seeded generator of a random feature map travels with the map, as the uint8 buffer ``generator_state``: a
+map (or a model holding one) loaded from a checkpoint redraws exactly what the saved one would have, which a run
+that redraws its features periodically (Performers) needs to resume bit for bit."""
 
 from __future__ import annotations
 
 import io
+import pickle
 
 import pytest
 import torch
@@ -31,6 +32,11 @@ def _draws(fm, n: int = 3) -> list[torch.Tensor]:
     return out
 
 
+def _same_draws(a, b, n: int = 3) -> None:
+    for x, y in zip(_draws(a, n), _draws(b, n), strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("cls", MAPS)
 def test_a_loaded_map_redraws_what_the_saved_one_would_have(cls):
     saved = cls(8, 16, seed=7)
@@ -38,78 +44,91 @@ def test_a_loaded_map_redraws_what_the_saved_one_would_have(cls):
     loaded = cls(8, 16, seed=123)
     loaded.load_state_dict(_saved_and_loaded(saved.state_dict()))
     assert torch.equal(loaded.projection, saved.projection)
-    for a, b in zip(_draws(saved), _draws(loaded), strict=True):
-        assert torch.equal(a, b)
+    _same_draws(saved, loaded)
 
 
-def test_the_state_dict_holds_only_tensors_and_the_generator_state_is_bytes():
+def test_only_a_seeded_map_saves_a_generator_state_and_it_is_bytes():
+    """An unseeded map draws from torch's global generator, which it does not own: its state_dict is as before."""
     state = PositiveRandomFeatures(8, 16, seed=7).state_dict()
-    assert set(state) == {"projection", "_extra_state"}
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert state["_extra_state"].dtype == torch.uint8 and state["_extra_state"].dim() == 1
-    assert PositiveRandomFeatures(8, 16).state_dict()["_extra_state"].numel() == 0  # unseeded: nothing to save
+    assert set(state) == {"projection", "generator_state"}
+    assert state["generator_state"].dtype == torch.uint8 and state["generator_state"].dim() == 1
+    assert set(PositiveRandomFeatures(8, 16).state_dict()) == {"projection"}
+
+
+def test_the_module_casts_leave_the_generator_state_alone():
+    fm = PositiveRandomFeatures(8, 16, seed=7)
+    before = fm.generator_state.clone()
+    for cast in (fm.half, fm.double, fm.bfloat16, fm.float):
+        cast()
+        assert fm.generator_state.dtype == torch.uint8 and torch.equal(fm.generator_state, before)
+    _same_draws(fm.float(), PositiveRandomFeatures(8, 16, seed=7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64])
-def test_a_state_dict_cast_to_another_dtype_still_restores_the_generator(dtype):
-    """Code that maps .to(dtype) over a checkpoint's values (as moving a model between precisions does) keeps the
-    bytes 0..255 exactly in every real dtype."""
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_state_dict_cast_to_another_dtype_still_restores_the_generator(dtype, assign):
+    """Code that maps .to(dtype) over a checkpoint's values keeps the bytes 0..255 exactly in these dtypes."""
     saved = PositiveRandomFeatures(8, 16, seed=7)
     loaded = PositiveRandomFeatures(8, 16, seed=0)
-    loaded.load_state_dict({k: v.to(dtype) for k, v in saved.state_dict().items()})
-    for a, b in zip(_draws(saved), _draws(loaded), strict=True):
-        assert torch.equal(a, b)  # the buffer keeps its dtype; only the loaded first draw was rounded
-    assert torch.equal(loaded._generator.get_state(), saved._generator.get_state())
+    loaded.load_state_dict({k: v.to(dtype) for k, v in saved.state_dict().items()}, assign=assign)
+    loaded.projection = loaded.projection.float()  # assign=True keeps the cast projection; draws are compared
+    _same_draws(saved, loaded)
 
 
-def test_a_state_dict_from_before_the_generator_was_saved_still_loads_strictly():
-    """Version 1 (no generator state): loads as it always did, the loaded map keeping its own generator."""
+def test_a_state_dict_without_a_generator_state_keeps_the_maps_own_generator():
+    """Saved by an unseeded map, or before the state was saved (version 1): loads strictly, as it always did."""
     saved = PositiveRandomFeatures(8, 16, seed=7)
     old = saved.state_dict()
-    del old["_extra_state"]
+    del old["generator_state"]
     old._metadata[""]["version"] = 1
-    loaded = PositiveRandomFeatures(8, 16, seed=3)
-    loaded.load_state_dict(_saved_and_loaded(old))
-    assert torch.equal(loaded.projection, saved.projection)
-    loaded.redraw()
-    assert torch.equal(loaded.projection, _draws(PositiveRandomFeatures(8, 16, seed=3), 1)[0])
-    PositiveRandomFeatures(8, 16, seed=3).load_state_dict({"projection": saved.projection})  # hand-built: no version
+    for state in (_saved_and_loaded(old), {"projection": saved.projection}, PositiveRandomFeatures(8, 16).state_dict()):
+        loaded = PositiveRandomFeatures(8, 16, seed=3)
+        loaded.load_state_dict(state)
+        assert torch.equal(loaded.projection, state["projection"])
+        _same_draws(loaded, PositiveRandomFeatures(8, 16, seed=3), 1)
 
 
-def test_a_current_state_dict_without_the_generator_state_is_refused_when_strict():
-    state = PositiveRandomFeatures(8, 16, seed=7).state_dict()
-    del state["_extra_state"]
-    with pytest.raises(RuntimeError, match="_extra_state"):
-        PositiveRandomFeatures(8, 16, seed=3).load_state_dict(state)
-
-
-def test_unseeded_and_seeded_states_load_into_each_other():
-    """An unseeded map saves no generator (its draws are torch's global generator's): loading that leaves the
-    target's own generator. A seeded state loaded into an unseeded map makes it continue the saved sequence."""
+def test_an_unseeded_map_takes_on_a_saved_seeded_generator():
     seeded, unseeded = PositiveRandomFeatures(8, 16, seed=7), PositiveRandomFeatures(8, 16)
-    target = PositiveRandomFeatures(8, 16, seed=3)
-    target.load_state_dict(unseeded.state_dict())
-    assert torch.equal(target.projection, unseeded.projection)
-    assert torch.equal(_draws(target, 1)[0], _draws(PositiveRandomFeatures(8, 16, seed=3), 1)[0])
     unseeded.load_state_dict(seeded.state_dict())
-    assert torch.equal(_draws(unseeded, 1)[0], _draws(seeded, 1)[0])
+    assert set(unseeded.state_dict()) == {"projection", "generator_state"}
+    _same_draws(seeded, unseeded)
 
 
 @pytest.mark.parametrize(("state", "match"), [
     (torch.zeros(2, 3, dtype=torch.uint8), "1-D tensor of bytes"),
     (torch.zeros(5, dtype=torch.bool), "1-D tensor of bytes"),
+    ([1, 2, 3], "1-D tensor of bytes"),
     (torch.full((5,), 256.0), "not bytes"),
     (torch.full((5,), 0.5), "not bytes"),
     (torch.full((5,), -1.0), "not bytes"),
     (torch.full((5,), float("nan")), "not bytes"),
-    (torch.zeros(7, dtype=torch.uint8), "not a CPU generator state"),
+    (torch.zeros(7, dtype=torch.uint8), "not a CPU generator's state"),
 ])
-def test_a_corrupt_generator_state_is_refused_by_name(state, match):
+def test_a_corrupt_generator_state_is_refused_before_anything_is_loaded(state, match):
     fm = PositiveRandomFeatures(8, 16, seed=7)
-    before = fm._generator.get_state()
+    before = {k: v.clone() for k, v in fm.state_dict().items()}
     with pytest.raises(ValueError, match=match):
-        fm.load_state_dict({"projection": fm.projection, "_extra_state": state})
-    assert torch.equal(fm._generator.get_state(), before)  # the generator is left as it was
+        fm.load_state_dict({"projection": torch.zeros_like(fm.projection), "generator_state": state})
+    for k, v in fm.state_dict().items():
+        assert torch.equal(v, before[k]), k  # neither the projection nor the generator changed
+
+
+def test_a_whole_map_pickled_before_the_buffer_existed_keeps_its_seeded_sequence():
+    """Version 1 kept the torch.Generator itself as ``_generator``: unpickling turns it into the buffer."""
+    old = PositiveRandomFeatures(8, 16, seed=7)
+    old.__dict__["_generator"] = old._seeded_generator()  # what a version-1 pickle holds ...
+    del old._buffers["generator_state"]  # ... instead of the buffer
+    loaded = pickle.loads(pickle.dumps(old))
+    assert "_generator" not in loaded.__dict__
+    _same_draws(loaded, PositiveRandomFeatures(8, 16, seed=7))
+
+
+def test_functional_call_takes_the_models_own_state_dict_strictly():
+    mha = MultiheadAttention(32, 4, kind="favor", num_features=32, seed=0)
+    x = torch.randn(2, 10, 32)
+    out = torch.func.functional_call(mha, mha.state_dict(), (x, x, x), strict=True)
+    torch.testing.assert_close(out, mha(x, x, x), rtol=0, atol=0)
 
 
 def test_a_multihead_module_resumes_its_feature_redraws():
@@ -124,6 +143,16 @@ def test_a_multihead_module_resumes_its_feature_redraws():
         torch.testing.assert_close(loaded(x, x, x), saved(x, x, x), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export of the package: torch >= 2.5")
+def test_an_exported_module_loads_an_eager_state_dict():
+    x = torch.randn(2, 10, 32)
+    exported = torch.export.export(MultiheadAttention(32, 4, kind="favor", num_features=32, seed=0).eval(),
+                                   (x, x, x)).module()
+    eager = MultiheadAttention(32, 4, kind="favor", num_features=32, seed=1).eval()
+    exported.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(exported(x, x, x), eager(x, x, x))
+
+
 def test_a_swapped_encoder_resumes_its_feature_redraws():
     def model(seed):
         torch.manual_seed(0)
@@ -136,4 +165,4 @@ def test_a_swapped_encoder_resumes_its_feature_redraws():
     maps = [[m for m in net.modules() if isinstance(m, PositiveRandomFeatures)] for net in (saved, loaded)]
     assert len(maps[0]) == 2
     for a, b in zip(*maps, strict=True):
-        assert torch.equal(_draws(a, 1)[0], _draws(b, 1)[0])
+        _same_draws(a, b, 1)

@@ -20,8 +20,8 @@ that every ω_r is marginally N(0, I_D).
 
 Feature maps are nn.Modules: the random matrices are buffers (.to(), .double(), state_dict() work); the same
 seed gives the same features; ``redraw()`` draws new ones; nothing random happens in ``forward``. A seeded map's
-generator state is part of its ``state_dict()`` (a uint8 tensor under ``_extra_state``), so a map loaded from a
-checkpoint redraws exactly what the saved one would have.
+generator state is a uint8 buffer, ``generator_state``, so a map loaded from a checkpoint redraws exactly what the
+saved one would have.
 """
 
 from __future__ import annotations
@@ -57,14 +57,29 @@ def gaussian_random_matrix(num_rows: int, dim: int, *, generator: torch.Generato
     return torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).to(dtype)
 
 
-_EXTRA_STATE = "_extra_state"  # the key suffix nn.Module gives get_extra_state()'s value in a state_dict
+def _generator_state(state: object, name: str) -> Tensor:
+    """A saved generator state as uint8 on the CPU, or ValueError. Any dtype that holds 0..255 exactly is taken
+    (a .float() or .half() mapped over a checkpoint keeps the bytes)."""
+    if not isinstance(state, Tensor) or state.dim() != 1 or state.is_complex() or state.dtype == torch.bool:
+        got = f"{state.dtype} of shape {tuple(state.shape)}" if isinstance(state, Tensor) else type(state).__name__
+        raise ValueError(f"{name}: generator_state must be a 1-D tensor of bytes; got {got}")
+    values = state.detach().to("cpu", torch.float64)
+    if not bool(((values >= 0) & (values <= 255) & (values == values.round())).all()):
+        raise ValueError(f"{name}: generator_state holds values that are not bytes (0..255)")
+    state = values.to(torch.uint8)
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as e:  # torch checks the size of its generator's state
+        raise ValueError(f"{name}: generator_state is not a CPU generator's state ({state.numel()} bytes): {e}") from e
+    return state
 
 
 class _RandomFeatures(nn.Module):
     """Shared machinery: a seeded generator, the projection buffer, redraw()."""
 
     projection: Tensor  # a registered buffer
-    _version = 2  # 2: the generator state is in the state_dict; state_dicts of version 1 lack it
+    generator_state: Tensor  # a registered buffer of seeded maps only
+    _version = 2  # 2: seeded maps save generator_state; state_dicts of version 1 lack it
 
     def __init__(self, head_dim: int, num_projections: int, num_features: int, *, orthogonal: bool,
                  scale: float | None, seed: int | None) -> None:
@@ -81,56 +96,53 @@ class _RandomFeatures(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else positive_finite(scale, what="scale", name=name)
         self.seed = seed
         self._num_projections = num_projections
-        self._generator: torch.Generator | None = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.register_buffer("projection", self._draw())  # (num_projections, head_dim): the ω_r
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.register_buffer("projection", self._draw(generator))  # (num_projections, head_dim): the ω_r
+        if generator is not None:
+            # the seeded generator's state after the latest draw. A buffer (not a Generator attribute), so that
+            # state_dict, functional_call, torch.export and DCP carry it, and a map loaded from a checkpoint
+            # redraws what the saved one would have; uint8, so .half() or .to(dtype) of the module leaves it alone
+            self.register_buffer("generator_state", generator.get_state())
 
-    def _draw(self) -> Tensor:
+    def _draw(self, generator: torch.Generator | None) -> Tensor:
         draw = gaussian_orthogonal_random_matrix if self.orthogonal else gaussian_random_matrix
-        return draw(self._num_projections, self.head_dim, generator=self._generator)
+        return draw(self._num_projections, self.head_dim, generator=generator)
+
+    def _seeded_generator(self) -> torch.Generator | None:
+        """A generator in this map's saved state; None without a seed (torch's global generator draws)."""
+        if "generator_state" not in self._buffers:
+            return None
+        generator = torch.Generator()
+        generator.set_state(self.generator_state.to("cpu", torch.uint8))  # a load with assign=True may keep floats
+        return generator
 
     @torch.no_grad()
     def redraw(self) -> None:
         """Draw new ω (the next draw of this module's seeded generator, or of torch's global one)."""
-        self.projection.copy_(self._draw().to(self.projection))
+        generator = self._seeded_generator()
+        self.projection.copy_(self._draw(generator).to(self.projection))
+        if generator is not None:
+            self.generator_state.copy_(generator.get_state())
 
-    def get_extra_state(self) -> Tensor:
-        """The seeded generator's state after the current draw (empty without a seed: the draws then come from
-        torch's global generator, which the module does not own). A tensor, so that code mapping over a
-        state_dict's values (``.to(device)``, ``.float()``, safetensors) keeps working."""
-        if self._generator is None:
-            return torch.empty(0, dtype=torch.uint8)
-        return self._generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        """Restore a generator state saved by :meth:`get_extra_state`: the next ``redraw()`` continues the saved
-        module's sequence. Any real dtype or device is accepted, as long as the values are bytes (a ``.float()`` or
-        ``.half()`` over a state_dict keeps 0..255 exactly); an empty state leaves this module's generator as it
-        is."""
-        name = type(self).__name__
-        if not isinstance(state, Tensor) or state.dim() != 1 or state.is_complex() or state.dtype == torch.bool:
-            raise ValueError(f"{name}: the generator state must be a 1-D tensor of bytes; got "
-                             f"{type(state).__name__ if not isinstance(state, Tensor) else state.dtype} of shape "
-                             f"{tuple(state.shape) if isinstance(state, Tensor) else '?'}")
-        if state.numel() == 0:
-            return
-        values = state.detach().to("cpu", torch.float64)
-        if not bool(((values >= 0) & (values <= 255) & (values == values.round())).all()):
-            raise ValueError(f"{name}: the generator state holds values that are not bytes (0..255)")
-        generator = torch.Generator()
-        try:
-            generator.set_state(values.to(torch.uint8))
-        except RuntimeError as e:  # torch checks the size of its generator's state
-            raise ValueError(f"{name}: not a CPU generator state ({values.numel()} bytes): {e}") from e
-        self._generator = generator
+    def __setstate__(self, state: dict) -> None:
+        # a whole module pickled before version 2 kept its seeded torch.Generator as an attribute
+        generator = state.pop("_generator", None)
+        super().__setstate__(state)
+        if generator is not None and "generator_state" not in self._buffers:
+            self.register_buffer("generator_state", generator.get_state())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        key = prefix + "generator_state"
+        if key in state_dict:
+            state = _generator_state(state_dict[key], type(self).__name__)  # checked before anything is loaded
+            if "generator_state" not in self._buffers:  # an unseeded map takes on the saved map's generator
+                self.register_buffer("generator_state", torch.empty_like(state, device=self.projection.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # a state_dict saved before the generator state was saved (version 1; none for a hand-built dict) loads
-        # as it always did, the generator left as constructed
-        key = prefix + _EXTRA_STATE
-        if key in missing_keys and (local_metadata.get("version") or 1) < 2:
+        # saved by an unseeded map (its draws came from torch's global generator, which it does not own) or before
+        # version 2: the map keeps its own generator, as loading always did
+        if key in missing_keys:
             missing_keys.remove(key)
 
     def project(self, x: Tensor) -> Tensor:

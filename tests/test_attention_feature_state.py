@@ -105,13 +105,60 @@ def test_an_unseeded_map_takes_on_a_saved_seeded_generator():
     (torch.full((5,), float("nan")), "not bytes"),
     (torch.zeros(7, dtype=torch.uint8), "not a CPU generator's state"),
 ])
-def test_a_corrupt_generator_state_is_refused_before_anything_is_loaded(state, match):
+def test_a_corrupt_generator_state_is_an_error_naming_it_and_is_not_loaded(state, match):
+    """Reported as torch reports a size mismatch: the other entries load, then a RuntimeError names every bad one;
+    the generator keeps its state (a float 256.0 copied into the uint8 buffer would have wrapped silently)."""
     fm = PositiveRandomFeatures(8, 16, seed=7)
-    before = {k: v.clone() for k, v in fm.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
+    before = fm.generator_state.clone()
+    with pytest.raises(RuntimeError, match=f"generator_state: .*{match}"):
         fm.load_state_dict({"projection": torch.zeros_like(fm.projection), "generator_state": state})
-    for k, v in fm.state_dict().items():
-        assert torch.equal(v, before[k]), k  # neither the projection nor the generator changed
+    assert torch.equal(fm.generator_state, before)
+
+
+def test_a_corrupt_generator_state_inside_a_model_is_reported_with_its_full_key():
+    model = nn.Sequential(nn.Linear(4, 4), MultiheadAttention(32, 4, kind="favor", num_features=32, seed=0))
+    state = model.state_dict()
+    state["1.feature_map.generator_state"] = torch.zeros(7, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"1\.feature_map\.generator_state: .*not a CPU generator's state"):
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("cls", MAPS)
+def test_a_map_built_on_the_meta_device_is_drawn_by_reset_parameters(cls):
+    """to_empty() leaves uninitialised memory in every buffer, as in torch's own modules; reset_parameters() then
+    draws as a map built on the CPU would have."""
+    with torch.device("meta"):
+        fm = cls(8, 16, seed=7)
+    fm = fm.to_empty(device="cpu")
+    fm.reset_parameters()
+    reference = cls(8, 16, seed=7)
+    assert torch.equal(fm.projection, reference.projection)
+    _same_draws(fm, reference)
+
+
+def test_a_generator_state_that_torch_refuses_is_an_error_that_says_what_to_do():
+    fm = PositiveRandomFeatures(8, 16, seed=7)
+    fm.generator_state.zero_()  # not a valid mt19937 state (what uninitialised memory usually is)
+    with pytest.raises(RuntimeError, match="reset_parameters"):
+        fm.redraw()
+    fm.generator_state = fm.generator_state.to("meta")
+    with pytest.raises(RuntimeError, match="meta device"):
+        fm.redraw()
+
+
+def test_reset_parameters_returns_a_map_to_its_construction():
+    seeded = PositiveRandomFeatures(8, 16, seed=7)
+    _draws(seeded, 2)
+    seeded.reset_parameters()
+    _same_draws(seeded, PositiveRandomFeatures(8, 16, seed=7))
+    unseeded = PositiveRandomFeatures(8, 16)
+    unseeded.load_state_dict(PositiveRandomFeatures(8, 16, seed=7).state_dict())  # takes on a generator ...
+    unseeded.reset_parameters()  # ... and drops it: torch's global generator draws again
+    assert set(unseeded.state_dict()) == {"projection"}
+    torch.manual_seed(0)
+    unseeded.redraw()
+    torch.manual_seed(0)
+    assert torch.equal(unseeded.projection, PositiveRandomFeatures(8, 16).projection)
 
 
 def test_a_whole_map_pickled_before_the_buffer_existed_keeps_its_seeded_sequence():

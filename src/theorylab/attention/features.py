@@ -113,8 +113,26 @@ class _RandomFeatures(nn.Module):
         if "generator_state" not in self._buffers:
             return None
         generator = torch.Generator()
-        generator.set_state(self.generator_state.to("cpu", torch.uint8))  # a load with assign=True may keep floats
+        try:
+            if self.generator_state.is_meta:
+                raise RuntimeError("it is on the meta device")
+            generator.set_state(self.generator_state.to("cpu", torch.uint8))  # assign=True may have kept floats
+        except RuntimeError as e:  # e.g. the uninitialised bytes that to_empty() leaves
+            raise RuntimeError(f"{type(self).__name__}: generator_state is not a generator's state ({e}); after "
+                               "to_empty(), call reset_parameters()") from e
         return generator
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw ω afresh as at construction: the seed's first draw (or the global generator's next), and the seeded
+        generator's state after it. What ``to_empty()`` needs, as for torch's own modules."""
+        if self.seed is None:  # as constructed: torch's global generator draws (a loaded generator is dropped)
+            self._buffers.pop("generator_state", None)
+            self.redraw()
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        self.projection.copy_(self._draw(generator).to(self.projection))
+        self.generator_state.copy_(generator.get_state())
 
     @torch.no_grad()
     def redraw(self) -> None:
@@ -135,9 +153,14 @@ class _RandomFeatures(nn.Module):
                               error_msgs) -> None:
         key = prefix + "generator_state"
         if key in state_dict:
-            state = _generator_state(state_dict[key], type(self).__name__)  # checked before anything is loaded
-            if "generator_state" not in self._buffers:  # an unseeded map takes on the saved map's generator
-                self.register_buffer("generator_state", torch.empty_like(state, device=self.projection.device))
+            try:
+                state = _generator_state(state_dict[key], type(self).__name__)
+            except ValueError as e:  # reported as torch reports a size mismatch: the other entries load, then an error
+                error_msgs.append(f"{key}: {e}")
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+            else:
+                if "generator_state" not in self._buffers:  # an unseeded map takes on the saved map's generator
+                    self.register_buffer("generator_state", torch.empty_like(state, device=self.projection.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # saved by an unseeded map (its draws came from torch's global generator, which it does not own) or before

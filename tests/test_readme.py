@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text(encoding="utf-8")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # The README's placeholders in commands, and a value each may take.
-PLACEHOLDERS = {"K": "favor", "DIR": "out", "FILE": "out.json", "N": "0", "ID": "1.1"}
+PLACEHOLDERS = {"K": "favor", "DIR": "out", "RUN_DIR": "out", "FILE": "out.json", "N": "0", "ID": "1.1"}
 
 
 def _blocks(language: str) -> list[str]:
@@ -101,6 +101,12 @@ def test_attention_example():
         assert torch.isfinite(ns[name]).all(), name
     mha = ns["mha"]
     assert mha(torch.randn(2, 10, 512)).shape == (2, 10, 512)  # "batch first"
+    # decoding: the last position through the state equals that position of one causal call
+    from theorylab.attention import linear_attention
+
+    whole = linear_attention(ns["q"], ns["k"], ns["v"], ns["fm"], causal=True)
+    assert ns["out"].shape == (2, 8, 4095, 64) and ns["state"].length == 4096
+    torch.testing.assert_close(ns["last"], whole[:, :, 4095:], atol=1e-5, rtol=1e-5)
 
 
 def test_attention_example_padding_is_ignored():
@@ -151,7 +157,7 @@ def _commands() -> list[str]:
         for line in body.replace("\\\n", " ").splitlines():
             found += [seg for seg in line.split("#")[0].split("&&") if re.search(r"\btheorylab (\w)", seg)]
     prose = FENCE.sub("", TEXT)
-    found += re.findall(r"`([^`]*\btheorylab (?:verify|bench|train|env)\b[^`]*)`", prose)
+    found += re.findall(r"`([^`]*\btheorylab (?:verify|bench|train|sample|env)\b[^`]*)`", prose)
     return [" ".join(c.split()) for c in found]
 
 
@@ -163,7 +169,7 @@ def _argv(command: str) -> list[str]:
 
 def test_the_readme_shows_commands_of_every_subcommand():
     subcommands = {_argv(c)[0] for c in _commands()}
-    assert subcommands == {"verify", "bench", "train", "env"}
+    assert subcommands == {"verify", "bench", "train", "sample", "env"}
 
 
 @pytest.mark.parametrize("command", sorted(set(_commands())))

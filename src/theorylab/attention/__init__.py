@@ -1,6 +1,9 @@
 """Attention: exact (SDPA + naive reference), separable, kernelised linear (non-causal and chunked causal) with
 feature maps (FAVOR+ positive, trigonometric, elu+1, relu), a batch-first multi-head module, and a drop-in for
-``nn.MultiheadAttention`` inside torch's Transformer layers (``swap_attention``).
+``nn.MultiheadAttention`` inside torch's Transformer layers (``swap_attention``). Causal linear and separable
+attention also run in their recurrent form (``state=`` / ``return_state=True``: a prompt, then one token at a time
+at a cost that does not grow with the prefix; :class:`LinearAttentionState`); ``MultiheadAttention`` decodes every
+kind so, exact attention through a :class:`KVCache`.
 
 Layout follows torch SDPA: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv);
 ``key_padding_mask`` is bool (B, Nk) with True = padding (ignored). The naive references every fast path is
@@ -17,12 +20,15 @@ from .features import EluFeatures, PositiveRandomFeatures, ReluFeatures, TrigRan
 from .linear import linear_attention
 from .multihead import MultiheadAttention
 from .separable import separable_attention
+from .state import KVCache, LinearAttentionState
 from .swap import DropInMultiheadAttention, swap_attention
 
 __all__ = [
     "softmax_attention",
     "separable_attention",
     "linear_attention",
+    "LinearAttentionState",
+    "KVCache",
     "PositiveRandomFeatures",
     "TrigRandomFeatures",
     "EluFeatures",

@@ -178,8 +178,9 @@ def masked_softmax(x: Tensor, keep: Tensor | None, dim: int) -> Tensor:
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """num / den, and 0 where |den| <= sqrt(smallest normal) (~1e-19 in float32): a query that sees no key, or
-    whose normaliser underflowed. The threshold keeps den² and so every gradient finite."""
-    nonzero = den.abs() > torch.finfo(den.dtype).tiny ** 0.5
+    whose normaliser underflowed. The threshold keeps den² and so every gradient finite. A NaN normaliser (a NaN
+    among the keys the query sees) gives NaN, never a silent 0."""
+    nonzero = ~(den.abs() <= torch.finfo(den.dtype).tiny ** 0.5)
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_qkv, keep_mask, masked_softmax, zero_padded
+from .state import KVCache
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -103,3 +104,53 @@ def batched_heads_attention(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_
     q, k, v = x @ w_q, x @ w_k, x @ w_v  # (h, n, d) each
     heads = torch.softmax((q @ k.mT) * d ** -0.5, dim=-1) @ v  # (h, n, n) scores -> (h, n, d)
     return heads.transpose(0, 1).reshape(x.shape[0], h * d) @ w_o
+
+
+def cached_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, *,
+                             key_padding_mask: Tensor | None = None,
+                             scale: float | None = None) -> tuple[Tensor, KVCache]:
+    """Causal :func:`softmax_attention` over the positions after ``cache``'s (Nq == Nk new ones): query i of this
+    call sees the cached keys and the new keys j <= i (bottom-right aligned). Returns the outputs and the cache with
+    the new keys and values appended; a sequence fed in pieces gives one causal call's outputs.
+
+    Raises:
+        TypeError, ValueError: as :func:`softmax_attention`; a cache that is not a KVCache, of other B, H, D or
+            Dv, or on another device; Nq != Nk.
+    """
+    B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
+    if Nq != Nk:
+        raise ValueError(f"softmax_attention: a KV cache takes as many new queries as keys; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"softmax_attention: the state of exact attention is a KVCache; got "
+                            f"{type(cache).__name__}")
+        ck, cv = cache.keys, cache.values
+        if ck.dim() != 4 or tuple(ck.shape[:2]) + (ck.shape[3],) != (B, H, D) or \
+                tuple(cv.shape) != (B, H, ck.shape[2], Dv) or ck.device != q.device or cv.device != q.device:
+            raise ValueError(f"softmax_attention: the KV cache does not fit this call: keys {tuple(ck.shape)}, "
+                             f"values {tuple(cv.shape)} on {ck.device}, for B={B}, H={H}, D={D}, Dv={Dv} on "
+                             f"{q.device}")
+        past = cache.length
+        keys, values = torch.cat([ck.to(k.dtype), k], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+        pads = [cache.padding, key_padding_mask]
+    else:
+        past, keys, values, pads = 0, k, v, [None, key_padding_mask]
+    padding = None
+    if any(p is not None for p in pads):
+        lengths = (past, Nk)
+        padding = torch.cat([p if p is not None else q.new_zeros(B, n, dtype=torch.bool)
+                             for p, n in zip(pads, lengths, strict=True)], dim=1)
+    new_cache = KVCache(keys, values, padding)
+    if past == 0:
+        return softmax_attention(q, keys, values, causal=True, key_padding_mask=padding, scale=scale), new_cache
+    if Nq == 1 and padding is None:  # one new position sees every key: no mask (SDPA's fastest path)
+        return softmax_attention(q, keys, values, scale=scale), new_cache
+    keep = torch.ones(Nq, past + Nk, dtype=torch.bool, device=q.device).tril(past)[None, None]  # j <= past + i
+    if padding is not None:
+        keep = keep & ~padding[:, None, None, :]
+    scale = _check_scale(scale, "softmax_attention")
+    keys, values = zero_padded(keys, padding), zero_padded(values, padding)
+    empty = ~keep.any(-1, keepdim=True)  # rows whose every visible key is padded: zeros, as softmax_attention
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep | empty, scale=scale)
+    return out.masked_fill(empty, 0.0), new_cache

@@ -36,20 +36,26 @@ Nothing after position i ever enters the output at i. Under torch.compile the ch
 breaks the graph once per block of chunks (so ``fullgraph=True`` works for the non-causal path only).
 
 The stabilisers are detached: the output does not depend on them mathematically, so their gradient is exactly
-zero. Padding removes keys from φ(K) — numerator and denominator alike — and from the maxima. Half-precision
+zero. Padding removes keys from φ(K) — numerator and denominator alike — and from the maxima; so does a NaN or +inf
+key log-scale from the causal references (it still enters the sums, from its position on). Half-precision
 inputs are computed in float32 and cast back; where scale·|x|² of a query or non-padded key would overflow the
 working dtype (|x| beyond ~1e19 in float32), the call is computed in float64, and if even float64 overflows a
 ValueError is raised. That switch is not made while torch.compile traces (inputs beyond ~1e19 then overflow), and
-neither check runs on meta tensors (FLOP counting). On a GPU each check is a read-back: one per call and one per
-block of causal chunks.
+neither check runs on meta tensors (FLOP counting). On a GPU each check is a read-back: one per call and two per
+block of causal chunks (the steep-rise check and the non-finite-key check).
+
+Recurrent form: the causal kernel takes the state and reference of the positions before q's and returns those
+after its last (``state=`` / ``return_state=True``, :mod:`theorylab.attention.state`), so a sequence fed in
+pieces gives one call's outputs; a one-position piece (decoding) takes a path without chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +79,7 @@ from ._checks import (
     zero_padded,
 )
 from .features import PositiveRandomFeatures
+from .state import LinearAttentionState, MapFingerprint, check_state, check_width, widened
 
 # Default chunk lengths, tuned on CPU at B=1, H=8, D=64, M=256. Causal: the (C, C) intra-chunk matmul costs
 # 2nCM, so C is kept small. Non-causal: about 1M feature entries per chunk (4 MB in float32: with the
@@ -269,9 +276,25 @@ def _working_dtype(q: Tensor, k: Tensor, pad: Tensor | None, fm: nn.Module, acc:
                      f"scale·|x|² (the features' log-scale) overflows even float64")
 
 
+@overload
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *, causal: bool = False,
                      key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
-                     recompute: bool = False) -> Tensor:
+                     recompute: bool = False, state: LinearAttentionState | None = None,
+                     return_state: Literal[False] = False) -> Tensor: ...
+@overload
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *, causal: bool = False,
+                     key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                     recompute: bool = False, state: LinearAttentionState | None = None,
+                     return_state: Literal[True]) -> tuple[Tensor, LinearAttentionState]: ...
+@overload
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *, causal: bool = False,
+                     key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                     recompute: bool = False, state: LinearAttentionState | None = None,
+                     return_state: bool = False) -> Tensor | tuple[Tensor, LinearAttentionState]: ...
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *, causal: bool = False,
+                     key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                     recompute: bool = False, state: LinearAttentionState | None = None,
+                     return_state: bool = False) -> Tensor | tuple[Tensor, LinearAttentionState]:
     """Kernelised attention out_i = Σ_j φ(q_i)ᵀφ(k_j) v_j / Σ_j φ(q_i)ᵀφ(k_j), in O(n) time and memory.
 
     Args:
@@ -286,14 +309,24 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
             bit-identical; forward+backward needs ~3x less memory and ~1.4x the time (n=8192, M=256, H=8 on CPU).
             The feature map must not change between forward and backward (a RuntimeError says so if it did)
             nor depend on train/eval mode. Ignored without autograd, under torch.compile and torch.func.
+        state: causal only: the :class:`~theorylab.attention.state.LinearAttentionState` of the positions
+            before this call's (from ``return_state=True``); q, k, v are the next positions. Feeding a sequence in
+            pieces (a prompt, then one token at a time) gives the outputs of one call on the whole sequence, up
+            to rounding, at a cost per position that does not grow with the prefix (the recurrent form of
+            Katharopoulos et al. 2020). The state is in float64 once any piece needed it (see below); its
+            autograd history is kept (``state.detach()`` cuts it).
+        return_state: causal only: also return the state after this call's positions.
 
     Returns:
-        (B, H, Nq, Dv) in the dtype of q. A query whose normaliser is zero (no visible key; Nk = 0) gets zeros.
+        (B, H, Nq, Dv) in the dtype of q, and with ``return_state=True`` a tuple (output, state). A query whose
+        normaliser is zero (no visible key; Nk = 0) gets zeros.
 
     Raises:
-        TypeError: q, k or v is not floating point, chunk_size is not an integer, or recompute not a bool.
-        ValueError: shapes, mask or chunk_size are wrong, or the inputs are so large that the features'
-            log-scale overflows float64.
+        TypeError: q, k or v is not floating point, chunk_size is not an integer, recompute or return_state not
+            a bool, or state not a LinearAttentionState.
+        ValueError: shapes, mask or chunk_size are wrong; state or return_state without causal; a state of other
+            shapes, on another device, or made with other features (another map, or this one redrawn); or the
+            inputs are so large that the features' log-scale overflows float64.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="linear_attention")
     _check_feature_map(feature_map, D)
@@ -301,27 +334,57 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
         raise ValueError(f"linear_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, what="chunk_size", name="linear_attention")
-    if not isinstance(recompute, bool):
-        raise TypeError(f"linear_attention: recompute must be a bool; got {recompute!r}")
+    for what, flag in (("recompute", recompute), ("return_state", return_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"linear_attention: {what} must be a bool; got {flag!r}")
+    if (state is not None or return_state) and not causal:
+        raise ValueError("linear_attention: state and return_state apply to causal attention (causal=True)")
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, _feature_dtype(feature_map))
     pad = key_padding_mask[:, None, :] if key_padding_mask is not None else None  # (B, 1, Nk)
     terms = _terms(feature_map, D)
+    if state is not None:
+        state = check_state(state, feature_map, kind="linear", B=B, H=H, Dv=Dv, W=terms.width, device=q.device)
     if B * H * Nq * Nk == 0:  # nothing to attend to (or no query)
-        return empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
+        out = empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
+        if not return_state:
+            return out
+        state = state if state is not None else _initial_state(terms, k.to(acc), Dv)
+        return out, dataclasses.replace(state, length=state.length + Nq)  # B or H = 0: positions still pass
     if terms.scaled and can_inspect(q):
         acc = _working_dtype(q, k, pad, feature_map, acc)
+    kv, ref = None, None
+    if state is not None:  # a state from float64 pieces keeps later ones in float64
+        acc = torch.promote_types(acc, state.kv.dtype)
+        kv, ref = widened(state, acc)
     # padded keys are removed from φ(K); their rows are zeroed before the feature map too, or the backward pass
     # multiplies the mask's zero by the map's derivative at a NaN, inf or overflowing key (0·NaN in k.grad)
     q, k, v = q.to(acc), zero_padded(k.to(acc), key_padding_mask), zero_padded(v.to(acc), key_padding_mask)
     causal_chunk, block_elements, noncausal_elements = _default_sizes(q.device)
     with no_autocast(q.device):
-        if causal:  # chunks no longer than the sequence: a chunk_size set for long ones must not cost memory here
-            out = _causal(q, k, v, terms, pad, min(chunk_size or causal_chunk, Nq), recompute, block_elements)
+        if causal and Nq == 1:  # one position (decoding a token): no chunks, a dozen small ops
+            out, kv, ref = _causal_step(q, k, v, terms, pad, kv, ref)
+        elif causal:  # chunks no longer than the sequence: a chunk_size set for long ones must not cost memory here
+            out, kv, ref = _causal(q, k, v, terms, pad, min(chunk_size or causal_chunk, Nq), recompute,
+                                   block_elements, kv, ref)
         else:
             chunk = chunk_size or max(16, noncausal_elements // max(1, B * H * terms.num_features))
             out = _noncausal(q, k, v, terms, pad, min(chunk, max(Nq, Nk)), recompute)
-    return out.to(out_dtype)
+    if not return_state:
+        return out.to(out_dtype)
+    length = (state.length if state is not None else 0) + Nq
+    return out.to(out_dtype), LinearAttentionState(cast(Tensor, kv), cast(Tensor, ref), length,
+                                                   fingerprint=MapFingerprint(feature_map))
+
+
+def _initial_state(terms: _ColumnShifted | _RowScaled, k: Tensor, Dv: int) -> LinearAttentionState:
+    """The state before any position: no keys summed, none seen (for a call with nothing to attend to)."""
+    base, logw = terms.keys(k[:, :, :0], None)  # the feature width M, from the map itself
+    M = (logw if base is None else base).shape[-1]
+    B, H = k.shape[:2]
+    kv = k.new_zeros(B, H, Dv + 1, M)
+    return LinearAttentionState(kv, k.new_full((B, H, terms.width), lowest(k.dtype)), 0,
+                                fingerprint=MapFingerprint(terms.fm))
 
 
 def _with_ones(v: Tensor) -> Tensor:
@@ -451,7 +514,8 @@ def _holding(fm: nn.Module, kept: list[tuple[str, Tensor]]) -> Iterator[None]:
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
-            chunk: int, recompute: bool, block_elements: int) -> Tensor:
+            chunk: int, recompute: bool, block_elements: int, state: Tensor | None,
+            ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Causal chunked attention, G chunks of C positions at a time (a block of about ``block_elements`` feature
     entries).
 
@@ -466,7 +530,10 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     With m_j the running prefix maximum of the key log-scales (per column: m_jr) and r_c its value at the end of
     chunk c: chunk c's keys are k̂_j = exp(ℓ(k_j) - r_c) <= 1 and its queries are read relative to r_c; the state
     S_c entering chunk c is kept relative to r_{c-1}, so every exponent is <= 0. Where m rises by more than the
-    limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`)."""
+    limit inside a chunk, that chunk is redone with each query's own m_i (:func:`_chunk_per_query`).
+
+    ``state`` (B, H, Dv + 1, M) and ``ref`` (B, H, W) are those of the positions before q's (None: none); returns
+    the outputs and the state and reference after the last position."""
     B, H, N, _ = q.shape
     Dv, W, M = v.shape[-1], terms.width, terms.num_features
     # chunks per block: G·C rows of features and the G (C, C) intra-chunk products within the budget (the products
@@ -479,8 +546,10 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     recompute = recompute and N > block and _needs_grad(q, k, v, terms)
     block_fn = _checkpointed(terms.fm, _causal_block) if recompute else _causal_block
     out = ChunkOutputs(q, (B, H, N, Dv))
-    state = None  # (B, H, Dv + 1, M): Σ_{j < block start} [v_j, 1] k̂_jᵀ (transposed, see _accumulate)
-    ref = q.new_full((B, H, W), lowest(q.dtype))  # m at the end of the previous block
+    # state (B, H, Dv + 1, M): Σ_{j < block start} [v_j, 1] k̂_jᵀ (transposed, see _accumulate), None before any
+    # key; ref (B, H, W): m at the end of the previous block
+    if ref is None:
+        ref = q.new_full((B, H, W), lowest(q.dtype))
     pads = pad.split(block, dim=2) if pad is not None else [None] * len(range(0, N, block))
     blocks = zip(range(0, N, block), q.split(block, dim=2), k.split(block, dim=2), v.split(block, dim=2), pads,
                  strict=True)
@@ -488,7 +557,26 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
         result, state, ref = block_fn(terms, chunk, q_b, k_b, v_b, pad_b, state, ref)
         out.write(s, s + q_b.shape[2], result)
         del result  # without autograd, out holds a copy: free this block's before the next one is computed
-    return out.result()
+    return out.result(), cast(Tensor, state), ref  # N >= 1: at least one block set the state
+
+
+def _causal_step(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled, pad: Tensor | None,
+                 state: Tensor | None, ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention at one position i: S_i = S_{i-1} e^{r_{i-1} - r_i} + [v_i, 1] k̂_iᵀ with r_i = max(r_{i-1},
+    ℓ(k_i)) and k̂_i = φ(k_i) e^{-r_i}, then out_i = q̂_i S_iᵀ normalised, q̂_i read against r_i (its own
+    reference, so never steep). The same sums as :func:`_causal`'s chunks, without their bookkeeping (which
+    costs ~10x more than the arithmetic at one position). q, k, v (B, H, 1, ·); returns (out, S_i, r_i)."""
+    Dv = v.shape[-1]
+    base, logw = terms.keys(k, pad)  # (B, H, 1, M) | None, (B, H, 1, W)
+    top = _finite_or_neginf(logw.detach()[:, :, 0])  # (B, H, W); -inf where padded, as the chunks' references
+    new_ref = top.clamp_min(lowest(q.dtype)) if ref is None else torch.maximum(ref, top)
+    kf = _key_features(terms, base, logw, new_ref[:, :, None])  # (B, H, 1, M) <= 1; 0 where padded
+    check_width(state, kf)
+    v1 = _with_ones(v).mT  # (B, H, Dv + 1, 1): with kf an outer product
+    state = v1 * kf if state is None else torch.addcmul(state * torch.exp(cast(Tensor, ref) - new_ref)[:, :, None],
+                                                        v1, kf)
+    qf = terms.query_features(terms.prepare_queries(q), new_ref[:, :, None])  # (B, H, 1, M)
+    return _ratio(qf @ state.mT, Dv, terms.positive), state, new_ref
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled) -> bool:
@@ -529,7 +617,10 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     logw = logw.unflatten(2, (g, chunk))  # (B, H, g, C, W)
     # r_c = m at the end of chunk c: a max per chunk, then a running max over the g chunks (the per-position
     # m_j is needed only in chunks redone per query)
-    ends = torch.maximum(torch.cummax(logw.detach().amax(3), dim=2).values, ref[:, :, None])  # (B, H, g, W)
+    top = logw.detach().amax(3)  # (B, H, g, W): each chunk's largest key log-scale
+    if check and _holds_nan_or_posinf(top):  # a NaN or +inf key: kept out of the references (rare: a 2nd pass)
+        top = _finite_or_neginf(logw.detach()).amax(3)
+    ends = torch.maximum(torch.cummax(top, dim=2).values, ref[:, :, None])  # (B, H, g, W)
     before = torch.cat([ref[:, :, None], ends], dim=2)  # (B, H, g + 1, W): the reference entering chunk c
     steep: dict[int, Any] = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
     for c in steep:  # keep those chunks' queries: query_features overwrites prepared
@@ -540,6 +631,7 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     v1 = _with_ones(v_b).unflatten(2, (g, chunk))  # (B, H, g, C, Dv + 1)
     num = (qf @ kf.mT).masked_fill_(above, 0.0) @ v1  # intra-chunk, j <= i: (B, H, g, C, Dv + 1)
     contrib = (v1.mT @ kf).unbind(2)  # g x (B, H, Dv + 1, M): each chunk's keys relative to its own r_c
+    check_width(state, contrib[0])
     # the scan over the chunks: S_c enters chunk c relative to before[c]; T_c is S_c relative to r_c
     carry = torch.exp(before[:, :, :-1] - ends)[:, :, :, None]  # (B, H, g, 1, W) <= 1: before[c] -> r_c
     entering, read = {}, []  # S_c of the steep chunks, T_c of every chunk
@@ -564,6 +656,21 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     return (result[:, :, :L] if extra else result), cast(Tensor, state), before[:, :, -1]  # g >= 1: state set
 
 
+def _finite_or_neginf(logw: Tensor) -> Tensor:
+    """The key log-scales with NaN and +inf (a non-finite key) as -inf, for the references only: a chunk's reference
+    must not take such a key's value, or it would reach the chunk's earlier queries (NaN, or all their weights
+    lost against +inf). The key itself still enters the sums from its position on, as NaN or inf, as in exact
+    attention."""
+    return logw.nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+
+
+@compiler_disabled  # data-dependent, as _steep_chunks
+def _holds_nan_or_posinf(top: Tensor) -> bool:
+    """Whether any entry is NaN or +inf; one read-back (under torch.func.vmap, for every example at once)."""
+    plain = readable(top)
+    return not bool((torch.isfinite(plain) | (plain == float("-inf"))).all())
+
+
 def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
     """The states T_c read by each chunk's queries, (B, H, g, Dv + 1, M); zeros where none has entered yet."""
     return torch.stack([torch.zeros_like(like) if t is None else t for t in read], dim=2)
@@ -576,8 +683,11 @@ def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> d
 
     logw (B, H, g, C, W): the key log-scales; before (B, H, g + 1, W): m entering each chunk (then r_c)."""
     ends = before[:, :, 1:]
+    # a rise that is NaN (a NaN key at a chunk's start) counts as 0: those positions' outputs are NaN whatever path
+    # they take, and a NaN in the max would hide the other sequences' steep rises from the check (the exact check
+    # below skips NaN positions by its run > floor)
     start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
-    flagged = (ends - start).amax(dim=(0, 1, 3)) > limit  # (g,): a cheap upper bound
+    flagged = (ends - start).nan_to_num(nan=0.0).amax(dim=(0, 1, 3)) > limit  # (g,): a cheap upper bound
     steep = {}
     for c in _flagged_chunks(flagged):
         # exact for the flagged chunks: positions that see no key yet (m = floor) do not count

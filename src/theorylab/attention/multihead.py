@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, cast
+from typing import Any, Literal, cast, overload
 
 from torch import Tensor, nn
 
 from ._checks import positive_int
-from .exact import softmax_attention
+from .exact import cached_softmax_attention, softmax_attention
 from .features import EluFeatures, PositiveRandomFeatures
 from .linear import linear_attention
 from .separable import separable_attention
+from .state import KVCache, LinearAttentionState
+
+DecodingState = LinearAttentionState | KVCache  # what a causal call passes on to the next piece of its sequence
 
 KINDS = ("softmax", "separable", "linear", "favor")
 
@@ -123,35 +126,72 @@ class MultiheadAttention(nn.Module):
         B, N, _ = x.shape
         return proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
+    @overload
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
-                key_padding_mask: Tensor | None = None, *, causal: bool | None = None) -> Tensor:
+                key_padding_mask: Tensor | None = None, *, causal: bool | None = None,
+                state: DecodingState | None = None, return_state: Literal[False] = False) -> Tensor: ...
+    @overload
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, *, causal: bool | None = None,
+                state: DecodingState | None = None,
+                return_state: Literal[True]) -> tuple[Tensor, DecodingState]: ...
+    @overload
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, *, causal: bool | None = None,
+                state: DecodingState | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, DecodingState]: ...
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, *, causal: bool | None = None,
+                state: DecodingState | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, DecodingState]:
         """query (B, Nq, E), key (B, Nk, E) (default: query), value (B, Nk, E) (default: key),
         key_padding_mask bool (B, Nk), True = padding -> (B, Nq, E). ``causal`` overrides the constructor's
-        setting for this call (None: keep it)."""
+        setting for this call (None: keep it).
+
+        ``state`` / ``return_state`` (causal, as many queries as keys): incremental decoding. ``out, state =
+        mha(prompt, return_state=True)``, then ``out, state = mha(next_token, state=state, return_state=True)``:
+        the outputs equal one call on the whole sequence up to rounding. Kinds "linear", "favor" and "separable"
+        carry a :class:`~theorylab.attention.state.LinearAttentionState` (a cost per token that does not grow with
+        the prefix), kind "softmax" a :class:`~theorylab.attention.state.KVCache` (every key and value so far)."""
         if causal is None:
             causal = self.causal
         elif not isinstance(causal, bool):
             raise TypeError(f"MultiheadAttention: causal must be a bool or None; got {causal!r}")
+        if not isinstance(return_state, bool):
+            raise TypeError(f"MultiheadAttention: return_state must be a bool; got {return_state!r}")
         key = query if key is None else key
         value = key if value is None else value
         for name, x in (("query", query), ("key", key), ("value", value)):
             if x.dim() != 3 or x.shape[-1] != self.embed_dim:
                 raise ValueError(f"MultiheadAttention: {name} must be (B, N, {self.embed_dim}); got "
                                  f"{tuple(x.shape)}")
-        B, Nq, E = query.shape
         q, k, v = self._heads(query, self.q_proj), self._heads(key, self.k_proj), self._heads(value, self.v_proj)
         mask = key_padding_mask
-        if self.kind == "softmax":
-            out = softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
+        result: Tensor | tuple[Tensor, DecodingState]
+        if self.kind == "softmax" and (state is not None or return_state):
+            if not causal:
+                raise ValueError("MultiheadAttention: state and return_state apply to causal attention")
+            result = cached_softmax_attention(q, k, v, cast(KVCache | None, state), key_padding_mask=mask)
+            if not return_state:
+                result = result[0]
+        elif self.kind == "softmax":
+            result = softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
         elif self.kind == "separable":
-            out = separable_attention(q, k, v, causal=causal, key_padding_mask=mask,
-                                      chunk_size=self.chunk_size)
+            result = separable_attention(q, k, v, causal=causal, key_padding_mask=mask, chunk_size=self.chunk_size,
+                                         state=cast(LinearAttentionState | None, state), return_state=return_state)
         else:
             feature_map = cast(nn.Module, self.feature_map)  # kinds "linear" and "favor" always have one
-            out = linear_attention(q, k, v, feature_map, causal=causal, key_padding_mask=mask,
-                                   chunk_size=self.chunk_size, recompute=self.recompute)
-        out = out.transpose(1, 2).reshape(B, Nq, E)  # (B, Nq, H*D)
-        return self.out_proj(self.dropout(out))
+            result = linear_attention(q, k, v, feature_map, causal=causal, key_padding_mask=mask,
+                                      chunk_size=self.chunk_size, recompute=self.recompute,
+                                      state=cast(LinearAttentionState | None, state), return_state=return_state)
+        if isinstance(result, tuple):
+            return self._project(result[0]), result[1]
+        return self._project(result)
+
+    def _project(self, out: Tensor) -> Tensor:
+        """(B, H, Nq, D) heads -> (B, Nq, E): merged, dropout, output projection."""
+        B, _, Nq, _ = out.shape
+        return self.out_proj(self.dropout(out.transpose(1, 2).reshape(B, Nq, self.embed_dim)))
 
     def extra_repr(self) -> str:
         extra = (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "") + (

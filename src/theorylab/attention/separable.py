@@ -17,6 +17,7 @@ tensor, every factor <= 1, so a later key can never underflow an earlier query's
 from __future__ import annotations
 
 import math
+from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from ._checks import (
     safe_divide,
     zero_padded,
 )
+from .state import LinearAttentionState, check_state, check_width, widened
 
 SEPARABLE_CHUNK = 32
 # On a GPU each chunk costs kernel launches and one read-back (the steepness check), not memory traffic: an H200
@@ -45,8 +47,24 @@ ACCELERATOR_SEPARABLE_CHUNK = 512
 FALLBACK_ELEMENTS = 1 << 22  # entries of the (rows, C, D) weights per step of a chunk's per-query fallback
 
 
+@overload
 def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                        state: LinearAttentionState | None = None, return_state: Literal[False] = False) -> Tensor: ...
+@overload
+def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                        state: LinearAttentionState | None = None,
+                        return_state: Literal[True]) -> tuple[Tensor, LinearAttentionState]: ...
+@overload
+def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                        state: LinearAttentionState | None = None,
+                        return_state: bool = False) -> Tensor | tuple[Tensor, LinearAttentionState]: ...
+def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                        key_padding_mask: Tensor | None = None, chunk_size: int | None = None,
+                        state: LinearAttentionState | None = None,
+                        return_state: bool = False) -> Tensor | tuple[Tensor, LinearAttentionState]:
     """softmax_row(Q) (softmax_col(K)ᵀ V) without forming n x n.
 
     Args:
@@ -55,18 +73,33 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
             SDPA's is_causal and :func:`softmax_attention`: queries from Nk on see every key).
         key_padding_mask: bool (B, Nk), True = padding: removed from the key softmax.
         chunk_size: positions per chunk in causal mode (None: 32 on CPU, 512 on a GPU).
+        state: causal only (Nq == Nk): the :class:`~theorylab.attention.state.LinearAttentionState` of the
+            positions before this call's (from ``return_state=True``): the column softmax's running sums and
+            maxima. Feeding a sequence in pieces (a prompt, then one token at a time) gives one call's outputs
+            up to rounding, at a cost per position that does not grow with the prefix.
+        return_state: causal only: also return the state after this call's positions.
 
     Returns:
-        (B, H, Nq, Dv) in the dtype of q; zeros where a query sees no key (in particular when Nk = 0).
+        (B, H, Nq, Dv) in the dtype of q (with ``return_state=True``, a tuple (output, state)); zeros where a
+        query sees no key (in particular when Nk = 0).
 
     Raises:
-        TypeError: q, k or v is not floating point, or chunk_size is not an integer.
+        TypeError: q, k or v is not floating point, chunk_size is not an integer, return_state not a bool, or
+            state not a LinearAttentionState.
         ValueError: the shapes do not match (B, H, N, D) as above, the mask is not a bool (B, Nk) tensor, or
-            chunk_size <= 0.
+            chunk_size <= 0; state or return_state without causal or with Nq != Nk; a state of other shapes,
+            on another device, or made by linear_attention.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="separable_attention")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, what="chunk_size", name="separable_attention")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"separable_attention: return_state must be a bool; got {return_state!r}")
+    if state is not None or return_state:
+        if not causal or Nq != Nk:
+            raise ValueError("separable_attention: state and return_state apply to causal attention over as many "
+                             f"queries as keys; got causal={causal}, q {tuple(q.shape)}, k {tuple(k.shape)}")
+        return _stateful(q, k, v, key_padding_mask, chunk_size, state)
     if causal and Nq < Nk:  # keys after the last query are seen by none
         mask = None if key_padding_mask is None else key_padding_mask[:, :Nq]
         return separable_attention(q, k[:, :, :Nq], v[:, :, :Nq], causal=True, key_padding_mask=mask,
@@ -90,7 +123,30 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
             keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
             b = masked_softmax(logits, keep, dim=-2)  # (B, H, Nk, D): columns sum to 1 over the kept keys
             return (a @ (b.mT @ v)).to(out_dtype)  # (B, H, Nq, D) @ (B, H, D, Dv)
-        return _causal(a, logits, v, chunk_size or _default_chunk(q.device)).to(out_dtype)
+        return _causal(a, logits, v, chunk_size or _default_chunk(q.device))[0].to(out_dtype)
+
+
+def _stateful(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, chunk_size: int | None,
+              state: LinearAttentionState | None) -> tuple[Tensor, LinearAttentionState]:
+    """Causal separable attention over the positions after ``state``'s (Nq == Nk), and the state after them."""
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    if state is not None:
+        state = check_state(state, None, kind="separable", B=B, H=H, Dv=Dv, W=D, device=q.device)
+        check_width(state.kv, k)  # M = D
+    out_dtype = q.dtype
+    acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, *(() if state is None else (state.kv.dtype,)))
+    q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)
+    kv, ref = (None, None) if state is None else widened(state, acc)
+    length = (0 if state is None else state.length) + N
+    if B * H * N == 0 or D == 0:  # nothing to attend to: the state passes on
+        kv = kv if kv is not None else q.new_zeros(B, H, Dv + 1, D)
+        ref = ref if ref is not None else q.new_full((B, H, D), lowest(acc))
+        return empty_attention(q, k, v).to(out_dtype), LinearAttentionState(kv, ref, length, kind="separable")
+    with no_autocast(q.device):
+        logits = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+        out, kv, ref = _causal(torch.softmax(q, dim=-1), logits, v, chunk_size or _default_chunk(q.device), kv, ref)
+    return out.to(out_dtype), LinearAttentionState(kv, ref, length, kind="separable")
 
 
 def _default_chunk(device: torch.device) -> int:
@@ -98,7 +154,10 @@ def _default_chunk(device: torch.device) -> int:
     return SEPARABLE_CHUNK if device.type in ("cpu", "meta") else ACCELERATOR_SEPARABLE_CHUNK
 
 
-def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
+def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None = None,
+            ref_in: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The outputs, and the state (B, H, Dv + 1, D) and reference (B, H, D) after the last position, from those
+    before the first (``kv``, ``ref_in``; None: none)."""
     B, H, N, D = a.shape
     Dv = v.shape[-1]
     chunk = min(chunk, N)  # a chunk_size set for long sequences must not cost (chunk, chunk) memory on short ones
@@ -106,14 +165,19 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
     # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
     floor = lowest(a.dtype)
     run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(floor)  # (B, H, N, D)
+    if ref_in is not None:  # the maxima of the positions before
+        run = torch.maximum(run, ref_in[:, :, None, :])
     # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter
     # as long as the running max rises by at most `limit` inside the chunk (then Z >= e^{-limit} is far from
     # the safe-division threshold sqrt(smallest normal) = e^{-0.5 log(1/tiny)}).
     limit = 0.45 * -math.log(torch.finfo(a.dtype).tiny)
     out = ChunkOutputs(a, (B, H, N, Dv))
-    state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
-    norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
-    ref = a.new_full((B, H, D), floor)
+    if kv is None:
+        state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
+        norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
+        ref = a.new_full((B, H, D), floor)
+    else:  # kv holds [state, norm] transposed, as LinearAttentionState keeps them
+        state, norm, ref = kv[:, :, :Dv].mT, kv[:, :, Dv], cast(Tensor, ref_in)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
     exporting = _is_exporting()
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
@@ -130,11 +194,10 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int) -> Tensor:
             out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above))
         else:  # a key far above the earlier ones inside this chunk: per-query references
             out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state))
-        if e < N:
-            state = state * carry[..., None] + ek.mT @ v_c
-            norm = norm * carry + ek.sum(-2)
-            ref = new_ref
-    return out.result()
+        state = state * carry[..., None] + ek.mT @ v_c
+        norm = norm * carry + ek.sum(-2)
+        ref = new_ref
+    return out.result(), torch.cat([state.mT, norm[:, :, None]], dim=2), ref
 
 
 def _is_exporting() -> bool:
@@ -148,7 +211,9 @@ def _is_exporting() -> bool:
 # a key far above the earlier ones zeroed the earlier queries' weights: outputs depended on later keys)
 def _rises_steeply(end: Tensor, start: Tensor, limit: float) -> bool:
     """Whether the running max rises by more than ``limit`` inside a chunk, in any (batch, head, column)."""
-    return float(readable(end - start).max()) > limit  # under torch.func.vmap: in any example
+    # under torch.func.vmap: in any example. A NaN rise (a NaN key) counts as 0: its outputs are NaN on either path,
+    # and a NaN max would hide the other sequences' steep rises
+    return float(readable(end - start).nan_to_num(nan=0.0).max()) > limit
 
 
 def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,

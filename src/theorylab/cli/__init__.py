@@ -15,11 +15,12 @@ def _subcommands() -> list:
     from . import bench, env, verify  # here, not at import: main() catches an interrupt while torch loads
 
     modules = [verify, bench, env]
-    try:  # `theorylab train` lives with the training experiments
-        modules.insert(2, importlib.import_module("theorylab.cli.train"))
-    except ModuleNotFoundError as e:
-        if e.name != "theorylab.cli.train":
-            raise
+    for position, name in ((2, "train"), (3, "sample")):  # these two live with the training experiments
+        try:
+            modules.insert(position, importlib.import_module(f"theorylab.cli.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"theorylab.cli.{name}":
+                raise
     return modules
 
 

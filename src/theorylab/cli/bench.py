@@ -1,4 +1,4 @@
-"""``theorylab bench attention|optim|rnn``: medians of interleaved rounds against baselines timed in the same run."""
+"""``theorylab bench attention|optim|rnn|decode``: medians of interleaved rounds against same-run baselines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ._args import check_writable
 
-SUITES = ("attention", "optim", "rnn")
+SUITES = ("attention", "optim", "rnn", "decode")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

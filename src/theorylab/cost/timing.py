@@ -26,13 +26,16 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, bud
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1,
-                      max_rounds: int | None = None, budget_s: float | None = None) -> dict[str, list[float]]:
+                      max_rounds: int | None = None, budget_s: float | None = None,
+                      before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
     """Seconds of every call of each ``fns[name]()``, timed in rounds: each round calls every function once, in an
     order that rotates by one per round, so that load which comes and goes on a shared machine falls on every
     contender alike (timing one contender's repeats, then the next's, lets it fall on one of them).
 
     ``warmup`` untimed rounds come first. After ``rounds`` timed rounds, more run (up to ``max_rounds``) while the
-    timed seconds so far are below ``budget_s``. Compare medians of the returned lists."""
+    timed seconds so far are below ``budget_s``. ``before()``, if given, runs untimed before every timed call (to
+    flush caches, so that no call inherits what the previous contender left in them). Compare medians of the
+    returned lists."""
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     names = list(fns)
@@ -45,6 +48,8 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
     spent, r = 0.0, 0
     while r < rounds or (r < (max_rounds or rounds) and budget_s is not None and spent < budget_s):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if before is not None:
+                before()
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)

@@ -12,7 +12,7 @@ from .charlm import ATTENTION_KINDS, CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CharCorpus, CharVocab, load_corpus, sample_batch
 from .distributed import DistEnv, shard_items
-from .trainer import TrainResult, evaluate_bpc, train_charlm
+from .trainer import TrainResult, evaluate_bpc, load_trained_model, train_charlm
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -30,4 +30,5 @@ __all__ = [
     "save_checkpoint",
     "shard_items",
     "train_charlm",
+    "load_trained_model",
 ]

@@ -17,13 +17,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from ..attention.multihead import DecodingState
+
 ATTENTION_KINDS = ("softmax", "separable", "linear", "favor")
+# what each kind carries from one generated character to the next (CharTransformer.generate): a state of fixed size
+# (a cost per character that does not grow with the text), or every key and value so far
+DECODING = {"softmax": "KV cache", "separable": "recurrent state", "linear": "recurrent state",
+            "favor": "recurrent state"}
 # Adam's first step size is lr / (1 - β₁) = 10·lr, a float32 scalar in torch's kernel: lr must leave room for it
 _MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
 # Upper bounds on the sizes: far beyond what fits in memory (so they refuse only nonsense), below what overflows a
@@ -108,6 +115,13 @@ class Block(nn.Module):
         h = h + self.attn(self.ln1(h))
         return h + self.mlp(self.ln2(h))
 
+    def step(self, h: torch.Tensor, state: DecodingState | None) -> tuple[torch.Tensor, DecodingState]:
+        """``forward`` on the next positions of a sequence whose attention state is ``state`` (None: the first
+        positions): (B, N, W) -> (B, N, W) and the state after them."""
+        a, state = self.attn(self.ln1(h), state=state, return_state=True)
+        h = h + a
+        return h + self.mlp(self.ln2(h)), state
+
 
 class CharTransformer(nn.Module):
     """Decoder-only character model: ``forward(tokens (B, N)) -> logits (B, N, vocab_size)``, N <= max_len."""
@@ -147,7 +161,83 @@ class CharTransformer(nn.Module):
             h = block(h)
         return self.head(self.ln_f(h))  # (B, N, V)
 
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, steps: int, *, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, incremental: bool = True) -> torch.Tensor:
+        """Sample ``steps`` characters after ``prompt``: (B, P) token ids -> (B, P + steps).
+
+        Each next character is drawn from softmax(logits / temperature) (``temperature=0``: the most likely one).
+        ``incremental`` (default): the prompt is read once, then every character runs one position through the
+        layers, which carry their attention's state (:data:`DECODING`): kinds "linear", "favor" and "separable"
+        a state of fixed size, so each character costs the same whatever came before; "softmax" a KV cache.
+        ``incremental=False`` runs the whole text so far for every character. Both give the same logits up to
+        rounding. The model is put in eval mode for the call (dropout off) and restored after.
+
+        Raises:
+            ValueError: prompt not a non-empty (B, P) integer tensor of valid ids; steps < 0; P + steps beyond the
+                model's positions; temperature negative or not finite.
+            FloatingPointError: the model's logits are not finite (non-finite or overflowing weights).
+        """
+        prompt, steps, temperature = self._check_generate(prompt, steps, temperature)
+        training = self.training
+        self.eval()
+        try:
+            return self._generate(prompt, steps, temperature, generator, bool(incremental))
+        finally:
+            self.train(training)
+
+    def _check_generate(self, prompt: Any, steps: Any, temperature: Any) -> tuple[torch.Tensor, int, float]:
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0 or \
+                prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            got = f"{prompt.dtype} of shape {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else \
+                type(prompt).__name__
+            raise ValueError(f"generate: prompt must be a (B, P) integer tensor with P >= 1; got {got}")
+        vocab = self.token_embedding.num_embeddings
+        if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
+            raise ValueError(f"generate: prompt holds ids outside 0..{vocab - 1}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"generate: steps must be an integer >= 0; got {steps!r}")
+        if prompt.shape[1] + steps > self.max_len:
+            raise ValueError(f"generate: the prompt ({prompt.shape[1]}) and steps ({steps}) exceed the model's "
+                             f"{self.max_len} positions")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"generate: temperature must be a finite number >= 0; got {temperature!r}")
+        return prompt.long(), steps, float(temperature)
+
+    def _generate(self, tokens: torch.Tensor, steps: int, temperature: float, generator: torch.Generator | None,
+                  incremental: bool) -> torch.Tensor:
+        states: list[DecodingState | None] = [None] * len(self.blocks)
+        out, read = [tokens], 0  # read: positions already in the states
+        for _ in range(steps):
+            if not incremental:  # the whole text so far, every time
+                logits = self(torch.cat(out, dim=1))[:, -1]
+            else:  # the prompt once, then one position per character
+                new = out[-1]
+                positions = torch.arange(read, read + new.shape[1], device=new.device)
+                h = self.token_embedding(new) + self.position_embedding(positions)
+                for j, block in enumerate(self.blocks):
+                    h, states[j] = cast(Block, block).step(h, states[j])
+                logits = self.head(self.ln_f(h[:, -1]))
+                read += new.shape[1]
+            if not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError(f"generate: the model gave non-finite logits after {read or out[0].shape[1]} "
+                                         "positions (non-finite or overflowing weights)")
+            out.append(_sample(logits.float(), temperature, generator))
+        return torch.cat(out, dim=1)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-character cross-entropy in nats; divide by ln 2 for bits per character."""
         logits = self(x)  # (B, N, V)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) ids: softmax(logits / temperature) sampled, or the argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    # shifted first, so that a tiny temperature sends the others to -inf rather than the largest to +inf (inf - inf is
+    # NaN); in float64, where a temperature such as 1e-300 is not 0 (0 / 0 is NaN too)
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

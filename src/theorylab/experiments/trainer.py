@@ -25,7 +25,7 @@ from torch import nn
 
 from .charlm import CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import CharCorpus, eval_windows, legacy_sha256, load_corpus, sample_batch
+from .data import CharCorpus, CharVocab, eval_windows, legacy_sha256, load_corpus, sample_batch
 from .distributed import DistEnv, all_reduce_sum, barrier, shard_items
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -144,6 +144,34 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
 
 
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.Adam's per-parameter state (amsgrad off)
+
+
+def load_trained_model(out_dir: str | Path) -> tuple[CharTransformer, CharVocab]:
+    """The model of the char-LM run in ``out_dir`` (its ``checkpoint.pt``), in eval mode on the CPU, and its
+    vocabulary; CheckpointError says what is wrong with the checkpoint."""
+    ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT_FILE, expected_format=CHECKPOINT_FORMAT)
+    where = f"checkpoint in {str(out_dir)!r}"
+    missing = [k for k in ("config", "model", "vocab") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)}")
+    try:
+        config = CharLMConfig.from_dict(ckpt["config"])
+        vocab = CharVocab(ckpt["vocab"]) if isinstance(ckpt["vocab"], str) and ckpt["vocab"] else None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} has an invalid config or vocabulary: {e}") from e
+    if vocab is None:
+        raise CheckpointError(f"{where} has no vocabulary (a non-empty string of characters)")
+    model = CharTransformer(len(vocab), config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where} does not fit its own config and vocabulary: {first}") from e
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # training never saves such weights (it stops first): a tampered or damaged file
+        more = ", ..." if len(bad) > 3 else ""
+        raise CheckpointError(f"{where} holds non-finite weights ({', '.join(bad[:3])}{more})")
+    return model.eval(), vocab
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:

@@ -581,3 +581,47 @@ def test_a_nan_key_does_not_hide_another_sequences_steep_rise_in_separable_atten
     k[0, 0, 16, 0] = float("nan")
     out = separable_attention(q, k, v, causal=True, chunk_size=16)
     torch.testing.assert_close(out[1], reference[1], atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------- found by the review of separable states and the KV cache
+def test_a_nan_key_reaches_only_the_separable_positions_that_see_it():
+    """torch.cummax carried the NaN to the chunk's end, whose maximum is the chunk's reference: every earlier
+    position of the chunk was NaN in one call, but not when fed one token at a time."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 8, 3, generator=g, dtype=F64) for _ in range(3))
+    clean = separable_attention(q, k, v, causal=True)
+    k[0, 0, 5, 1] = float("nan")
+    one = separable_attention(q, k, v, causal=True)
+    torch.testing.assert_close(one[:, :, :5], clean[:, :, :5], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(one[:, 1], clean[:, 1], atol=1e-12, rtol=1e-12)  # the other head
+    assert one[0, 0, 5:].isnan().all()
+    outs, state = [], None
+    for t in range(8):
+        out, state = separable_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], causal=True,
+                                         state=state, return_state=True)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 2), one, atol=1e-12, rtol=1e-12, equal_nan=True)
+
+
+def test_a_kv_cache_that_does_not_fit_is_refused_naming_it():
+    q, k, v = (x.detach() for x in _qkv(2, 2, 4, seed=24))
+    _, cache = cached_softmax_attention(q, k, v, None)
+    for padding in (torch.zeros(2, 3, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool), torch.zeros(2, 4)):
+        with pytest.raises(ValueError, match="the KV cache does not fit this call"):
+            cached_softmax_attention(q, k, v, KVCache(cache.keys, cache.values, padding))
+    with pytest.raises(TypeError, match="a KVCache holds tensors"):
+        cached_softmax_attention(q, k, v, KVCache([0], [0]))  # type: ignore[arg-type]
+
+
+def test_a_float64_kv_cache_stays_float64_after_a_float32_piece():
+    q, k, v = (x.detach() for x in _qkv(1, 1, 9, seed=25))
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:  # what the float32 piece holds
+        return torch.cat([x[:, :, :3], x[:, :, 3:6].float().double(), x[:, :, 6:]], dim=2)
+
+    reference = softmax_attention(rounded(q), rounded(k), rounded(v), causal=True)
+    _, cache = cached_softmax_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], None)
+    out32, cache = cached_softmax_attention(q[:, :, 3:6].float(), k[:, :, 3:6].float(), v[:, :, 3:6].float(), cache)
+    assert out32.dtype == torch.float32 and cache.keys.dtype == F64
+    out, cache = cached_softmax_attention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], cache)
+    torch.testing.assert_close(out, reference[:, :, 6:], atol=1e-14, rtol=1e-14)  # narrowed: 8.5e-9

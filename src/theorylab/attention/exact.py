@@ -121,18 +121,14 @@ def cached_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | N
     if Nq != Nk:
         raise ValueError(f"softmax_attention: a KV cache takes as many new queries as keys; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    out_dtype = q.dtype
     if cache is not None:
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"softmax_attention: the state of exact attention is a KVCache; got "
-                            f"{type(cache).__name__}")
-        ck, cv = cache.keys, cache.values
-        if ck.dim() != 4 or tuple(ck.shape[:2]) + (ck.shape[3],) != (B, H, D) or \
-                tuple(cv.shape) != (B, H, ck.shape[2], Dv) or ck.device != q.device or cv.device != q.device:
-            raise ValueError(f"softmax_attention: the KV cache does not fit this call: keys {tuple(ck.shape)}, "
-                             f"values {tuple(cv.shape)} on {ck.device}, for B={B}, H={H}, D={D}, Dv={Dv} on "
-                             f"{q.device}")
+        ck, cv = _check_cache(cache, B=B, H=H, D=D, Dv=Dv, device=q.device)
         past = cache.length
-        keys, values = torch.cat([ck.to(k.dtype), k], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+        # never narrower than the cache: float64 keys stay float64 after a float32 piece, as the recurrent states do
+        work = torch.promote_types(torch.promote_types(ck.dtype, cv.dtype), torch.promote_types(q.dtype, v.dtype))
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        keys, values = torch.cat([ck.to(work), k], dim=2), torch.cat([cv.to(work), v], dim=2)
         pads = [cache.padding, key_padding_mask]
     else:
         past, keys, values, pads = 0, k, v, [None, key_padding_mask]
@@ -143,9 +139,10 @@ def cached_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | N
                              for p, n in zip(pads, lengths, strict=True)], dim=1)
     new_cache = KVCache(keys, values, padding)
     if past == 0:
-        return softmax_attention(q, keys, values, causal=True, key_padding_mask=padding, scale=scale), new_cache
+        out = softmax_attention(q, keys, values, causal=True, key_padding_mask=padding, scale=scale)
+        return out.to(out_dtype), new_cache
     if Nq == 1 and padding is None:  # one new position sees every key: no mask (SDPA's fastest path)
-        return softmax_attention(q, keys, values, scale=scale), new_cache
+        return softmax_attention(q, keys, values, scale=scale).to(out_dtype), new_cache
     keep = torch.ones(Nq, past + Nk, dtype=torch.bool, device=q.device).tril(past)[None, None]  # j <= past + i
     if padding is not None:
         keep = keep & ~padding[:, None, None, :]
@@ -153,4 +150,25 @@ def cached_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | N
     keys, values = zero_padded(keys, padding), zero_padded(values, padding)
     empty = ~keep.any(-1, keepdim=True)  # rows whose every visible key is padded: zeros, as softmax_attention
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep | empty, scale=scale)
-    return out.masked_fill(empty, 0.0), new_cache
+    return out.masked_fill(empty, 0.0).to(out_dtype), new_cache
+
+
+def _check_cache(cache: object, *, B: int, H: int, D: int, Dv: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The cache's keys and values, checked against this call: TypeError for what is not a KVCache of tensors,
+    ValueError naming what does not fit."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"softmax_attention: the state of exact attention is a KVCache; got {type(cache).__name__}")
+    ck, cv, pad = cache.keys, cache.values, cache.padding
+    if not isinstance(ck, Tensor) or not isinstance(cv, Tensor) or not (pad is None or isinstance(pad, Tensor)):
+        raise TypeError(f"softmax_attention: a KVCache holds tensors (keys, values, padding or None); got "
+                        f"{type(ck).__name__}, {type(cv).__name__}, {type(pad).__name__}")
+    n = ck.shape[2] if ck.dim() == 4 else -1
+    fits = ck.dim() == 4 and (ck.shape[0], ck.shape[1], ck.shape[3]) == (B, H, D) and tuple(cv.shape) == (B, H, n, Dv)
+    if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (B, n)):
+        fits = False
+    if not fits or any(t.device != device for t in (ck, cv) + ((pad,) if pad is not None else ())):
+        got = f"padding {pad.dtype} {tuple(pad.shape)}" if pad is not None else "no padding"
+        raise ValueError(f"softmax_attention: the KV cache does not fit this call: keys {tuple(ck.shape)}, values "
+                         f"{tuple(cv.shape)}, {got}, on {ck.device}; expected (B={B}, H={H}, n, D={D}), "
+                         f"(B, H, n, Dv={Dv}) and bool (B, n) on {device}")
+    return ck, cv

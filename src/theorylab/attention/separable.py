@@ -165,6 +165,12 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
     floor = lowest(a.dtype)
     run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(floor)  # (B, H, N, D)
+    exporting = _is_exporting()
+    # cummax carries a NaN key to the end (torch.export can neither read that back nor break the graph: skipped)
+    if a.device.type != "meta" and not exporting and _holds_nan(run[:, :, -1]):
+        # the running maxima without it: a chunk's reference (its last maximum) would otherwise be NaN for the
+        # chunk's earlier queries too; the key itself still enters the sums from its position on, as NaN
+        run = torch.cummax(logits.detach().nan_to_num(nan=float("-inf")), dim=-2).values.clamp_min(floor)
     if ref_in is not None:  # the maxima of the positions before
         run = torch.maximum(run, ref_in[:, :, None, :])
     # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter
@@ -179,7 +185,6 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     else:  # kv holds [state, norm] transposed, as LinearAttentionState keeps them
         state, norm, ref = kv[:, :, :Dv].mT, kv[:, :, Dv], cast(Tensor, ref_in)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
-    exporting = _is_exporting()
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),
                  a.split(chunk, dim=2), strict=True)
@@ -214,6 +219,12 @@ def _rises_steeply(end: Tensor, start: Tensor, limit: float) -> bool:
     # under torch.func.vmap: in any example. A NaN rise (a NaN key) counts as 0: its outputs are NaN on either path,
     # and a NaN max would hide the other sequences' steep rises
     return float(readable(end - start).nan_to_num(nan=0.0).max()) > limit
+
+
+@compiler_disabled  # data-dependent, as _rises_steeply
+def _holds_nan(x: Tensor) -> bool:
+    """Whether any entry is NaN; one read-back (under torch.func.vmap, for every example at once)."""
+    return bool(torch.isnan(readable(x)).any())
 
 
 def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,

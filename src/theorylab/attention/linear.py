@@ -661,7 +661,7 @@ def _finite_or_neginf(logw: Tensor) -> Tensor:
     must not take such a key's value, or it would reach the chunk's earlier queries (NaN, or all their weights
     lost against +inf). The key itself still enters the sums from its position on, as NaN or inf, as in exact
     attention."""
-    return logw.nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    return logw.nan_to_num(nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
 
 
 @compiler_disabled  # data-dependent, as _steep_chunks

@@ -20,6 +20,7 @@ import math
 from typing import Literal, cast, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (
@@ -145,8 +146,29 @@ def _stateful(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
         return empty_attention(q, k, v).to(out_dtype), LinearAttentionState(kv, ref, length, kind="separable")
     with no_autocast(q.device):
         logits = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-        out, kv, ref = _causal(torch.softmax(q, dim=-1), logits, v, chunk_size or _default_chunk(q.device), kv, ref)
+        a = torch.softmax(q, dim=-1)
+        if N == 1:  # one position (decoding a token): no chunk, no read-back
+            out, kv, ref = _causal_step(a, logits, v, kv, ref)
+        else:
+            out, kv, ref = _causal(a, logits, v, chunk_size or _default_chunk(q.device), kv, ref)
     return out.to(out_dtype), LinearAttentionState(kv, ref, length, kind="separable")
+
+
+def _causal_step(a: Tensor, logits: Tensor, v: Tensor, kv: Tensor | None,
+                 ref: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal separable attention at one position i, from the state of the positions before it:
+    m_ic = max(m_{i-1,c}, k_ic), S_i = S_{i-1} e^{m_{i-1} - m_i} + [v_i, 1] e^{k_i - m_i} (per column c), and
+    out_i = Σ_c a_ic S_ic[:Dv] / S_ic[Dv]: the chunked path's sums without its bookkeeping and read-backs.
+    a, logits (B, H, 1, D) (logits -inf where padded), v (B, H, 1, Dv); returns (out, S_i, m_i)."""
+    Dv = v.shape[-1]
+    key = logits[:, :, 0]  # (B, H, D)
+    top = torch.where(torch.isnan(key), float("-inf"), key.detach())  # a NaN key stays out of the maxima
+    new_ref = top.clamp_min(lowest(a.dtype)) if ref is None else torch.maximum(ref, top)
+    v1 = F.pad(v, (0, 1), value=1.0).mT  # (B, H, Dv + 1, 1): with the column weights an outer product
+    ek = torch.exp(key - new_ref)[:, :, None, :]  # (B, H, 1, D) <= 1; 0 where padded
+    kv = v1 * ek if kv is None else torch.addcmul(kv * torch.exp(cast(Tensor, ref) - new_ref)[:, :, None], v1, ek)
+    a_over_z = safe_divide(a[:, :, 0], kv[:, :, Dv])  # (B, H, D): a_ic / Z_ic
+    return a_over_z[:, :, None] @ kv[:, :, :Dv].mT, kv, new_ref  # (B, H, 1, D) @ (B, H, D, Dv)
 
 
 def _default_chunk(device: torch.device) -> int:
@@ -170,7 +192,8 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     if a.device.type != "meta" and not exporting and _holds_nan(run[:, :, -1]):
         # the running maxima without it: a chunk's reference (its last maximum) would otherwise be NaN for the
         # chunk's earlier queries too; the key itself still enters the sums from its position on, as NaN
-        run = torch.cummax(logits.detach().nan_to_num(nan=float("-inf")), dim=-2).values.clamp_min(floor)
+        clean = torch.where(torch.isnan(logits), float("-inf"), logits.detach())
+        run = torch.cummax(clean, dim=-2).values.clamp_min(floor)
     if ref_in is not None:  # the maxima of the positions before
         run = torch.maximum(run, ref_in[:, :, None, :])
     # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter

@@ -66,9 +66,6 @@ def _version(buffer: Tensor) -> int | float | None:
     return None if buffer.is_meta else float(buffer.detach().double().sum())
 
 
-KINDS = ("linear", "separable")  # the functions whose causal form keeps a state: linear_attention, separable_attention
-
-
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionState:
     """The state of causal linear attention (``kind="linear"``) or separable attention (``kind="separable"``)
@@ -86,8 +83,8 @@ class LinearAttentionState:
         kind: ``"linear"`` or ``"separable"``: the function that made it, the only one that takes it.
 
     A linear-attention state belongs to the feature map that made it: ``linear_attention`` refuses it after that
-    map was redrawn, reloaded or moved, and for another map (a state that was pickled is not checked: see
-    :class:`MapFingerprint`). To reorder a batch (beam search), index ``kv`` and ``ref`` along dimension 0 with
+    map was redrawn, reloaded or moved, and for another map (an unpickled state is checked for its shapes only:
+    see :class:`MapFingerprint`). To reorder a batch (beam search), index ``kv`` and ``ref`` along dimension 0 with
     :func:`dataclasses.replace`.
     """
 

@@ -221,9 +221,10 @@ class CharTransformer(nn.Module):
                 logits = self.head(self.ln_f(h[:, -1]))
                 read += new.shape[1]
             if not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError(f"generate: the model gave non-finite logits after {read or out[0].shape[1]} "
-                                         "positions (non-finite or overflowing weights)")
-            out.append(_sample(logits.float(), temperature, generator))
+                raise FloatingPointError(f"generate: the model gave non-finite logits after "
+                                         f"{sum(t.shape[1] for t in out)} positions (non-finite or overflowing "
+                                         "weights)")
+            out.append(_sample(logits, temperature, generator))
         return torch.cat(out, dim=1)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,44 @@ def can_inspect(x: Tensor) -> bool:
     return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
+def is_exporting() -> bool:
+    """Whether torch.export is tracing (``torch.compiler.is_exporting`` appeared in torch 2.5; 2.4 has no such
+    query, and there export takes the graph break's error, as before)."""
+    query = getattr(torch.compiler, "is_exporting", None)
+    return bool(query()) if query is not None else False
+
+
+def finite_values(v: Tensor) -> bool:
+    """Whether a causal kernel may form its products with masked weights as plain matmuls: True unless ``v`` holds
+    a NaN or inf (see :func:`causal_product`). One read-back per call, of a sum: finite values whose sum overflows
+    also give False, which costs only the slower exact path. Not checked (True) where nothing can be read back:
+    under torch.compile or torch.export, and on meta tensors (FLOP counting)."""
+    if not can_inspect(v) or is_exporting():
+        return True
+    return bool(torch.isfinite(readable(v).sum()))
+
+
+def causal_product(p: Tensor, v: Tensor, hidden: Tensor) -> Tensor:
+    """Σ_{j visible to i} p_ij v_j for weights p (..., I, J) that are 0 where ``hidden`` (broadcastable to p; True:
+    query i does not see key j), and values v (..., J, E) that may hold NaN or inf.
+
+    ``p @ v`` would take 0 · v_j at the hidden j, which is NaN for a non-finite v_j: a NaN or inf value would
+    reach the queries that do not see it (in a causal kernel, the earlier positions). Here each reaches exactly
+    the queries that see it, as the sum over the visible terms gives: an entry is NaN where a visible term is
+    NaN (a NaN value, or 0 · inf) or where +inf meets -inf, else ±inf where a visible term is, else the finite
+    sum. The finite values go through one matmul; the non-finite terms are counted with matmuls of indicator
+    matrices (no (I, J, E) tensor), so this costs about seven matmuls instead of one."""
+    bad = ~torch.isfinite(v)
+    out = p @ v.masked_fill(bad, 0.0)
+    w, seen = p.detach(), ~hidden
+    pos, neg, zero = ((seen & sign).to(p.dtype) for sign in (w > 0, w < 0, w == 0))
+    up, down = (v.detach() == math.inf).to(p.dtype), (v.detach() == -math.inf).to(p.dtype)
+    nans = seen.to(p.dtype) @ torch.isnan(v).to(p.dtype) + zero @ (up + down)
+    ups, downs = pos @ up + neg @ down, pos @ down + neg @ up
+    out = out.masked_fill(ups > 0, math.inf).masked_fill(downs > 0, -math.inf)
+    return out.masked_fill((nans > 0) | ((ups > 0) & (downs > 0)), math.nan)
+
+
 @overload
 def keep_mask(Nq: int, Nk: int, *, causal: Literal[True], key_padding_mask: Tensor | None,
               device: torch.device) -> Tensor: ...

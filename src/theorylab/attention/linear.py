@@ -66,9 +66,11 @@ from ._checks import (
     ChunkOutputs,
     accumulation_dtype,
     can_inspect,
+    causal_product,
     check_qkv,
     compiler_disabled,
     empty_attention,
+    finite_values,
     keep_mask,
     lowest,
     masked_softmax,
@@ -319,7 +321,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
 
     Returns:
         (B, H, Nq, Dv) in the dtype of q, and with ``return_state=True`` a tuple (output, state). A query whose
-        normaliser is zero (no visible key; Nk = 0) gets zeros.
+        normaliser is zero (no visible key; Nk = 0) gets zeros. A NaN or inf key or value reaches only the
+        queries that see it (causal: the positions from its own on; a value under torch.compile or torch.export:
+        from its chunk's start).
 
     Raises:
         TypeError: q, k or v is not floating point, chunk_size is not an integer, recompute or return_state not
@@ -545,6 +549,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     block = G * chunk
     recompute = recompute and N > block and _needs_grad(q, k, v, terms)
     block_fn = _checkpointed(terms.fm, _causal_block) if recompute else _causal_block
+    finite = finite_values(v)  # else the intra-chunk products go through causal_product
     out = ChunkOutputs(q, (B, H, N, Dv))
     # state (B, H, Dv + 1, M): Σ_{j < block start} [v_j, 1] k̂_jᵀ (transposed, see _accumulate), None before any
     # key; ref (B, H, W): m at the end of the previous block
@@ -554,7 +559,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, terms: _ColumnShifted | _RowScaled,
     blocks = zip(range(0, N, block), q.split(block, dim=2), k.split(block, dim=2), v.split(block, dim=2), pads,
                  strict=True)
     for s, q_b, k_b, v_b, pad_b in blocks:
-        result, state, ref = block_fn(terms, chunk, q_b, k_b, v_b, pad_b, state, ref)
+        result, state, ref = block_fn(terms, chunk, q_b, k_b, v_b, pad_b, state, ref, finite)
         out.write(s, s + q_b.shape[2], result)
         del result  # without autograd, out holds a copy: free this block's before the next one is computed
     return out.result(), cast(Tensor, state), ref  # N >= 1: at least one block set the state
@@ -593,10 +598,12 @@ def _functorch_active() -> bool:
 
 
 def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k_b: Tensor, v_b: Tensor,
-                  pad_b: Tensor | None, state: Tensor | None, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  pad_b: Tensor | None, state: Tensor | None, ref: Tensor,
+                  finite: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One block of G chunks: its outputs (B, H, L, Dv), the state leaving it and the reference m at its end.
 
-    state (B, H, Dv + 1, M) | None enters relative to ref (B, H, W), m at the end of the previous block."""
+    state (B, H, Dv + 1, M) | None enters relative to ref (B, H, W), m at the end of the previous block; finite:
+    False when the values may hold a NaN or inf (:func:`~theorylab.attention._checks.causal_product`)."""
     B, H = q_b.shape[:2]
     Dv = v_b.shape[-1]
     floor = lowest(q_b.dtype)
@@ -629,7 +636,9 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     kf = _key_features(terms, None if base is None else base.unflatten(2, (g, chunk)), logw,
                        ends[:, :, :, None])  # (B, H, g, C, M) <= r_c; overwrites logw
     v1 = _with_ones(v_b).unflatten(2, (g, chunk))  # (B, H, g, C, Dv + 1)
-    num = (qf @ kf.mT).masked_fill_(above, 0.0) @ v1  # intra-chunk, j <= i: (B, H, g, C, Dv + 1)
+    p = (qf @ kf.mT).masked_fill_(above, 0.0)  # (B, H, g, C, C): intra-chunk weights, j <= i
+    num = p @ v1 if finite else causal_product(p, v1, above)  # (B, H, g, C, Dv + 1)
+    del p
     contrib = (v1.mT @ kf).unbind(2)  # g x (B, H, Dv + 1, M): each chunk's keys relative to its own r_c
     check_width(state, contrib[0])
     # the scan over the chunks: S_c enters chunk c relative to before[c]; T_c is S_c relative to r_c
@@ -650,7 +659,7 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
             rows = slice(c * chunk, (c + 1) * chunk)
             parts[c] = _chunk_per_query(terms, prepared_c, k_b[:, :, rows],
                                         None if pad_b is None else pad_b[:, :, rows], v1[:, :, c], run,
-                                        entering[c].mT, before[:, :, c])
+                                        entering[c].mT, before[:, :, c], finite)
         total = torch.stack(parts, dim=2)
     result = _ratio(total, Dv, terms.positive).flatten(2, 3)  # (B, H, L', Dv)
     return (result[:, :, :L] if extra else result), cast(Tensor, state), before[:, :, -1]  # g >= 1: state set
@@ -709,7 +718,7 @@ def _flagged_chunks(flagged: Tensor) -> list[int]:
 
 
 def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Tensor, pad: Tensor | None,
-                     v1: Tensor, run: Tensor, state: Tensor, ref: Tensor) -> Tensor:
+                     v1: Tensor, run: Tensor, state: Tensor, ref: Tensor, finite: bool) -> Tensor:
     """One chunk with each query's own reference m_i: numerator and normaliser (B, H, C, Dv + 1), relative to the
     query's t_i. The weights Σ_r q̂_ir k̂_jr exp(m_jr - m_ir), j <= i, are formed with the (C, C, W) decays
     explicitly (every factor <= 1), in steps of rows that keep that tensor within FALLBACK_ELEMENTS.
@@ -732,7 +741,7 @@ def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Te
         else:
             weights = decay if base is None else decay * base[:, :, None, :b]
             p = torch.einsum("bhir,bhijr->bhij", qf[:, :, a:b], weights)  # (B, H, R, b)
-        parts.append(p @ v1[:, :, :b])
+        parts.append(p @ v1[:, :, :b] if finite else causal_product(p, v1[:, :, :b], future[a:b, :b, 0]))
     return torch.cat(parts, dim=2) + carried
 
 
@@ -746,9 +755,10 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     a = feature_map(q) @ feature_map(k).mT  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    if keep is not None:
-        a = a.masked_fill(~keep, 0.0)
-    return safe_divide(a @ v, a.sum(-1, keepdim=True))
+    if keep is None:
+        return safe_divide(a @ v, a.sum(-1, keepdim=True))
+    a = a.masked_fill(~keep, 0.0)  # a NaN or inf value reaches only the queries that see it:
+    return safe_divide(causal_product(a, v, ~keep), a.sum(-1, keepdim=True))
 
 
 def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
@@ -765,4 +775,5 @@ def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map:
     lq, lk = log_map.log_features(q), log_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)
     logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], dim=-1)  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    return masked_softmax(logits, keep, dim=-1) @ v
+    weights = masked_softmax(logits, keep, dim=-1)
+    return weights @ v if keep is None else causal_product(weights, v, ~keep)

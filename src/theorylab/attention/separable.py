@@ -26,9 +26,12 @@ from torch import Tensor
 from ._checks import (
     ChunkOutputs,
     accumulation_dtype,
+    causal_product,
     check_qkv,
     compiler_disabled,
     empty_attention,
+    finite_values,
+    is_exporting,
     keep_mask,
     lowest,
     masked_softmax,
@@ -82,7 +85,9 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 
     Returns:
         (B, H, Nq, Dv) in the dtype of q (with ``return_state=True``, a tuple (output, state)); zeros where a
-        query sees no key (in particular when Nk = 0).
+        query sees no key (in particular when Nk = 0). A NaN or inf key or value reaches only the queries that
+        see it (causal: the positions from its own on; a value under torch.compile or torch.export: from its
+        chunk's start).
 
     Raises:
         TypeError: q, k or v is not floating point, chunk_size is not an integer, return_state not a bool, or
@@ -187,7 +192,7 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
     floor = lowest(a.dtype)
     run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(floor)  # (B, H, N, D)
-    exporting = _is_exporting()
+    exporting = is_exporting()
     # cummax carries a NaN key to the end (torch.export can neither read that back nor break the graph: skipped)
     if a.device.type != "meta" and not exporting and _holds_nan(run[:, :, -1]):
         # the running maxima without it: a chunk's reference (its last maximum) would otherwise be NaN for the
@@ -208,6 +213,7 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     else:  # kv holds [state, norm] transposed, as LinearAttentionState keeps them
         state, norm, ref = kv[:, :, :Dv].mT, kv[:, :, Dv], cast(Tensor, ref_in)
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
+    finite = finite_values(v)  # else the products with masked weights go through causal_product
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
     chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),
                  a.split(chunk, dim=2), strict=True)
@@ -219,20 +225,13 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
         # the check reads a value back: skipped on meta tensors (FLOP counting), where the matmul path is counted;
         # torch.export can neither read it back nor break the graph, so it traces the path that is always right
         if a.device.type == "meta" or D == 0 or (not exporting and not _rises_steeply(new_ref, m[:, :, 0], limit)):
-            out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above))
+            out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above, finite))
         else:  # a key far above the earlier ones inside this chunk: per-query references
-            out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state))
+            out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state, finite))
         state = state * carry[..., None] + ek.mT @ v_c
         norm = norm * carry + ek.sum(-2)
         ref = new_ref
     return out.result(), torch.cat([state.mT, norm[:, :, None]], dim=2), ref
-
-
-def _is_exporting() -> bool:
-    """Whether torch.export is tracing (``torch.compiler.is_exporting`` appeared in torch 2.5; 2.4 has no such
-    query, and there export takes the graph break's error, as before)."""
-    query = getattr(torch.compiler, "is_exporting", None)
-    return bool(query()) if query is not None else False
 
 
 @compiler_disabled  # data-dependent: torch.compile breaks the graph here rather than skip the check (skipped,
@@ -251,7 +250,7 @@ def _holds_nan(x: Tensor) -> bool:
 
 
 def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor, state: Tensor,
-                  above: Tensor) -> Tensor:
+                  above: Tensor, finite: bool) -> Tensor:
     """One chunk with every weight relative to the chunk's final max M_c: two matmuls and a cumsum.
 
     Z_ic = carry_c norm_c + Σ_{j <= i} ek_jc, out_i = Σ_j (Σ_c a_ic ek_jc / Z_ic) v_j + Σ_c (a_ic carry_c / Z_ic)
@@ -260,11 +259,12 @@ def _chunk_matmul(a: Tensor, ek: Tensor, v: Tensor, carry: Tensor, norm: Tensor,
     z = ek.cumsum(-2) + (carry * norm)[:, :, None, :]  # (B, H, C, D): Z_ic relative to M_c
     a_over_z = safe_divide(a, z)
     p = (a_over_z @ ek.mT).masked_fill_(above[:C, :C], 0.0)  # (B, H, C, C)
-    return p @ v + (a_over_z * carry[:, :, None, :]) @ state
+    intra = p @ v if finite else causal_product(p, v, above[:C, :C])
+    return intra + (a_over_z * carry[:, :, None, :]) @ state
 
 
 def _chunk_explicit(a: Tensor, k: Tensor, v: Tensor, m: Tensor, ref: Tensor, norm: Tensor,
-                    state: Tensor) -> Tensor:
+                    state: Tensor, finite: bool) -> Tensor:
     """One chunk with each query's own reference m_ic: the (C, C, D) weights exp(k_jc - m_ic), j <= i, formed
     explicitly (every factor <= 1, so no overflow and no underflow caused by later keys), in steps of rows that
     keep them within FALLBACK_ELEMENTS."""
@@ -279,7 +279,8 @@ def _chunk_explicit(a: Tensor, k: Tensor, v: Tensor, m: Tensor, ref: Tensor, nor
         z = w.sum(-2) + carry[:, :, i:j] * norm[:, :, None, :]  # (B, H, R, D): Z_ic
         a_over_z = safe_divide(a[:, :, i:j], z)
         p = torch.einsum("bhic,bhijc->bhij", a_over_z, w)  # (B, H, R, j)
-        parts.append(p @ v[:, :, :j] + (a_over_z * carry[:, :, i:j]) @ state)
+        intra = p @ v[:, :, :j] if finite else causal_product(p, v[:, :, :j], future[i:j, :j, 0])
+        parts.append(intra + (a_over_z * carry[:, :, i:j]) @ state)
     return torch.cat(parts, dim=2)
 
 
@@ -296,7 +297,7 @@ def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bo
     # b[i, j, c] = softmax over j <= i of k_jc: (B, H, Nq, Nk, D)
     b = masked_softmax(k[:, :, None, :, :].expand(-1, -1, Nq, -1, -1), keep[..., None], dim=-2)
     weights = torch.einsum("bhic,bhijc->bhij", a, b)  # (B, H, Nq, Nk)
-    return weights @ v
+    return causal_product(weights, v, ~keep)  # a NaN or inf value reaches only the queries that see it
 
 
 def separable_attention_matrix(q: Tensor, k: Tensor) -> Tensor:

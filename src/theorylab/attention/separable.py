@@ -189,44 +189,51 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     Dv = v.shape[-1]
     chunk = min(chunk, N)  # a chunk_size set for long sequences must not cost (chunk, chunk) memory on short ones
     # m_ic: running max per column over keys j <= i (the lowest finite value before the first non-padded key:
-    # a finite floor keeps lowest - lowest = 0, and no finite key lies below it)
+    # a finite floor keeps lowest - lowest = 0, and no finite key lies below it). Only its value at each chunk's
+    # end (M_c) and first position are needed, except in chunks redone per query: a max per chunk and a running
+    # max over the chunks (torch.cummax over all N positions took half of a causal call at n = 16384 on CPU)
     floor = lowest(a.dtype)
-    run = torch.cummax(logits.detach(), dim=-2).values.clamp_min(floor)  # (B, H, N, D)
     exporting = is_exporting()
-    # cummax carries a NaN key to the end (torch.export can neither read that back nor break the graph: skipped)
-    if a.device.type != "meta" and not exporting and _holds_nan(run[:, :, -1]):
-        # the running maxima without it: a chunk's reference (its last maximum) would otherwise be NaN for the
+    inspect = a.device.type != "meta" and not exporting  # torch.export can neither read back nor break the graph
+    keys = logits.detach()
+    tops = _chunk_maxima(keys, chunk)  # (B, H, g, D)
+    if inspect and _holds_nan(tops):
+        # the maxima without the NaN key: a chunk's reference (its last maximum) would otherwise be NaN for the
         # chunk's earlier queries too; the key itself still enters the sums from its position on, as NaN
-        clean = torch.where(torch.isnan(logits), float("-inf"), logits.detach())
-        run = torch.cummax(clean, dim=-2).values.clamp_min(floor)
-    if ref_in is not None:  # the maxima of the positions before
-        run = torch.maximum(run, ref_in[:, :, None, :])
+        keys = torch.where(torch.isnan(keys), float("-inf"), keys)
+        tops = _chunk_maxima(keys, chunk)
+    ref = a.new_full((B, H, D), floor) if ref_in is None else ref_in  # m before the first position
+    ends = torch.maximum(torch.cummax(tops, dim=2).values.clamp_min(floor), ref[:, :, None])  # M_c per chunk
     # Within a chunk, weights taken relative to the chunk's final max M_c stay >= e^{-limit} where they matter
     # as long as the running max rises by at most `limit` inside the chunk (then Z >= e^{-limit} is far from
     # the safe-division threshold sqrt(smallest normal) = e^{-0.5 log(1/tiny)}).
     limit = 0.45 * -math.log(torch.finfo(a.dtype).tiny)
+    if not inspect or D == 0:
+        # meta tensors (FLOP counting): the matmul path is what is counted; torch.export traces the per-query path,
+        # which is right for any keys
+        steep = set() if a.device.type == "meta" or D == 0 else set(range(ends.shape[2]))
+    else:  # m at each chunk's first position (fmax: a NaN first key leaves the maximum before it)
+        starts = torch.fmax(torch.cat([ref[:, :, None], ends[:, :, :-1]], dim=2), keys[:, :, ::chunk])
+        steep = _steep_chunks(ends - starts, limit)
     out = ChunkOutputs(a, (B, H, N, Dv))
     if kv is None:
         state = a.new_zeros(B, H, D, Dv)  # Σ_{j < s} exp(k_jc - ref_c) v_j
         norm = a.new_zeros(B, H, D)  # Σ_{j < s} exp(k_jc - ref_c)
-        ref = a.new_full((B, H, D), floor)
     else:  # kv holds [state, norm] transposed, as LinearAttentionState keeps them
-        state, norm, ref = kv[:, :, :Dv].mT, kv[:, :, Dv], cast(Tensor, ref_in)
+        state, norm = kv[:, :, :Dv].mT, kv[:, :, Dv]
     above = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)  # j > i
     finite = finite_values(v)  # else the products with masked weights go through causal_product
     # chunks via split, not slicing: a slice's backward writes its gradient into a zero tensor of the full length
-    chunks = zip(range(0, N, chunk), run.split(chunk, dim=2), logits.split(chunk, dim=2), v.split(chunk, dim=2),
-                 a.split(chunk, dim=2), strict=True)
-    for s, m, k_c, v_c, a_c in chunks:  # m: (B, H, C, D)
-        e = s + m.shape[2]
-        new_ref = m[:, :, -1]  # (B, H, D): M_c, the max at the chunk's end
+    chunks = zip(range(0, N, chunk), logits.split(chunk, dim=2), v.split(chunk, dim=2), a.split(chunk, dim=2),
+                 ends.unbind(2), strict=True)
+    for c, (s, k_c, v_c, a_c, new_ref) in enumerate(chunks):  # new_ref (B, H, D): M_c, the max at the chunk's end
+        e = s + k_c.shape[2]
         carry = torch.exp(ref - new_ref)  # (B, H, D) <= 1: rescales the carried sums to M_c
         ek = torch.exp(k_c - new_ref[:, :, None, :])  # (B, H, C, D) <= 1, 0 where padded
-        # the check reads a value back: skipped on meta tensors (FLOP counting), where the matmul path is counted;
-        # torch.export can neither read it back nor break the graph, so it traces the path that is always right
-        if a.device.type == "meta" or D == 0 or (not exporting and not _rises_steeply(new_ref, m[:, :, 0], limit)):
+        if c not in steep:
             out.write(s, e, _chunk_matmul(a_c, ek, v_c, carry, norm, state, above, finite))
-        else:  # a key far above the earlier ones inside this chunk: per-query references
+        else:  # a key far above the earlier ones inside this chunk: per-query references m_ic
+            m = torch.maximum(torch.cummax(keys[:, :, s:e], dim=2).values, ref[:, :, None, :]).clamp_min(floor)
             out.write(s, e, _chunk_explicit(a_c, k_c, v_c, m, ref, norm, state, finite))
         state = state * carry[..., None] + ek.mT @ v_c
         norm = norm * carry + ek.sum(-2)
@@ -234,16 +241,27 @@ def _causal(a: Tensor, logits: Tensor, v: Tensor, chunk: int, kv: Tensor | None 
     return out.result(), torch.cat([state.mT, norm[:, :, None]], dim=2), ref
 
 
+def _chunk_maxima(keys: Tensor, chunk: int) -> Tensor:
+    """The largest key of each chunk of ``chunk`` positions, per column: (B, H, N, D) -> (B, H, ceil(N / C), D)."""
+    N = keys.shape[2]
+    whole = N - N % chunk
+    tops = keys[:, :, :whole].unflatten(2, (whole // chunk, chunk)).amax(3)
+    return tops if whole == N else torch.cat([tops, keys[:, :, whole:].amax(2, keepdim=True)], dim=2)
+
+
 @compiler_disabled  # data-dependent: torch.compile breaks the graph here rather than skip the check (skipped,
 # a key far above the earlier ones zeroed the earlier queries' weights: outputs depended on later keys)
-def _rises_steeply(end: Tensor, start: Tensor, limit: float) -> bool:
-    """Whether the running max rises by more than ``limit`` inside a chunk, in any (batch, head, column)."""
-    # under torch.func.vmap: in any example. A NaN rise (a NaN key) counts as 0: its outputs are NaN on either path,
-    # and a NaN max would hide the other sequences' steep rises
-    return float(readable(end - start).nan_to_num(nan=0.0).max()) > limit
+def _steep_chunks(rise: Tensor, limit: float) -> set[int]:
+    """The chunks where the running max rises by more than ``limit``, in any (batch, head, column); rise
+    (B, H, g, D). One read-back for all chunks (under torch.func.vmap: a chunk is steep if it is in any example)."""
+    # A NaN rise (a NaN key) counts as 0: its outputs are NaN on either path, and a NaN max would hide the other
+    # sequences' steep rises
+    plain = readable(rise).nan_to_num(nan=0.0)
+    flagged = plain.movedim(-2, 0).flatten(1).amax(1) > limit  # (g,)
+    return {int(c) for c in flagged.nonzero().flatten().cpu()}
 
 
-@compiler_disabled  # data-dependent, as _rises_steeply
+@compiler_disabled  # data-dependent, as _steep_chunks
 def _holds_nan(x: Tensor) -> bool:
     """Whether any entry is NaN; one read-back (under torch.func.vmap, for every example at once)."""
     return bool(torch.isnan(readable(x)).any())

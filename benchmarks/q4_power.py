@@ -41,7 +41,7 @@ def run(replicates: int, data_seed: int, figures: Path | None) -> dict:
     n = evidence.numbers
     return {"data_seed": data_seed, "replicates": replicates, "seconds": seconds,
             "verify_rule_confirms": evidence.confirmed,
-            "point_criterion_passes": bool(n["claims_md_point_criterion_passes"]),
+            "point_criterion_passes": bool(n["point_criterion_passes"]),
             "adam_gap_resolved": q4.gap_side(n["orientation_gap_adam_bootstrap_90_lo"],
                                              n["orientation_gap_adam_bootstrap_90_hi"]) > 0,
             "numbers": n}

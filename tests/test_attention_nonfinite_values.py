@@ -101,7 +101,7 @@ def _qkv(N: int, seed: int, scale: float = 0.7):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("chunk_size", [None, 8])
 def test_a_non_finite_value_reaches_only_the_positions_that_see_it(kind, bad, chunk_size):
-    N, j = 40, 21  # j inside a chunk, after its first position, for chunks of 8, 32 and 64
+    N, j = 40, 21  # j inside a chunk, after its first position: chunks of 8, of 40 (the default, cut to N)
     q, k, v = _qkv(N, seed=1)
     clean = _attend(kind, q, k, v, chunk_size=chunk_size)
     v[0, 1, j, 2] = bad

@@ -68,7 +68,7 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("keep me")
     assert main(["verify", "--only", "2.2", "--out", str(f)]) == 2
-    assert "cannot write to output folder" in capsys.readouterr().err
+    assert f"output folder {str(f)!r} is a file, not a folder" in capsys.readouterr().err
     assert f.read_text(encoding="utf-8") == "keep me"
 
 

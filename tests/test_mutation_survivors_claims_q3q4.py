@@ -338,7 +338,7 @@ def test_verdict_reports_the_standard_errors_and_the_signed_gaps(monkeypatch):
 def test_verdict_needs_the_sgd_gap_beyond_noise_too(monkeypatch):
     """An SGD gap whose bootstrap interval reaches 0 refutes, even with the Adam gap resolved."""
     ev = _verdict(monkeypatch, _grids(), {"sgd": (-0.1, 0.5)})
-    assert ev.numbers["claims_md_point_criterion_passes"] == 1.0
+    assert ev.numbers["point_criterion_passes"] == 1.0
     assert not ev.confirmed and "SGD orientation gap not beyond" in ev.notes
 
 
@@ -348,7 +348,7 @@ def test_verdict_needs_decoupled_strictly_more_axis_aligned(monkeypatch, opt):
     grids = _grids(same=(opt,))
     ev = _verdict(monkeypatch, grids, {opt: (0.2, 0.4)})
     assert ev.numbers[f"orientation_gap_{opt}_l2_minus_decoupled"] == 0.0
-    assert ev.numbers["claims_md_point_criterion_passes"] == 0.0 and not ev.confirmed
+    assert ev.numbers["point_criterion_passes"] == 0.0 and not ev.confirmed
 
 
 # ------------------------------------------------------------------------------------------- extras_charlm

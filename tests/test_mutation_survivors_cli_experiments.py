@@ -195,13 +195,17 @@ def test_resume_and_overwrite_together_are_refused_and_keep_the_run(tmp_path, ca
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_a_finished_run_can_be_resumed_at_its_own_target(tmp_path):
-    """--resume of a run already at its target step (no --steps) is allowed and exits 0 with the same result."""
+def test_a_finished_run_can_be_resumed_at_its_own_target(tmp_path, capsys):
+    """--resume of a run already at its target step (no --steps) exits 0 and says there is nothing to train; it had
+    rewritten the checkpoint and metrics and printed the old result as if it had trained."""
     assert charlm(tmp_path, "--steps", "2") == 0
-    first = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    capsys.readouterr()
     assert charlm(tmp_path, "--resume") == 0
-    again = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
-    assert again["steps"] == 2 and again["final_bpc"] == first["final_bpc"] and again["resumed_from_step"] == 2
+    assert "already at step 2; nothing to train" in capsys.readouterr().out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+    assert charlm(tmp_path, "--resume", "--steps", "3") == 0  # extending it still trains
+    assert json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["resumed_from_step"] == 2
 
 
 def test_resume_takes_the_checkpoints_target_and_options_unless_given(tmp_path, monkeypatch):

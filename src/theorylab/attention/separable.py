@@ -43,10 +43,14 @@ from ._checks import (
 )
 from .state import LinearAttentionState, check_state, check_width, widened
 
-SEPARABLE_CHUNK = 32
-# On a GPU each chunk costs kernel launches and one read-back (the steepness check), not memory traffic: an H200
-# ran causal separable attention at n=65536 (B=1, H=8, D=64, float32) in 786 ms with chunks of 32 and 70 ms with
-# chunks of 512 (SDPA causal: 126 ms), 2026-11-26.
+# Causal chunk on CPU: a chunk costs ~15 small ops, so longer chunks pay off until the (C, C) products dominate. At
+# B=1, H=8, D=64, float32 (2026-11-26, Intel Xeon, medians of 5; forward / forward+backward, n=16384): chunks of 32
+# 370 / 1344 ms on 1 thread and 226 / 916 ms on 2; of 64: 302 / 1027 and 209 / 661; of 128: 323 / 1020 and
+# 130 / 513. Peak memory is the same for the three (~300 MiB forward+backward).
+SEPARABLE_CHUNK = 128
+# On a GPU each chunk costs kernel launches, not memory traffic: an H200 ran causal separable attention at
+# n=65536 (B=1, H=8, D=64, float32) in 786 ms with chunks of 32 and 70 ms with chunks of 512 (SDPA causal:
+# 126 ms), 2026-11-26, when each chunk also read a value back (now one read-back per call).
 ACCELERATOR_SEPARABLE_CHUNK = 512
 FALLBACK_ELEMENTS = 1 << 22  # entries of the (rows, C, D) weights per step of a chunk's per-query fallback
 
@@ -76,7 +80,7 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         causal: query i uses the column softmax over keys j <= i only (top-left aligned when Nq != Nk, as
             SDPA's is_causal and :func:`softmax_attention`: queries from Nk on see every key).
         key_padding_mask: bool (B, Nk), True = padding: removed from the key softmax.
-        chunk_size: positions per chunk in causal mode (None: 32 on CPU, 512 on a GPU).
+        chunk_size: positions per chunk in causal mode (None: 128 on CPU, 512 on a GPU).
         state: causal only (Nq == Nk): the :class:`~theorylab.attention.state.LinearAttentionState` of the
             positions before this call's (from ``return_state=True``): the column softmax's running sums and
             maxima. Feeding a sequence in pieces (a prompt, then one token at a time) gives one call's outputs

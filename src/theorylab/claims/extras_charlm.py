@@ -100,9 +100,9 @@ def charlm_kinds(seed: int, quick: bool) -> Evidence:
               f"against training wall-clock (evaluation excluded). Throughput = characters trained / training "
               f"seconds, on {THREADS} intra-op thread: robust on a shared machine, where extra threads spin-wait "
               f"for a core. With more threads torch's fused softmax kernel (SDPA) scales better than the chunked "
-              f"causal favor kernel, and favor's throughput edge at this length shrinks or reverses (measured "
-              f"during development: 0.94x softmax on 2 threads of the 2-core machine, 0.65x on 8 threads of a "
-              f"16-core Xeon; linear stayed ahead on 2 threads, 1.34x). Confirmed when favor and linear beat "
+              f"causal favor kernel, so favor's throughput edge at this length shrinks with the threads (the "
+              f"README gives the ratios measured on 2 threads; on 8 threads of a 16-core Xeon it had reversed). "
+              f"Confirmed when favor and linear beat "
               f"softmax's throughput and separable ends above "
               f"softmax's bits/char" + (" (--quick: throughput only; 4 steps cannot separate the kinds' quality)."
                                         if quick else "."))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import signal
 import sys
@@ -48,7 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _subcommands():
         module.add_parser(sub)
+    _mark_parsers(parser)
     return parser
+
+
+def _mark_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser as its own default ``command_parser``, so that an unknown option is reported with
+    the usage of the innermost command given (``train charlm``), not the top level's."""
+    for action in parser._actions:  # argparse keeps its subparsers there only
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _mark_parsers(command)
+
+
+def _unrecognised(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's message for arguments nobody took, with the nearest option for a misspelt one."""
+    options = [o for action in parser._actions for o in action.option_strings]  # argparse keeps no public list
+    hints = []
+    for arg in extras:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("--") else []
+        if close:
+            hints.append(f"{arg}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {h}" for h in hints)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _interrupts_held():  # the subcommands import torch and numpy
             parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extras = parser.parse_known_args(argv)
+            if extras:  # parse_args would report them with the top-level usage, not the subcommand's
+                args.command_parser.error(_unrecognised(extras, args.command_parser))
         except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
             return int(e.code or 0)
         return int(args.run(args, argv))

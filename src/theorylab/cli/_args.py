@@ -49,6 +49,8 @@ def check_files(folder: Path, names: tuple[str, ...]) -> str | None:
 def check_writable(folder: Path, what: str = "output folder") -> str | None:
     """None if ``folder`` can be created and written to, else the reason (for an error message)."""
     try:
+        if folder.exists() and not folder.is_dir():
+            return f"{what} {str(folder)!r} is a file, not a folder"
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".theorylab-write-test-{os.getpid()}"
         probe.write_text("ok")

@@ -7,7 +7,9 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("env", help="print versions, CPU and threads (paste this into bug reports)")
+    p = sub.add_parser("env", help="print versions, CPU and threads (paste this into bug reports)",
+                       description="Print the versions of Python, torch and the other libraries theorylab uses, the "
+                                   "CPU, and the threads torch will use: what a bug report or a benchmark needs.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 

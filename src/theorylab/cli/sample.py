@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Continue a prompt with the char-LM whose checkpoint.pt is in RUN_DIR. Prints the "
                                    "prompt and its continuation on stdout, the speed on stderr. Exit 2 for bad "
                                    "arguments or an unusable checkpoint.")
-    p.add_argument("run_dir", type=folder, metavar="RUN_DIR", help="the --out folder of `theorylab train charlm`")
+    p.add_argument("run_dir", type=folder, metavar="RUN_DIR",
+                   help="the --out folder of `theorylab train charlm` (or its checkpoint.pt)")
     p.add_argument("--prompt", default="The ", help="text to continue (characters of the training text; default: "
                                                     "'The ')")
     p.add_argument("--chars", type=int, default=200,
@@ -60,10 +61,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _sample(args: argparse.Namespace, generator: Any) -> int:
-    from ..experiments.charlm import DECODING
-    from ..experiments.trainer import load_trained_model
+    from pathlib import Path
 
-    model, vocab = load_trained_model(args.run_dir)
+    from ..experiments.charlm import DECODING
+    from ..experiments.trainer import CHECKPOINT_FILE, load_trained_model
+
+    run_dir = Path(args.run_dir)
+    if run_dir.name == CHECKPOINT_FILE and run_dir.is_file():  # the checkpoint itself was named: its folder
+        run_dir = run_dir.parent
+    model, vocab = load_trained_model(run_dir)
     try:
         prompt = vocab.encode(args.prompt)[None]
     except ValueError as e:  # names a character the model never saw

@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--width", type=int, default=None, help=f"embedding width (default: {d.width})")
     c.add_argument("--heads", type=int, default=None, help=f"attention heads (default: {d.heads})")
     c.add_argument("--num-features", type=int, default=None,
-                   help=f"random features per head for favor (default: {d.num_features})")
+                   help=f"random features per head, >= 1; used by favor only (default: {d.num_features})")
     c.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoint.pt (its config; --steps may extend the run)")
     c.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint")
@@ -72,11 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also measure held-out bits/char every K steps (default: 0, only at the end; with --resume: "
                         "the checkpoint's)")
     c.add_argument("--eval-chars", type=int, default=None, metavar="N",
-                   help="evaluate on the first N held-out characters only (default: all; with --resume: the "
-                        "checkpoint's)")
+                   help="evaluate on the first N >= 2 held-out characters only (default: all; with --resume: "
+                        "the checkpoint's)")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present (nccl under torchrun), else CPU (gloo); under torchrun on one "
-                        "machine with fewer GPUs than processes, CPU with a warning")
+                        "machine with fewer GPUs than processes, CPU with a warning (default: auto)")
     c.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; under torchrun the cores / local processes)")
     c.set_defaults(run=run)
@@ -145,11 +145,11 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
-        out_is_dir = out.is_dir()
-        if out.exists() and not out_is_dir:
-            raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+        out_is_dir, out_exists = out.is_dir(), out.exists()
     except (OSError, ValueError) as e:
         raise UsageError(f"--out {str(out)!r} cannot be used: {e}") from None
+    if out_exists and not out_is_dir:
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 writes every file, so it holds the folder, and from before the checks that read it: a run that
     # finishes in between must not be overwritten. Under torchrun a busy folder is reported after the process
@@ -177,6 +177,11 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
                                                         else DEFAULT_STEPS)
     if saved is not None and steps < int(saved["step"]):
         raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
+    if saved is not None and steps == int(saved["step"]):  # nothing to train: leave the run's files as they are
+        if main:
+            print(f"charlm {saved['config'].get('attention', '')}: the run in {str(out)!r} is already at step "
+                  f"{steps}; nothing to train (extend it with --resume --steps N, N > {steps})")
+        return 0
     try:
         validate_run(config, world_size=world)
         if err := check_writable(out) or check_files(out, (CHECKPOINT_FILE, "metrics.json")):
@@ -200,13 +205,15 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
     progress = _progress_bar(main)
     try:
         with progress or contextlib.nullcontext():
+            # the loss and speed read "-" until the first step has measured them (not "nan": not a divergence)
             task = progress.add_task(f"charlm {config.attention}", total=steps,
-                                     completed=int(saved["step"]) if saved else 0, bpc=float("nan"), tps=0.0) \
+                                     completed=int(saved["step"]) if saved else 0, bpc="-", tps="-") \
                 if progress else None
 
             def on_step(info) -> None:
                 if progress is not None:
-                    progress.update(task, completed=info.step, bpc=info.train_bpc, tps=info.tokens_per_second)
+                    progress.update(task, completed=info.step, bpc=f"{info.train_bpc:.3f}",
+                                    tps=f"{info.tokens_per_second:,.0f}")
 
             result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
                                   on_step=on_step, **options)
@@ -271,5 +278,5 @@ def _progress_bar(main: bool):
     )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[bpc]:.3f} bits/char"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                    TextColumn("loss {task.fields[bpc]} bits/char"), TextColumn("{task.fields[tps]} tok/s"),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=progress_console())

@@ -56,9 +56,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     records = payload["claims"] + payload["extras"]
     _print_summary(records)
+    for r in records:  # why, in a line: the table has no room for it (the report has all of it)
+        if r["verdict"] == "refuted" and (why := _first_sentence(r.get("notes") or "")):
+            print(f"{r['id']} refuted: {why}")
     confirmed = sum(r["verdict"] == "confirmed" for r in records)
     print(f"{confirmed}/{len(records)} confirmed in {payload['total_seconds']:.1f} s; report: {report}")
     return 0 if confirmed == len(records) else 1
+
+
+def _first_sentence(text: str, limit: int = 240) -> str:
+    """The first sentence of a claim's notes, at most ``limit`` characters."""
+    first = text.strip().split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 1] + "…"
 
 
 def _print_summary(records: list[dict]) -> None:
@@ -80,4 +89,5 @@ def _print_summary(records: list[dict]) -> None:
         # escaped: an error text such as "expected [batch, n]" is not rich markup (it was dropped, or crashed)
         table.add_row(escape(r["id"]), escape(r["title"]), f"[{colours[r['verdict']]}]{r['verdict']}",
                       escape(numbers), f"{r['seconds']:.1f}")
-    Console(width=160).print(table)
+    console = Console()  # a terminal's own width; in a pipe or log rich assumes 80, too narrow for the numbers
+    (console if console.is_terminal else Console(width=160)).print(table)

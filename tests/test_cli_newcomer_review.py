@@ -1,0 +1,81 @@
+"""Found by a newcomer's review of the README and the command line (2026-11-26): each case as the reviewer met it."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from theorylab.cli import main
+from theorylab.experiments import progress
+
+
+def _charlm(out, *extra: str) -> int:
+    return main(["train", "charlm", "--out", str(out), "--seq-len", "32", "--layers", "1", "--width", "16",
+                 "--heads", "2", "--batch-size", "2", "--eval-chars", "65", "--threads", "1", *extra])
+
+
+@pytest.mark.parametrize(("argv", "usage", "hint"), [
+    (["verify", "--quik"], "usage: theorylab verify", "--quik: did you mean --quick?"),
+    (["bench", "attention", "--jsn", "x"], "usage: theorylab bench", "--jsn: did you mean --json?"),
+    (["sample", "runs/x", "--temprature", "0.5"], "usage: theorylab sample", "did you mean --temperature?"),
+    (["train", "charlm", "--out", "x", "--step", "3", "--sed", "1"], "usage: theorylab train charlm",
+     "--sed: did you mean --seed?"),
+    (["env", "--bogus"], "usage: theorylab env", "unrecognized arguments: --bogus"),
+])
+def test_an_unknown_option_is_reported_with_its_subcommand_and_the_nearest_option(argv, usage, hint, capsys):
+    """It had been reported with the top-level usage ("usage: theorylab [-h] COMMAND ..."), with no suggestion."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert usage in err and hint in err
+
+
+def test_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    assert _charlm(f, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count(str(f)) == 1 and "is a file, not a folder" in err  # had said it twice, as "cannot be used"
+    assert f.read_text(encoding="utf-8") == "keep me"
+
+
+def test_sample_takes_the_checkpoint_file_too(tmp_path, capsys):
+    """Given RUN_DIR/checkpoint.pt it had looked for RUN_DIR/checkpoint.pt/checkpoint.pt."""
+    assert _charlm(tmp_path, "--steps", "1") == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path), "--chars", "5", "--prompt", "T"]) == 0
+    from_dir = capsys.readouterr().out
+    assert main(["sample", str(tmp_path / "checkpoint.pt"), "--chars", "5", "--prompt", "T"]) == 0
+    assert capsys.readouterr().out == from_dir
+
+
+def test_the_training_bar_shows_no_nan_loss_before_the_first_step(tmp_path, monkeypatch):
+    """The bar started at "loss nan bits/char", which reads as a diverged run."""
+    screen = io.StringIO()
+    monkeypatch.setattr(progress, "show_progress", lambda: True)
+    monkeypatch.setattr(progress, "progress_console",
+                        lambda: Console(file=screen, force_terminal=True, width=200, color_system=None))
+    assert _charlm(tmp_path, "--steps", "2") == 0
+    drawn = screen.getvalue()
+    assert "loss - bits/char" in drawn and "nan" not in drawn
+
+
+def test_a_refuted_claim_says_why_in_one_line_under_the_table(tmp_path, monkeypatch, capsys):
+    """--quick ends with 4.4 refuted; the reason (too short to judge) was only in the report."""
+    from theorylab.claims import Evidence, Section
+    from theorylab.cli import verify
+
+    def refuted(seed, quick):
+        return Evidence(confirmed=False, numbers={"x": 1.0}, method="m",
+                        notes="--quick: a smoke run, too short to judge this claim; run without --quick. More detail.")
+
+    def fine(seed, quick):
+        return Evidence(confirmed=True, numbers={"x": 1.0}, method="m", notes="all good. Detail.")
+
+    monkeypatch.setattr(verify, "select_sections", lambda only, extras: [
+        Section("2.1", "t", "s", "claim", fine), Section("4.4", "t", "s", "claim", refuted)])
+    assert main(["verify", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "4.4 refuted: --quick: a smoke run, too short to judge this claim; run without --quick\n" in out
+    assert "More detail" not in out and "all good" not in out

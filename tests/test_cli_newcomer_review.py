@@ -62,7 +62,7 @@ def test_the_training_bar_shows_no_nan_loss_before_the_first_step(tmp_path, monk
 
 
 def test_a_refuted_claim_says_why_in_one_line_under_the_table(tmp_path, monkeypatch, capsys):
-    """--quick ends with 4.4 refuted; the reason (too short to judge) was only in the report."""
+    """--quick ends with 4.4 refuted; the reason (too short to judge) was only in the claim's section of the report."""
     from theorylab.claims import Evidence, Section
     from theorylab.cli import verify
 
@@ -79,3 +79,6 @@ def test_a_refuted_claim_says_why_in_one_line_under_the_table(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "4.4 refuted: --quick: a smoke run, too short to judge this claim; run without --quick\n" in out
     assert "More detail" not in out and "all good" not in out
+    summary = (tmp_path / "report.html").read_text(encoding="utf-8").split("</table>", 1)[0]  # the report's too
+    assert summary.count('<div class="why">') == 1
+    assert '<div class="why">--quick: a smoke run, too short to judge this claim; run without --quick</div>' in summary

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
+from ..report.html import first_sentence
 from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
 
 
@@ -57,17 +58,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     records = payload["claims"] + payload["extras"]
     _print_summary(records)
     for r in records:  # why, in a line: the table has no room for it (the report has all of it)
-        if r["verdict"] == "refuted" and (why := _first_sentence(r.get("notes") or "")):
+        if r["verdict"] == "refuted" and (why := first_sentence(r.get("notes") or "")):
             print(f"{r['id']} refuted: {why}")
     confirmed = sum(r["verdict"] == "confirmed" for r in records)
     print(f"{confirmed}/{len(records)} confirmed in {payload['total_seconds']:.1f} s; report: {report}")
     return 0 if confirmed == len(records) else 1
-
-
-def _first_sentence(text: str, limit: int = 240) -> str:
-    """The first sentence of a claim's notes, at most ``limit`` characters."""
-    first = text.strip().split(". ", 1)[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1] + "…"
 
 
 def _print_summary(records: list[dict]) -> None:

@@ -26,6 +26,7 @@ th { background: #f4f4f4; } td.num { font-family: ui-monospace, Menlo, monospace
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 .summary-line { font-size: 1.15em; margin: 0.5em 0 1em; }
+.why { color: #6e2b2b; font-size: 0.9em; margin-top: 0.3em; }
 """
 
 
@@ -45,6 +46,18 @@ def format_number(x: Any) -> str:
     return f"{x:.4g}"
 
 
+def first_sentence(text: str, limit: int = 240) -> str:
+    """The first sentence of a claim's notes, at most ``limit`` characters: why a claim is not confirmed, in a line."""
+    first = text.strip().split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 1] + "…"
+
+
+def _why(rec: dict[str, Any]) -> str:
+    """Under a refuted claim's title in the summary: the first sentence of its notes."""
+    why = first_sentence(rec.get("notes") or "") if rec["verdict"] == "refuted" else ""
+    return f'<div class="why">{_e(why)}</div>' if why else ""
+
+
 def _verdict(v: str) -> str:
     return f'<span class="verdict {_e(v)}">{_e(v)}</span>'
 
@@ -57,7 +70,7 @@ def _key_numbers(rec: dict[str, Any]) -> str:
 
 def _summary(records: list[dict[str, Any]]) -> str:
     rows = "".join(
-        f'<tr><td><a href="#{_e(r["kind"])}-{_e(r["id"])}">{_e(r["id"])}</a></td><td>{_e(r["title"])}</td>'
+        f'<tr><td><a href="#{_e(r["kind"])}-{_e(r["id"])}">{_e(r["id"])}</a></td><td>{_e(r["title"])}{_why(r)}</td>'
         f'<td>{_verdict(r["verdict"])}</td><td class="num">{_key_numbers(r)}</td><td>{r["seconds"]:.2f}</td></tr>'
         for r in records)
     return ("<table><tr><th>ID</th><th>title</th><th>verdict</th><th>key numbers</th><th>seconds</th></tr>"

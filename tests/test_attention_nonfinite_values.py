@@ -161,3 +161,41 @@ def test_a_nan_value_beside_padding_reaches_only_the_positions_that_see_it():
     torch.testing.assert_close(out[0, :, :12], clean[0, :, :12], atol=1e-12, rtol=1e-12)
     assert out[0, :, 12:, 0].isnan().all() and torch.isfinite(out[0, :, :, 1:]).all()
     torch.testing.assert_close(out[1], clean[1], atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- found by the review of the fixes
+@pytest.mark.parametrize("kind", ["trig", "favor"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_key_in_a_chunk_redone_per_query_reaches_only_the_positions_that_see_it(kind, bad):
+    """The per-query path multiplied a NaN key's features by its 0 decay for the rows before it (NaN · 0): with
+    trigonometric features every earlier position of the chunk was NaN."""
+    q, k, v = _qkv(16, seed=6)
+    k[:, :, 8:] *= 60.0  # a steep rise at 8: the chunk is redone per query
+    clean = _attend(kind, q, k, v, chunk_size=16)
+    k[0, 0, 11, 0] = bad
+    out = _attend(kind, q, k, v, chunk_size=16)
+    torch.testing.assert_close(out[0, 0, :11], clean[0, 0, :11], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[1], clean[1], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["elu", "relu", "separable"])
+def test_heads_of_width_zero_give_zeros_on_every_path(kind):
+    """D = 0: linear attention raised IndexError (amax over no features); separable attention's stateful path made
+    every position NaN for one NaN value (an (N, N) matrix of zeros times v), its chunked path only some."""
+    q = torch.zeros(1, 2, 10, 0, dtype=F64)
+    v = torch.randn(1, 2, 10, 3, dtype=F64)
+    v[0, 0, 5, 1] = math.nan
+    fm = {"elu": EluFeatures(), "relu": ReluFeatures()}.get(kind)  # maps for heads of width 0
+
+    def attend(**kwargs):
+        if fm is None:
+            return separable_attention(q, q, v, causal=True, **kwargs)
+        return linear_attention(q, q, v, fm, causal=True, **kwargs)
+
+    for kwargs in ({}, {"chunk_size": 4}, {"return_state": True}):
+        out = attend(**kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        assert torch.equal(out, torch.zeros(1, 2, 10, 3, dtype=F64)), kwargs
+    reference = (separable_attention_reference(q, q, v, causal=True) if fm is None
+                 else linear_attention_reference(q, q, v, fm, causal=True))
+    assert torch.equal(reference, torch.zeros(1, 2, 10, 3, dtype=F64))

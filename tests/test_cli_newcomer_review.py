@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from rich.console import Console
@@ -82,3 +83,40 @@ def test_a_refuted_claim_says_why_in_one_line_under_the_table(tmp_path, monkeypa
     summary = (tmp_path / "report.html").read_text(encoding="utf-8").split("</table>", 1)[0]  # the report's too
     assert summary.count('<div class="why">') == 1
     assert '<div class="why">--quick: a smoke run, too short to judge this claim; run without --quick</div>' in summary
+
+
+# ------------------------------------------------------------------------------- found by the review of the fixes
+@pytest.mark.parametrize("argv", [["train", "charlm", "--out", "x", "--verbose"], ["verify", "--bogus"],
+                                  ["verify", "--foo"], ["verify", "--", "--only"]])
+def test_no_misleading_hint(argv, capsys):
+    """--verbose had been "did you mean --overwrite?" (a destructive option), --bogus and --foo "--out" (the shared
+    "--" carried them over the cutoff), and "-- --only" "did you mean --only?"."""
+    assert main(argv) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_an_option_before_the_subcommand_is_the_top_levels(capsys):
+    assert main(["--bogus", "verify"]) == 2
+    err = capsys.readouterr().err
+    assert "theorylab: error: unrecognized arguments: --bogus" in err and "theorylab verify" not in err
+
+
+def test_sample_refuses_a_file_that_is_not_a_checkpoint_clearly(tmp_path, capsys):
+    assert _charlm(tmp_path, "--steps", "1") == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "metrics.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; give the run's folder" in err and "metrics.json/checkpoint.pt" not in err
+
+
+def test_resume_of_a_finished_run_without_its_metrics_writes_them(tmp_path, capsys):
+    """An interrupt between the last checkpoint and metrics.json leaves a run at its target without metrics: the
+    "nothing to train" shortcut had left it so."""
+    assert _charlm(tmp_path, "--steps", "2") == 0
+    metrics = (tmp_path / "metrics.json").read_bytes()
+    (tmp_path / "metrics.json").unlink()
+    capsys.readouterr()
+    assert _charlm(tmp_path, "--resume") == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert (tmp_path / "metrics.json").exists()
+    assert json.loads((tmp_path / "metrics.json").read_bytes())["final_bpc"] == json.loads(metrics)["final_bpc"]

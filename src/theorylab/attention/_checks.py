@@ -78,9 +78,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
 
 
 def empty_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The (B, H, Nq, Dv) zeros of attention with nothing to compute (B, H, Nq or Nk is 0), as SDPA returns for
-    Nk = 0: a contraction over an empty dimension, so q, k and v still receive (zero) gradients."""
-    return (q[..., :0] @ k[..., :0].mT) @ v  # (B, H, Nq, 0) @ (B, H, 0, Nk) @ (B, H, Nk, Dv)
+    """The (B, H, Nq, Dv) zeros of attention with nothing to compute (B, H, Nq or Nk is 0, or no features), as SDPA
+    returns for Nk = 0: a contraction over an empty dimension, so q, k and v still receive (zero) gradients. The
+    empty dimension is contracted last: (q kᵀ) v would be an (Nq, Nk) matrix of zeros times v, NaN wherever v
+    holds a NaN or inf."""
+    return q[..., :0] @ (k[..., :0].mT @ v)  # (B, H, Nq, 0) @ ((B, H, 0, Nk) @ (B, H, Nk, Dv))
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

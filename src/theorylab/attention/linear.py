@@ -349,7 +349,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
     terms = _terms(feature_map, D)
     if state is not None:
         state = check_state(state, feature_map, kind="linear", B=B, H=H, Dv=Dv, W=terms.width, device=q.device)
-    if B * H * Nq * Nk == 0:  # nothing to attend to (or no query)
+    if B * H * Nq * Nk == 0 or terms.num_features == 0:  # nothing to attend to (or no query, or no feature)
         out = empty_attention(q.to(acc), k.to(acc), v.to(acc)).to(out_dtype)
         if not return_state:
             return out
@@ -741,6 +741,7 @@ def _chunk_per_query(terms: _ColumnShifted | _RowScaled, prepared: Tensor, k: Te
         else:
             weights = decay if base is None else decay * base[:, :, None, :b]
             p = torch.einsum("bhir,bhijr->bhij", qf[:, :, a:b], weights)  # (B, H, R, b)
+        p = p.masked_fill(future[a:b, :b, 0], 0.0)  # a NaN or inf key times its 0 decay is NaN: not for rows before it
         parts.append(p @ v1[:, :, :b] if finite else causal_product(p, v1[:, :, :b], future[a:b, :b, 0]))
     return torch.cat(parts, dim=2) + carried
 

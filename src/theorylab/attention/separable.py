@@ -122,7 +122,8 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype)
     q, k, v = q.to(acc), k.to(acc), zero_padded(v.to(acc), key_padding_mask)
-    if B * H * Nq * Nk == 0:  # nothing to attend to (or no query): the softmax over keys has no maximum
+    if B * H * Nq * Nk == 0 or D == 0:  # nothing to attend to (or no query: the softmax over keys has no
+        # maximum; or no feature, over which each query's empty softmax sums to nothing)
         return empty_attention(q, k, v).to(out_dtype)
     with no_autocast(q.device):  # float32 for half inputs, under autocast too
         a = torch.softmax(q, dim=-1)  # (B, H, Nq, D): rows sum to 1
@@ -309,7 +310,9 @@ def _chunk_explicit(a: Tensor, k: Tensor, v: Tensor, m: Tensor, ref: Tensor, nor
 def separable_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                                   key_padding_mask: Tensor | None = None) -> Tensor:
     """The naive reference: forms the (Nq, Nk) matrix A Bᵀ (causal: one column softmax per query, O(n² D))."""
-    _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="separable_attention_reference")
+    _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="separable_attention_reference")
+    if D == 0:  # A (Bᵀ V) sums over the D features: nothing, whatever v holds
+        return empty_attention(q, k, v)
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     a = torch.softmax(q, dim=-1)  # (B, H, Nq, D)
     if not causal:

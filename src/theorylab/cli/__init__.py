@@ -64,14 +64,26 @@ def _mark_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def _unrecognised(extras: list[str], parser: argparse.ArgumentParser) -> str:
-    """argparse's message for arguments nobody took, with the nearest option for a misspelt one."""
-    options = [o for action in parser._actions for o in action.option_strings]  # argparse keeps no public list
+    """argparse's message for arguments nobody took, with the nearest option for a misspelt one (names compared
+    without their "--", whose shared prefix made "--bogus" look like "--out"; none for an option that exists)."""
+    options = {o[2:]: o for action in parser._actions for o in action.option_strings if o.startswith("--")}
     hints = []
     for arg in extras:
-        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("--") else []
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or name[2:] in options or name == "--":
+            continue
+        close = difflib.get_close_matches(name[2:], list(options), n=1, cutoff=0.75)
         if close:
-            hints.append(f"{arg}: did you mean {close[0]}?")
+            hints.append(f"{name}: did you mean {options[close[0]]}?")
     return f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {h}" for h in hints)
+
+
+def _owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
+           extras: list[str]) -> argparse.ArgumentParser:
+    """The parser to report ``extras`` with: the top level's when the first of them comes before the subcommand
+    (``theorylab --bogus verify``), else the innermost subcommand's."""
+    command = argv.index(args.command) if args.command in argv else len(argv)
+    return parser if extras and extras[0] in argv[:command] else args.command_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args, extras = parser.parse_known_args(argv)
             if extras:  # parse_args would report them with the top-level usage, not the subcommand's
-                args.command_parser.error(_unrecognised(extras, args.command_parser))
+                owner = _owner(parser, args, argv, extras)
+                owner.error(_unrecognised(extras, owner))
         except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
             return int(e.code or 0)
         return int(args.run(args, argv))

@@ -67,7 +67,11 @@ def _sample(args: argparse.Namespace, generator: Any) -> int:
     from ..experiments.trainer import CHECKPOINT_FILE, load_trained_model
 
     run_dir = Path(args.run_dir)
-    if run_dir.name == CHECKPOINT_FILE and run_dir.is_file():  # the checkpoint itself was named: its folder
+    if run_dir.is_file():  # the checkpoint itself was named: its folder; any other file is a mistake
+        if run_dir.name != CHECKPOINT_FILE:
+            print(f"theorylab sample: error: RUN_DIR {str(run_dir)!r} is a file; give the run's folder (the --out "
+                  f"of `theorylab train charlm`) or its {CHECKPOINT_FILE}", file=sys.stderr)
+            return 2
         run_dir = run_dir.parent
     model, vocab = load_trained_model(run_dir)
     try:

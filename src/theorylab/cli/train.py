@@ -177,11 +177,6 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
                                                         else DEFAULT_STEPS)
     if saved is not None and steps < int(saved["step"]):
         raise UsageError(f"the checkpoint is at step {saved['step']}, beyond --steps {steps}")
-    if saved is not None and steps == int(saved["step"]):  # nothing to train: leave the run's files as they are
-        if main:
-            print(f"charlm {saved['config'].get('attention', '')}: the run in {str(out)!r} is already at step "
-                  f"{steps}; nothing to train (extend it with --resume --steps N, N > {steps})")
-        return 0
     try:
         validate_run(config, world_size=world)
         if err := check_writable(out) or check_files(out, (CHECKPOINT_FILE, "metrics.json")):
@@ -199,6 +194,12 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
     if all_reduce_sum(env, [1.0 if busy else 0.0])[0] > 0:
         shutdown(env)
         raise UsageError(busy or "another theorylab run is writing into the output folder (rank 0 found it held)")
+    if saved is not None and steps == int(saved["step"]) and _finished(out, steps, saved["config"]):
+        shutdown(env)  # nothing to train, and its metrics are written: leave the run's files as they are
+        if main:
+            print(f"charlm {config.attention}: the run in {str(out)!r} is already at step {steps}; nothing to "
+                  f"train (extend it with --resume --steps N, N > {steps})")
+        return 0
     if args.overwrite and main:  # afresh: an interrupted new run must not leave the old run to be resumed
         for name in (CHECKPOINT_FILE, "metrics.json"):
             (out / name).unlink(missing_ok=True)
@@ -252,6 +253,20 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
               f"(unigram {m['unigram_bpc']:.2f}), {m['tokens_per_second']:,.0f} tokens/s on {m['world_size']} "
               f"process(es); wrote {out / 'metrics.json'} and {out / CHECKPOINT_FILE}")
     return 0
+
+
+def _finished(out: Path, steps: int, config: dict) -> bool:
+    """Whether ``out`` holds the metrics of this run at ``steps``: an interrupt between the last checkpoint and the
+    metrics (or a target extended and then cut short) leaves them missing or older, and a resume writes them."""
+    import json
+
+    from ..experiments.trainer import METRICS_FILE
+
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and metrics.get("steps") == steps and metrics.get("config") == config
 
 
 def _hold(held: contextlib.ExitStack, out: Path) -> tuple[bool, str | None]:

@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "torch's SDPA (and performer-pytorch when installed), n up to 16384; optim: one "
                                    "AdamW step on 10M parameters against torch.optim.AdamW (foreach and fused); "
                                    "rnn: exact Jacobian norms and Lyapunov spectra against autograd and an SVD per "
-                                   "step; decode: one token after a "
-                                   "context of n, recurrent state against a KV cache. Each takes minutes.")
+                                   "step; decode: one token after a context of n, recurrent state against a KV "
+                                   "cache. Each takes minutes.")
     p.add_argument("suite", choices=SUITES, help="which system to benchmark")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true",

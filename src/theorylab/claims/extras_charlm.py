@@ -106,9 +106,9 @@ def charlm_kinds(seed: int, quick: bool) -> Evidence:
               f"softmax's throughput and separable ends above "
               f"softmax's bits/char" + (" (--quick: throughput only; 4 steps cannot separate the kinds' quality)."
                                         if quick else "."))
-    notes = "" if faster and costlier else (
-        ("linear-time kinds not faster than softmax here; " if not faster else "")
-        + ("separable not worse than softmax here" if not costlier else ""))
+    slower = [f"{k} {numbers[f'{k}_speedup']:.2f}x" for k in ("favor", "linear") if numbers[f"{k}_speedup"] <= 1.0]
+    notes = "; ".join(([f"not faster than softmax here: {', '.join(slower)}"] if not faster else [])
+                      + (["separable not worse than softmax here"] if not costlier else []))
     if quick:
         notes = (notes + " " if notes else "") + "Quick run: the bits/char comparison is not judged."
 

@@ -203,7 +203,7 @@ class _RowScaled:
         """(bounded features (B, H, C, M), 0 where padded; log-scale (B, H, C, 1), -inf where padded)."""
         if self.split is not None:  # i.e. self.scaled
             base, log_scale = self.split(k)
-            logw = log_scale[..., None]
+            logw = log_scale[..., None].clone()  # not a view: _key_features works on it in place (see _causal_block)
         else:
             base = self.fm(k)
             logw = base.new_zeros(base.shape[:-1] + (1,))
@@ -619,9 +619,12 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
         pad_b = F.pad(pad_b if pad_b is not None else q_b.new_zeros(B, 1, L, dtype=torch.bool), (0, extra),
                       value=True)
     g = (L + extra) // chunk
-    prepared = terms.prepare_queries(q_b).unflatten(2, (g, chunk))  # (B, H, g, C, M)
-    base, logw = terms.keys(k_b, pad_b)  # (B, H, L', M) | None, (B, H, L', W)
-    logw = logw.unflatten(2, (g, chunk))  # (B, H, g, C, W)
+    # features of the inputs split into chunks, not split afterwards: query_features and _key_features work in
+    # place, and in place on a view (an unflattened tensor) autograd copies the whole gradient of what it views,
+    # twice (CopySlices: a fifth of causal FAVOR+'s forward+backward at n = 4096, d = 32, m = 256)
+    pad_g = None if pad_b is None else pad_b.unflatten(2, (g, chunk))
+    prepared = terms.prepare_queries(q_b.unflatten(2, (g, chunk)))  # (B, H, g, C, M)
+    base, logw = terms.keys(k_b.unflatten(2, (g, chunk)), pad_g)  # (B, H, g, C, M) | None, (B, H, g, C, W)
     # r_c = m at the end of chunk c: a max per chunk, then a running max over the g chunks (the per-position
     # m_j is needed only in chunks redone per query)
     top = logw.detach().amax(3)  # (B, H, g, W): each chunk's largest key log-scale
@@ -633,8 +636,7 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     for c in steep:  # keep those chunks' queries: query_features overwrites prepared
         steep[c] = (steep[c], prepared[:, :, c].clone())
     qf = terms.query_features(prepared, ends[:, :, :, None])  # (B, H, g, C, M), relative to r_c
-    kf = _key_features(terms, None if base is None else base.unflatten(2, (g, chunk)), logw,
-                       ends[:, :, :, None])  # (B, H, g, C, M) <= r_c; overwrites logw
+    kf = _key_features(terms, base, logw, ends[:, :, :, None])  # (B, H, g, C, M) <= r_c; overwrites logw
     v1 = _with_ones(v_b).unflatten(2, (g, chunk))  # (B, H, g, C, Dv + 1)
     p = (qf @ kf.mT).masked_fill_(above, 0.0)  # (B, H, g, C, C): intra-chunk weights, j <= i
     num = p @ v1 if finite else causal_product(p, v1, above)  # (B, H, g, C, Dv + 1)

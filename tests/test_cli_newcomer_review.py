@@ -120,3 +120,17 @@ def test_resume_of_a_finished_run_without_its_metrics_writes_them(tmp_path, caps
     assert "nothing to train" not in capsys.readouterr().out
     assert (tmp_path / "metrics.json").exists()
     assert json.loads((tmp_path / "metrics.json").read_bytes())["final_bpc"] == json.loads(metrics)["final_bpc"]
+
+
+def test_a_failed_exploding_example_says_why():
+    """Claim 1.3's notes had said only "failed: c_explodes" when the one W = 3Q drawn did not explode (on an Intel
+    Xeon at --quick --seed 8: λ₁ = -0.073)."""
+    from theorylab.claims import q1_rnn
+
+    checks = {"a_never_grows": True, "c_explodes": False, "c_slope_matches_lyapunov": False}
+    notes = q1_rnn._failed_checks(checks, {"c_explodes": q1_rnn._why_no_explosion(-0.073, -70.3)})
+    assert notes == ("failed: c_explodes (the W = 3Q drawn at this seed has λ₁ = -0.073 and log-norm -70.3 at T, "
+                     "where explosion needs λ₁ > 0.1 and > 100; its states settle on a stable orbit, not a chaotic "
+                     "one), c_slope_matches_lyapunov")
+    assert "stable orbit" not in q1_rnn._why_no_explosion(0.05, 50.0)
+    assert q1_rnn._failed_checks({"a": True}, {}) == ""

@@ -423,5 +423,19 @@ def exploding_gradients(seed: int, quick: bool) -> Evidence:
                 f"(at t = {relu_overflow}). Confirmed when every check holds: "
                 + ", ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in checks.items()) + "."),
         figures={"exploding": fig},
-        notes="" if all(checks.values()) else "failed: " + ", ".join(k for k, v in checks.items() if not v),
+        notes=_failed_checks(checks, {"c_explodes": _why_no_explosion(lam1["W = 3Q (explodes)"],
+                                                                    final["W = 3Q (explodes)"])}),
     )
+
+
+def _failed_checks(checks: dict[str, bool], why: dict[str, str]) -> str:
+    """"failed: name, name (reason), ..." for the checks that failed; "" when all hold."""
+    failed = [f"{k} ({why[k]})" if k in why else k for k, ok in checks.items() if not ok]
+    return "failed: " + ", ".join(failed) if failed else ""
+
+
+def _why_no_explosion(lam1: float, log_norm: float) -> str:
+    """Why the W = 3Q example did not explode: one random Q, whose trajectory need not be chaotic."""
+    settled = "; its states settle on a stable orbit, not a chaotic one" if lam1 < 0 else ""
+    return (f"the W = 3Q drawn at this seed has λ₁ = {lam1:+.3f} and log-norm {log_norm:.1f} at T, where "
+            f"explosion needs λ₁ > 0.1 and > 100{settled}")

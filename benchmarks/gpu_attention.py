@@ -7,8 +7,9 @@ one value back to the host per block of chunks (the steep-chunk check). Settings
 m=256 features. Each contender is timed in interleaved rounds (:func:`theorylab.cost.interleaved_times`, every call
 ending in ``torch.cuda.synchronize()``), median of at least 10 rounds after 3 warm-up rounds. Memory is the peak
 of ``torch.cuda.max_memory_allocated`` above what was allocated before the call, for a call made after an
-untimed one. Outputs are checked against the float64 reference at n=256 and against the float64 CPU kernels at
-n=8192 (see :func:`accuracy`).
+untimed one. Read-backs are the synchronising CUDA calls of one call (``torch.cuda.set_sync_debug_mode``): each
+waits for the queued kernels, so the kernels' launches stop overlapping their work. Outputs are checked against
+the float64 reference at n=256 and against the float64 CPU kernels at n=8192 (see :func:`accuracy`).
 
     python benchmarks/gpu_attention.py [--json FILE] [--ns 4096 16384 65536]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -54,6 +56,24 @@ def _peak_mib(call: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _syncs(call: Callable[[], object]) -> int:
+    """How many synchronising CUDA calls ``call`` makes (torch warns at each in sync debug mode)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _read_backs(call: Callable[[], None]) -> int:
+    """The read-backs of ``call``: its synchronising calls less the closing ``torch.cuda.synchronize()``'s."""
+    return _syncs(call) - _syncs(torch.cuda.synchronize)
+
+
 def measure(ns: list[int], rounds: int = 10) -> list[dict]:
     dev = torch.device("cuda")
     fm = PositiveRandomFeatures(D, M, seed=0).to(dev)
@@ -69,12 +89,13 @@ def measure(ns: list[int], rounds: int = 10) -> list[dict]:
                 for call in calls.values():  # one-time allocations (cuBLAS workspace, kernels) are not the call's
                     call()
                 peaks = {name: _peak_mib(call) for name, call in calls.items()}
+                syncs = {name: _read_backs(call) for name, call in calls.items()}
                 times = interleaved_times(calls, rounds=rounds, warmup=3)
                 for name, ts in times.items():
                     rows.append({"impl": name, "n": n, "causal": causal,
                                  "pass": "forward+backward" if backward else "forward",
                                  "median_ms": statistics.median(ts) * 1e3, "rounds": len(ts),
-                                 "peak_mib": peaks[name]})
+                                 "peak_mib": peaks[name], "read_backs": syncs[name]})
                 for x in (q, k, v):
                     x.grad = None
     return rows
@@ -118,7 +139,7 @@ def main() -> None:
               "rows": rows, "accuracy": accuracy(), "environment": environment()}
     print(f"{result['gpu']}, torch {torch.__version__}; B={B} H={H} d={D} m={M} float32; medians of interleaved rounds")
     print(f"{'pass':17s} {'causal':>6s} {'n':>6s} {'FAVOR+ ms':>10s} {'SDPA ms':>9s} {'SDPA/FAVOR+':>12s} "
-          f"{'FAVOR+ MiB':>11s} {'SDPA MiB':>9s} {'separable ms':>13s}")
+          f"{'FAVOR+ MiB':>11s} {'SDPA MiB':>9s} {'separable ms':>13s} {'read-backs':>11s}")
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         cells.setdefault((row["pass"], row["causal"], row["n"]), {})[row["impl"]] = row
@@ -126,7 +147,7 @@ def main() -> None:
         ours, sdpa, sep = by["theorylab FAVOR+"], by["torch SDPA (exact)"], by["theorylab separable"]
         print(f"{kind:17s} {str(causal):>6s} {n:6d} {ours['median_ms']:10.2f} {sdpa['median_ms']:9.2f} "
               f"{sdpa['median_ms'] / ours['median_ms']:11.2f}x {ours['peak_mib']:11.1f} {sdpa['peak_mib']:9.1f} "
-              f"{sep['median_ms']:13.2f}")
+              f"{sep['median_ms']:13.2f} {ours['read_backs']:5d} {sep['read_backs']:5d}")
     print("accuracy:", {k: f"{v:.1e}" for k, v in result["accuracy"].items()})
     if args.json:
         with open(args.json, "w") as f:

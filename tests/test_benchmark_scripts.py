@@ -56,3 +56,27 @@ def test_q4_rotational_equilibrium_runs(tmp_path, monkeypatch):
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     assert len(rows) == 2 * sum(len(v) for v in bench.DECAYS.values())
     assert all(len(r["angular_step"]) == len(bench.LRS) and all(a >= 0 for a in r["angular_step"]) for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["favor", "separable"])
+def test_attention_revisions_times_a_revision_against_the_working_tree(tmp_path, monkeypatch, kind):
+    if not (BENCHMARKS.parent / ".git").exists():
+        pytest.skip("attention_revisions.py takes revisions from git: a git checkout only")
+    revisions = _load("attention_revisions")
+    out = tmp_path / "revisions.json"
+    monkeypatch.setattr(sys, "argv", ["attention_revisions", "HEAD", "--worktree", "--kind", kind, "--ns", "40",
+                                      "--rounds", "1", "--json", str(out)])
+    revisions.main()
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["revisions"] == ["HEAD", "worktree"] and result["kind"] == kind
+    assert [(row["n"], row["pass"]) for row in result["rows"]] == [(40, "forward"), (40, "forward+backward")]
+    for row in result["rows"]:
+        assert all(ms > 0 for ms in row["median_ms"].values())
+        assert row["max_abs_diff_vs_first"]["HEAD"] == 0.0 and row["max_abs_diff_vs_first"]["worktree"] < 1e-5
+
+
+def test_attention_revisions_needs_two_revisions(monkeypatch):
+    revisions = _load("attention_revisions")
+    monkeypatch.setattr(sys, "argv", ["attention_revisions", "HEAD"])
+    with pytest.raises(SystemExit, match="2"):
+        revisions.main()

@@ -628,11 +628,14 @@ def _causal_block(terms: _ColumnShifted | _RowScaled, chunk: int, q_b: Tensor, k
     # r_c = m at the end of chunk c: a max per chunk, then a running max over the g chunks (the per-position
     # m_j is needed only in chunks redone per query)
     top = logw.detach().amax(3)  # (B, H, g, W): each chunk's largest key log-scale
-    if check and _holds_nan_or_posinf(top):  # a NaN or +inf key: kept out of the references (rare: a 2nd pass)
-        top = _finite_or_neginf(logw.detach()).amax(3)
-    ends = torch.maximum(torch.cummax(top, dim=2).values, ref[:, :, None])  # (B, H, g, W)
-    before = torch.cat([ref[:, :, None], ends], dim=2)  # (B, H, g + 1, W): the reference entering chunk c
-    steep: dict[int, Any] = _steep_chunks(logw, before, floor, limit) if check else {}  # chunk -> its m_j
+    ends, before = _chunk_references(top, ref)
+    steep: dict[int, Any] = {}  # chunk -> its m_j
+    if check:  # one read-back per block: the chunks that may be steep, and whether a key is NaN or +inf
+        flagged, bad = _read_flags(_rise_bound(logw, before) > limit, _nan_or_posinf(top))
+        if bad:  # such a key is kept out of the references (rare: a second pass and read-back)
+            ends, before = _chunk_references(_finite_or_neginf(logw.detach()).amax(3), ref)
+            flagged = _flagged_chunks(_rise_bound(logw, before) > limit)
+        steep = _steep_chunks(logw, before, floor, limit, flagged)
     for c in steep:  # keep those chunks' queries: query_features overwrites prepared
         steep[c] = (steep[c], prepared[:, :, c].clone())
     qf = terms.query_features(prepared, ends[:, :, :, None])  # (B, H, g, C, M), relative to r_c
@@ -675,11 +678,42 @@ def _finite_or_neginf(logw: Tensor) -> Tensor:
     return logw.nan_to_num(nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
 
 
+def _chunk_references(top: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """From each chunk's largest key log-scale top (B, H, g, W) and m before the block ref (B, H, W): r_c, m at
+    each chunk's end (B, H, g, W), and the reference entering each chunk and after the last (B, H, g + 1, W)."""
+    ends = torch.maximum(torch.cummax(top, dim=2).values, ref[:, :, None])
+    return ends, torch.cat([ref[:, :, None], ends], dim=2)
+
+
+def _nan_or_posinf(top: Tensor) -> Tensor:
+    """Whether any entry is NaN or +inf, as a 0-dim bool tensor (read back with the chunks' flags)."""
+    return ~(torch.isfinite(top) | (top == float("-inf"))).all()
+
+
+def _rise_bound(logw: Tensor, before: Tensor) -> Tensor:
+    """(g,): an upper bound, over (batch, head, column), of how far m rises inside each chunk: from its value at
+    the chunk's first position to r_c. logw (B, H, g, C, W): the key log-scales; before as _chunk_references.
+
+    A rise that is NaN (a NaN key at a chunk's start) counts as 0: those positions' outputs are NaN whatever path
+    they take, and a NaN in the max would hide the other sequences' steep rises from the check (the exact check in
+    _steep_chunks skips NaN positions by its run > floor)."""
+    start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
+    return (before[:, :, 1:] - start).nan_to_num(nan=0.0).amax(dim=(0, 1, 3))
+
+
 @compiler_disabled  # data-dependent, as _steep_chunks
-def _holds_nan_or_posinf(top: Tensor) -> bool:
-    """Whether any entry is NaN or +inf; one read-back (under torch.func.vmap, for every example at once)."""
-    plain = readable(top)
-    return not bool((torch.isfinite(plain) | (plain == float("-inf"))).all())
+def _read_flags(flagged: Tensor, bad: Tensor) -> tuple[list[int], bool]:
+    """The indices where ``flagged`` (g,) is True and the value of ``bad`` (0-dim), in one read-back: on a GPU each
+    read-back waits for the queued kernels (read apart, a causal FAVOR+ call at n = 65536 on an H200 read back 18
+    times instead of 10). Under torch.func.vmap, True where it is for any example (as :func:`_flagged_chunks`)."""
+    plain, plain_bad = readable(flagged), readable(bad)
+    if plain.dim() != flagged.dim() or plain_bad.dim() != bad.dim():  # vmapped: read them separately
+        return _flagged_chunks(flagged), bool(plain_bad.any())
+    g = flagged.shape[0]
+    # copied first, then searched: nonzero on the GPU would wait for the queue itself (a second read-back); not
+    # tolist(): see _working_dtype
+    found = [int(i) for i in torch.cat([flagged, bad[None]]).cpu().nonzero().flatten()]
+    return [c for c in found if c < g], g in found
 
 
 def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
@@ -688,19 +722,15 @@ def _stack_states(read: list[Tensor | None], like: Tensor) -> Tensor:
 
 
 @compiler_disabled  # data-dependent: torch.compile breaks the graph here rather than skip the check
-def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float) -> dict[int, Tensor]:
+def _steep_chunks(logw: Tensor, before: Tensor, floor: float, limit: float, flagged: list[int]) -> dict[int, Tensor]:
     """The chunks where the running maximum m rises by more than ``limit`` between a query that sees a key and
-    the chunk's end (in any (batch, head, column)), each with its m_j (B, H, C, W); one read-back per block.
+    the chunk's end (in any (batch, head, column)), each with its m_j (B, H, C, W); a read-back per chunk
+    ``flagged`` by :func:`_rise_bound` (its upper bound exceeds the limit), none for the others.
 
     logw (B, H, g, C, W): the key log-scales; before (B, H, g + 1, W): m entering each chunk (then r_c)."""
     ends = before[:, :, 1:]
-    # a rise that is NaN (a NaN key at a chunk's start) counts as 0: those positions' outputs are NaN whatever path
-    # they take, and a NaN in the max would hide the other sequences' steep rises from the check (the exact check
-    # below skips NaN positions by its run > floor)
-    start = torch.maximum(before[:, :, :-1], logw[:, :, :, 0].detach())  # m at each chunk's first position
-    flagged = (ends - start).nan_to_num(nan=0.0).amax(dim=(0, 1, 3)) > limit  # (g,): a cheap upper bound
     steep = {}
-    for c in _flagged_chunks(flagged):
+    for c in flagged:
         # exact for the flagged chunks: positions that see no key yet (m = floor) do not count
         run = torch.maximum(torch.cummax(logw[:, :, c].detach(), dim=2).values, before[:, :, c, None])
         if bool(readable(torch.where(run > floor, ends[:, :, c, None] - run, 0.0).amax() > limit).any()):
@@ -713,7 +743,7 @@ def _flagged_chunks(flagged: Tensor) -> list[int]:
     chunk is then redone per query for every example, which is exact for all of them)."""
     plain = readable(flagged)
     if plain.dim() == flagged.dim():  # not vmapped: one read-back
-        return [int(i) for i in plain.nonzero().flatten().cpu()]  # not tolist(): see _working_dtype
+        return [int(i) for i in plain.cpu().nonzero().flatten()]  # one read-back (as _read_flags)
     if not bool(plain.any()):
         return []
     return [c for c in range(flagged.shape[0]) if bool(readable(flagged[c]).any())]

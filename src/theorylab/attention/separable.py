@@ -263,7 +263,7 @@ def _steep_chunks(rise: Tensor, limit: float) -> set[int]:
     # sequences' steep rises
     plain = readable(rise).nan_to_num(nan=0.0)
     flagged = plain.movedim(-2, 0).flatten(1).amax(1) > limit  # (g,)
-    return {int(c) for c in flagged.nonzero().flatten().cpu()}
+    return {int(c) for c in flagged.cpu().nonzero().flatten()}
 
 
 @compiler_disabled  # data-dependent, as _steep_chunks

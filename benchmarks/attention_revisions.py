@@ -1,13 +1,13 @@
 r"""Causal FAVOR+ or separable attention of several revisions of theorylab, timed against each other in one process.
 
-Launch-bound GPU kernels vary from run to run far more than their changes do: two runs of ``gpu_attention.py`` on
-one H200 timed the same causal FAVOR+ call (n = 65536) at 25.8 and 22.8 ms, which this script, in one process,
-timed at 13.8 ms. To tell a change's effect from that spread, time the revisions in the same rounds
+Launch-bound GPU kernels vary from run to run far more than their changes do: a run of ``gpu_attention.py`` on an
+H200 timed causal FAVOR+ (n = 65536, forward) at 22.8 ms, and this script's prototype, on the same code and card
+in one process, at 13.8 ms. To tell a change's effect from that spread, time the revisions in the same rounds
 (:func:`theorylab.cost.interleaved_times`, the order rotating each round; medians). Each revision's
 ``src/theorylab`` is taken with ``git archive`` and imported under a name of its own; ``--worktree`` adds the
 working tree's. On CUDA the read-backs of one call are counted too (``torch.cuda.set_sync_debug_mode``). Outputs are
-compared with the first revision's (max |difference|). Settings as ``gpu_attention.py``: B=1, H=8, d=64, m=256,
-float32, on the GPU if there is one.
+compared with the first revision's (max |difference|, printed and in the JSON). Settings as ``gpu_attention.py``:
+B=1, H=8, d=64, m=256, float32, on the GPU if there is one.
 
     python benchmarks/attention_revisions.py REV [REV ...] [--worktree] [--kind favor|separable]
         [--ns 4096 16384 65536] [--rounds 10] [--json FILE]
@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,9 +37,10 @@ B, H, D, M = 1, 8, 64, 256
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(label: str, package: Path) -> ModuleType:
-    """theorylab.attention of the package in ``package``, imported as ``theorylab_<label>``."""
-    name = "theorylab_" + "".join(ch if ch.isalnum() else "_" for ch in label)
+def load(index: int, package: Path) -> ModuleType:
+    """theorylab.attention of the package in ``package``, imported under a name of its own (``theorylab_rev<index>_``
+    and a random suffix: a name already imported would be answered from sys.modules with the other code)."""
+    name = f"theorylab_rev{index}_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
                                                   submodule_search_locations=[str(package)])
     if spec is None or spec.loader is None:
@@ -59,10 +61,8 @@ def extract(rev: str, into: Path) -> Path:
     return into / "src" / "theorylab"
 
 
-def _read_backs(call: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronising CUDA calls of ``call`` (None off CUDA, where reading back costs nothing extra)."""
-    if device.type != "cuda":
-        return None
+def _syncs(call: Callable[[], object]) -> int:
+    """How many synchronising CUDA calls ``call`` makes (torch warns at each in sync debug mode)."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -72,6 +72,12 @@ def _read_backs(call: Callable[[], object], device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _read_backs(call: Callable[[], None], device: torch.device) -> int | None:
+    """The read-backs of ``call`` (its synchronising calls less the closing ``torch.cuda.synchronize()``'s, as
+    ``gpu_attention.py`` counts them); None off CUDA, where reading back costs nothing extra."""
+    return _syncs(call) - _syncs(torch.cuda.synchronize) if device.type == "cuda" else None
 
 
 def _timed_call(attend: Callable[..., torch.Tensor], label: str, qkv: tuple[torch.Tensor, ...], backward: bool,
@@ -124,23 +130,27 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.revs) + args.worktree < 2:
         parser.error("give at least two revisions (or one and --worktree)")
+    if len(set(args.revs)) < len(args.revs) or "worktree" in args.revs:
+        parser.error(f"each revision once ({' '.join(args.revs)}); the working tree with --worktree")
     with tempfile.TemporaryDirectory() as tmp:
         packages = {rev: extract(rev, Path(tmp) / f"rev{i}") for i, rev in enumerate(args.revs)}
         if args.worktree:
             packages["worktree"] = ROOT / "src" / "theorylab"
-        modules = {label: load(label, path) for label, path in packages.items()}
+        modules = {label: load(i, path) for i, (label, path) in enumerate(packages.items())}
         rows = measure(modules, args.kind, args.ns, args.rounds)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"causal {args.kind} on {device}, torch {torch.__version__}; B={B} H={H} d={D} m={M} float32; "
           f"medians of {args.rounds} interleaved rounds, ms" + (" (read-backs)" if torch.cuda.is_available() else ""))
     labels = list(modules)
-    print(f"{'pass':17s} {'n':>6s} " + " ".join(f"{label[:16]:>22s}" for label in labels))
+    print(f"{'pass':17s} {'n':>6s} " + " ".join(f"{label[:16]:>22s}" for label in labels)
+          + f" {'max |diff| vs ' + labels[0][:12]:>26s}")
     for row in rows:
         cells = []
         for label in labels:
             syncs = row["read_backs"][label]
             cells.append(f"{row['median_ms'][label]:.2f}" + (f" ({syncs})" if syncs is not None else ""))
-        print(f"{row['pass']:17s} {row['n']:6d} " + " ".join(f"{c:>22s}" for c in cells))
+        diff = max(row["max_abs_diff_vs_first"].values())
+        print(f"{row['pass']:17s} {row['n']:6d} " + " ".join(f"{c:>22s}" for c in cells) + f" {diff:26.2e}")
     if args.json:
         result = {"kind": args.kind, "device": device, "torch": torch.__version__, "revisions": labels, "rows": rows}
         with open(args.json, "w") as f:

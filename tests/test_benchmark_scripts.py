@@ -80,3 +80,11 @@ def test_attention_revisions_needs_two_revisions(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["attention_revisions", "HEAD"])
     with pytest.raises(SystemExit, match="2"):
         revisions.main()
+
+
+def test_attention_revisions_refuses_a_revision_twice(monkeypatch, capsys):
+    revisions = _load("attention_revisions")
+    monkeypatch.setattr(sys, "argv", ["attention_revisions", "HEAD", "HEAD"])
+    with pytest.raises(SystemExit):
+        revisions.main()
+    assert "each revision once (HEAD HEAD)" in capsys.readouterr().err

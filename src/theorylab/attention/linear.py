@@ -33,7 +33,8 @@ Causal chunks take their keys relative to the reference at the chunk's end (ever
 long as the reference rises by less than ~40 (float32) inside the chunk, which is checked; a chunk where it rises
 more is redone with each query's own reference (a (C, C, W) tensor of decays exp(c_jr - c_ir), W = M or 1).
 Nothing after position i ever enters the output at i. Under torch.compile the check runs eagerly: the causal path
-breaks the graph once per block of chunks (so ``fullgraph=True`` works for the non-causal path only).
+breaks the graph twice per block of chunks, at the check's two steps (so ``fullgraph=True`` works for the
+non-causal path only).
 
 The stabilisers are detached: the output does not depend on them mathematically, so their gradient is exactly
 zero. Padding removes keys from φ(K) — numerator and denominator alike — and from the maxima; so does a NaN or +inf
@@ -41,8 +42,10 @@ key log-scale from the causal references (it still enters the sums, from its pos
 inputs are computed in float32 and cast back; where scale·|x|² of a query or non-padded key would overflow the
 working dtype (|x| beyond ~1e19 in float32), the call is computed in float64, and if even float64 overflows a
 ValueError is raised. That switch is not made while torch.compile traces (inputs beyond ~1e19 then overflow), and
-neither check runs on meta tensors (FLOP counting). On a GPU each check is a read-back: one per call and two per
-block of causal chunks (the steep-rise check and the non-finite-key check).
+neither check runs on meta tensors (FLOP counting). On a GPU each check is a read-back: the float64 switch once per
+call, and on the causal path whether the values are finite once per call and the steep-rise and non-finite-key
+flags together once per block of chunks (a block with a NaN or +inf key reads back once more, and each chunk the
+flags mark as possibly steep once more).
 
 Recurrent form: the causal kernel takes the state and reference of the positions before q's and returns those
 after its last (``state=`` / ``return_state=True``, :mod:`theorylab.attention.state`), so a sequence fed in

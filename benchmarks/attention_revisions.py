@@ -5,12 +5,14 @@ H200 timed causal FAVOR+ (n = 65536, forward) at 22.8 ms, and this script's prot
 in one process, at 13.8 ms. To tell a change's effect from that spread, time the revisions in the same rounds
 (:func:`theorylab.cost.interleaved_times`, the order rotating each round; medians). Each revision's
 ``src/theorylab`` is taken with ``git archive`` and imported under a name of its own; ``--worktree`` adds the
-working tree's. On CUDA the read-backs of one call are counted too (``torch.cuda.set_sync_debug_mode``). Outputs are
-compared with the first revision's (max |difference|, printed and in the JSON). Settings as ``gpu_attention.py``:
-B=1, H=8, d=64, m=256, float32, on the GPU if there is one.
+working tree's, and ``--package LABEL=DIR`` a package unpacked elsewhere (for a machine without the repository's
+history: ``git archive REV src/theorylab | tar -x -C DIR``, then pass ``DIR/src/theorylab``). On CUDA the
+read-backs of one call are counted too (``torch.cuda.set_sync_debug_mode``). Outputs are compared with the first
+package's (max |difference|, printed and in the JSON). Settings as ``gpu_attention.py``: B=1, H=8, d=64, m=256,
+float32, on the GPU if there is one.
 
-    python benchmarks/attention_revisions.py REV [REV ...] [--worktree] [--kind favor|separable]
-        [--ns 4096 16384 65536] [--rounds 10] [--json FILE]
+    python benchmarks/attention_revisions.py [REV ...] [--package LABEL=DIR ...] [--worktree]
+        [--kind favor|separable] [--ns 4096 16384 65536] [--rounds 10] [--json FILE]
 """
 
 from __future__ import annotations
@@ -123,17 +125,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revs", nargs="*", metavar="REV", help="git revisions (e.g. HEAD~3 main a71a5a5)")
     parser.add_argument("--worktree", action="store_true", help="also the working tree's src/theorylab")
+    parser.add_argument("--package", action="append", default=[], metavar="LABEL=DIR",
+                        help="also the theorylab package in DIR (a folder holding its __init__.py), labelled LABEL")
     parser.add_argument("--kind", choices=["favor", "separable"], default="favor")
     parser.add_argument("--ns", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    if len(args.revs) + args.worktree < 2:
-        parser.error("give at least two revisions (or one and --worktree)")
-    if len(set(args.revs)) < len(args.revs) or "worktree" in args.revs:
-        parser.error(f"each revision once ({' '.join(args.revs)}); the working tree with --worktree")
+    given = {}
+    for item in args.package:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not (Path(folder) / "__init__.py").is_file():
+            parser.error(f"--package {item!r}: give LABEL=DIR, DIR a folder holding a package's __init__.py")
+        given[label] = Path(folder)
+    labels = [*args.revs, *given, *(["worktree"] if args.worktree else [])]
+    if len(labels) < 2:
+        parser.error("give at least two revisions or packages (or one and --worktree)")
+    if len(set(labels)) < len(labels):
+        parser.error(f"each label once ({' '.join(labels)}); the working tree with --worktree")
     with tempfile.TemporaryDirectory() as tmp:
         packages = {rev: extract(rev, Path(tmp) / f"rev{i}") for i, rev in enumerate(args.revs)}
+        packages.update(given)
         if args.worktree:
             packages["worktree"] = ROOT / "src" / "theorylab"
         modules = {label: load(i, path) for i, (label, path) in enumerate(packages.items())}

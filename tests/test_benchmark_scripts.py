@@ -87,4 +87,20 @@ def test_attention_revisions_refuses_a_revision_twice(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["attention_revisions", "HEAD", "HEAD"])
     with pytest.raises(SystemExit):
         revisions.main()
-    assert "each revision once (HEAD HEAD)" in capsys.readouterr().err
+    assert "each label once (HEAD HEAD)" in capsys.readouterr().err
+
+
+def test_attention_revisions_takes_a_package_unpacked_elsewhere(tmp_path, monkeypatch, capsys):
+    revisions = _load("attention_revisions")
+    package = BENCHMARKS.parent / "src" / "theorylab"
+    out = tmp_path / "packages.json"
+    monkeypatch.setattr(sys, "argv", ["attention_revisions", "--package", f"copy={package}", "--worktree", "--ns",
+                                      "24", "--rounds", "1", "--json", str(out)])
+    revisions.main()
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["revisions"] == ["copy", "worktree"]
+    assert all(row["max_abs_diff_vs_first"]["worktree"] == 0.0 for row in result["rows"])
+    monkeypatch.setattr(sys, "argv", ["attention_revisions", "--package", f"copy={tmp_path}", "--worktree"])
+    with pytest.raises(SystemExit):
+        revisions.main()
+    assert "holding a package's __init__.py" in capsys.readouterr().err

@@ -26,14 +26,13 @@ import subprocess
 import sys
 import tempfile
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from theorylab.cost import interleaved_times
+from theorylab.cost import cuda_read_backs, interleaved_times
 
 B, H, D, M = 1, 8, 64, 256
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,23 +62,12 @@ def extract(rev: str, into: Path) -> Path:
     return into / "src" / "theorylab"
 
 
-def _syncs(call: Callable[[], object]) -> int:
-    """How many synchronising CUDA calls ``call`` makes (torch warns at each in sync debug mode)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            call()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def _read_backs(call: Callable[[], None], device: torch.device) -> int | None:
     """The read-backs of ``call`` (its synchronising calls less the closing ``torch.cuda.synchronize()``'s, as
     ``gpu_attention.py`` counts them); None off CUDA, where reading back costs nothing extra."""
-    return _syncs(call) - _syncs(torch.cuda.synchronize) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return (cuda_read_backs(call) or 0) - (cuda_read_backs(torch.cuda.synchronize) or 0)
 
 
 def _timed_call(attend: Callable[..., torch.Tensor], label: str, qkv: tuple[torch.Tensor, ...], backward: bool,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from theorylab.attention import PositiveRandomFeatures, linear_attention, separable_attention
 from theorylab.attention.linear import linear_attention_log_reference
-from theorylab.cost import interleaved_times
+from theorylab.cost import cuda_read_backs, interleaved_times
 from theorylab.env import environment
 
 B, H, D, M = 1, 8, 64, 256
@@ -56,22 +55,9 @@ def _peak_mib(call: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _syncs(call: Callable[[], object]) -> int:
-    """How many synchronising CUDA calls ``call`` makes (torch warns at each in sync debug mode)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            call()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def _read_backs(call: Callable[[], None]) -> int:
     """The read-backs of ``call``: its synchronising calls less the closing ``torch.cuda.synchronize()``'s."""
-    return _syncs(call) - _syncs(torch.cuda.synchronize)
+    return (cuda_read_backs(call) or 0) - (cuda_read_backs(torch.cuda.synchronize) or 0)
 
 
 def measure(ns: list[int], rounds: int = 10) -> list[dict]:

@@ -134,3 +134,12 @@ def test_views_of_a_sparse_arguments_parts_allocate_nothing():
     assert peak_memory(lambda: coo._values()) == peak_memory(lambda: coo._indices()) == 0
     assert peak_memory(lambda: csr.values()) == peak_memory(lambda: csr.col_indices()) == 0
     assert peak_memory(lambda: coo._values() * 2) == coo._values().numel() * 4
+
+
+def test_cuda_read_backs_is_none_without_cuda_and_does_not_call(monkeypatch):
+    from theorylab.cost import cuda_read_backs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    assert cuda_read_backs(lambda: calls.append(1)) is None
+    assert calls == []

@@ -275,3 +275,17 @@ def test_claim_grids_train_in_worker_processes_after_a_backward_pass_on_the_devi
     cfg = q4.GridConfig(n_lr=2, n_wd=2, seeds=2, steps=3, hidden=4, n_train=40)
     grids = q4.run_grids(cfg, data_seed=0, workers=2)
     assert all(bool(np.isfinite(e).all()) for e in grids.errors.values())
+
+
+def test_read_backs_are_counted_on_the_device():
+    """theorylab.cost.cuda_read_backs (the read-back counts of benchmarks/gpu_attention.py): a value read back is
+    one, a kernel alone none; off CUDA there is nothing to count."""
+    from theorylab.cost import cuda_read_backs
+
+    x = torch.ones(64, device=DEVICE)
+    if DEVICE.type != "cuda":
+        assert torch.cuda.is_available() or cuda_read_backs(lambda: (x * 2).sum().item()) is None
+        return
+    assert cuda_read_backs(lambda: x * 2) == 0
+    assert cuda_read_backs(lambda: (x * 2).sum().item()) == 1
+    assert cuda_read_backs(lambda: [bool(x.sum() > 0), float(x.max())]) == 2

@@ -3,7 +3,7 @@
 from .fit import PowerLawFit, fit_power_law
 from .flops import count_flops
 from .memory import PeakMemory, peak_memory
-from .timing import interleaved_times, median_time
+from .timing import cuda_read_backs, interleaved_times, median_time
 
-__all__ = ["PeakMemory", "PowerLawFit", "count_flops", "fit_power_law", "interleaved_times", "median_time",
-           "peak_memory"]
+__all__ = ["PeakMemory", "PowerLawFit", "count_flops", "cuda_read_backs", "fit_power_law", "interleaved_times",
+           "median_time", "peak_memory"]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, budget_s: float | None = None) -> float:
@@ -56,3 +59,21 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
             spent += times[name][-1]
         r += 1
     return times
+
+
+def cuda_read_backs(fn: Callable[[], Any]) -> int | None:
+    """How many times ``fn()`` waits for the GPU: the synchronising CUDA calls it makes (reading a value back to
+    the host, ``.item()``, ``bool(tensor)``, a copy to the CPU, ``torch.cuda.synchronize()``), which torch reports in
+    ``torch.cuda.set_sync_debug_mode("warn")``. Each drains the queue of kernels, so launch-bound code slows with
+    every one. Calls ``fn`` once; None without CUDA (there ``fn`` is not called)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)

@@ -5,6 +5,10 @@
 #   suite   the whole test suite on that machine (where `--device auto` trains on the GPU)
 #   verify  the full `theorylab verify` on that machine (only results.json comes back)
 #   ddp     torchrun with 1 and 2 processes per machine, `--device auto` and `cuda` (more processes than GPUs)
+#   revisions (not by default) benchmarks/attention_revisions.py: causal FAVOR+ and separable attention of other
+#           versions against the working tree's, in one process. The GPU machine may lack the git history: unpack
+#           each version first (git archive REV src/theorylab | tar -x -C DIR) and name it in
+#           REVISION_PACKAGES="LABEL=DIR/src/theorylab ..." (REVISION_NS: the lengths, default 4096 16384 65536).
 # Run from the repository root with a Python that has torch (CUDA), pytest, pytest-xdist and hypothesis:
 #     bash benchmarks/gpu_check.sh [STEP ...]        (default: all five; logs and JSON go to $OUT or ./gpu-check)
 set -u
@@ -42,6 +46,12 @@ for step in $steps; do
            $py -c "import json,sys; m=json.load(open(sys.argv[1])); print('  ', m['world_size'], m['backend'], \
              m['device'], round(m['final_bpc'], 3))" "$dir/metrics.json" 2>/dev/null
          done ;;
-    *) echo "unknown step $step (cuda, bench, suite, verify, ddp)"; exit 2 ;;
+    revisions) packages=()
+               for p in ${REVISION_PACKAGES:-}; do packages+=(--package "$p"); done
+               for kind in favor separable; do
+                 timeout 150 $py benchmarks/attention_revisions.py "${packages[@]}" --worktree --kind $kind \
+                   --ns ${REVISION_NS:-4096 16384 65536} --json "$out/revisions-$kind.json" 2>&1 | tee "$out/revisions-$kind.log" | tail -8
+               done ;;
+    *) echo "unknown step $step (cuda, bench, suite, verify, ddp, revisions)"; exit 2 ;;
   esac
 done

@@ -249,3 +249,26 @@ def test_write_report_reads_results_as_utf8_whatever_the_locale(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Momentum ≡ SGD" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_claims_summary_is_one_line_in_results_json_and_in_both_summary_tables(tmp_path, capsys):
+    """Evidence.summary is the summary table's line: whitespace collapsed (a line break would tear the terminal
+    table), shown in the report's summary and its section; a claim without one shows its key numbers there."""
+    from theorylab.cli.verify import _print_summary
+
+    def summarised(seed, quick):
+        return Evidence(confirmed=True, numbers={"x": 1.5}, method="m", summary="x = 1.5\n   (needs < 2)")
+
+    payload = run_claims(sections(summarised, ok_claim, raising_claim), out_dir=tmp_path, progress=False)
+    with_summary, without, error = payload["claims"]
+    assert with_summary["summary"] == "x = 1.5 (needs < 2)" and without["summary"] == ""
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["claims"][0]["summary"] == \
+        "x = 1.5 (needs < 2)"
+    table = render_report(payload).split("</table>", 1)[0]
+    assert "<td>x = 1.5 (needs &lt; 2)</td>" in table
+    assert '<td class="num">x = 1.5<br>seed = 0</td>' in table
+    assert "<td>RuntimeError: boom in the middle</td>" in table  # an error: its last line
+    assert "<b>Measured.</b> x = 1.5 (needs &lt; 2)" in render_report(payload)
+    _print_summary(payload["claims"])
+    printed = capsys.readouterr().out
+    assert "x = 1.5 (needs < 2)" in printed and "x = 1.5; seed = 0" in printed and "boom in the middle" in printed

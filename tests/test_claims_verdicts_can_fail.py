@@ -203,10 +203,13 @@ def test_2_1_refutes_a_running_average_kept_in_float32(monkeypatch):
 
 
 def test_2_1_refutes_the_map_eps_equals_delta(monkeypatch):
+    unmutated = q2_momentum.momentum_equals_running_average(0, True).summary
     monkeypatch.setattr(q2_momentum, "momentum_from_running_average", lambda beta, lr: (beta, lr))
     ev = q2_momentum.momentum_equals_running_average(0, True)
     assert ev.numbers["max_rel_diff_correct_map"] > 1  # unmutated 3.9e-16, mutated 9.0
     assert not ev.confirmed
+    # the summary table's line is written from the measurement: it shows the difference that failed
+    assert ev.summary != unmutated and f"{ev.numbers['max_rel_diff_correct_map']:.1e}" in ev.summary
 
 
 def test_2_1_refutes_a_running_average_without_one_minus_beta_and_its_matching_map(monkeypatch):
@@ -412,6 +415,7 @@ def test_4_1_refutes_a_wrong_decay_in_sgd(monkeypatch, bug):
     ev = q4_weight_decay.sgd_l2_equals_weight_decay(0, True)
     assert ev.numbers[number] > lo
     assert not ev.confirmed
+    assert f"{ev.numbers[number]:.1e}" in ev.summary  # the summary table shows the difference that failed
 
 
 class ScaleByAdamDeltaInsideTheRoot(ScaleByAdam):

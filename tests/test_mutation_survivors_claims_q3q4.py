@@ -434,12 +434,15 @@ def test_charlm_is_refuted_when_only_one_linear_time_kind_is_faster(fake_charlm,
     ev = extras_charlm.charlm_kinds(0, False)
     # the note names the kind that is not faster (it had said "linear-time kinds" with linear 3x faster)
     assert not ev.confirmed and ev.notes == "not faster than softmax here: favor 0.50x"
+    assert "favor 0.50×, linear 3.00×" in ev.summary
 
 
 def test_charlm_quick_judges_throughput_only_and_full_judges_the_bits_per_char(fake_charlm, monkeypatch):
     """--quick does not judge separable's bits/char; a full run with separable no worse than softmax is refuted."""
     monkeypatch.setitem(_FAKE, "separable", (400.0, 2.9, *_FAKE["separable"][2:]))
     quick = extras_charlm.charlm_kinds(0, True)
-    assert quick.confirmed and "not judged" in quick.notes
+    assert quick.confirmed and "not judged" in quick.notes and "(not judged in --quick)" in quick.summary
     full = extras_charlm.charlm_kinds(0, False)
     assert not full.confirmed and "separable not worse" in full.notes
+    assert f"separable ends {full.numbers['separable_bpc_cost']:+.3f} bits/char" in full.summary
+    assert full.summary.endswith("(must be > 0)")

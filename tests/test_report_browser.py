@@ -4,6 +4,7 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them w
 browser test is skipped with that reason; the rest of this module still runs.
 """
 
+import html
 import json
 import os
 import shutil
@@ -49,6 +50,19 @@ def test_quick_verify_runs_every_claim(quick_report):
         assert c["figures"], f"claim {c['id']} has no figure"
 
 
+def test_every_claim_says_in_one_line_what_it_measured_against_what(quick_report):
+    """The summary table's column: each claim's verdict readable at a glance, numbers and the bounds they met."""
+    out, _ = quick_report
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    for c in results["claims"]:
+        line = c["summary"]
+        assert "\n" not in line and 40 < len(line) < 400, (c["id"], line)
+        assert "need" in line and any(ch.isdigit() for ch in line), (c["id"], line)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    table = page.split("</table>", 1)[0]
+    assert all(html.escape(c["summary"]) in table for c in results["claims"])
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 def test_report_renders_in_headless_chromium(quick_report):
     from selenium import webdriver
@@ -79,6 +93,9 @@ def test_report_renders_in_headless_chromium(quick_report):
         rows = driver.execute_script(
             "return Array.from(document.querySelector('table').rows).slice(1).map(r => r.cells[0].innerText)")
         assert rows == list(CLAIM_IDS)
+        shown = driver.execute_script(
+            "return Array.from(document.querySelector('table').rows).slice(1).map(r => r.cells[3].innerText)")
+        assert shown == [" ".join(c["summary"].split()) for c in results["claims"]]
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1280, min(int(height) + 100, 16000))

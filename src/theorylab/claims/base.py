@@ -27,8 +27,12 @@ class Evidence:
         numbers: named measured values (floats; non-finite values are written as strings in results.json).
         method: a few sentences on how it was measured (shown in the report).
         figures: name -> matplotlib Figure; saved as PNG by the engine, then closed.
-        key: which of ``numbers`` to show in the summary table (default: the first three).
+        key: which of ``numbers`` matter most (results.json's ``key``; the summary table shows them when there
+            is no ``summary``; default: the first three).
         notes: anything a reader must know, e.g. which sub-check failed.
+        summary: the verdict's grounds in one line, for the summary table: what was compared with what, the
+            measured numbers and the bounds they were judged against, written from the measurement (never a
+            fixed text, so that it reads right whichever way the verdict goes).
     """
 
     confirmed: bool
@@ -37,6 +41,7 @@ class Evidence:
     figures: dict[str, Any] = field(default_factory=dict)
     key: list[str] | None = None
     notes: str = ""
+    summary: str = ""
 
 
 ClaimFn = Callable[[int, bool], Evidence]

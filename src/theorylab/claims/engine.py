@@ -179,7 +179,8 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             key = evidence.key if evidence.key is not None else list(numbers)[:3]
             notes = None if evidence.notes is None else str(evidence.notes)
             record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
-                          key=[str(k) for k in key if str(k) in numbers], method=str(evidence.method), notes=notes)
+                          key=[str(k) for k in key if str(k) in numbers], method=str(evidence.method), notes=notes,
+                          summary=" ".join(str(evidence.summary or "").split()))  # one line in any table
             json.dumps(record, allow_nan=False)  # what results.json cannot hold fails this claim, not the run
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:

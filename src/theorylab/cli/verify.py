@@ -70,19 +70,15 @@ def _print_summary(records: list[dict]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..report.html import format_number
+    from ..report.html import result_line
 
     table = Table(title="theorylab verify")
-    for col in ("ID", "title", "verdict", "key numbers", "s"):
+    for col in ("ID", "title", "verdict", "measured vs criterion", "s"):
         table.add_column(col)
     colours = {"confirmed": "green", "refuted": "red", "error": "yellow"}
     for r in records:
-        keys = r.get("key") or []
-        numbers = ", ".join(f"{k}={format_number(r['evidence'][k])}" for k in keys if k in r["evidence"])
-        if r["verdict"] == "error":
-            numbers = (r.get("error") or "").strip().splitlines()[-1][:100]
         # escaped: an error text such as "expected [batch, n]" is not rich markup (it was dropped, or crashed)
         table.add_row(escape(r["id"]), escape(r["title"]), f"[{colours[r['verdict']]}]{r['verdict']}",
-                      escape(numbers), f"{r['seconds']:.1f}")
+                      escape(result_line(r)), f"{r['seconds']:.1f}")
     console = Console()  # a terminal's own width; in a pipe or log rich assumes 80, too narrow for the numbers
     (console if console.is_terminal else Console(width=160)).print(table)

@@ -62,19 +62,35 @@ def _verdict(v: str) -> str:
     return f'<span class="verdict {_e(v)}">{_e(v)}</span>'
 
 
-def _key_numbers(rec: dict[str, Any]) -> str:
+def key_numbers(rec: dict[str, Any]) -> list[str]:
+    """``name = value`` for a record's key numbers (its first three when it names none)."""
     ev = rec.get("evidence", {})
     keys = rec.get("key") or list(ev)[:3]
-    return "<br>".join(f"{_e(k)} = {_e(format_number(ev[k]))}" for k in keys if k in ev)
+    return [f"{k} = {format_number(ev[k])}" for k in keys if k in ev]
+
+
+def result_line(rec: dict[str, Any]) -> str:
+    """What a summary table shows for a record: for an error, the error's last line; else the claim's one-line
+    summary (what it measured, against the bound that decides); for a record without one, its key numbers."""
+    if rec["verdict"] == "error":
+        lines = str(rec.get("error") or "").strip().splitlines()
+        return lines[-1][:200] if lines else "error"
+    return rec.get("summary") or "; ".join(key_numbers(rec))
+
+
+def _result_cell(rec: dict[str, Any]) -> str:
+    if rec["verdict"] == "error" or rec.get("summary"):
+        return f"<td>{_e(result_line(rec))}</td>"
+    return f'<td class="num">{"<br>".join(map(_e, key_numbers(rec)))}</td>'
 
 
 def _summary(records: list[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td><a href="#{_e(r["kind"])}-{_e(r["id"])}">{_e(r["id"])}</a></td><td>{_e(r["title"])}{_why(r)}</td>'
-        f'<td>{_verdict(r["verdict"])}</td><td class="num">{_key_numbers(r)}</td><td>{r["seconds"]:.2f}</td></tr>'
+        f'<td>{_verdict(r["verdict"])}</td>{_result_cell(r)}<td>{r["seconds"]:.2f}</td></tr>'
         for r in records)
-    return ("<table><tr><th>ID</th><th>title</th><th>verdict</th><th>key numbers</th><th>seconds</th></tr>"
-            f"{rows}</table>")
+    return ("<table><tr><th>ID</th><th>title</th><th>verdict</th><th>measured vs criterion</th>"
+            f"<th>seconds</th></tr>{rows}</table>")
 
 
 def _section(rec: dict[str, Any]) -> str:
@@ -85,6 +101,8 @@ def _section(rec: dict[str, Any]) -> str:
              f'<h3>{_e(rec["id"])} — {_e(rec["title"])} {_verdict(rec["verdict"])}</h3>']
     if rec.get("statement"):
         parts.append(f'<p class="statement"><b>Claim.</b> {_e(rec["statement"])}</p>')
+    if rec.get("summary"):
+        parts.append(f'<p><b>Measured.</b> {_e(rec["summary"])}</p>')
     if rec.get("method"):
         parts.append(f'<p><b>Method.</b> {_e(rec["method"])}</p>')
     if rec.get("notes"):

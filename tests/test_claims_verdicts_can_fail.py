@@ -317,6 +317,16 @@ def _orthogonal_without_sign_correction(*args, **kwargs):
     return _ORTHOGONAL_MATRIX(*args, **{**kwargs, "sign_correction": False})
 
 
+@pytest.mark.parametrize("claim", ["3.4", "3.5"])
+def test_3_4_and_3_5_refute_estimates_without_spread_instead_of_dividing_by_zero(monkeypatch, claim):
+    """Every kernel estimate equal (a feature map that ignores its random vectors): the standard errors that the
+    summary lines divide by are 0. The claim is refuted; it had raised ZeroDivisionError, an error verdict."""
+    monkeypatch.setattr(q3_attention, "_kernel_estimates",
+                        lambda cls, x, y, m, draws, **kw: torch.full((draws,), 0.5, dtype=torch.float64))
+    ev = {s.id: s.fn for s in claim_sections()}[claim](0, True)
+    assert not ev.confirmed and ev.summary
+
+
 def test_3_5_refutes_a_feature_map_biased_by_a_constant(monkeypatch):
     monkeypatch.setattr(q3_attention, "PositiveRandomFeatures", FeaturesBiasedByAConstant)
     ev = q3_attention.choice_of_m_claim(0, True)

@@ -434,7 +434,7 @@ def test_charlm_is_refuted_when_only_one_linear_time_kind_is_faster(fake_charlm,
     ev = extras_charlm.charlm_kinds(0, False)
     # the note names the kind that is not faster (it had said "linear-time kinds" with linear 3x faster)
     assert not ev.confirmed and ev.notes == "not faster than softmax here: favor 0.50x"
-    assert "favor 0.50×, linear 3.00×" in ev.summary
+    assert "favor 0.500×, linear 3.000×" in ev.summary
 
 
 def test_charlm_quick_judges_throughput_only_and_full_judges_the_bits_per_char(fake_charlm, monkeypatch):

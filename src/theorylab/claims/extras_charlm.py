@@ -112,8 +112,8 @@ def charlm_kinds(seed: int, quick: bool) -> Evidence:
     if quick:
         notes = (notes + " " if notes else "") + "Quick run: the bits/char comparison is not judged."
 
-    summary = (f"training throughput vs softmax: favor {numbers['favor_speedup']:.2f}×, linear "
-               f"{numbers['linear_speedup']:.2f}× (both must exceed 1×); separable ends "
+    summary = (f"training throughput vs softmax: favor {numbers['favor_speedup']:.3f}×, linear "
+               f"{numbers['linear_speedup']:.3f}× (both must exceed 1×); separable ends "
                f"{numbers['separable_bpc_cost']:+.3f} bits/char from softmax ("
                + ("not judged in --quick)" if quick else "must be > 0)"))
     return Evidence(confirmed=faster and costlier, numbers=numbers, method=method, figures={"bpc_vs_time": fig},

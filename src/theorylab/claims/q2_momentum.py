@@ -203,7 +203,7 @@ def running_average_bias(seed: int, quick: bool) -> Evidence:
                  "mean_v1_theory": float(theory[0]), "ci95_coverage": cover, "streams": n_streams},
         key=["max_abs_z_v_vs_theory", "max_abs_z_debiased_vs_mu", "z_v1_vs_mu"],
         summary=(f"mean of v_t vs (1−β^t)μ: max |z| = {float(np.abs(z_raw).max()):.2f}; debiased v̂_t vs μ: "
-                 f"{float(np.abs(z_hat).max()):.2f} (both need < 3.9); v_1 is {float(z_raw_vs_mu[0]):+.0f} "
+                 f"{float(np.abs(z_hat).max()):.2f} (both need < 3.9); v_1 is {float(z_raw_vs_mu[0]):+.1f} "
                  "standard errors from μ (the bias: |z| needs > 10)"),
         method=(f"{n_streams} independent float64 gradient streams g_t = μ + 2(Exp(1) − 1) (μ = {mu}, skewed, "
                 f"stationary mean μ) through RunningAverageSGD(lr=1, β={beta}) with and without debias; the step "

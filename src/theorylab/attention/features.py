@@ -274,8 +274,11 @@ class EluFeatures(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """φ(x) = elu(x) + 1: (..., N, D) -> (..., N, D), positive."""
-        # exp of min(x, 0): the branch torch.where discards must not be inf, or its zero gradient becomes 0·inf = NaN
-        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
+        # exp of min(x, 0): the branch torch.where discards must not be inf, or its zero gradient becomes 0·inf = NaN.
+        # Not x.clamp(max=0): from torch 2.14 on, clamp's gradient is 0 where x equals the bound, which made
+        # φ'(0) = 0 instead of 1; this inner where passes x's gradient at x = 0 in every torch version
+        positive = x > 0
+        return torch.where(positive, x + 1.0, torch.exp(torch.where(positive, 0.0, x)))
 
 
 class ReluFeatures(nn.Module):

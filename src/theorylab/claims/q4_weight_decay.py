@@ -674,8 +674,8 @@ def _mechanism_numbers(scheme: Scheme, mean: np.ndarray, se: np.ndarray, rotatio
     a, b = rotation_exponents(rot, lrs, wds)
     finite = rot[np.isfinite(rot)]
     return {f"rotation_lr_exponent_{key}": a, f"rotation_wd_exponent_{key}": b,
-            f"rotation_per_step_min_{key}": float(finite.min()) if finite.size else float("nan"),
-            f"rotation_per_step_max_{key}": float(finite.max()) if finite.size else float("nan"),
+            f"rotation_per_step_min_{key}": float(np.min(finite)) if finite.size else float("nan"),
+            f"rotation_per_step_max_{key}": float(np.max(finite)) if finite.size else float("nan"),
             f"decay_axis_error_effect_{key}": decay_axis_error_effect(mean),
             f"median_cell_se_{key}": float(np.median(se))}
 
@@ -793,7 +793,7 @@ def why_decoupled(seed: int, quick: bool, cfg: GridConfig | None = None) -> Evid
     numbers["point_criterion_passes"] = float(point_criterion)
     confirmed = bool(point_criterion and beyond_noise["adam"] and beyond_noise["sgd"])
 
-    shared_min = min(float(v[0].min()) for v in stats.values())
+    shared_min = min(float(np.min(v[0])) for v in stats.values())
     fig = Figure(figsize=(22, 5.0))
     axes = fig.subplots(1, len(SCHEMES))
     for ax, scheme in zip(axes, SCHEMES, strict=True):

@@ -143,3 +143,33 @@ def test_cuda_read_backs_is_none_without_cuda_and_does_not_call(monkeypatch):
     calls = []
     assert cuda_read_backs(lambda: calls.append(1)) is None
     assert calls == []
+
+
+def test_cuda_read_backs_counts_only_the_synchronising_calls(monkeypatch):
+    """On an H200 (torch 2.11) a kernel alone counted 1: the first use of the sync debug mode in a process warns
+    that it "is a prototype feature and does not yet detect all synchronizing operations", and the count matched
+    "synchroniz" anywhere. This replays that sequence of warnings without a GPU."""
+    import warnings
+
+    from theorylab.cost import cuda_read_backs
+
+    mode = {"now": 0, "used": False}
+
+    def set_mode(m):
+        if m == "warn" and not mode["used"]:
+            mode["used"] = True
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations", UserWarning, stacklevel=2)
+        mode["now"] = m
+
+    def read_back():
+        if mode["now"] == "warn":
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    assert cuda_read_backs(lambda: None) == 0  # the prototype notice, and no read-back
+    assert cuda_read_backs(read_back) == 1
+    assert cuda_read_backs(lambda: [read_back(), read_back(), warnings.warn("unrelated", stacklevel=1)]) == 2
+    assert mode["now"] == "default"

@@ -2,6 +2,7 @@
 # The checks a session lent a CUDA GPU runs (CI has none), in order of value, each under its own time limit:
 #   cuda    tests/test_cuda.py: the public API on the GPU against the float64 CPU references and torch.optim
 #   bench   benchmarks/gpu_attention.py: FAVOR+ and separable attention against SDPA on the GPU
+#   optim   benchmarks/gpu_optim.py: our AdamW (chain, fused; NaN check on and off) against torch's, per step
 #   suite   the whole test suite on that machine (where `--device auto` trains on the GPU)
 #   verify  the full `theorylab verify` on that machine (only results.json comes back)
 #   ddp     torchrun with 1 and 2 processes per machine, `--device auto` and `cuda` (more processes than GPUs)
@@ -10,11 +11,11 @@
 #           each version first (git archive REV src/theorylab | tar -x -C DIR) and name it in
 #           REVISION_PACKAGES="LABEL=DIR/src/theorylab ..." (REVISION_NS: the lengths, default 4096 16384 65536).
 # Run from the repository root with a Python that has torch (CUDA), pytest, pytest-xdist and hypothesis:
-#     bash benchmarks/gpu_check.sh [STEP ...]        (default: all five; logs and JSON go to $OUT or ./gpu-check)
+#     bash benchmarks/gpu_check.sh [STEP ...]        (default: all six; logs and JSON go to $OUT or ./gpu-check)
 set -u
 out=${OUT:-gpu-check}
 mkdir -p "$out"
-steps=${*:-cuda bench suite verify ddp}
+steps=${*:-cuda bench optim suite verify ddp}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # the console script `theorylab` for the CLI tests; without it they fail, the rest still runs
@@ -30,6 +31,7 @@ for step in $steps; do
             | tail -15 ;;
     bench) timeout 200 $py benchmarks/gpu_attention.py --json "$out/gpu_attention.json" 2>&1 \
              | tee "$out/gpu_attention.log" | tail -40 ;;
+    optim) timeout 120 $py benchmarks/gpu_optim.py --json "$out/gpu_optim.json" 2>&1 | tee "$out/gpu_optim.log" ;;
     suite) timeout 200 $py -m pytest -q -p no:cacheprovider -n 12 --ignore tests/test_cuda.py 2>&1 \
              | tee "$out/suite.log" | tail -25 ;;
     verify) report=$(mktemp -d)
@@ -52,6 +54,6 @@ for step in $steps; do
                  timeout 150 $py benchmarks/attention_revisions.py "${packages[@]}" --worktree --kind $kind \
                    --ns ${REVISION_NS:-4096 16384 65536} --json "$out/revisions-$kind.json" 2>&1 | tee "$out/revisions-$kind.log" | tail -8
                done ;;
-    *) echo "unknown step $step (cuda, bench, suite, verify, ddp, revisions)"; exit 2 ;;
+    *) echo "unknown step $step (cuda, bench, optim, suite, verify, ddp, revisions)"; exit 2 ;;
   esac
 done

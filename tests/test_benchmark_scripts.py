@@ -104,3 +104,24 @@ def test_attention_revisions_takes_a_package_unpacked_elsewhere(tmp_path, monkey
     with pytest.raises(SystemExit):
         revisions.main()
     assert "holding a package's __init__.py" in capsys.readouterr().err
+
+
+def test_gpu_optim_times_every_contender_per_step(tmp_path):
+    """benchmarks/gpu_optim.py runs the same code on the CPU: every contender, per-step times, the JSON."""
+    gpu_optim = _load("gpu_optim")
+    out = tmp_path / "optim.json"
+    result = gpu_optim.main(["--device", "cpu", "--quick", "--steps", "2", "--rounds", "2", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    rows = {r["optimizer"]: r for r in result["rows"]}
+    assert set(rows) >= {"theorylab AdamW", "theorylab AdamW fused", "torch AdamW foreach", "torch AdamW fused"}
+    assert rows["torch AdamW fused"]["vs_torch_fused"] == 1.0
+    assert all(r["median_ms_per_step"] > 0 and r["read_backs_per_step"] is None for r in rows.values())
+    assert all(r["read_backs_first_step"] is None for r in rows.values())
+    assert result["parameters"] == 725_504 and result["steps"] == 2
+
+
+def test_gpu_optim_refuses_zero_steps(capsys):
+    gpu_optim = _load("gpu_optim")
+    with pytest.raises(SystemExit) as e:
+        gpu_optim.main(["--device", "cpu", "--steps", "0"])
+    assert e.value.code == 2 and "--steps and --rounds must be >= 1, got 0" in capsys.readouterr().err

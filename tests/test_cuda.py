@@ -289,3 +289,27 @@ def test_read_backs_are_counted_on_the_device():
     assert cuda_read_backs(lambda: x * 2) == 0
     assert cuda_read_backs(lambda: (x * 2).sum().item()) == 1
     assert cuda_read_backs(lambda: [bool(x.sum() > 0), float(x.max())]) == 2
+
+
+def test_steps_read_back_only_for_the_nan_check():
+    """The default nonfinite="raise" reads one value back per step (whether a gradient is NaN or inf), and nothing
+    else does: on an H200 the first fused step had read back once per parameter, copying each new step counter from
+    the host. Off CUDA there are no read-backs; the counters are made on the parameter's device all the same."""
+    from theorylab.cost import cuda_read_backs
+
+    counts = {}
+    for name, kw in {"chain": {}, "chain, propagate": {"nonfinite": "propagate"}, "fused": {"fused": True},
+                     "fused, propagate": {"fused": True, "nonfinite": "propagate"}}.items():
+        params = [torch.randn(5, 3, device=DEVICE, requires_grad=True) for _ in range(4)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = AdamW(params, **kw)
+        counts[name] = [cuda_read_backs(opt.step) for _ in range(2)]
+        if DEVICE.type != "cuda":
+            opt.step()  # cuda_read_backs calls nothing without CUDA
+        if kw.get("fused"):
+            assert all(opt.state[p]["step"].device == p.device for p in params)
+    if DEVICE.type != "cuda":
+        assert all(c == [None, None] for c in counts.values()) or torch.cuda.is_available()
+        return
+    assert counts == {"chain": [1, 1], "chain, propagate": [0, 0], "fused": [1, 1], "fused, propagate": [0, 0]}

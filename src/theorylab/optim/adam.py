@@ -204,8 +204,9 @@ class Adam(ChainOptimizer):
         for p in params:
             state = self.state[p]
             if "step" not in state:
-                # 0, not 1: the kernel advances it
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # 0, not 1: the kernel advances it. Made where the parameter is: the CUDA kernel reads it there, and
+                # a copy from the host waits for the GPU (the first step had read back once per parameter)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             if state["step"].device != p.device:  # the CUDA kernel reads the count on the parameter's device
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
             for key in ("exp_avg", "exp_avg_sq"):

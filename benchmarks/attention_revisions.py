@@ -63,8 +63,8 @@ def extract(rev: str, into: Path) -> Path:
 
 
 def _read_backs(call: Callable[[], None], device: torch.device) -> int | None:
-    """The read-backs of ``call`` (its synchronising calls less the closing ``torch.cuda.synchronize()``'s, as
-    ``gpu_attention.py`` counts them); None off CUDA, where reading back costs nothing extra."""
+    """The read-backs of ``call`` (its synchronising calls less the closing ``torch.cuda.synchronize()``'s, none in
+    torch's source, as ``gpu_attention.py`` counts them); None off CUDA, where reading back costs nothing extra."""
     if device.type != "cuda":
         return None
     return (cuda_read_backs(call) or 0) - (cuda_read_backs(torch.cuda.synchronize) or 0)

@@ -56,7 +56,8 @@ def _peak_mib(call: Callable[[], None]) -> float:
 
 
 def _read_backs(call: Callable[[], None]) -> int:
-    """The read-backs of ``call``: its synchronising calls less the closing ``torch.cuda.synchronize()``'s."""
+    """The read-backs of ``call``: its synchronising calls less the closing ``torch.cuda.synchronize()``'s (none in
+    torch's source, which does not report an explicit synchronize; subtracted in case a version does)."""
     return (cuda_read_backs(call) or 0) - (cuda_read_backs(torch.cuda.synchronize) or 0)
 
 

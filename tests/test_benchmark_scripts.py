@@ -125,3 +125,21 @@ def test_gpu_optim_refuses_zero_steps(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_optim.main(["--device", "cpu", "--steps", "0"])
     assert e.value.code == 2 and "--steps and --rounds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_gpu_optim_divides_each_call_by_its_steps(monkeypatch):
+    """A timed call runs --steps steps: the table's time is per step."""
+    gpu_optim = _load("gpu_optim")
+    calls = []
+
+    def fake_times(fns, rounds, warmup):
+        for fn in fns.values():
+            fn()
+            calls.append(fn)
+        return {name: [0.006] * rounds for name in fns}
+
+    monkeypatch.setattr(gpu_optim, "interleaved_times", fake_times)
+    result = gpu_optim.main(["--device", "cpu", "--quick", "--steps", "3", "--rounds", "2"])
+    assert len(calls) == 7
+    assert all(abs(r["median_ms_per_step"] - 2.0) < 1e-9 for r in result["rows"])
+    assert all(r["vs_torch_fused"] == 1.0 for r in result["rows"])

@@ -69,9 +69,11 @@ SYNC_WARNING = "called a synchronizing CUDA operation"
 
 def cuda_read_backs(fn: Callable[[], Any]) -> int | None:
     """How many times ``fn()`` waits for the GPU: the synchronising CUDA calls it makes (reading a value back to
-    the host, ``.item()``, ``bool(tensor)``, a copy to the CPU, ``torch.cuda.synchronize()``), which torch reports in
+    the host, ``.item()``, ``bool(tensor)``, a copy to the CPU or from pageable host memory), which torch reports in
     ``torch.cuda.set_sync_debug_mode("warn")``. Each drains the queue of kernels, so launch-bound code slows with
-    every one. Calls ``fn`` once; None without CUDA (there ``fn`` is not called)."""
+    every one. An explicit ``torch.cuda.synchronize()`` is not among them: torch's source does not report it
+    (``device_synchronize`` in c10/cuda/CUDAFunctions.cpp). Calls ``fn`` once; None without CUDA (there ``fn`` is
+    not called)."""
     if not torch.cuda.is_available():
         return None
     torch.cuda.synchronize()

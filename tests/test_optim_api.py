@@ -316,7 +316,7 @@ def test_torch_options_at_their_defaults_are_accepted_and_change_nothing(cls, op
     assert torch.equal(run(**options), run())
 
 
-@pytest.mark.parametrize("cls, key, value", [(Adam, "amsgrad", True), (AdamW, "maximize", True),
+@pytest.mark.parametrize("cls, key, value", [(Adam, "capturable", True), (AdamW, "differentiable", True),
                                              (SGD, "differentiable", True), (SGD, "fused", True)])
 def test_torch_options_at_other_values_are_refused_by_name(cls, key, value):
     with pytest.raises(ValueError, match=f"{key}=True is not implemented"):

@@ -45,7 +45,7 @@ def test_group_added_after_a_resume_saves_a_state_that_loads(name, resume):
     opt = RESUMES[resume](opt)
     params_a = [p for g in opt.param_groups for p in g["params"]]
     opt.add_param_group({"params": list(b.parameters())})  # e.g. unfreezing a layer
-    assert not any(k in g for g in opt.param_groups for k in ("differentiable", "foreach", "maximize"))
+    assert not any(k in g for g in opt.param_groups for k in ("differentiable", "foreach", "capturable"))
     _step(opt, params_a + list(b.parameters()))
     saved = opt.state_dict()
     consolidated = {"state": saved["state"], "param_groups": saved["param_groups"]}  # what DCP returns

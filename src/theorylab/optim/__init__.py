@@ -13,6 +13,7 @@ from .param_groups import decay_param_groups, decayed_names
 from .sgd import SGD
 from .transforms import (
     AddDecayedWeights,
+    Negate,
     RunningAverage,
     ScaleByAdam,
     ScaleByLearningRate,
@@ -29,6 +30,7 @@ __all__ = [
     "AdamW",
     "AddDecayedWeights",
     "ChainOptimizer",
+    "Negate",
     "NonFiniteGradientError",
     "RunningAverage",
     "RunningAverageSGD",

@@ -22,7 +22,7 @@ from .base import (
     check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
-from .transforms import ScaleByAdam, Transform, reference_lr
+from .transforms import Negate, ScaleByAdam, Transform, reference_lr
 
 #: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,7 +82,7 @@ def check_betas(betas: Any) -> tuple[float, float]:
 
 
 #: torch.optim.Adam's keywords beyond ours, accepted at their default values (see check_torch_options)
-ADAM_TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable")
+ADAM_TORCH_OPTIONS = ("foreach", "capturable", "differentiable")
 
 
 def _decay_from_torch_flag(flag: Any, decay: str) -> str:
@@ -99,7 +99,9 @@ class Adam(ChainOptimizer):
 
     Notation of the problem set: ε is the learning rate ``lr`` (under a schedule, η is the current ``lr`` and
     :math:`\eta_0` the group's ``initial_lr``, so ε = η), δ is ``eps`` (not ε), :math:`(\beta_1, \beta_2)` are
-    ``betas`` and λ is ``weight_decay``. With :math:`\tilde g_t` the gradient seen by the moments,
+    ``betas`` and λ is ``weight_decay``. ∇L below is the gradient, or its negative with ``maximize=True``
+    (torch.optim's option: a :class:`~theorylab.optim.transforms.Negate` first in the chain). With
+    :math:`\tilde g_t` the gradient seen by the moments,
 
     .. math::
         s_t = \beta_1 s_{t-1} + (1-\beta_1)\tilde g_t,\quad r_t = \beta_2 r_{t-1} + (1-\beta_2)\tilde g_t^2,\quad
@@ -116,14 +118,18 @@ class Adam(ChainOptimizer):
     * ``"decoupled_lr"`` (torch.optim.AdamW, optax.adamw): :math:`\Delta\theta = -\varepsilon(a_t + \lambda\theta)`;
       the decay per step is ε·λ, so the best λ moves as 1/ε.
 
+    ``amsgrad=True`` (torch.optim's option; Reddi et al. 2018) replaces :math:`r_t` in :math:`a_t` by its largest
+    value so far, :math:`\max_{i \le t} r_i`, kept in the state as ``max_exp_avg_sq`` (see
+    :class:`~theorylab.optim.transforms.ScaleByAdam`).
+
     ``weight_decay = 2γ`` for the problem set's L2 term :math:`\gamma\lVert\theta\rVert^2`. The decoupled decays
     need a shrink per step below 1: λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for
     ``"decoupled"``, ελ < 1 for ``"decoupled_lr"``; ValueError otherwise
     (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
-    torch.optim.Adam's ``amsgrad``, ``maximize``, ``capturable`` and ``differentiable`` are accepted off, and
-    ``foreach`` and ``fused=None`` at any value, so that a configuration written for torch runs unchanged (on:
-    ValueError); ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch. Pass them by
-    keyword: the sixth positional argument is ``decay`` here, ``amsgrad`` in torch.optim.Adam.
+    torch.optim.Adam's ``capturable`` and ``differentiable`` are accepted off, and ``foreach`` and ``fused=None``
+    at any value, so that a configuration written for torch runs unchanged (on: ValueError);
+    ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch. Pass them, and ``amsgrad`` and
+    ``maximize``, by keyword: the sixth positional argument is ``decay`` here, ``amsgrad`` in torch.optim.Adam.
 
     **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
     moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
@@ -137,9 +143,9 @@ class Adam(ChainOptimizer):
     decay with λ, and ``"decoupled"`` to its decoupled decay with λ/:math:`\eta_0`. Everything around the
     arithmetic is the chain's: validation, the ``nonfinite`` policy (whose check of the gradients is most of
     what the fused step costs beyond torch's), parameters without a gradient, per-parameter step counts, and
-    the state (``step``, ``exp_avg``, ``exp_avg_sq``), so a ``state_dict`` saved with either setting loads into
-    the other; ``load_state_dict`` keeps the loading optimizer's ``fused`` setting (an execution choice, not a
-    hyperparameter of the saved run), where torch.optim takes the saved one. Parameters must be
+    the state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a ``state_dict`` saved with either
+    setting loads into the other; ``load_state_dict`` keeps the loading optimizer's ``fused`` setting (an
+    execution choice, not a hyperparameter of the saved run), where torch.optim takes the saved one. Parameters must be
     float16/bfloat16/float32/float64 on CPU or CUDA (or complex64/complex128, given to the kernel as their
     float32/float64 real views), else ValueError (at construction and at step). A group
     runs the chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach
@@ -150,13 +156,15 @@ class Adam(ChainOptimizer):
     state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *,
-                 nonfinite: str = "raise", fused: bool = False, **torch_options: Any) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *, amsgrad: bool = False,
+                 maximize: bool = False, nonfinite: str = "raise", fused: bool = False,
+                 **torch_options: Any) -> None:
         if "decoupled_weight_decay" in torch_options and type(self) is Adam:  # torch.optim.Adam's (AdamW lacks it)
             decay = _decay_from_torch_flag(torch_options.pop("decoupled_weight_decay"), decay)
         check_torch_options(type(self).__name__, torch_options, ADAM_TORCH_OPTIONS)
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps,
-                    "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite, "fused": fused}
+                    "weight_decay": weight_decay, "decay": decay, "amsgrad": amsgrad, "maximize": maximize,
+                    "nonfinite": nonfinite, "fused": fused}
         self.check_group(defaults)
         check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
@@ -168,6 +176,8 @@ class Adam(ChainOptimizer):
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
         check_decay(group["decay"])
         check_decay_rate(group)
+        for key in ("amsgrad", "maximize"):  # absent in groups pickled before they existed
+            group[key] = check_flag(group.get(key, False), key)
         if "fused" in group and group["fused"] is None:  # torch.optim's default: not fused
             group["fused"] = False
         check_flag(group.get("fused", False), "fused")
@@ -183,7 +193,8 @@ class Adam(ChainOptimizer):
                 raise
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
-        return with_decay([ScaleByAdam()], group["decay"])
+        return [*([Negate()] if group["maximize"] else []),
+                *with_decay([ScaleByAdam(amsgrad=group["amsgrad"])], group["decay"])]
 
     def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if not group.get("fused", False):
@@ -200,7 +211,10 @@ class Adam(ChainOptimizer):
         has_complex = check_fused_params(group["params"],
                                          next(i for i, g in enumerate(self.param_groups) if g is group))
         grads = cast("list[Tensor]", [p.grad for p in params])  # step() passes the parameters with a gradient
-        exp_avgs, exp_avg_sqs, steps = [], [], []
+        amsgrad = group["amsgrad"]
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        buffers: list[list[Tensor]] = [[] for _ in keys]  # per key, one tensor per parameter
+        steps = []
         for p in params:
             state = self.state[p]
             if "step" not in state:
@@ -209,23 +223,23 @@ class Adam(ChainOptimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             if state["step"].device != p.device:  # the CUDA kernel reads the count on the parameter's device
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key not in state:
+            for key, tensors in zip(keys, buffers, strict=True):
+                if key not in state:  # max_exp_avg_sq too, as the chain makes it: zeros, max(0, r) = r
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+                tensors.append(state[key])
             steps.append(state["step"])
         if has_complex:  # the kernel takes real tensors: complex ones go in as (..., 2) views, as torch.optim's do
-            params, grads, exp_avgs, exp_avg_sqs = (
-                [torch.view_as_real(t) if t.is_complex() else t for t in ts]
-                for ts in (params, grads, exp_avgs, exp_avg_sqs))
-        if not all(_kernel_safe(*ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+            params, grads, *buffers = (
+                [torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in (params, grads, *buffers))
+        if not all(_kernel_safe(*ts) for ts in zip(params, grads, *buffers, strict=True)):
             return False
+        exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = buffers
         beta1, beta2 = group["betas"]
         # adamw, not adam(decoupled_weight_decay=True): torch 2.4 (which we support) lacks that keyword
         kernel = torch_adam if group["decay"] == "l2" else torch_adamw
-        kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=beta1,
-               beta2=beta2, lr=lr, weight_decay=weight_decay, eps=group["eps"], maximize=False)
+        kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs[0] if amsgrad else [], steps, fused=True,
+               amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=group["eps"],
+               maximize=group["maximize"])
         return True
 
 
@@ -237,7 +251,7 @@ class AdamW(Adam):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, nonfinite: str = "raise",
-                 fused: bool = False, **torch_options: Any) -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
+                 nonfinite: str = "raise", fused: bool = False, **torch_options: Any) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay="decoupled_lr",
-                         nonfinite=nonfinite, fused=fused, **torch_options)
+                         amsgrad=amsgrad, maximize=maximize, nonfinite=nonfinite, fused=fused, **torch_options)

@@ -23,9 +23,12 @@ STATE_KIND_KEY = "theorylab_optimizer"
 #: group keys that are execution choices, not hyperparameters of the saved run: a state_dict without them (saved
 #: before they existed) takes the loading optimizer's values
 EXECUTION_KEYS = ("nonfinite", "fused")
+#: switches added after the first release, with the value a saved group that lacks them was trained with
+LATER_KEYS = {"maximize": False, "amsgrad": False}
 # keys torch.optim.Optimizer itself adds to ``defaults`` (``__setstate__``: after a load_state_dict, deepcopy or
-# unpickling); not hyperparameters of ours, so a saved group need not carry them
-TORCH_DEFAULT_KEYS = ("differentiable", "foreach", "maximize", "capturable")
+# unpickling) or that only its subclasses' groups hold; not hyperparameters of ours, so a saved group need not
+# carry them
+TORCH_DEFAULT_KEYS = ("differentiable", "foreach", "capturable")
 
 
 def as_real(value: Any, name: str) -> float:
@@ -80,11 +83,6 @@ def check_positive(value: Any, name: str) -> float:
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"Invalid {name} value: {x} (must be a finite number > 0)")
     return x
-
-
-#: torch.optim switches taken when off (or None, torch's "default"), so that a configuration written for
-#: torch.optim runs unchanged; ``foreach`` is taken at any value (an execution choice with the same result)
-TORCH_OPTIONS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
 
 
 def check_torch_options(name: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
@@ -191,9 +189,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         # torch's __setstate__ (run by load_state_dict, deepcopy and unpickling) adds "differentiable" to
         # ``defaults``; add_param_group would then copy it into new groups, whose state_dict, saved without
         # STATE_KIND_KEY (DCP, FSDP, ZeRO keep only "state" and "param_groups"), would read as torch.optim's
+        ours = set(state["defaults"] if "defaults" in state else getattr(self, "defaults", {}))
         super().__setstate__(state)
         for key in TORCH_DEFAULT_KEYS:
-            self.defaults.pop(key, None)
+            if key not in ours:
+                self.defaults.pop(key, None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         given = {k: v for k, v in param_group.items() if k != "params"}
@@ -237,7 +237,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
-        required = [k for k in self.defaults if k not in EXECUTION_KEYS + TORCH_DEFAULT_KEYS]
+        required = [k for k in self.defaults if k not in (*EXECUTION_KEYS, *TORCH_DEFAULT_KEYS, *LATER_KEYS)]
         groups = []
         for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             missing = [k for k in required if k not in saved]
@@ -254,6 +254,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
             # how to execute (the non-finite policy, fused) is the loading optimizer's choice, not the checkpoint's
             group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}
+            for key, value in LATER_KEYS.items():  # a group saved before the switch existed ran without it
+                if key in self.defaults:
+                    group.setdefault(key, value)
             try:
                 check_common_keys(group)
                 self.check_group(group)
@@ -369,8 +372,8 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
 def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
     """The torch.optim optimizer a saved parameter group seems to come from (by keys only torch's groups have), or
     None."""
-    # every torch.optim group (torch >= 2.0) has at least foreach, maximize and differentiable; one such key alone
-    # can be a leftover (a group added before the __setstate__ fix above)
+    # every torch.optim group (torch >= 2.0) has at least foreach and differentiable (maximize is ours too); one
+    # such key alone can be a leftover (a group added before the __setstate__ fix above)
     if sum(k in group for k in TORCH_DEFAULT_KEYS) < 2:
         return None
     if "amsgrad" in group:

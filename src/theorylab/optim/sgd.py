@@ -15,14 +15,15 @@ from .base import (
     check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
-from .transforms import Trace, Transform
+from .transforms import Negate, Trace, Transform
 
 
 class SGD(ChainOptimizer):
     r"""Stochastic gradient descent with momentum, built as ``[decay?, Trace, ScaleByLearningRate, decay?]``.
 
     Let η be ``lr``, μ ``momentum``, d ``dampening``, λ ``weight_decay`` and :math:`\eta_0` the group's
-    ``initial_lr``. With :math:`g_t = \nabla L(\theta_{t-1})`:
+    ``initial_lr``. With :math:`g_t = \nabla L(\theta_{t-1})` (:math:`-\nabla L` with ``maximize=True``, as in
+    torch.optim.SGD: a :class:`~theorylab.optim.transforms.Negate` first in the chain):
 
     .. math::
         b_t = \mu b_{t-1} + (1-d)\,\tilde g_t \ (b_1 = \tilde g_1), \qquad
@@ -40,19 +41,19 @@ class SGD(ChainOptimizer):
     With μ = 0 this is plain SGD and keeps no buffer. The decoupled decays need a shrink per step below 1:
     λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for ``"decoupled"``, :math:`\eta\lambda < 1` for
     ``"decoupled_lr"``; ValueError otherwise (:func:`~theorylab.optim.decay.check_decay_rate`).
-    ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`. torch.optim.SGD's ``maximize``,
-    ``foreach``, ``differentiable`` and ``fused`` are accepted at their default values (``foreach`` at any), so
-    that a configuration written for torch runs unchanged; other values raise ValueError. Give it by keyword: the
+    ``nonfinite``, validation, complex parameters: see :class:`ChainOptimizer`. torch.optim.SGD's ``foreach``,
+    ``differentiable`` and ``fused`` are accepted at their default values (``foreach`` at any), so that a
+    configuration written for torch runs unchanged; other values raise ValueError. Give it by keyword: the
     positional order is ``(params, lr, momentum, weight_decay, decay)``, where torch.optim.SGD's fourth is
     ``dampening`` (here keyword-only), so ``SGD(p, 0.1, 0.9, 0.5)`` sets weight_decay, not dampening.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False,
+                 decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False,
                  nonfinite: str = "raise", **torch_options: Any) -> None:
-        check_torch_options("SGD", torch_options, ("maximize", "foreach", "differentiable", "fused"))
+        check_torch_options("SGD", torch_options, ("foreach", "differentiable", "fused"))
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
-                    "weight_decay": weight_decay, "decay": decay, "nonfinite": nonfinite}
+                    "weight_decay": weight_decay, "decay": decay, "maximize": maximize, "nonfinite": nonfinite}
         self.check_group(defaults)
         check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
@@ -63,6 +64,7 @@ class SGD(ChainOptimizer):
         group["dampening"] = check_nonnegative(group["dampening"], "dampening")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
         group["nesterov"] = check_flag(group["nesterov"], "nesterov")
+        group["maximize"] = check_flag(group.get("maximize", False), "maximize")  # absent in older pickles
         check_decay(group["decay"])
         check_decay_rate(group)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -72,4 +74,4 @@ class SGD(ChainOptimizer):
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         momentum = Trace(key="momentum", state_key="momentum_buffer", dampening_key="dampening",
                          first_step_copies=True, nesterov_key="nesterov")
-        return with_decay([momentum], group["decay"])
+        return [*([Negate()] if group["maximize"] else []), *with_decay([momentum], group["decay"])]

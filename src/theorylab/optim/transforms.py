@@ -9,6 +9,9 @@ decoupled decay is only *where* :class:`AddDecayedWeights` sits relative to :cla
     AdamW (torch)        [ScaleByAdam, AddDecayedWeights, ScaleByLearningRate]          λ·lr·θ
     Adam, decoupled      [ScaleByAdam, ScaleByLearningRate, AddDecayedWeights(sched.)]  λ·(lr/lr₀)·θ
 
+torch.optim's ``maximize=True`` is a :class:`Negate` in front of any of these, and its ``amsgrad=True`` is
+``ScaleByAdam(amsgrad=True)``.
+
 Each transform keeps its per-parameter state under its own keys in ``optimizer.state[p]`` (so ``state_dict``
 works unchanged) and works on whole lists with ``torch._foreach_*`` kernels, which is what torch.optim's
 ``foreach`` implementations do.
@@ -136,6 +139,21 @@ class ScaleByLearningRate:
 
 
 @dataclass(frozen=True)
+class Negate:
+    r"""``u <- -u``: ascend instead of descend (torch.optim's ``maximize=True``; optax's ``scale(-1)``). Deferred:
+    it flips the sign of ``ctx.scale`` and ``ctx.decay``, so the negation is free and exact.
+
+    It goes first in a chain, so that everything after it (momentum, Adam's moments, L2's :math:`+\lambda\theta`)
+    sees :math:`-\nabla L`, as in torch.optim: L2 then still pulls θ towards 0, and a decoupled decay is unchanged.
+    """
+
+    def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        ctx.scale = -ctx.scale
+        ctx.decay = -ctx.decay
+        return updates
+
+
+@dataclass(frozen=True)
 class Trace:
     r"""Momentum as a trace: :math:`v_t = \mu\, v_{t-1} + u_t`, output :math:`v_t`.
 
@@ -232,7 +250,14 @@ class ScaleByAdam:
     ``exp_avg_sq`` (r), torch's names. :math:`u^2` is the elementwise square of real tensors: complex parameters
     reach the chain as ``view_as_real`` pairs (see :class:`~theorylab.optim.ChainOptimizer`), so r holds the
     running mean of each component's square, as in torch.optim.Adam.
+
+    With ``amsgrad`` (Reddi et al. 2018, as torch.optim.Adam's ``amsgrad=True``) the denominator uses the largest
+    second moment so far, :math:`\hat r_t = \max_{i \le t} r_i / (1-\beta_2^t)`, kept under ``max_exp_avg_sq``
+    (torch's name). That buffer is created as zeros the first time it is needed, so switching ``amsgrad`` on after
+    some steps (or loading a state saved without it) starts the maximum at the current :math:`r_t`.
     """
+
+    amsgrad: bool = False
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta1, beta2 = ctx.group["betas"]
@@ -243,6 +268,10 @@ class ScaleByAdam:
         torch._foreach_lerp_(m, grads, 1.0 - beta1)
         torch._foreach_mul_(r, beta2)
         torch._foreach_addcmul_(r, grads, grads, 1.0 - beta2)
+        if self.amsgrad:
+            r_max = _buffers(ctx, "max_exp_avg_sq", grads)
+            torch._foreach_maximum_(r_max, r)
+            r = r_max
         bc1, bc2_sqrt = 1.0 - beta1**ctx.step, math.sqrt(1.0 - beta2**ctx.step)
         denom: TensorList
         if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU

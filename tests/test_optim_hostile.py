@@ -208,9 +208,10 @@ BAD_GROUP_VALUES = {
                          ({"lr": math.nan}, "learning rate: nan"), ({"debias": "no"}, "debias value: 'no'")]),
     "sgd": (lambda p: SGD(p, lr=0.1, momentum=0.9),
             [({"momentum": math.nan}, "momentum value: nan"), ({"lr": -1.0}, "learning rate: -1.0"),
-             ({"nesterov": "yes"}, "nesterov value: 'yes'")]),
+             ({"nesterov": "yes"}, "nesterov value: 'yes'"), ({"maximize": "yes"}, "maximize value: 'yes'")]),
     "adam": (lambda p: Adam(p, lr=0.1),
-             [({"betas": (0.9, math.nan)}, "beta2"), ({"eps": 0.0}, "eps value: 0.0")]),
+             [({"betas": (0.9, math.nan)}, "beta2"), ({"eps": 0.0}, "eps value: 0.0"),
+              ({"amsgrad": 2}, "amsgrad value: 2"), ({"maximize": None}, "maximize value: None")]),
 }
 BAD_CASES = [(name, bad, match) for name, (_, cases) in BAD_GROUP_VALUES.items() for bad, match in cases]
 

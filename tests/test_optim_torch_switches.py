@@ -11,7 +11,7 @@ import torch
 from optim_helpers import make_problem, single_thread  # noqa: F401 (an autouse fixture)
 from test_optim_parity import STEPS, TOL, max_diff, trajectory
 
-from theorylab.optim import SGD, Adam, AdamW
+from theorylab.optim import SGD, Adam, AdamW, SGDMomentum
 from theorylab.optim.transforms import Negate, ScaleByAdam, StepContext, chain_step
 
 
@@ -215,3 +215,36 @@ def test_a_bad_switch_written_into_a_group_is_caught_at_step():
 def test_sgd_has_no_amsgrad_as_in_torch():
     with pytest.raises(TypeError, match="unexpected keyword argument 'amsgrad'"):
         SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, amsgrad=True)
+
+
+def test_a_switch_on_that_the_loading_optimizer_lacks_is_refused():
+    """An SGD(maximize=True) state saved as DCP saves it (no kind key) had loaded into SGDMomentum, which descends."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.ones(1)
+    opt = SGD([p], lr=0.1, maximize=True)
+    opt.step()
+    saved = opt.state_dict()
+    unmarked = {"state": saved["state"], "param_groups": saved["param_groups"]}
+    target = SGDMomentum([p], lr=0.1, momentum=0.0)
+    with pytest.raises(ValueError, match="parameter group 0 has maximize=True, which SGDMomentum does not"):
+        target.load_state_dict(unmarked)
+    unmarked["param_groups"][0]["maximize"] = False  # off, the key is harmless: the old behaviour
+    target.load_state_dict(unmarked)
+
+
+def test_an_optimizer_pickled_before_the_switches_existed_runs_with_them_off():
+    """Pickled by an older version: groups and defaults without the keys; transforms() had raised KeyError."""
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for make in (lambda ps: Adam(ps, lr=1e-2, amsgrad=True), lambda ps: SGD(ps, lr=1e-2, maximize=True)):
+        opt = make(list(a.parameters()))
+        state = opt.__getstate__()
+        for d in (state["defaults"], *state["param_groups"]):
+            d.pop("maximize")
+            d.pop("amsgrad", None)
+        old = type(opt).__new__(type(opt))
+        old.__setstate__(state)
+        assert not any(isinstance(t, Negate) for t in old.transforms(old.param_groups[0]))
+        old.add_param_group({"params": list(b.parameters())})
+        assert all(g["maximize"] is False for g in old.param_groups)
+        if isinstance(old, Adam):
+            assert all(g["amsgrad"] is False for g in old.param_groups)

@@ -154,6 +154,7 @@ class Adam(ChainOptimizer):
     """
 
     state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
+    later_switches = ("amsgrad", "maximize")
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *, amsgrad: bool = False,

@@ -23,8 +23,9 @@ STATE_KIND_KEY = "theorylab_optimizer"
 #: group keys that are execution choices, not hyperparameters of the saved run: a state_dict without them (saved
 #: before they existed) takes the loading optimizer's values
 EXECUTION_KEYS = ("nonfinite", "fused")
-#: switches added after the first release, with the value a saved group that lacks them was trained with
-LATER_KEYS = {"maximize": False, "amsgrad": False}
+#: switches added after the first release (torch.optim's, off by default): a saved group or a pickled optimizer
+#: that lacks one ran with it off. Each optimizer lists its own in ``ChainOptimizer.later_switches``
+LATER_SWITCHES = ("maximize", "amsgrad")
 # keys torch.optim.Optimizer itself adds to ``defaults`` (``__setstate__``: after a load_state_dict, deepcopy or
 # unpickling) or that only its subclasses' groups hold; not hyperparameters of ours, so a saved group need not
 # carry them
@@ -172,6 +173,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     skipped_steps: int = 0
     #: what the state means: a state_dict loads only into an optimizer of the same kind; None means the class name
     state_kind: str | None = None
+    #: the :data:`LATER_SWITCHES` this optimizer has; off where a saved group or a pickled optimizer lacks them
+    later_switches: tuple[str, ...] = ()
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         """The chain of gradient transforms that defines this optimizer for ``group``, applied in order to the
@@ -194,6 +197,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         for key in TORCH_DEFAULT_KEYS:
             if key not in ours:
                 self.defaults.pop(key, None)
+        for key in self.later_switches:  # an optimizer pickled before the switch existed ran without it
+            self.defaults.setdefault(key, False)
+            for group in self.param_groups:
+                group.setdefault(key, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         given = {k: v for k, v in param_group.items() if k != "params"}
@@ -237,7 +244,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
-        required = [k for k in self.defaults if k not in (*EXECUTION_KEYS, *TORCH_DEFAULT_KEYS, *LATER_KEYS)]
+        required = [k for k in self.defaults if k not in (*EXECUTION_KEYS, *TORCH_DEFAULT_KEYS, *LATER_SWITCHES)]
         groups = []
         for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             missing = [k for k in required if k not in saved]
@@ -254,9 +261,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
             # how to execute (the non-finite policy, fused) is the loading optimizer's choice, not the checkpoint's
             group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}
-            for key, value in LATER_KEYS.items():  # a group saved before the switch existed ran without it
-                if key in self.defaults:
-                    group.setdefault(key, value)
+            for key in self.later_switches:  # a group saved before the switch existed ran without it
+                group.setdefault(key, False)
+            foreign = [k for k in LATER_SWITCHES if k not in self.later_switches and saved.get(k)]
+            if foreign:  # e.g. SGD(maximize=True) saved without its kind key: SGDMomentum would descend
+                raise ValueError(f"cannot load this state_dict into {name}: its parameter group {i} has "
+                                 f"{', '.join(f'{k}={saved[k]!r}' for k in foreign)}, which {name} does not "
+                                 "implement")
             try:
                 check_common_keys(group)
                 self.check_group(group)

@@ -48,6 +48,8 @@ class SGD(ChainOptimizer):
     ``dampening`` (here keyword-only), so ``SGD(p, 0.1, 0.9, 0.5)`` sets weight_decay, not dampening.
     """
 
+    later_switches = ("maximize",)
+
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False,
                  nonfinite: str = "raise", **torch_options: Any) -> None:

@@ -22,19 +22,24 @@ from theorylab.optim import (
 )
 
 
-def naive_adam(theta, grads, lr, b1, b2, eps, wd, decay, lr_factors=None):
-    """Kingma & Ba's Algorithm 1 written out per step, with the three decay conventions; θ before the step."""
+def naive_adam(theta, grads, lr, b1, b2, eps, wd, decay, lr_factors=None, amsgrad=False, maximize=False):
+    """Kingma & Ba's Algorithm 1 written out per step, with the three decay conventions; θ before the step.
+    ``amsgrad``: the largest v so far in the denominator (Reddi et al. 2018); ``maximize``: ascend on -g."""
     m = torch.zeros_like(theta)
     v = torch.zeros_like(theta)
+    v_max = torch.zeros_like(theta)
     out = []
     for t, g in enumerate(grads, start=1):
         f = lr_factors[t - 1] if lr_factors else 1.0
         eta = lr * f
+        if maximize:
+            g = -g
         if decay == "l2":
             g = g + wd * theta
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        a = (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
+        v_max = torch.maximum(v_max, v)
+        a = (m / (1 - b1**t)) / (torch.sqrt((v_max if amsgrad else v) / (1 - b2**t)) + eps)
         step = eta * a
         if decay == "decoupled":
             step = step + f * wd * theta
@@ -62,16 +67,16 @@ def run_ours(opt_factory, theta0, grads, lr_factors=None):
 @settings(max_examples=25, deadline=None)
 @given(lr=st.floats(1e-4, 1e-1), b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.9999), eps=st.floats(1e-10, 1e-2),
        wd=st.floats(0.0, 0.5), decay=st.sampled_from(["l2", "decoupled", "decoupled_lr"]),
-       seed=st.integers(0, 2**31 - 1), scheduled=st.booleans())
-def test_adam_matches_naive_reference(lr, b1, b2, eps, wd, decay, seed, scheduled):
+       seed=st.integers(0, 2**31 - 1), scheduled=st.booleans(), amsgrad=st.booleans(), maximize=st.booleans())
+def test_adam_matches_naive_reference(lr, b1, b2, eps, wd, decay, seed, scheduled, amsgrad, maximize):
     gen = torch.Generator().manual_seed(seed)
     theta0 = torch.randn(7, dtype=torch.float64, generator=gen)
     grads = [torch.randn(7, dtype=torch.float64, generator=gen) * 10 ** torch.randint(-3, 2, (1,), generator=gen)
              for _ in range(12)]
     factors = [0.5 * (1 + math.cos(math.pi * t / 12)) + 0.01 for t in range(12)] if scheduled else None
-    ours = run_ours(lambda p: Adam(p, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decay=decay), theta0, grads,
-                    factors)
-    ref = naive_adam(theta0, grads, lr, b1, b2, eps, wd, decay, factors)
+    ours = run_ours(lambda p: Adam(p, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decay=decay, amsgrad=amsgrad,
+                                   maximize=maximize), theta0, grads, factors)
+    ref = naive_adam(theta0, grads, lr, b1, b2, eps, wd, decay, factors, amsgrad, maximize)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -79,8 +84,8 @@ def test_adam_matches_naive_reference(lr, b1, b2, eps, wd, decay, seed, schedule
 @settings(max_examples=25, deadline=None)
 @given(lr=st.floats(1e-3, 0.5), mu=st.floats(0.0, 0.99), damp=st.floats(0.0, 0.9), wd=st.floats(0.0, 0.2),
        nesterov=st.booleans(), decay=st.sampled_from(["l2", "decoupled", "decoupled_lr"]),
-       seed=st.integers(0, 2**31 - 1))
-def test_sgd_matches_naive_reference(lr, mu, damp, wd, nesterov, decay, seed):
+       seed=st.integers(0, 2**31 - 1), maximize=st.booleans())
+def test_sgd_matches_naive_reference(lr, mu, damp, wd, nesterov, decay, seed, maximize):
     if nesterov:
         damp = 0.0
         mu = max(mu, 0.1)
@@ -88,9 +93,10 @@ def test_sgd_matches_naive_reference(lr, mu, damp, wd, nesterov, decay, seed):
     theta = torch.randn(6, dtype=torch.float64, generator=gen)
     grads = [torch.randn(6, dtype=torch.float64, generator=gen) for _ in range(10)]
     ours = run_ours(lambda p: SGD(p, lr=lr, momentum=mu, dampening=damp, nesterov=nesterov, weight_decay=wd,
-                                  decay=decay), theta, grads)
+                                  decay=decay, maximize=maximize), theta, grads)
     buf = None
     for g, got in zip(grads, ours, strict=True):
+        g = -g if maximize else g
         d = g + wd * theta if decay == "l2" else g
         if mu:
             buf = d.clone() if buf is None else mu * buf + (1 - damp) * d

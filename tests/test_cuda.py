@@ -171,6 +171,13 @@ PARITY = {
                     lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1, fused=True)),
     "adam-l2-fused": (lambda p: Adam(p, lr=3e-3, weight_decay=0.05, decay="l2", fused=True),
                       lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.05, fused=True)),
+    "sgd-momentum-maximize": (lambda p: SGD(p, lr=0.02, momentum=0.9, weight_decay=0.01, maximize=True),
+                              lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, weight_decay=0.01, maximize=True)),
+    "adam-amsgrad-maximize": (lambda p: Adam(p, lr=3e-3, weight_decay=0.05, amsgrad=True, maximize=True),
+                              lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.05, amsgrad=True, maximize=True)),
+    "adamw-amsgrad-maximize-fused": (
+        lambda p: AdamW(p, lr=3e-3, weight_decay=0.1, amsgrad=True, maximize=True, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1, amsgrad=True, maximize=True, fused=True)),
 }
 
 

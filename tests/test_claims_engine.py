@@ -110,6 +110,23 @@ def test_report_has_summary_sections_figures_and_environment(tmp_path):
     assert "<script" not in page
 
 
+@pytest.mark.parametrize("odd", [
+    dict(evidence={"a": None, "b": {"x": 1}, "c": [1, 2]}, key=["a", "b"]), dict(evidence=None), dict(seconds=None),
+    dict(seconds="nan"), dict(figures=None), dict(id=["3", "1"]), dict(notes=7, verdict="refuted"),
+    dict(title=None, kind=None), {"drop": "seconds"}, {"drop": "verdict"}])
+def test_a_hand_edited_results_json_still_renders(odd):
+    """One odd value in a results.json the engine did not write (None evidence, seconds as a string, figures set
+    to null) had lost the whole page to a TypeError, AttributeError or KeyError."""
+    record = {"id": "3.1", "title": "t", "kind": "claim", "statement": "s", "verdict": "confirmed",
+              "evidence": {"a": 1.0}, "key": ["a"], "method": "m", "notes": "", "summary": "", "figures": [],
+              "seconds": 1.0}
+    record.pop(odd.pop("drop", ""), None)
+    record.update(odd)
+    page = render_report({"claims": [record, {**record, "id": "3.2", "title": "kept"}],
+                          "environment": {"versions": None, "cpu": "<x>"}, "total_seconds": "?"})
+    assert "kept" in page and "&lt;x&gt;" in page
+
+
 @pytest.mark.parametrize("bad", [dict(notes=float("nan")), dict(numbers={("a", 1): 1.0}), dict(method=b"bytes")])
 def test_evidence_that_json_cannot_hold_costs_nothing_else(tmp_path, bad):
     """NaN notes or a tuple key made json.dumps raise inside run_claims: the later claims and the report were lost."""

@@ -54,6 +54,18 @@ def test_fit_power_law_recovers_exponents():
         fit_power_law([1, 2], [0, 1])
 
 
+@pytest.mark.parametrize("x", [[1.0, 1.0 + 1e-15], [1e10, 1e10 + 1e-5], [1e300, float(np.nextafter(1e300, 2e300))]])
+def test_fit_power_law_refuses_x_equal_up_to_rounding(x):
+    """These had given an exponent of 6e14 with R² = 1, or a meaningless one with numpy's RankWarning."""
+    with pytest.raises(ValueError, match="equal up to rounding"):
+        fit_power_law(x, [1.0, 2.0])
+
+
+def test_fit_power_law_refuses_x_beyond_the_float_range():
+    with pytest.raises(ValueError, match="float range"):
+        fit_power_law([10**400, 10**401], [1.0, 2.0])
+
+
 def test_median_time_respects_budget():
     calls = []
 
@@ -114,6 +126,18 @@ def test_matrix_vector_and_dot_products_are_counted():
     assert count_flops(lambda: a.to("meta") @ x.to("meta")) == 2 * 300 * 200
 
 
+def test_in_place_and_batch_summed_matrix_products_are_counted():
+    """addmv_, addmm_, baddbmm_ and addbmm counted 0 in torch's counter (their out= forms were counted)."""
+    a, x, b = torch.randn(8, 16), torch.randn(16), torch.randn(16, 4)
+    a3, b3 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
+    assert count_flops(lambda: torch.zeros(8).addmv_(a, x)) == 2 * 8 * 16
+    assert count_flops(lambda: torch.zeros(8, 4).addmm_(a, b)) == count_flops(torch.addmm, torch.zeros(8, 4), a, b)
+    assert count_flops(lambda: torch.zeros(8, 4).addmm_(a, b)) == 2 * 8 * 16 * 4
+    assert count_flops(lambda: torch.zeros(2, 8, 4).baddbmm_(a3, b3)) == 2 * 2 * 8 * 16 * 4
+    assert count_flops(torch.addbmm, torch.zeros(8, 4), a3, b3) == 2 * 2 * 8 * 16 * 4
+    assert count_flops(lambda: torch.zeros(8, 4).addbmm_(a3, b3)) == 2 * 2 * 8 * 16 * 4
+
+
 def test_peak_memory_sees_torch_tensor_of_python_data_and_skips_sparse():
     """torch.tensor(list) reaches the dispatcher as lift_fresh, which returns its argument: it counted 0 bytes.
     A sparse result raised NotImplementedError (no storage) from inside the tracker."""
@@ -169,7 +193,25 @@ def test_cuda_read_backs_counts_only_the_synchronising_calls(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
     assert cuda_read_backs(lambda: None) == 0  # the prototype notice, and no read-back
     assert cuda_read_backs(read_back) == 1
     assert cuda_read_backs(lambda: [read_back(), read_back(), warnings.warn("unrelated", stacklevel=1)]) == 2
-    assert mode["now"] == "default"
+    assert mode["now"] == 0
+    # a nested count: the outer one sees its own two read-backs (the inner had reset the mode to "default")
+    assert cuda_read_backs(lambda: [read_back(), cuda_read_backs(read_back), read_back()]) == 2
+    mode["now"] = 2  # the caller's own "error" guard is kept
+    cuda_read_backs(lambda: None)
+    assert mode["now"] == 2
+
+
+def test_peak_memory_does_not_count_memory_torch_did_not_allocate():
+    """from_numpy and as_tensor share numpy's memory; torch.tensor(array) is one copy. They had counted 4, 4, 4 and 8
+    MB: lift_fresh passes their storages through the dispatcher."""
+    a = np.zeros(1_000_000, np.float32)
+    x = torch.zeros(1_000_000)
+    assert peak_memory(torch.from_numpy, a) == 0
+    assert peak_memory(torch.as_tensor, a) == 0
+    assert peak_memory(lambda: torch.from_numpy(x.numpy())) == 0
+    assert peak_memory(torch.tensor, a) == 4_000_000
+    assert peak_memory(torch.tensor, [0.0] * 1000) == 4000

@@ -19,8 +19,12 @@ class PowerLawFit:
 
 
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
-    """Fit y ≈ c x^p; every x and y must be positive, at least two distinct x."""
-    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    """Fit y ≈ c x^p; every x and y must be positive and finite, with at least two x whose logs differ by more
+    than rounding (x = 1 and 1 + 1e-15 would give an exponent of 6e14); ValueError otherwise."""
+    try:
+        xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    except OverflowError as e:  # an int beyond the float range (10**400)
+        raise ValueError(f"fit_power_law: x and y must be within the float range ({e})") from None
     if xa.ndim != 1 or xa.shape != ya.shape:
         raise ValueError(f"fit_power_law: x and y must be 1-D sequences of one length; got shapes {xa.shape} and "
                          f"{ya.shape}")
@@ -29,6 +33,9 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLawFit:
         raise ValueError(f"fit_power_law: need >= 2 distinct positive x and positive y; got x={xa.tolist()}, "
                          f"y={ya.tolist()}")
     lx, ly = np.log(xa), np.log(ya)
+    if np.ptp(lx) <= 64 * np.finfo(float).eps * max(1.0, float(np.abs(lx).max())):  # the flat-y tolerance, on x
+        raise ValueError(f"fit_power_law: the x values are equal up to rounding (log x spans {np.ptp(lx):.3g}); "
+                         f"got x={xa.tolist()}")
     p, logc = np.polyfit(lx, ly, 1)
     resid = ly - (p * lx + logc)
     ss_tot = float(np.sum((ly - ly.mean()) ** 2))

@@ -8,7 +8,9 @@ kernel, forward and backward, with torch's own SDPA formulas. As torch does, cau
 The backward formula is the flash kernel's, which recomputes the scores: one (N, N) matmul more than the math
 backend's backward that the same call runs on meta tensors (7 against 6 matmuls of 2·N²·D FLOPs per head, forward
 included, when Dv = D). It also adds the matrix-vector and dot products that torch 2.13's counter left at 0
-(``mv``, ``addmv``, ``dot``, ``vdot``; ``nn.Linear`` on a vector was counted, ``A @ x`` was not).
+(``mv``, ``addmv``, ``dot``, ``vdot``; ``nn.Linear`` on a vector was counted, ``A @ x`` was not), and the
+in-place and batch-summed matrix products it also left at 0 (``addmv_``, ``addmm_``, ``baddbmm_``, ``addbmm``,
+``addbmm_``), whose out-of-place and ``out=`` forms it counts.
 """
 
 from __future__ import annotations
@@ -41,12 +43,21 @@ def _dot(a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> in
     return 2 * a[0]
 
 
+def _addmm(bias: Any, a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * a[0] * a[1] * b[1]
+
+
+def _baddbmm(bias: Any, a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * a[0] * a[1] * a[2] * b[2]  # addbmm too: the same products, summed over the batch
+
+
 def _missing_formulas() -> dict[Any, Callable[..., int]]:
     """Formulas for the kernels torch's counter lacks (shapes in, FLOPs out), where this torch has the kernel."""
     aten = torch.ops.aten
     pairs = (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
              ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward),
-             ("mv", _mv), ("addmv", _addmv), ("dot", _dot), ("vdot", _dot))
+             ("mv", _mv), ("addmv", _addmv), ("addmv_", _addmv), ("dot", _dot), ("vdot", _dot),
+             ("addmm_", _addmm), ("baddbmm_", _baddbmm), ("addbmm", _baddbmm), ("addbmm_", _baddbmm))
     return {getattr(aten, name): fn for name, fn in pairs if hasattr(aten, name)}
 
 

@@ -12,7 +12,9 @@ scratch buffers that a single kernel allocates and frees internally (e.g. inside
 memory outside torch tensors, nor storages created outside the dispatcher (``torch.from_numpy`` and
 ``torch.as_tensor`` of an array share numpy's memory; ``torch.load`` builds its storages directly), nor sparse
 tensors made inside the call (views of a sparse argument's parts, such as ``_values()``, count as nothing).
-``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``.
+``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``, as do the storages of
+``torch.from_numpy`` and ``torch.as_tensor``, which are not counted there (they wrap memory torch did not allocate,
+which is never resizable).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class PeakMemory(TorchDispatchMode):
                 storage = t.untyped_storage()
                 key = storage._cdata
                 if key in self._alive or key in inputs:
+                    continue
+                if fresh and not storage.resizable():  # memory torch did not allocate: numpy's, a buffer's
                     continue
                 nbytes = storage.nbytes()
                 self.current += nbytes

@@ -73,15 +73,17 @@ def cuda_read_backs(fn: Callable[[], Any]) -> int | None:
     ``torch.cuda.set_sync_debug_mode("warn")``. Each drains the queue of kernels, so launch-bound code slows with
     every one. An explicit ``torch.cuda.synchronize()`` is not among them: torch's source does not report it
     (``device_synchronize`` in c10/cuda/CUDAFunctions.cpp). Calls ``fn`` once; None without CUDA (there ``fn`` is
-    not called)."""
+    not called). The caller's sync debug mode is restored afterwards; a count nested inside ``fn`` keeps its
+    read-backs to itself (the outer count does not see them)."""
     if not torch.cuda.is_available():
         return None
     torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()  # a caller's "error" guard must survive the count
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(previous)
     return sum(SYNC_WARNING in str(w.message) for w in caught)

@@ -35,9 +35,13 @@ def _e(x: Any) -> str:
 
 
 def format_number(x: Any) -> str:
+    """A measured value for the report; anything that is not a real number (a hand-edited results.json may hold
+    None, a list or a dict) is shown as it is rather than losing the page."""
     if isinstance(x, str):
         return x
     if isinstance(x, int):
+        return str(x)
+    if not isinstance(x, float):
         return str(x)
     if x == 0:
         return "0"
@@ -64,7 +68,7 @@ def _verdict(v: str) -> str:
 
 def key_numbers(rec: dict[str, Any]) -> list[str]:
     """``name = value`` for a record's key numbers (its first three when it names none)."""
-    ev = rec.get("evidence", {})
+    ev = rec.get("evidence") or {}
     keys = rec.get("key") or list(ev)[:3]
     return [f"{k} = {format_number(ev[k])}" for k in keys if k in ev]
 
@@ -87,14 +91,35 @@ def _result_cell(rec: dict[str, Any]) -> str:
 def _summary(records: list[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td><a href="#{_e(r["kind"])}-{_e(r["id"])}">{_e(r["id"])}</a></td><td>{_e(r["title"])}{_why(r)}</td>'
-        f'<td>{_verdict(r["verdict"])}</td>{_result_cell(r)}<td>{r["seconds"]:.2f}</td></tr>'
+        f'<td>{_verdict(r["verdict"])}</td>{_result_cell(r)}<td>{_seconds(r)}</td></tr>'
         for r in records)
     return ("<table><tr><th>ID</th><th>title</th><th>verdict</th><th>measured vs criterion</th>"
             f"<th>seconds</th></tr>{rows}</table>")
 
 
+def _seconds(rec: dict[str, Any]) -> str:
+    return "?" if rec["seconds"] is None else f"{rec['seconds']:.2f}"
+
+
+def _normalised(rec: Any) -> dict[str, Any]:
+    """A record with the fields the page reads, of the types the engine writes: a hand-edited or foreign
+    results.json (a list of figures set to null, seconds as a string, an id that is a list) renders as it reads
+    instead of losing the whole page."""
+    rec = dict(rec) if isinstance(rec, dict) else {"title": repr(rec)}
+    for key, default in (("id", "?"), ("title", ""), ("kind", "claim"), ("verdict", "error")):
+        rec[key] = str(rec.get(key, default))
+    for key in ("statement", "summary", "method", "notes", "error"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            rec[key] = str(rec[key])
+    rec["evidence"] = rec["evidence"] if isinstance(rec.get("evidence"), dict) else {}
+    rec["figures"] = [str(f) for f in rec["figures"]] if isinstance(rec.get("figures"), list) else []
+    seconds = rec.get("seconds")
+    rec["seconds"] = float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
+    return rec
+
+
 def _section(rec: dict[str, Any]) -> str:
-    ev = rec.get("evidence", {})
+    ev = rec["evidence"]
     numbers = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_e(format_number(v))}</td></tr>'
                       for k, v in ev.items())
     parts = [f'<div class="claim" id="{_e(rec["kind"])}-{_e(rec["id"])}">',
@@ -112,16 +137,17 @@ def _section(rec: dict[str, Any]) -> str:
     # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
     # surrogateescape: a name that is not UTF-8 (its bytes kept as lone surrogates) becomes %XX of those bytes
     parts += [f'<p><img src="{_e(quote(f, errors="surrogateescape"))}" alt="figure {_e(f)}"></p>'
-              for f in rec.get("figures", [])]
+              for f in rec["figures"]]
     if rec.get("error"):
         parts.append(f'<p><b>Error.</b></p><pre>{_e(rec["error"])}</pre>')
-    parts.append(f'<p><small>{rec["seconds"]:.2f} s</small></p></div>')
+    parts.append(f'<p><small>{_seconds(rec)} s</small></p></div>')
     return "\n".join(parts)
 
 
 def _environment(env: dict[str, Any]) -> str:
     flat = {k: v for k, v in env.items() if k != "versions"}
-    flat.update({f"version of {k}": v for k, v in env.get("versions", {}).items()})
+    versions = env.get("versions")
+    flat.update({f"version of {k}": v for k, v in versions.items()} if isinstance(versions, dict) else {})
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in flat.items())
     return f"<table>{rows}</table>"
 
@@ -129,11 +155,13 @@ def _environment(env: dict[str, Any]) -> str:
 def _total_seconds(payload: dict[str, Any], records: list[dict[str, Any]]) -> float:
     """The run's total; an interrupted run has none yet, so the sum of its finished sections."""
     total = payload.get("total_seconds")
-    return float(total) if total is not None else float(sum(r.get("seconds", 0.0) for r in records))
+    if isinstance(total, (int, float)):
+        return float(total)
+    return float(sum(r["seconds"] or 0.0 for r in records))
 
 
 def render_report(payload: dict[str, Any]) -> str:
-    claims, extras = payload.get("claims", []), payload.get("extras", [])
+    claims, extras = ([_normalised(r) for r in payload.get(k) or []] for k in ("claims", "extras"))
     counts = {v: sum(r["verdict"] == v for r in claims) for v in ("confirmed", "refuted", "error")}
     status = "" if payload.get("complete", True) else " (run interrupted: partial results)"
     body = [f"<h1>theorylab — verification report{_e(status)}</h1>",
@@ -152,7 +180,8 @@ def render_report(payload: dict[str, Any]) -> str:
     if extras:
         body.append("<h2>Extra sections</h2>")
         body += [_section(r) for r in extras]
-    body += ["<h2>Environment</h2>", _environment(payload.get("environment", {}))]
+    env = payload.get("environment")
+    body += ["<h2>Environment</h2>", _environment(env if isinstance(env, dict) else {})]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>theorylab report</title><style>{_CSS}</style></head><body>\n"

@@ -289,3 +289,43 @@ def test_a_claims_summary_is_one_line_in_results_json_and_in_both_summary_tables
     _print_summary(payload["claims"])
     printed = capsys.readouterr().out
     assert "x = 1.5 (needs < 2)" in printed and "x = 1.5; seed = 0" in printed and "boom in the middle" in printed
+
+
+def test_a_refuted_claim_names_its_failed_checks_and_lists_every_criterion(tmp_path):
+    """Claims 3.1, 3.2, 3.3 and 3.5 judged criteria that their summary line did not show, and set no notes: with
+    one such criterion failing, the report read "refuted" beside numbers that all passed, with no reason."""
+
+    def refuted(seed, quick):
+        return Evidence(confirmed=False, numbers={"x": 1.0}, method="m", summary="FLOPs ∝ n^2.0 (needs 1.85–2.05)",
+                        checks={"FLOPs ∝ n^2.000 (needs 1.85–2.05)": True, "FLOPs ∝ d^1.500 (needs 0.95–1.2)": False},
+                        figures={"broken": "not a figure"})
+
+    payload = run_claims(sections(refuted), out_dir=tmp_path, progress=False)
+    record = payload["claims"][0]
+    assert record["verdict"] == "refuted"
+    assert record["checks"] == {"FLOPs ∝ n^2.000 (needs 1.85–2.05)": True, "FLOPs ∝ d^1.500 (needs 0.95–1.2)": False}
+    # the reason is the failed check, not the figure that failed to draw (which the notes still report)
+    assert record["why"] == "failed: FLOPs ∝ d^1.500 (needs 0.95–1.2)" and "could not be drawn" in record["notes"]
+    page = render_report(payload)
+    assert '<div class="why">failed: FLOPs ∝ d^1.500 (needs 0.95–1.2)</div>' in page
+    assert '<li class="failed">✗ FLOPs ∝ d^1.500 (needs 0.95–1.2)</li>' in page
+    assert '<li class="held">✓ FLOPs ∝ n^2.000 (needs 1.85–2.05)</li>' in page
+
+
+def test_a_claim_whose_verdict_disagrees_with_its_checks_is_an_error(tmp_path):
+    def inconsistent(seed, quick):
+        return Evidence(confirmed=True, numbers={"x": 1.0}, method="m", checks={"a": True, "b": False})
+
+    payload = run_claims(sections(inconsistent, ok_claim), out_dir=tmp_path, progress=False)
+    assert [r["verdict"] for r in payload["claims"]] == ["error", "confirmed"]
+    assert "but its checks say False" in payload["claims"][0]["error"]
+
+
+def test_a_results_json_without_why_takes_the_reason_from_its_record():
+    """results.json written before the engine recorded "why": the notes' first sentence, else the failed checks."""
+    from theorylab.report.html import why
+
+    base = {"id": "3.1", "verdict": "refuted"}
+    assert why({**base, "notes": "too short. More."}) == "too short"
+    assert why({**base, "checks": {"a (needs 1)": False, "b": True}}) == "failed: a (needs 1)"
+    assert why({**base, "verdict": "confirmed", "checks": {"a": False}}) == ""

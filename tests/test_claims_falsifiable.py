@@ -42,6 +42,9 @@ def test_3_1_refutes_attention_with_the_wrong_scale(monkeypatch):
     monkeypatch.setattr(q3_attention, "sequential_heads_attention", wrong_scale)
     ev = q3_attention.cost_of_standard_attention(0, True)
     assert not ev.confirmed and ev.numbers["max_abs_diff_vs_sdpa"] > 1e-3
+    # a criterion that the summary line does not show: the failed check names it (the report's reason line)
+    assert [k for k, ok in ev.checks.items() if not ok] == [
+        f"output vs SDPA per head {ev.numbers['max_abs_diff_vs_sdpa']:.1e} (needs < 1e-12)"]
 
 
 def test_3_2_refutes_a_wrong_operator_behind_the_measured_cost(monkeypatch):
@@ -51,6 +54,7 @@ def test_3_2_refutes_a_wrong_operator_behind_the_measured_cost(monkeypatch):
     monkeypatch.setattr(attention, "separable_attention", row_softmax_keys)
     ev = q3_attention.separable_attention_claim(0, True)
     assert not ev.confirmed and ev.numbers["max_abs_diff_fast_vs_matrix"] > 1
+    assert any(k.startswith("separable_attention vs the implied matrix") for k, ok in ev.checks.items() if not ok)
 
 
 def test_4_3a_refutes_weights_that_grow(monkeypatch):

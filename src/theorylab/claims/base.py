@@ -33,6 +33,9 @@ class Evidence:
         summary: the verdict's grounds in one line, for the summary table: what was compared with what, the
             measured numbers and the bounds they were judged against, written from the measurement (never a
             fixed text, so that it reads right whichever way the verdict goes).
+        checks: each criterion of the verdict, written from the measurement with its bound (``"FLOPs ∝ n^1.91
+            (needs 1.85–2.05)"``) -> whether it held. When given, ``confirmed`` must be all of them (the engine
+            makes a claim that disagrees an error), and a refuted claim's one-line reason names the failed ones.
     """
 
     confirmed: bool
@@ -42,9 +45,28 @@ class Evidence:
     key: list[str] | None = None
     notes: str = ""
     summary: str = ""
+    checks: dict[str, bool] = field(default_factory=dict)
 
 
 ClaimFn = Callable[[int, bool], Evidence]
+
+
+def first_sentence(text: str, limit: int = 240) -> str:
+    """The first sentence of ``text``, at most ``limit`` characters."""
+    first = text.strip().split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 1] + "…"
+
+
+def why_line(record: dict[str, Any], limit: int = 240) -> str:
+    """Why a claim's record is not confirmed, in a line: the first sentence of the claim's notes, else the checks
+    that failed ("failed: ..."); "" when neither says."""
+    notes = record.get("notes")
+    if isinstance(notes, str) and notes.strip():
+        return first_sentence(notes, limit)
+    checks = record.get("checks")
+    failed = [str(k) for k, ok in checks.items() if not ok] if isinstance(checks, dict) else []
+    line = "failed: " + "; ".join(failed) if failed else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 @contextlib.contextmanager

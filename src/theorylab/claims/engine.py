@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..env import environment
-from .base import Evidence, Section, claim_sections, extra_sections, import_error_for
+from .base import Evidence, Section, claim_sections, extra_sections, import_error_for, why_line
 from .catalogue import CLAIM_IDS
 
 RESULTS_FILE = "results.json"
@@ -178,9 +178,16 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             numbers = {str(k): json_number(v) for k, v in evidence.numbers.items()}
             key = evidence.key if evidence.key is not None else list(numbers)[:3]
             notes = None if evidence.notes is None else str(evidence.notes)
+            checks = {" ".join(str(k).split()): bool(v) for k, v in (evidence.checks or {}).items()}
+            if checks and bool(evidence.confirmed) != all(checks.values()):
+                raise ValueError(f"claim {section.id} returned confirmed={evidence.confirmed!r}, but its checks "
+                                 f"say {all(checks.values())}: {checks}")
             record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
                           key=[str(k) for k in key if str(k) in numbers], method=str(evidence.method), notes=notes,
-                          summary=" ".join(str(evidence.summary or "").split()))  # one line in any table
+                          summary=" ".join(str(evidence.summary or "").split()),  # one line in any table
+                          checks=checks)
+            # the reason in a line, from the claim alone (a figure that fails to draw below is not the reason)
+            record["why"] = why_line(record) if not evidence.confirmed else ""
             json.dumps(record, allow_nan=False)  # what results.json cannot hold fails this claim, not the run
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..report import write_report
-from ..report.html import first_sentence
+from ..report.html import why
 from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
 
 
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     records = payload["claims"] + payload["extras"]
     _print_summary(records)
     for r in records:  # why, in a line: the table has no room for it (the report has all of it)
-        if r["verdict"] == "refuted" and (why := first_sentence(r.get("notes") or "")):
-            print(f"{r['id']} refuted: {why}")
+        if line := why(r):
+            print(f"{r['id']} refuted: {line}")
     confirmed = sum(r["verdict"] == "confirmed" for r in records)
     print(f"{confirmed}/{len(records)} confirmed in {payload['total_seconds']:.1f} s; report: {report}")
     return 0 if confirmed == len(records) else 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..claims.base import why_line
 from ..claims.catalogue import BY_ID, QUESTIONS
 
 REPORT_FILE = "report.html"
@@ -27,6 +28,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 .summary-line { font-size: 1.15em; margin: 0.5em 0 1em; }
 .why { color: #6e2b2b; font-size: 0.9em; margin-top: 0.3em; }
+ul.checks { list-style: none; padding-left: 0.5em; margin-top: 0; } li.failed { color: #cf222e; font-weight: bold; }
 """
 
 
@@ -50,16 +52,31 @@ def format_number(x: Any) -> str:
     return f"{x:.4g}"
 
 
-def first_sentence(text: str, limit: int = 240) -> str:
-    """The first sentence of a claim's notes, at most ``limit`` characters: why a claim is not confirmed, in a line."""
-    first = text.strip().split(". ", 1)[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1] + "…"
+def why(rec: dict[str, Any]) -> str:
+    """Why a refuted claim is refuted, in a line: what the engine recorded (the claim's notes or its failed
+    checks, not a figure that failed to draw), or for a results.json written before it did, the same from the
+    record; "" for other verdicts."""
+    if rec.get("verdict") != "refuted":
+        return ""
+    recorded = rec.get("why")
+    return recorded if isinstance(recorded, str) else why_line(rec)
 
 
 def _why(rec: dict[str, Any]) -> str:
-    """Under a refuted claim's title in the summary: the first sentence of its notes."""
-    why = first_sentence(rec.get("notes") or "") if rec["verdict"] == "refuted" else ""
-    return f'<div class="why">{_e(why)}</div>' if why else ""
+    """Under a refuted claim's title in the summary: :func:`why`."""
+    line = why(rec)
+    return f'<div class="why">{_e(line)}</div>' if line else ""
+
+
+def _checks(rec: dict[str, Any]) -> str:
+    """Each criterion of the verdict with a mark: ✓ held, ✗ failed."""
+    checks = rec.get("checks")
+    if not isinstance(checks, dict) or not checks:
+        return ""
+    items = "".join(f'<li class="{"held" if ok else "failed"}">{"✓" if ok else "✗"} {_e(k)}</li>'
+                    for k, ok in checks.items())
+    return f'<p><b>Criteria.</b></p><ul class="checks">{items}</ul>'
+
 
 
 def _verdict(v: str) -> str:
@@ -128,6 +145,8 @@ def _section(rec: dict[str, Any]) -> str:
         parts.append(f'<p class="statement"><b>Claim.</b> {_e(rec["statement"])}</p>')
     if rec.get("summary"):
         parts.append(f'<p><b>Measured.</b> {_e(rec["summary"])}</p>')
+    if checks := _checks(rec):
+        parts.append(checks)
     if rec.get("method"):
         parts.append(f'<p><b>Method.</b> {_e(rec["method"])}</p>')
     if rec.get("notes"):

@@ -15,6 +15,7 @@ from theorylab.experiments import (
     CharLMConfig,
     CharTransformer,
     CheckpointError,
+    load_checkpoint,
     load_trained_model,
     save_checkpoint,
 )
@@ -213,3 +214,14 @@ def test_sample_reports_a_failing_model_with_exit_1(tmp_path, capsys, monkeypatc
     assert main(["sample", str(run_dir), "--prompt", "ab", "--chars", "5"]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "a" * 300 + "/checkpoint.pt", "bad\0name"])
+def test_sample_of_an_unusable_run_dir_name_exits_2(tmp_path, capsys, name):
+    """A RUN_DIR name longer than the filesystem allows gave an OSError traceback and exit 1 (Python 3.11's
+    pathlib raises from is_file())."""
+    assert main(["sample", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("theorylab sample: error: ") and "Traceback" not in err
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / name / CHECKPOINT_FILE)

@@ -24,7 +24,7 @@ from theorylab.experiments import distributed, progress, trainer
 from theorylab.experiments.charlm import _MAX_LR, SIZE_LIMITS, CharLMConfig, CharTransformer
 from theorylab.experiments.checkpoint import CheckpointError
 from theorylab.experiments.data import CharCorpus, CharVocab, load_corpus
-from theorylab.experiments.distributed import DistEnv, env_rank, init_distributed, shard_items
+from theorylab.experiments.distributed import DistEnv, init_distributed, job_rank_world, shard_items
 from theorylab.experiments.trainer import (
     evaluate_bpc,
     read_resume_checkpoint,
@@ -265,7 +265,7 @@ def test_rank_without_world_size_is_not_torchrun(monkeypatch):
     """RANK alone (another tool's variable) does not make a torchrun job: a single process, no KeyError."""
     _launcher(monkeypatch, gpus=0, RANK=3)
     assert init_distributed("cpu") == DistEnv()
-    assert env_rank() == 3
+    assert job_rank_world() == (0, 1)  # it had been rank 3: a silent non-main rank without the folder's lock
 
 
 def test_missing_local_variables_default_to_a_single_local_process(monkeypatch):
@@ -274,7 +274,15 @@ def test_missing_local_variables_default_to_a_single_local_process(monkeypatch):
     env = init_distributed("cpu")
     assert (env.rank, env.local_rank, env.local_world_size, env.backend) == (1, 0, 1, "gloo")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert env_rank() == 1
+    assert job_rank_world() == (1, 2)
+
+
+@pytest.mark.parametrize(("rank", "world"), [("abc", "2"), ("0", "0"), ("2", "2"), ("-1", "2"), ("0", "x")])
+def test_an_invalid_torchrun_environment_is_named(monkeypatch, rank, world):
+    """RANK=abc and WORLD_SIZE=0 had raised ValueError and ZeroDivisionError tracebacks from the CLI."""
+    _launcher(monkeypatch, gpus=0, RANK=rank, WORLD_SIZE=world)
+    with pytest.raises(ValueError, match=f"RANK={rank!r}, WORLD_SIZE={world!r}"):
+        job_rank_world()
 
 
 def test_shard_items_refuses_a_negative_rank():

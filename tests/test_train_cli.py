@@ -171,3 +171,38 @@ def test_a_run_into_a_busy_out_exits_2_and_writes_nothing(tmp_path, capsys):
         assert charlm(tmp_path, "--attention", "linear", "--steps", "2") == 2
     assert "another theorylab run is writing into" in capsys.readouterr().err
     assert snapshot(tmp_path) == {}
+
+
+def test_a_stray_rank_without_world_size_is_a_single_process_that_takes_the_lock(tmp_path, capsys, monkeypatch):
+    """RANK=1 alone (left by another tool) made the CLI a silent non-main rank: no lock, no messages, while the
+    trainer ran as rank 0 and overwrote a running run's metrics.json."""
+    from theorylab.cli._args import exclusive_output
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    with exclusive_output(tmp_path):
+        assert charlm(tmp_path, "--attention", "linear", "--steps", "2", "--overwrite") == 2
+    assert "another theorylab run is writing into" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize(("rank", "world"), [("abc", "2"), ("0", "0")])
+def test_an_invalid_torchrun_environment_exits_2_naming_it(tmp_path, capsys, monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert charlm(tmp_path / "run", "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert f"RANK={rank!r}, WORLD_SIZE={world!r}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_device_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    """--device cuda without CUDA exited 2 but left the new --out folder behind, empty (the device was checked after
+    the folder was made); the other argument checks leave nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert charlm(tmp_path / "new", "--steps", "2", "--device", "cuda") == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that existed before is left alone
+    assert charlm(tmp_path / "kept", "--steps", "2", "--device", "cuda") == 2
+    assert (tmp_path / "kept").is_dir()

@@ -67,7 +67,12 @@ def _sample(args: argparse.Namespace, generator: Any) -> int:
     from ..experiments.trainer import CHECKPOINT_FILE, load_trained_model
 
     run_dir = Path(args.run_dir)
-    if run_dir.is_file():  # the checkpoint itself was named: its folder; any other file is a mistake
+    try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
+        is_file = run_dir.is_file()
+    except (OSError, ValueError) as e:
+        print(f"theorylab sample: error: RUN_DIR {str(run_dir)!r} cannot be used: {e}", file=sys.stderr)
+        return 2
+    if is_file:  # the checkpoint itself was named: its folder; any other file is a mistake
         if run_dir.name != CHECKPOINT_FILE:
             print(f"theorylab sample: error: RUN_DIR {str(run_dir)!r} is a file; give the run's folder (the --out "
                   f"of `theorylab train charlm`) or its {CHECKPOINT_FILE}", file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shlex
 import sys
 import time
@@ -112,23 +111,28 @@ def resolve_config(args: argparse.Namespace, saved: dict | None):
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..experiments.distributed import env_rank
+    from ..experiments.distributed import job_rank_world
 
-    main = env_rank() == 0  # under torchrun only rank 0 talks
+    try:
+        rank, world = job_rank_world()
+    except ValueError as e:
+        print(f"theorylab train charlm: error: {e}", file=sys.stderr)
+        return 2
+    main = rank == 0  # under torchrun only rank 0 talks
     try:
         with contextlib.ExitStack() as held:  # the output folder's lock, from the checks to the last write
-            return _run_charlm(args, main, held)
+            return _run_charlm(args, main, world, held)
     except UsageError as e:
         if main:
             print(f"theorylab train charlm: error: {e}", file=sys.stderr)
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif world > 1:
             # torchrun stops every rank once one has exited with an error: had this rank exited first, rank 0
             # could be stopped before printing why. Under torchrun rank 0's exit ends this wait at once.
             time.sleep(NON_MAIN_EXIT_DELAY_S)
         return 2
 
 
-def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack) -> int:
+def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextlib.ExitStack) -> int:
     from ..experiments.checkpoint import CheckpointError
     from ..experiments.distributed import all_reduce_sum, available_cores, init_distributed, shutdown
     from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run
@@ -150,7 +154,6 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
         raise UsageError(f"--out {str(out)!r} cannot be used: {e}") from None
     if out_exists and not out_is_dir:
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     # Rank 0 writes every file, so it holds the folder, and from before the checks that read it: a run that
     # finishes in between must not be overwritten. Under torchrun a busy folder is reported after the process
     # group is up, so that every rank exits 2 together (the others would wait for rank 0 in init).
@@ -190,6 +193,9 @@ def _run_charlm(args: argparse.Namespace, main: bool, held: contextlib.ExitStack
         held.callback(torch.set_num_threads, torch.get_num_threads())  # a call of main() leaves the process's as it was
         env = init_distributed(args.device, args.threads)
     except ValueError as e:
+        if main and not out_exists:  # a refused device (no CUDA, too few GPUs) must not leave an empty folder
+            with contextlib.suppress(OSError, ValueError):  # rmdir removes only an empty folder (NUL: ValueError)
+                out.rmdir()
         raise UsageError(str(e)) from None
     if all_reduce_sum(env, [1.0 if busy else 0.0])[0] > 0:
         shutdown(env)

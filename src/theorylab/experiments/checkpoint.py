@@ -50,7 +50,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, *, expected_format: str | None = None) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; CheckpointError says what is wrong with it."""
     path = Path(path)
-    if not path.is_file():
+    try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
+        is_file = path.is_file()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot use {str(path)!r}: {e}") from None
+    if not is_file:
         raise CheckpointError(f"no checkpoint at {str(path)!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -48,9 +48,22 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def env_rank() -> int:
-    """This process's rank from the environment (0 outside torchrun), usable before any initialisation."""
-    return int(os.environ.get("RANK", "0"))
+def job_rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) from torchrun's environment, usable before any
+    initialisation; (0, 1) unless both ``RANK`` and ``WORLD_SIZE`` are set, as :func:`init_distributed` decides
+    (``RANK`` alone, left by another tool, had made a single process act as a silent non-main rank without the
+    output folder's lock). ValueError naming the values unless they are integers with 0 <= rank < world."""
+    if not launched_by_torchrun():
+        return 0, 1
+    raw_rank, raw_world = os.environ["RANK"], os.environ["WORLD_SIZE"]
+    try:
+        rank, world = int(raw_rank), int(raw_world)
+    except ValueError:
+        rank = world = -1
+    if not 0 <= rank < world:
+        raise ValueError(f"invalid torchrun environment: RANK={raw_rank!r}, WORLD_SIZE={raw_world!r} (need integers "
+                         "with 0 <= RANK < WORLD_SIZE)")
+    return rank, world
 
 
 def init_distributed(device: str = "auto", threads: int | None = None) -> DistEnv:
@@ -71,7 +84,7 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
         if threads is not None:
             torch.set_num_threads(threads)
         return DistEnv(device=torch.device("cuda" if use_cuda else "cpu"))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = job_rank_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if use_cuda else 0

@@ -113,7 +113,8 @@ def test_report_has_summary_sections_figures_and_environment(tmp_path):
 @pytest.mark.parametrize("odd", [
     dict(evidence={"a": None, "b": {"x": 1}, "c": [1, 2]}, key=["a", "b"]), dict(evidence=None), dict(seconds=None),
     dict(seconds="nan"), dict(figures=None), dict(id=["3", "1"]), dict(notes=7, verdict="refuted"),
-    dict(title=None, kind=None), {"drop": "seconds"}, {"drop": "verdict"}])
+    dict(title=None, kind=None), {"drop": "seconds"}, {"drop": "verdict"}, dict(key=[["a"]]), dict(key=5),
+    dict(checks={"a": "no", "b": True}), dict(checks=[1])])
 def test_a_hand_edited_results_json_still_renders(odd):
     """One odd value in a results.json the engine did not write (None evidence, seconds as a string, figures set
     to null) had lost the whole page to a TypeError, AttributeError or KeyError."""

@@ -12,7 +12,7 @@ from optim_helpers import make_problem, single_thread  # noqa: F401 (an autouse 
 from test_optim_parity import STEPS, TOL, max_diff, trajectory
 
 from theorylab.optim import SGD, Adam, AdamW, SGDMomentum
-from theorylab.optim.transforms import Negate, ScaleByAdam, StepContext, chain_step
+from theorylab.optim.transforms import Negate, StepContext, chain_step
 
 
 def _ids(kwargs: dict) -> str:
@@ -100,7 +100,6 @@ def test_negate_is_exact_and_free():
 
     chain_step([Negate(), ScaleByLearningRate()], ctx, [g])
     assert torch.equal(p, torch.tensor([1.0, -2.0, 3.0]) + 0.5 * g)
-    assert ScaleByAdam().amsgrad is False
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.complex64], ids=str)

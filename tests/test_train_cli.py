@@ -203,6 +203,8 @@ def test_a_refused_device_leaves_no_folder_behind(tmp_path, capsys, monkeypatch)
     assert charlm(tmp_path / "new", "--steps", "2", "--device", "cuda") == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    assert charlm(tmp_path / "a" / "b" / "new", "--steps", "2", "--device", "cuda") == 2
+    assert not (tmp_path / "a").exists()  # nor its parents
     (tmp_path / "kept").mkdir()  # a folder that existed before is left alone
     assert charlm(tmp_path / "kept", "--steps", "2", "--device", "cuda") == 2
     assert (tmp_path / "kept").is_dir()

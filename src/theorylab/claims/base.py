@@ -35,7 +35,8 @@ class Evidence:
             fixed text, so that it reads right whichever way the verdict goes).
         checks: each criterion of the verdict, written from the measurement with its bound (``"FLOPs ∝ n^1.91
             (needs 1.85–2.05)"``) -> whether it held. When given, ``confirmed`` must be all of them (the engine
-            makes a claim that disagrees an error), and a refuted claim's one-line reason names the failed ones.
+            makes a claim that disagrees an error), and the report lists them; a refuted claim's one-line reason
+            is the first sentence of ``notes``, else the failed checks.
     """
 
     confirmed: bool

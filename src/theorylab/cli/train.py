@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextlib.ExitStack) -> int:
     from ..experiments.checkpoint import CheckpointError
-    from ..experiments.distributed import all_reduce_sum, available_cores, init_distributed, shutdown
+    from ..experiments.distributed import all_reduce_sum, available_cores, device_plan, init_distributed, shutdown
     from ..experiments.trainer import CHECKPOINT_FILE, read_resume_checkpoint, train_charlm, validate_run
 
     out = Path(args.out)
@@ -148,6 +148,10 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
         raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs this process may use), got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    try:  # before the output folder is made: a refused device (no CUDA, too few GPUs) must leave none behind
+        device_plan(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
         out_is_dir, out_exists = out.is_dir(), out.exists()
     except (OSError, ValueError) as e:
@@ -193,9 +197,6 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
         held.callback(torch.set_num_threads, torch.get_num_threads())  # a call of main() leaves the process's as it was
         env = init_distributed(args.device, args.threads)
     except ValueError as e:
-        if main and not out_exists:  # a refused device (no CUDA, too few GPUs) must not leave an empty folder
-            with contextlib.suppress(OSError, ValueError):  # rmdir removes only an empty folder (NUL: ValueError)
-                out.rmdir()
         raise UsageError(str(e)) from None
     if all_reduce_sum(env, [1.0 if busy else 0.0])[0] > 0:
         shutdown(env)

@@ -9,8 +9,8 @@ The backward formula is the flash kernel's, which recomputes the scores: one (N,
 backend's backward that the same call runs on meta tensors (7 against 6 matmuls of 2·N²·D FLOPs per head, forward
 included, when Dv = D). It also adds the matrix-vector and dot products that torch 2.13's counter left at 0
 (``mv``, ``addmv``, ``dot``, ``vdot``; ``nn.Linear`` on a vector was counted, ``A @ x`` was not), and the
-in-place and batch-summed matrix products it also left at 0 (``addmv_``, ``addmm_``, ``baddbmm_``, ``addbmm``,
-``addbmm_``), whose out-of-place and ``out=`` forms it counts.
+matrix products it also left at 0: the in-place ``addmv_``, ``addmm_`` and ``baddbmm_`` (whose out-of-place and
+``out=`` forms it counts) and the batch-summed ``addbmm`` and ``addbmm_`` (in every form).
 """
 
 from __future__ import annotations

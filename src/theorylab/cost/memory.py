@@ -9,12 +9,11 @@ finalizer subtracts it when the storage is freed. So the measure is
 which excludes what existed before (inputs, parameters, imports: the "extra peak a call adds") and is exactly
 reproducible — no allocator caching, no page-level noise, no dependence on other processes. It does not see
 scratch buffers that a single kernel allocates and frees internally (e.g. inside SDPA's fused CPU kernel), nor
-memory outside torch tensors, nor storages created outside the dispatcher (``torch.from_numpy`` and
-``torch.as_tensor`` of an array share numpy's memory; ``torch.load`` builds its storages directly), nor sparse
-tensors made inside the call (views of a sparse argument's parts, such as ``_values()``, count as nothing).
-``torch.tensor(data)`` is seen: its storage reaches the dispatcher through ``lift_fresh``, as do the storages of
-``torch.from_numpy`` and ``torch.as_tensor``, which are not counted there (they wrap memory torch did not allocate,
-which is never resizable).
+memory outside torch tensors (``torch.from_numpy`` and ``torch.as_tensor`` of an array share numpy's memory: their
+storages reach the dispatcher through ``lift_fresh`` but are not resizable, and are skipped), nor storages created
+outside the dispatcher (``torch.load`` builds its storages directly), nor sparse tensors made inside the call (views
+of a sparse argument's parts, such as ``_values()``, count as nothing). ``torch.tensor(data)`` is seen: its copy
+reaches the dispatcher through ``lift_fresh``.
 """
 
 from __future__ import annotations

@@ -66,20 +66,45 @@ def job_rank_world() -> tuple[int, int]:
     return rank, world
 
 
-def init_distributed(device: str = "auto", threads: int | None = None) -> DistEnv:
-    """Join the torchrun process group if there is one and pick this rank's device and CPU threads.
+def device_plan(device: str = "auto") -> tuple[bool, str | None]:
+    """(whether this process trains on CUDA, the warning to give when a torchrun job falls back to the CPU), or a
+    ValueError for a device it cannot have. Reads only the environment, so the CLI checks it before it makes the
+    output folder (a refused device had left an empty one behind); :func:`init_distributed` follows it.
 
-    ``device``: "auto" (CUDA when present, else CPU), "cpu" or "cuda". On CPU each process gets an equal share
-    of the cores (``threads`` overrides): the ranks of one machine must not oversubscribe it. Under torchrun each
-    local process needs a GPU of its own (NCCL refuses two ranks on one GPU). Too few GPUs: with "auto" a
-    one-machine job trains on CPU (gloo), with a warning; otherwise (``device="cuda"``, or a job over several
-    machines, whose nodes would each decide alone and could pick different backends) it is a ValueError.
+    ``device``: "auto" (CUDA when present, else CPU), "cpu" or "cuda". Under torchrun each local process needs a
+    GPU of its own (NCCL refuses two ranks on one GPU). Too few GPUs: with "auto" a one-machine job trains on CPU
+    (gloo), with the warning; otherwise (``device="cuda"``, or a job over several machines, whose nodes would each
+    decide alone and could pick different backends) it is a ValueError.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not use_cuda or not launched_by_torchrun():
+        return use_cuda, None
+    _, world = job_rank_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if local_world <= gpus and local_rank < gpus:  # LOCAL_WORLD_SIZE may be missing (not torchrun)
+        return True, None
+    # every rank of a one-machine job sees the same counts, so all of them fall back together
+    one_machine = "LOCAL_WORLD_SIZE" in os.environ and local_world == world
+    shortage = f"{max(local_world, local_rank + 1)} processes on this machine but {gpus} GPU(s)"
+    advice = f"run torchrun with --nproc_per_node {gpus}{'' if one_machine else ' on every node'}"
+    if device == "cuda" or not one_machine:
+        raise ValueError(f"device {device!r}: {shortage}, and each process needs its own; {advice}, or pass "
+                         "--device cpu")
+    return False, f"{shortage}: training on CPU (gloo); {advice} to train on the GPU"
+
+
+def init_distributed(device: str = "auto", threads: int | None = None) -> DistEnv:
+    """Join the torchrun process group if there is one and pick this rank's device (:func:`device_plan`) and CPU
+    threads. On CPU each process gets an equal share of the cores (``threads`` overrides): the ranks of one
+    machine must not oversubscribe it.
+    """
+    use_cuda, fallback = device_plan(device)
     if not launched_by_torchrun():
         if threads is not None:
             torch.set_num_threads(threads)
@@ -87,18 +112,8 @@ def init_distributed(device: str = "auto", threads: int | None = None) -> DistEn
     rank, world = job_rank_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    gpus = torch.cuda.device_count() if use_cuda else 0
-    if use_cuda and (local_world > gpus or local_rank >= gpus):  # LOCAL_WORLD_SIZE may be missing (not torchrun)
-        # every rank of a one-machine job sees the same counts, so all of them fall back together
-        one_machine = "LOCAL_WORLD_SIZE" in os.environ and local_world == world
-        shortage = f"{max(local_world, local_rank + 1)} processes on this machine but {gpus} GPU(s)"
-        advice = f"run torchrun with --nproc_per_node {gpus}{'' if one_machine else ' on every node'}"
-        if device == "cuda" or not one_machine:
-            raise ValueError(f"device {device!r}: {shortage}, and each process needs its own; {advice}, or pass "
-                             "--device cpu")
-        if local_rank == 0:  # once per machine
-            warnings.warn(f"{shortage}: training on CPU (gloo); {advice} to train on the GPU", stacklevel=2)
-        use_cuda = False
+    if fallback and local_rank == 0:  # once per machine
+        warnings.warn(fallback, stacklevel=2)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"

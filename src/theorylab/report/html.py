@@ -129,6 +129,9 @@ def _normalised(rec: Any) -> dict[str, Any]:
         if rec.get(key) is not None and not isinstance(rec[key], str):
             rec[key] = str(rec[key])
     rec["evidence"] = rec["evidence"] if isinstance(rec.get("evidence"), dict) else {}
+    rec["key"] = [str(k) for k in rec["key"]] if isinstance(rec.get("key"), list) else None
+    checks = rec.get("checks")
+    rec["checks"] = {str(k): v for k, v in checks.items() if isinstance(v, bool)} if isinstance(checks, dict) else {}
     rec["figures"] = [str(f) for f in rec["figures"]] if isinstance(rec.get("figures"), list) else []
     seconds = rec.get("seconds")
     rec["seconds"] = float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None

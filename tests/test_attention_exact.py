@@ -88,3 +88,19 @@ def test_sequential_heads_equal_batched_heads():
     q, k, v = x @ w_q, x @ w_k, x @ w_v  # (h, n, d)
     heads = softmax_attention(q[None], k[None], v[None])[0]  # (h, n, d)
     torch.testing.assert_close(seq, heads.transpose(0, 1).reshape(n, h * d) @ w_o)
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True},
+                                {"key_padding_mask": torch.tensor([[False, True, False, False]])}],
+                         ids=["plain", "causal", "padded"])
+def test_mixed_dtypes_are_computed_in_the_widest_and_returned_in_qs(kw):
+    """SDPA takes one dtype: float32 q and v with float64 k raised a RuntimeError of torch's, where the other kinds
+    (and the KV cache after its first step) compute in the widest dtype and return q's."""
+    gen = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(1, 2, 4, 8, generator=gen) for _ in range(2))
+    k = torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64)
+    out = softmax_attention(q, k, v, **kw)
+    ref = softmax_attention_reference(q.double(), k, v.double(), **kw)
+    assert out.dtype == torch.float32 and softmax_attention_reference(q, k, v, **kw).dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(softmax_attention_reference(q, k, v, **kw).double(), ref, rtol=1e-6, atol=1e-6)

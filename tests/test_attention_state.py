@@ -657,3 +657,21 @@ def test_separable_token_by_token_takes_the_step_path_and_equals_one_call(monkey
     assert (pieces[0, :, :4] == 0).all()
     for g_whole, g_pieces in zip(_grads(whole, [q, k, v]), _grads(pieces, [q, k, v]), strict=True):
         torch.testing.assert_close(g_pieces, g_whole, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "separable", "linear", "favor"])
+def test_a_state_passed_without_return_state_gives_the_output_alone(kind):
+    """separable_attention(state=...) returned (out, state) although return_state was False, and so did
+    MultiheadAttention(kind="separable"), where the other kinds return the tensor alone."""
+    torch.manual_seed(0)
+    mha = MultiheadAttention(16, 2, kind=kind, causal=True, num_features=8)
+    x = torch.randn(1, 4, 16)
+    first, state = mha(x[:, :3], return_state=True)
+    last = mha(x[:, 3:], state=state)
+    assert isinstance(last, torch.Tensor) and last.shape == (1, 1, 16)
+    torch.testing.assert_close(torch.cat([first, last], 1), mha(x), rtol=1e-5, atol=1e-6)
+    if kind == "separable":
+        q = k = v = torch.randn(1, 2, 4, 8)
+        _, st = separable_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=True, return_state=True)
+        assert isinstance(separable_attention(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], causal=True, state=st),
+                          torch.Tensor)

@@ -11,7 +11,16 @@ import torch
 from optim_helpers import make_problem, single_thread  # noqa: F401 (an autouse fixture)
 from torch import nn
 
-from theorylab.optim import SGD, Adam, AdamW, NonFiniteGradientError, decay_param_groups, decayed_names
+from theorylab.optim import (
+    SGD,
+    Adam,
+    AdamW,
+    NonFiniteGradientError,
+    RunningAverageSGD,
+    SGDMomentum,
+    decay_param_groups,
+    decayed_names,
+)
 
 FACTORIES = {
     "sgd": lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
@@ -160,7 +169,7 @@ def test_decay_param_groups_excludes_biases_and_norm_weights():
     decay, no_decay = groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     named = decayed_names(net, groups)
-    assert {n for n, wd in named.items() if wd} == {"embed.weight", "fc.weight"}
+    assert {n for n, wd in named.items() if wd} == {"embed.weight", "head.weight", "fc.weight"}  # every tied name
     assert {n for n, wd in named.items() if not wd} == {"fc.bias", "norm.weight", "norm.bias", "bn.weight", "bn.bias"}
     n_params = len({id(p) for p in net.parameters()})
     assert len(decay["params"]) + len(no_decay["params"]) == n_params
@@ -387,3 +396,25 @@ def test_decayed_names_refuses_groups_of_another_model():
         decayed_names(net, decay_param_groups(other, 0.1))
     assert decayed_names(net, []) == {}
     assert decayed_names(net, [{"params": net.weight, "weight_decay": 0.1}]) == {"weight": 0.1}  # a lone tensor
+
+
+@pytest.mark.parametrize("make", [lambda g: SGDMomentum(g, lr=0.1, momentum=0.9),
+                                  lambda g: RunningAverageSGD(g, lr=0.1, beta=0.9)])
+def test_momentum_forms_refuse_a_weight_decay_they_would_drop(make):
+    """decay_param_groups' groups were accepted and their weight_decay ignored, while decayed_names reported the
+    weights as decayed."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="has no weight decay, but a parameter group asks for weight_decay=0.5"):
+        make(decay_param_groups(model, 0.5))
+    make(decay_param_groups(model, 0.0))  # no decay asked for: fine
+
+
+def test_decay_param_groups_exempts_embedding_bags_and_names_every_tied_alias():
+    for emb in (nn.Embedding(5, 4), nn.EmbeddingBag(5, 4)):
+        model = nn.Sequential(emb, nn.Linear(4, 2))
+        assert decayed_names(model, decay_param_groups(model, 0.1, decay_embeddings=False))["0.weight"] == 0.0
+    emb, out = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    out.weight = emb.weight  # tied
+    model = nn.ModuleDict({"emb": emb, "out": out})
+    names = decayed_names(model, decay_param_groups(model, 0.1))
+    assert names == {"emb.weight": 0.1, "out.weight": 0.1}  # out.weight had been missing (KeyError)

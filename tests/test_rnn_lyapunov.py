@@ -93,3 +93,28 @@ def test_bad_k_and_interval():
         lyapunov_spectrum(rnn, x, None, 2, reorthonormalize_every=0)
     with pytest.raises(ValueError, match="h0"):
         lyapunov_spectrum(rnn, x, torch.zeros(2, 4, dtype=F64), 2)
+
+
+def test_exponents_beyond_a_dead_units_rank_are_minus_inf():
+    """A relu unit with σ' exactly 0 makes J_t = W diag(σ'_t) exactly rank-deficient: the bottom exponent is −inf.
+    The QR's rounding had given a finite ≈ −36 per step (log of eps)."""
+    rnn = RNN(1, 2, activation="relu").double()
+    with torch.no_grad():
+        rnn.W.copy_(torch.tensor([[0.5, 2.0], [1.0, 1.0]]))
+        rnn.U.zero_()
+        rnn.b.zero_()
+    h0 = torch.tensor([[1.0, -1.0]], dtype=torch.float64)  # unit 2 dead at step 1: J_1 = W diag(1, 0)
+    x = torch.zeros(1, 1, 1, dtype=torch.float64)
+    both = lyapunov_spectrum(rnn, x, h0, k=2)
+    assert both[0, 1] == -math.inf and math.isfinite(float(both[0, 0]))
+    assert torch.equal(lyapunov_spectrum(rnn, x, h0, k=1), both[:, :1])
+    # H = 3 with one unit dead at the first step only: the product keeps rank 2, its third exponent is −inf
+    gen = torch.Generator().manual_seed(0)
+    rnn3 = RNN(1, 3, activation="relu").double()
+    with torch.no_grad():
+        rnn3.W.copy_(0.4 * torch.rand(3, 3, generator=gen, dtype=torch.float64))  # W > 0, b > 0: every state
+        rnn3.U.zero_()                                                           # after the first is positive,
+        rnn3.b.fill_(1.0)                                                        # every unit alive
+    h0 = torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64)
+    three = lyapunov_spectrum(rnn3, torch.zeros(1, 20, 1, dtype=torch.float64), h0, k=3)
+    assert three[0, 2] == -math.inf and bool(torch.isfinite(three[0, :2]).all())

@@ -28,7 +28,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         scale: multiplies q kᵀ; None -> 1/sqrt(D).
 
     Returns:
-        (B, H, Nq, Dv). A query that sees no key at all (every visible key padded) gets zeros, not NaN.
+        (B, H, Nq, Dv) in q's dtype. A query that sees no key at all (every visible key padded) gets zeros, not
+        NaN. Mixed dtypes are computed in the widest of the three (SDPA takes one), as the other kinds do.
 
     Raises:
         TypeError: q, k or v is not floating point.
@@ -37,6 +38,11 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     _, _, Nq, Nk, _, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention")
     scale = _check_scale(scale, "softmax_attention")
+    if not q.dtype == k.dtype == v.dtype:  # SDPA refused them with a RuntimeError of its own
+        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        out = softmax_attention(q.to(common), k.to(common), v.to(common), causal=causal,
+                                key_padding_mask=key_padding_mask, scale=scale)
+        return out.to(q.dtype)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
@@ -69,10 +75,11 @@ def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="softmax_attention_reference")
     scale = _check_scale(scale, "softmax_attention_reference")
     scale = D ** -0.5 if scale is None else scale
-    k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
-    scores = (q @ k.mT) * scale  # (B, H, Nq, Nk)
+    common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # mixed dtypes: the widest
+    k, v = zero_padded(k, key_padding_mask).to(common), zero_padded(v, key_padding_mask).to(common)
+    scores = (q.to(common) @ k.mT) * scale  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    return masked_softmax(scores, keep, dim=-1) @ v
+    return (masked_softmax(scores, keep, dim=-1) @ v).to(q.dtype)
 
 
 def sequential_heads_attention(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor) -> Tensor:

@@ -109,7 +109,8 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
         if not causal or Nq != Nk:
             raise ValueError("separable_attention: state and return_state apply to causal attention over as many "
                              f"queries as keys; got causal={causal}, q {tuple(q.shape)}, k {tuple(k.shape)}")
-        return _stateful(q, k, v, key_padding_mask, chunk_size, state)
+        out, new_state = _stateful(q, k, v, key_padding_mask, chunk_size, state)
+        return (out, new_state) if return_state else out  # as linear_attention: the state only when asked for
     if causal and Nq < Nk:  # keys after the last query are seen by none
         mask = None if key_padding_mask is None else key_padding_mask[:, :Nq]
         return separable_attention(q, k[:, :, :Nq], v[:, :, :Nq], causal=True, key_padding_mask=mask,

@@ -23,6 +23,7 @@ from typing import Any
 from .base import (
     ChainOptimizer,
     as_param_list,
+    as_real,
     check_beta,
     check_flag,
     check_lr,
@@ -30,6 +31,15 @@ from .base import (
     check_nonnegative,
 )
 from .transforms import RunningAverage, ScaleByLearningRate, Trace, Transform
+
+
+def check_no_weight_decay(group: dict[str, Any], name: str) -> None:
+    """These forms have no weight decay: a group that asks for one (``decay_param_groups`` makes such groups) is a
+    ValueError, not a decay silently dropped."""
+    wd = group.get("weight_decay")
+    if wd is not None and as_real(wd, "weight_decay value") != 0:
+        raise ValueError(f"{name} has no weight decay, but a parameter group asks for weight_decay={wd!r}: use "
+                         "SGD(..., momentum=..., weight_decay=..., decay=...) for momentum with weight decay")
 
 
 class SGDMomentum(ChainOptimizer):
@@ -59,6 +69,7 @@ class SGDMomentum(ChainOptimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         group["lr"] = check_lr(group["lr"])
         group["momentum"] = check_nonnegative(group["momentum"], "momentum")
+        check_no_weight_decay(group, "SGDMomentum")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         return [ScaleByLearningRate(), Trace(key="momentum", state_key="momentum_buffer")]
@@ -93,6 +104,7 @@ class RunningAverageSGD(ChainOptimizer):
         group["lr"] = check_lr(group["lr"])
         group["beta"] = check_beta(group["beta"], "beta")
         group["debias"] = check_flag(group["debias"], "debias")
+        check_no_weight_decay(group, "RunningAverageSGD")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         return [RunningAverage(key="beta", state_key="running_average", debias_key="debias"),

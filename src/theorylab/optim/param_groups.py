@@ -29,10 +29,12 @@ def decay_param_groups(model: nn.Module, weight_decay: float, *, decay_embedding
     group if any of its owners says so. Empty groups are left out. The groups carry no ``"param_names"``: torch
     then requires names in every group added later (``add_param_group``); :func:`decayed_names` lists them.
 
-    Returns groups for any optimizer here or in torch.optim, e.g. ``AdamW(decay_param_groups(model, 0.1))``.
+    Returns groups for SGD, Adam and AdamW here or any torch.optim optimizer with weight decay, e.g.
+    ``AdamW(decay_param_groups(model, 0.1))``. SGDMomentum and RunningAverageSGD have no weight decay and refuse a
+    group that asks for one (they had dropped it silently).
     """
     check_nonnegative(weight_decay, "weight_decay")
-    no_decay_types = NORM_TYPES + tuple(extra_no_decay) + (() if decay_embeddings else (nn.Embedding,))
+    no_decay_types = NORM_TYPES + tuple(extra_no_decay) + (() if decay_embeddings else (nn.Embedding, nn.EmbeddingBag))
     params: dict[int, nn.Parameter] = {}
     exempt: set[int] = set()
     for module in model.modules():
@@ -64,7 +66,8 @@ def decayed_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, f
                              "applies to it): pass optimizer.param_groups, which hold every group's value")
     decay = {id(p): g["weight_decay"] for g in groups
              for p in ([g["params"]] if isinstance(g["params"], Tensor) else g["params"])}
-    names = {name: decay[id(p)] for name, p in model.named_parameters() if id(p) in decay}
+    names = {name: decay[id(p)] for name, p in model.named_parameters(remove_duplicate=False)  # every tied name
+             if id(p) in decay}
     if decay and not names:
         raise ValueError(f"decayed_names: none of the {len(decay)} parameters in the groups belongs to the model "
                          "(groups built from another model, or from a copy of it?)")

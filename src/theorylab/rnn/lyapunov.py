@@ -73,7 +73,9 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     Every sequence starts from the same k orthonormal directions (see :func:`_starting_directions`; ``seed``
     picks them). For finite T the QR estimates need not be ordered, so each row is sorted in descending order
     (see the module docstring for what that means for λ₁ at a very short T).
-    A direction whose |R_ii| is exactly 0 (an exactly rank-deficient product) gets −inf.
+    Exponents beyond the product's rank are −inf: a direction whose |R_ii| is exactly 0, and every direction
+    beyond the fewest units with σ' ≠ 0 at any one step (a dead relu unit makes that step's Jacobian, and so the
+    product, exactly rank-deficient, where the QR's rounding would give a finite ≈ log(eps) per step).
     """
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
     seed = _check_int("seed", seed, 0)
@@ -106,7 +108,10 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
                     logs += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
                 pending = np.zeros((bsz, 1))
     # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
-    return torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values.to(device)
+    exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
+    rank = torch.from_numpy((d != 0).sum(axis=-1).min(axis=-1))  # (B,): J_t = A diag(d_t) has rank <= nnz(d_t)
+    exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf  # the j-volume of a rank-r product, j > r, is 0
+    return exponents.to(device)
 
 
 def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1, *,

@@ -19,6 +19,7 @@ def cgroup(tmp_path, monkeypatch):
     v2, v1q, v1p = tmp_path / "cpu.max", tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us"
     monkeypatch.setattr(env, "CGROUP_CPU_MAX", str(v2))
     monkeypatch.setattr(env, "CGROUP_V1_QUOTA", (str(v1q), str(v1p)))
+    monkeypatch.setattr(env, "PROC_SELF_CGROUP", str(tmp_path / "proc-self-cgroup"))  # absent unless written
 
     def write(v2_text: str | None = None, quota: str | None = None, period: str = "100000") -> None:
         if v2_text is not None:
@@ -56,3 +57,32 @@ def test_a_quota_caps_the_usable_cores_rounded_up_and_never_below_one(cgroup):
     if _affinity() >= 2:
         cgroup(v2_text="150000 100000")
         assert env.available_cores() == 2
+
+
+def test_a_quota_on_the_process_cgroup_or_an_ancestor_counts_outside_a_cgroup_namespace(cgroup, tmp_path):
+    """Only the mount's cpu.max was read: without a cgroup namespace (a systemd unit with CPUQuota=, docker
+    --cgroupns=host) that is the root's, which has none, and the quota of the process's own cgroup was missed."""
+    (tmp_path / "proc-self-cgroup").write_text("0::/system.slice/job.service\n", encoding="utf-8")
+    cgroup(v2_text="max 100000")
+    assert env._cgroup_cpu_quota() is None  # no file below the root yet
+    own = tmp_path / "system.slice" / "job.service"
+    own.mkdir(parents=True)
+    (own / "cpu.max").write_text("max 100000\n", encoding="utf-8")
+    (tmp_path / "system.slice" / "cpu.max").write_text("300000 100000\n", encoding="utf-8")
+    assert env._cgroup_cpu_quota() == 3.0  # the ancestor's
+    (own / "cpu.max").write_text("150000 100000\n", encoding="utf-8")
+    assert env._cgroup_cpu_quota() == 1.5  # the tightest
+    assert env.available_cores() == min(_affinity(), 2)
+
+
+def test_cgroup_v1_lines_and_odd_paths_in_proc_self_cgroup_are_ignored(cgroup, tmp_path):
+    (tmp_path / "proc-self-cgroup").write_text("4:cpu,cpuacct:/x\n0::/../..\n", encoding="utf-8")
+    cgroup(quota="50000")
+    assert env._cgroup_cpu_quota() == 0.5  # v1, as no v2 file exists
+
+
+def test_the_environment_records_the_cores_this_run_may_use(monkeypatch):
+    """cpu_count is the machine's; under taskset or a container's quota the run uses fewer, as 4.4's workers do."""
+    monkeypatch.setattr(env, "available_cores", lambda: 1)
+    e = env.environment()
+    assert e["available_cores"] == 1 and e["cpu_count"] == os.cpu_count()

@@ -90,10 +90,11 @@ def test_median_time_is_the_median_not_the_fastest(monkeypatch):
     assert len(calls) == 4
 
 
-def test_median_time_with_zero_repeats_still_times_one_run(monkeypatch):
-    """repeats=0 times one run (at least one timed run), instead of failing on an empty median."""
+def test_median_time_with_one_repeat_times_one_run_after_the_warmup(monkeypatch):
+    """repeats=1: one timed run after the warm-up. (repeats=0 had been taken as 1; it is now a ValueError, as
+    rounds=0 is for interleaved_times: tests/test_bench_hunt20.py.)"""
     fn, calls = _clocked(monkeypatch, [9.0, 2.0])
-    assert median_time(fn, repeats=0, warmup=1) == 2.0
+    assert median_time(fn, repeats=1, warmup=1) == 2.0
     assert len(calls) == 2
 
 

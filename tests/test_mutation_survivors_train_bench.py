@@ -394,7 +394,7 @@ def test_rnn_full_run_reports_what_it_measured(monkeypatch):
     batches = []
 
     def norms(factors, stats):
-        stats.update(extensions=50, fallbacks=0)
+        stats.update(extensions=50, cholesky=0, fallbacks=0, rescaled=0)
         return torch.arange(5.0)[None]
 
     def jac_norms(rnn, x, h0):

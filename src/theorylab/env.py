@@ -17,6 +17,9 @@ _PACKAGES = ("theorylab", "torch", "numpy", "scipy", "scikit-learn", "matplotlib
 #: where a container's CPU quota lives: cgroup v2 ("QUOTA PERIOD" or "max PERIOD"), then v1 (quota -1: none)
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+#: this process's cgroup v2 path ("0::/PATH"), relative to the mount above (outside a cgroup namespace, say a
+#: systemd unit with CPUQuota=, the mount's own cpu.max is the root's, which has none)
+PROC_SELF_CGROUP = "/proc/self/cgroup"
 
 
 def available_cores() -> int:
@@ -30,14 +33,37 @@ def available_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs' worth of time per period that the cgroup allows, or None (no quota, or no cgroup files)."""
+def _cgroup_v2_files() -> list[str]:
+    """cpu.max of the mount's root, then of this process's cgroup and each of its ancestors below that root."""
+    root = os.path.dirname(CGROUP_CPU_MAX)
+    files = [CGROUP_CPU_MAX]
     try:
-        with open(CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        pass
+        with open(PROC_SELF_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        if line.startswith("0::"):
+            parts = [part for part in line[3:].split("/") if part not in ("", ".", "..")]
+            files += [os.path.join(root, *parts[:i], "cpu.max") for i in range(len(parts), 0, -1)]
+    return files
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time per period that the cgroup allows (the tightest of its own and its ancestors'), or None
+    (no quota, or no cgroup files)."""
+    quotas, found_v2 = [], False
+    for name in _cgroup_v2_files():
+        try:
+            with open(name) as f:
+                quota, period = f.read().split()[:2]
+            found_v2 = True
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    if found_v2:
+        return min(quotas) if quotas else None
     try:
         with open(CGROUP_V1_QUOTA[0]) as fq, open(CGROUP_V1_QUOTA[1]) as fp:
             quota_us, period_us = int(fq.read()), int(fp.read())
@@ -69,7 +95,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(),  # the machine's
+        "available_cores": available_cores(),  # this run's: affinity and a container's quota (4.4's workers)
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda_available": torch.cuda.is_available(),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..attention import PositiveRandomFeatures, linear_attention
 from ..cost import PeakMemory, count_flops, interleaved_times
+from ..experiments.progress import progress_steps
 
 B, H, D, M = 1, 8, 64, 256
 FULL_NS = [1024, 2048, 4096, 8192, 16384]
@@ -134,28 +135,10 @@ def _accuracy(causal: bool, n: int = 1024) -> dict[str, float]:
                 for name, fn in contenders(causal).items() if not name.startswith("torch SDPA")}
 
 
-@contextlib.contextmanager
-def _progress(total: int):
-    """A transient progress bar on an interactive terminal (never in CI or a pipe); yields ``advance(label)``."""
-    from ..claims.engine import show_progress
-
-    if not show_progress():
-        yield lambda label: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..experiments.progress import progress_console
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=progress_console()) as bar:
-        task = bar.add_task("bench attention", total=total)
-        yield lambda label: bar.update(task, advance=1, description=label)
-
-
 def run(quick: bool = False) -> dict[str, Any]:
     ns = QUICK_NS if quick else FULL_NS
     budget = 2.0 if quick else 6.0
-    with _progress(2 * len(ns) + 1) as advance:
+    with progress_steps(2 * len(ns) + 1, "bench attention") as advance:
         return _run(ns, quick, budget, advance)
 
 

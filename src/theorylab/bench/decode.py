@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..attention import LinearAttentionState, PositiveRandomFeatures, linear_attention
 from ..cost import fit_power_law, interleaved_times
+from ..experiments.progress import progress_steps
 
 B, H, D, M = 1, 8, 64, 256
 QK_STD = 0.35  # as the accuracy rows of `bench attention`
@@ -113,7 +114,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Per-token times over a grid of context lengths, their power-law growth, memory and accuracy."""
     ns = [256, 1024, 4096] if quick else [1024, 4096, 16384, TARGET_N]
     rounds = 5 if quick else 15
-    rows = [_row(n, rounds) for n in ns]
+    rows = []
+    with progress_steps(len(ns) + 1, "bench decode") as advance:
+        for n in ns:
+            advance(f"one token after n={n}")
+            rows.append(_row(n, rounds))
+        advance("accuracy of decoding")
+        accuracy = _accuracy(256, 256) if quick else _accuracy()
     growth = {}
     for name in ("state", "kv_cache", "no_state"):
         pts = [(r["n"], r[f"{name}_ms"]) for r in rows if f"{name}_ms" in r]
@@ -122,7 +129,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     result = {"suite": "decode", "quick": quick, "torch_threads": torch.get_num_threads(),
               "shape": {"B": B, "H": H, "d": D, "m": M, "dtype": "float32"}, "rows": rows,
               "exponent_in_n": growth, "state_faster_than_kv_cache_from_n": faster_from(rows),
-              "accuracy": _accuracy(256, 256) if quick else _accuracy()}
+              "accuracy": accuracy}
     return {**result, "targets": targets(result)}
 
 

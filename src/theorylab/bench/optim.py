@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 import torch
 
 from ..cost import interleaved_times
+from ..experiments.progress import progress_steps
 from ..optim import AdamW, StepContext, chain_step
 
 #: a transformer-like parameter set: 9 square matrices, an embedding, 18 vectors (9,979,904 parameters)
@@ -127,8 +128,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     n_params = sum(torch.Size(s).numel() for s in shapes)
     max_threads = torch.get_num_threads()
     thread_counts = [1] if quick or max_threads == 1 else [1, max_threads]
-    results = [_measure(shapes, threads, rounds=15 if quick else 25, compile_chain=(not quick and threads == 1))
-               for threads in thread_counts]
+    results = []
+    with progress_steps(len(thread_counts), "bench optim") as advance:
+        for threads in thread_counts:
+            advance(f"AdamW steps on {threads} thread(s)" + ("" if quick or threads > 1 else ", torch.compile"))
+            results.append(_measure(shapes, threads, rounds=15 if quick else 25,
+                                    compile_chain=(not quick and threads == 1)))
     result = {"suite": "optim", "parameters": n_params, "tensors": len(shapes), "dtype": "float32",
               "hyperparameters": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
               "torch": torch.__version__, "quick": quick, "results": results}

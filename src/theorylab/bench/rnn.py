@@ -23,11 +23,12 @@ import functools
 import math
 import statistics
 from collections.abc import Callable, Mapping
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
 from ..cost import interleaved_times
+from ..experiments.progress import progress_steps
 from ..rnn import (
     RNN,
     JacobianFactors,
@@ -89,60 +90,74 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((torch.exp(a[both] - b[both]) - 1).abs().max()) if both.any() else math.nan
 
 
+#: (H, T, init) rows of log_jacobian_norms; (H, T, k) of lyapunov_spectrum; (H, T) against autograd
+FULL: dict[str, list[Any]] = {
+    "norms": [(32, 1000, "default"), (64, 1000, "default"), (128, 1000, "default"), (256, 1000, "default"),
+              (256, 1000, "orthogonal"), (64, 10000, "default"), (256, 10000, "default")],
+    "lyapunov": [(64, 10000, 1), (64, 10000, 8), (256, 10000, 1), (256, 10000, 16)],
+    "autograd": [(16, 50), (16, 100), (16, 200), (32, 100), (32, 200)]}
+#: H = 128 takes the iterative path (B·H³ > SVD_MAX_WORK), and the orthogonal W its Cholesky proof, as in the full run
+QUICK: dict[str, list[Any]] = {
+    "norms": [(16, 200, "default"), (64, 200, "default"), (128, 200, "default"), (128, 200, "orthogonal")],
+    "lyapunov": [(64, 1000, 1), (64, 1000, 8)],
+    "autograd": [(8, 50), (16, 50)]}
+REPEATS = 3
+
+
 def run(quick: bool = False) -> dict:
     """Time the diagnostics over grids of (H, T) and the baselines at small sizes; JSON-able dict."""
-    repeats = 3
-    if quick:
-        norm_grid = [(16, 200, "default"), (64, 200, "default"), (64, 200, "orthogonal")]
-        lyap_grid = [(64, 1000, 1), (64, 1000, 8)]
-        base_grid = [(8, 50), (16, 50)]
-    else:
-        norm_grid = [(32, 1000, "default"), (64, 1000, "default"), (128, 1000, "default"),
-                     (256, 1000, "default"), (256, 1000, "orthogonal"), (64, 10000, "default"),
-                     (256, 10000, "default")]
-        lyap_grid = [(64, 10000, 1), (64, 10000, 8), (256, 10000, 1), (256, 10000, 16)]
-        base_grid = [(16, 50), (16, 100), (16, 200), (32, 100), (32, 200)]
-
-    norms = []
-    for hidden, steps, init in norm_grid:
-        rnn, x = _model(hidden, init), _inputs(steps)
-        stats: dict = {}
-        reps = 1 if hidden**3 * steps > 5e10 else repeats  # one run only for the T = 10,000 sizes at H = 256
-        factors = jacobian_factors(rnn, x, None)
-        fns: dict[str, Callable[[], torch.Tensor | JacobianFactors]] = {
-            "ours": functools.partial(log_norms_of_products, factors, stats=stats),
-            "trajectory": functools.partial(jacobian_factors, rnn, x, None)}
-        if steps <= 1000:  # the SVD-per-step reference: slow but feasible; also gives the error
-            fns["reference"] = functools.partial(_one_thread, log_norms_of_products_reference, factors)
-        t, outputs = _timed(fns, reps)
-        ours = cast(torch.Tensor, outputs["ours"])
-        row = {"H": hidden, "T": steps, "init": init, "seconds": t["ours"] + t["trajectory"], "repeats": reps,
-               "extensions_per_step": stats["extensions"] / steps,  # of the last call (reset per call)
-               "svd_fallbacks": stats["fallbacks"], "log_norm_T": float(ours[0, -1])}
-        if "reference" in t:
-            row.update(svd_per_step_seconds=t["reference"], speedup_vs_svd_per_step=t["reference"] / row["seconds"],
-                       max_rel_err_vs_svd=_rel_err(ours, cast(torch.Tensor, outputs["reference"])))
-        norms.append(row)
-
-    lyap = []
-    for hidden, steps, k in lyap_grid:
-        rnn, x = _model(hidden, "default"), _inputs(steps)
-        t, out = _timed({"ours": functools.partial(lyapunov_spectrum, rnn, x, None, k)}, repeats)
-        lyap.append({"H": hidden, "T": steps, "k": k, "seconds": t["ours"], "repeats": repeats,
-                     "lambda_1": float(out["ours"][0, 0])})
-
-    baselines = []
-    for hidden, steps in base_grid:
-        rnn, x = _model(hidden, "default"), _inputs(steps, batch=2)
-        t, out = _timed({"ours": functools.partial(log_jacobian_norms, rnn, x, None),
-                         "autograd": functools.partial(_one_thread, _autograd_log_norms, rnn, x)}, repeats)
-        baselines.append({"H": hidden, "T": steps, "B": 2, "ours_seconds": t["ours"],
-                          "autograd_seconds": t["autograd"], "speedup_vs_autograd": t["autograd"] / t["ours"],
-                          "max_rel_err_vs_autograd": _rel_err(out["ours"], out["autograd"])})
-
+    grid = QUICK if quick else FULL
+    with progress_steps(sum(map(len, grid.values())), "bench rnn") as advance:
+        norms = []
+        for hidden, steps, init in grid["norms"]:
+            advance(f"log_jacobian_norms, H={hidden}, T={steps}, {init}")
+            norms.append(_norm_row(hidden, steps, init))
+        lyap = []
+        for hidden, steps, k in grid["lyapunov"]:
+            advance(f"lyapunov_spectrum, H={hidden}, T={steps}, k={k}")
+            rnn, x = _model(hidden, "default"), _inputs(steps)
+            t, out = _timed({"ours": functools.partial(lyapunov_spectrum, rnn, x, None, k)}, REPEATS)
+            lyap.append({"H": hidden, "T": steps, "k": k, "seconds": t["ours"], "repeats": REPEATS,
+                         "lambda_1": float(out["ours"][0, 0])})
+        baselines = []
+        for hidden, steps in grid["autograd"]:
+            advance(f"vs autograd, H={hidden}, T={steps}")
+            baselines.append(_autograd_row(hidden, steps))
     result = {"suite": "rnn", "quick": quick, "torch_threads": torch.get_num_threads(),
               "log_jacobian_norms": norms, "lyapunov_spectrum": lyap, "vs_autograd": baselines}
     return {**result, "targets": targets(result)}
+
+
+def _norm_row(hidden: int, steps: int, init: str) -> dict:
+    """log_jacobian_norms at one size against the SVD-per-step reference (up to T = 1000), with the method's counts."""
+    rnn, x = _model(hidden, init), _inputs(steps)
+    stats: dict = {}
+    reps = 1 if hidden**3 * steps > 5e10 else REPEATS  # one run only for the T = 10,000 sizes at H = 256
+    factors = jacobian_factors(rnn, x, None)
+    fns: dict[str, Callable[[], torch.Tensor | JacobianFactors]] = {
+        "ours": functools.partial(log_norms_of_products, factors, stats=stats),
+        "trajectory": functools.partial(jacobian_factors, rnn, x, None)}
+    if steps <= 1000:  # the SVD-per-step reference: slow but feasible; also gives the error
+        fns["reference"] = functools.partial(_one_thread, log_norms_of_products_reference, factors)
+    t, outputs = _timed(fns, reps)
+    ours = cast(torch.Tensor, outputs["ours"])
+    row = {"H": hidden, "T": steps, "init": init, "seconds": t["ours"] + t["trajectory"], "repeats": reps,
+           "extensions_per_step": stats["extensions"] / steps,  # of the last call (reset per call)
+           "cholesky_proofs": stats["cholesky"], "svd_fallbacks": stats["fallbacks"],
+           "rescaled": stats["rescaled"], "log_norm_T": float(ours[0, -1])}
+    if "reference" in t:
+        row.update(svd_per_step_seconds=t["reference"], speedup_vs_svd_per_step=t["reference"] / row["seconds"],
+                   max_rel_err_vs_svd=_rel_err(ours, cast(torch.Tensor, outputs["reference"])))
+    return row
+
+
+def _autograd_row(hidden: int, steps: int) -> dict:
+    rnn, x = _model(hidden, "default"), _inputs(steps, batch=2)
+    t, out = _timed({"ours": functools.partial(log_jacobian_norms, rnn, x, None),
+                     "autograd": functools.partial(_one_thread, _autograd_log_norms, rnn, x)}, REPEATS)
+    return {"H": hidden, "T": steps, "B": 2, "ours_seconds": t["ours"], "autograd_seconds": t["autograd"],
+            "speedup_vs_autograd": t["autograd"] / t["ours"],
+            "max_rel_err_vs_autograd": _rel_err(out["ours"], out["autograd"])}
 
 
 def _one_thread(fn: Callable[..., T], *args: object) -> T:
@@ -165,11 +180,12 @@ def _fmt(x: float) -> str:
 
 def format_table(result: dict) -> str:
     lines = ["log_jacobian_norms (B = 1, float64; seconds include the trajectory)",
-             f"{'H':>5} {'T':>6} {'init':>10} {'seconds':>9} {'ext/step':>9} {'SVD s':>8} {'speedup':>8} "
-             f"{'rel err':>9}"]
+             f"{'H':>5} {'T':>6} {'init':>10} {'seconds':>9} {'ext/step':>9} {'proofs':>7} {'SVD s':>8} "
+             f"{'speedup':>8} {'rel err':>9}"]
     for r in result["log_jacobian_norms"]:
         lines.append(f"{r['H']:>5} {r['T']:>6} {r['init']:>10} {_fmt(r['seconds']):>9} "
-                     f"{_fmt(r['extensions_per_step']):>9} {_fmt(r.get('svd_per_step_seconds')):>8} "
+                     f"{_fmt(r['extensions_per_step']):>9} {r.get('cholesky_proofs', '—'):>7} "
+                     f"{_fmt(r.get('svd_per_step_seconds')):>8} "
                      f"{_fmt(r.get('speedup_vs_svd_per_step')):>8} {_fmt(r.get('max_rel_err_vs_svd')):>9}")
     lines += ["", "lyapunov_spectrum (QR every step, B = 1)", f"{'H':>5} {'T':>6} {'k':>4} {'seconds':>9} "
               f"{'λ₁':>9}"]

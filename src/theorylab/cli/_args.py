@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -52,9 +54,13 @@ def check_writable(folder: Path, what: str = "output folder") -> str | None:
         if folder.exists() and not folder.is_dir():
             return f"{what} {str(folder)!r} is a file, not a folder"
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".theorylab-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        # a unique name: ranks of a multi-node job on a shared folder can have the same process id
+        fd, probe = tempfile.mkstemp(prefix=".theorylab-write-test-", dir=folder)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except (OSError, ValueError) as e:  # ValueError: e.g. a NUL byte in the path
         return f"cannot write to {what} {str(folder)!r}: {getattr(e, 'strerror', None) or e}"
     return None
@@ -72,7 +78,8 @@ def exclusive_output(folder: Path) -> Iterator[None]:
     The lock is ``flock`` on the folder itself: no lock file is left behind, and the kernel releases it when the
     process ends, however it ends. Where it cannot be taken for another reason (no ``fcntl`` on Windows; NFS, whose
     exclusive locks need a file open for writing; a folder that can be written but not read) the block runs
-    unlocked, as before locks existed, with a one-line warning on stderr."""
+    unlocked, as before locks existed, with a one-line warning on stderr. Once the lock is held, the temporary
+    files that a killed run left are removed (:func:`remove_stale_temporaries`)."""
     fd = None
     if fcntl is not None:
         try:
@@ -88,8 +95,31 @@ def exclusive_output(folder: Path) -> Iterator[None]:
                 fd = None
             print(f"theorylab: warning: cannot lock {str(folder)!r} ({e.strerror or e}); a second run into it at "
                   "the same time would not be refused", file=sys.stderr)
+    if fd is not None:
+        remove_stale_temporaries(folder)
     try:
         yield
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the lock
+
+
+#: the temporary files of our atomic writes (``tempfile.mkstemp``'s 8 random characters): a checkpoint, and a
+#: results.json or metrics.json
+_TEMPORARY = re.compile(r"\.(checkpoint\.pt-[a-z0-9_]{8}\.tmp|results-[a-z0-9_]{8}\.json)")
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove (and name) the temporary files that a run killed mid-write (SIGKILL, or SIGTERM from a scheduler
+    or torchrun) left in ``folder``: as large as a checkpoint each, and nothing else would ever remove them.
+    Called once the folder's lock is held, when no other run can be writing them."""
+    removed: list[str] = []
+    try:
+        names = [entry.name for entry in os.scandir(folder) if _TEMPORARY.fullmatch(entry.name)]
+    except OSError:
+        return removed
+    for name in names:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+            removed.append(name)
+    return removed

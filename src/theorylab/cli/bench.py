@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -37,11 +38,20 @@ def _check_json_target(name: str) -> str | None:
         return "--json needs a file name"
     if "\0" in name:  # pathlib's is_dir() answers False for it; the write at the end raised
         return "--json contains a NUL byte"
+    if name.endswith(("/", os.sep)):  # Path() drops the slash: "newdir/" became a file named newdir
+        return f"--json {name!r} names a folder; give a file name"
     path = Path(name)
     try:
         if path.is_dir():
             return f"--json {name!r} is a folder; give a file name"
+        if path.is_symlink() and not path.exists():
+            return f"--json {name!r} is a link to nothing ({os.readlink(path)!r})"
+        if path.exists() and not os.access(path, os.W_OK):  # replacing it would overwrite a read-only file
+            return f"--json {name!r} exists and is not writable"
+        path = _target(name)
     except (OSError, ValueError) as e:  # Python 3.11's pathlib lets "file name too long" and NUL bytes through
+        if getattr(e, "errno", None) == errno.ENAMETOOLONG:
+            return "--json file name is longer than the filesystem allows"
         return f"--json {name!r} cannot be used: {getattr(e, 'strerror', None) or e}"
     err = check_writable(path.parent, "the --json file's folder")
     if err is None and hasattr(os, "pathconf"):  # the name itself: one longer than the filesystem allows
@@ -49,6 +59,11 @@ def _check_json_target(name: str) -> str | None:
         if len(os.fsencode(path.name)) > limit:
             err = f"--json file name is longer than the filesystem allows ({limit} bytes)"
     return err
+
+
+def _target(name: str) -> Path:
+    """The file that ``--json name`` writes: a link's target, so that the atomic replace keeps the link."""
+    return Path(os.path.realpath(name))
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -65,12 +80,28 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise
         print(f"theorylab bench: error: the {args.suite} benchmark is not implemented yet", file=sys.stderr)
         return 2
-    from ..claims.engine import json_safe
+    from ..claims.engine import json_safe, write_json_atomic
     from ..env import environment
 
     result = {**module.run(quick=args.quick), "environment": environment()}  # the date and the machine
     print(module.format_table(result))
     if args.json:  # strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as in results.json)
-        Path(args.json).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        payload = json_safe(result)
+        try:  # atomic: a write that fails halfway (a full disk) keeps the previous file whole
+            write_json_atomic(_target(args.json), payload)
+        except OSError as e:  # minutes of measurement: not lost to a traceback
+            print(f"theorylab bench: error: cannot write {args.json!r}: {e.strerror or e}; the results follow "
+                  "as JSON", file=sys.stderr)
+            print(json.dumps(payload, indent=2, allow_nan=False), file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
-    return 0
+    failed = unmet_musts(result)
+    for target in failed:
+        print(f"theorylab bench: must not met: {target}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def unmet_musts(result: dict) -> list[str]:
+    """The judged must targets that did not hold (a --quick run judges none): the exit status is 1 if any."""
+    return [t["target"] for t in result.get("targets", [])
+            if t.get("must_met") is False or (t.get("kind") == "must" and t.get("met") is False)]

@@ -11,14 +11,23 @@ from typing import Any
 import torch
 
 
+def _check_count(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, else a ValueError naming it (nan, 2.5 and True are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, budget_s: float | None = None) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; stops early (>= 1 timed run)
     once ``budget_s`` seconds of timed runs have passed."""
+    _check_count("repeats", repeats, 1)
+    _check_count("warmup", warmup, 0)
     for _ in range(warmup):
         fn()
     times: list[float] = []
     spent = 0.0
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -39,8 +48,10 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
     timed seconds so far are below ``budget_s``. ``before()``, if given, runs untimed before every timed call (to
     flush caches, so that no call inherits what the previous contender left in them). Compare medians of the
     returned lists."""
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    _check_count("rounds", rounds, 1)
+    _check_count("warmup", warmup, 0)
+    if max_rounds is not None:
+        _check_count("max_rounds", max_rounds, rounds)
     names = list(fns)
     if not names:
         return {}

@@ -4,8 +4,10 @@ terminal the bar was suppressed yet a stray line reached the file)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -20,3 +22,18 @@ def progress_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_steps(total: int, description: str) -> Iterator[Callable[[str], None]]:
+    """A transient bar of ``total`` steps where :func:`show_progress` allows one; yields ``advance(label)``, which
+    counts a step and shows ``label`` (what runs next). Elsewhere ``advance`` does nothing."""
+    if not show_progress():
+        yield lambda label: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=progress_console()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda label: bar.update(task, advance=1, description=label)

@@ -314,7 +314,9 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
         block: k, the number of Ritz vectors carried from step to step.
         max_dim: the largest search space before falling back to an SVD.
         seed: seeds the random directions (the result does not depend on it beyond ~tol).
-        stats: if given, receives ``extensions`` (search-space extensions in all) and ``fallbacks`` (SVDs).
+        stats: if given, its counts of this call are set: ``extensions`` (search-space extensions in all),
+            ``cholesky`` (Ritz values proved the top one by a Cholesky factorisation), ``fallbacks`` (SVDs) and
+            ``rescaled`` (products renormalised below :data:`TINY_NORM`).
     """
     if method not in ("auto", "iterative", "svd"):
         raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
@@ -343,8 +345,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     V = np.linalg.qr(rng.standard_normal((bsz, hidden, block)))[0]
     c = np.zeros(bsz)
     out = np.empty((bsz, steps))
-    stats["extensions"] = 0
-    stats["fallbacks"] = 0
+    stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0)  # this call's counts, not a running total
     # Small kernels run on one BLAS thread; only a large H×H product per step is worth more (see _threads), and
     # then as many as torch may use: torch.set_num_threads(1), the cure on a busy machine, limits numpy's too
     # (on 2 shared cores with one busy, H = 256 took 2.9 s on one BLAS thread and 5.8-7.2 s on two; idle, 1.3×
@@ -366,7 +367,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
             if not use_svd:  # a Ritz value is a lower bound: prove it is the top one (see _top_eig_gram)
                 unproved = np.flatnonzero(conv & ~proved)
                 if unproved.size:
-                    stats["cholesky"] = stats.get("cholesky", 0) + unproved.size
+                    stats["cholesky"] += unproved.size
                     conv[unproved] = _certified_top(M[unproved], theta[unproved], tol)
             if not conv.all():  # rare: fall back to an SVD for those sequences
                 idx = np.flatnonzero(~conv)
@@ -374,7 +375,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
                 theta[idx] = np.linalg.svd(M[idx], compute_uv=False)[:, 0] ** 2
             tiny = np.flatnonzero(theta < TINY_NORM**2)
             if tiny.size:  # rare: see TINY_NORM
-                stats["rescaled"] = stats.get("rescaled", 0) + tiny.size
+                stats["rescaled"] += tiny.size
                 m_max = np.abs(M[tiny]).max(axis=(-2, -1))
                 m_scale = np.where(m_max > 0, m_max, 1.0)
                 M[tiny] /= m_scale[:, None, None]

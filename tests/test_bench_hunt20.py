@@ -1,0 +1,200 @@
+"""Regressions found by the twentieth session's bug hunt of the benchmarks: ``--json`` written atomically and
+checked for the file itself, a must that fails sets the exit status, counts are validated, ``--quick`` reaches the
+iterative path of the RNN norms, and every suite shows progress."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from theorylab.bench import decode as bench_decode
+from theorylab.bench import optim as bench_optim
+from theorylab.bench import rnn as bench_rnn
+from theorylab.cli import main
+from theorylab.cost import interleaved_times, median_time
+from theorylab.rnn.jacobian import SVD_MAX_WORK
+
+
+@pytest.fixture
+def fake_rnn_bench(monkeypatch):
+    """``bench rnn`` with an instant result whose target ``must_met`` the test sets."""
+    outcome = {"must_met": None}
+
+    def run(quick):
+        return {"suite": "rnn", "x": math.nan, "targets": [{"target": "log_jacobian_norms, H=256, T=10000",
+                                                            "measured": 1.0, "must": "< 30 s", "goal": "-",
+                                                            "must_met": outcome["must_met"], "goal_met": None}]}
+
+    monkeypatch.setattr(bench_rnn, "run", run)
+    monkeypatch.setattr(bench_rnn, "format_table", lambda result: "table")
+    return outcome
+
+
+def test_json_with_a_trailing_slash_is_refused_not_written_as_a_file(tmp_path, fake_rnn_bench, capsys):
+    """``--json newdir/`` wrote a file named newdir (pathlib drops the slash)."""
+    target = tmp_path / "newdir"
+    assert main(["bench", "rnn", "--json", f"{target}/"]) == 2
+    assert "names a folder" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_json_through_a_dangling_link_is_refused_before_the_benchmark(tmp_path, fake_rnn_bench, capsys):
+    link = tmp_path / "out.json"
+    link.symlink_to(tmp_path / "missing" / "out.json")
+    assert main(["bench", "rnn", "--json", str(link)]) == 2
+    assert "link to nothing" in capsys.readouterr().err
+
+
+def test_json_through_a_link_writes_its_target_and_keeps_the_link(tmp_path, fake_rnn_bench):
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("{}")
+    link.symlink_to(real)
+    assert main(["bench", "rnn", "--json", str(link)]) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["x"] == "nan"
+
+
+def test_a_read_only_json_file_is_refused_before_the_benchmark(tmp_path, fake_rnn_bench, monkeypatch, capsys):
+    """The atomic replace would overwrite a read-only file; the check asks the OS (which lets root write anything,
+    so the answer is faked here for the suite to mean the same under root)."""
+    from theorylab.cli import bench as cli_bench
+
+    out = tmp_path / "o.json"
+    out.write_text("{}")
+    monkeypatch.setattr(cli_bench.os, "access", lambda path, mode: not (os.fspath(path) == str(out)
+                                                                        and mode == os.W_OK))
+    assert main(["bench", "rnn", "--json", str(out)]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_a_failed_json_write_keeps_the_old_file_and_prints_the_results(tmp_path, fake_rnn_bench, monkeypatch,
+                                                                       capsys):
+    """The write happened in place and unguarded: a full disk left invalid JSON (the old results gone) and a
+    traceback that lost the minutes of measurement."""
+    import theorylab.claims.engine as engine
+
+    out = tmp_path / "o.json"
+    out.write_text('{"old": true}\n')
+    real_dump = json.dump
+
+    def full_disk(obj, f, **kw):
+        f.write('{"half')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine.json, "dump", full_disk)
+    assert main(["bench", "rnn", "--json", str(out)]) == 2
+    monkeypatch.setattr(engine.json, "dump", real_dump)
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left" in err
+    assert json.loads(out.read_text()) == {"old": True}  # untouched
+    printed = json.loads(err[err.index("{"):])  # the results, as strict JSON, on stderr
+    assert printed["x"] == "nan" and printed["suite"] == "rnn"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(("must_met", "status"), [(True, 0), (None, 0), (False, 1)])
+def test_a_must_that_is_not_met_sets_the_exit_status(fake_rnn_bench, capsys, must_met, status):
+    """A must printed as NOT met exited 0, so no script or CI job could see the regression it exists to catch."""
+    fake_rnn_bench["must_met"] = must_met
+    assert main(["bench", "rnn"]) == status
+    assert ("must not met: log_jacobian_norms" in capsys.readouterr().err) is (status == 1)
+
+
+def test_optim_musts_count_and_goals_do_not(monkeypatch, capsys):
+    rows = [{"target": "goal", "kind": "goal", "met": False}, {"target": "must", "kind": "must", "met": True}]
+    monkeypatch.setattr(bench_optim, "run", lambda quick: {"suite": "optim", "targets": rows})
+    monkeypatch.setattr(bench_optim, "format_table", lambda result: "table")
+    assert main(["bench", "optim"]) == 0
+    rows[1]["met"] = False
+    assert main(["bench", "optim"]) == 1
+
+
+@pytest.mark.parametrize("repeats", [0, -3, math.nan, 2.5, True])
+def test_median_time_refuses_a_repeat_count_that_is_not_a_positive_integer(repeats):
+    """nan, -3 and True timed one call silently; 2.5 raised a bare TypeError."""
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        median_time(lambda: None, repeats=repeats)
+
+
+@pytest.mark.parametrize("warmup", [-2, 1.5])
+def test_warmup_must_be_a_count(warmup):
+    """warmup=-2 ran no warm-up without a word; 1.5 raised a bare TypeError."""
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0"):
+        median_time(lambda: None, warmup=warmup)
+    with pytest.raises(ValueError, match="warmup must be an integer >= 0"):
+        interleaved_times({"a": lambda: None}, warmup=warmup)
+
+
+def test_max_rounds_below_rounds_is_refused():
+    with pytest.raises(ValueError, match="max_rounds must be an integer >= 3"):
+        interleaved_times({"a": lambda: None}, rounds=3, max_rounds=2)
+    assert len(interleaved_times({"a": lambda: None}, rounds=3, max_rounds=3)["a"]) == 3
+
+
+def test_quick_rnn_rows_reach_the_iterative_path_and_its_proof():
+    """Every --quick row took the SVD path: the iteration, its Cholesky proof and their counts never ran."""
+    assert any(h**3 > SVD_MAX_WORK for h, _, _ in bench_rnn.QUICK["norms"])
+    assert any(h**3 > SVD_MAX_WORK and init == "orthogonal" for h, _, init in bench_rnn.QUICK["norms"])
+    hidden, steps, init = max(bench_rnn.QUICK["norms"], key=lambda r: (r[0], r[2] == "orthogonal"))
+    row = bench_rnn._norm_row(hidden, steps, init)
+    assert row["extensions_per_step"] > 0 and row["cholesky_proofs"] > 0 and row["rescaled"] == 0
+    assert row["max_rel_err_vs_svd"] < 1e-9
+
+
+def _recorder(monkeypatch, module):
+    labels, totals = [], []
+
+    @contextlib.contextmanager
+    def steps(total, description):
+        totals.append((description, total))
+        yield labels.append
+
+    monkeypatch.setattr(module, "progress_steps", steps)
+    return labels, totals
+
+
+def test_bench_decode_and_rnn_advance_a_progress_bar_once_per_step(monkeypatch):
+    """Only ``bench attention`` showed progress; a full ``bench decode`` ran 28 s without a sign of life."""
+    labels, totals = _recorder(monkeypatch, bench_decode)
+    monkeypatch.setattr(bench_decode, "_row", lambda n, rounds: {"n": n, "state_ms": 1.0, "kv_cache_ms": 2.0,
+                                                                  "kv_cache_over_state_time": 2.0})
+    monkeypatch.setattr(bench_decode, "_accuracy", lambda *a: {})
+    bench_decode.run(quick=True)
+    assert totals == [("bench decode", len(labels))] and labels[-1] == "accuracy of decoding"
+
+    labels, totals = _recorder(monkeypatch, bench_rnn)
+    monkeypatch.setattr(bench_rnn, "_norm_row", lambda h, t, init: {"H": h, "T": t, "seconds": 0.0})
+    monkeypatch.setattr(bench_rnn, "_autograd_row", lambda h, t: {})
+    monkeypatch.setattr(bench_rnn, "_timed", lambda fns, reps: ({"ours": 0.0}, {"ours": torch.zeros(1, 1)}))
+    bench_rnn.run(quick=True)
+    assert totals == [("bench rnn", len(labels))] and len(labels) == sum(map(len, bench_rnn.QUICK.values()))
+
+
+def test_bench_optim_advances_once_per_thread_count(monkeypatch):
+    labels, totals = _recorder(monkeypatch, bench_optim)
+    monkeypatch.setattr(bench_optim, "_measure", lambda shapes, threads, rounds, compile_chain:
+                        {"threads": threads, "rounds": rounds, "rows": []})
+    monkeypatch.setattr(bench_optim.torch, "get_num_threads", lambda: 2)
+    bench_optim.run(quick=False)
+    assert totals == [("bench optim", 2)] and labels == ["AdamW steps on 1 thread(s), torch.compile",
+                                                          "AdamW steps on 2 thread(s)"]
+
+
+@pytest.mark.slow
+def test_the_compiled_chain_row_steps_as_eager_adamw():
+    """``--quick`` never builds the torch.compile row, so only a full run would find it broken."""
+    shapes = [(8, 8), (8,)]
+    compiled_opt = bench_optim.AdamW(bench_optim._param_set(shapes), **bench_optim.HYPER, nonfinite="propagate")
+    eager_opt = bench_optim.AdamW(bench_optim._param_set(shapes), **bench_optim.HYPER, nonfinite="propagate")
+    step = bench_optim._compiled_chain_stepper(compiled_opt)
+    for _ in range(3):
+        step()
+        eager_opt.step()
+    for a, b in zip(compiled_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(compiled_opt.param_groups[0]["params"][0], bench_optim._param_set(shapes)[0])

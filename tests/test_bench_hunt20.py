@@ -9,7 +9,9 @@ import errno
 import json
 import math
 import os
+import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,19 +38,13 @@ def fake_rnn_bench(monkeypatch):
     return outcome
 
 
-def test_json_with_a_trailing_slash_is_refused_not_written_as_a_file(tmp_path, fake_rnn_bench, capsys):
-    """``--json newdir/`` wrote a file named newdir (pathlib drops the slash)."""
+@pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
+def test_json_naming_a_folder_is_refused_not_written_as_a_file(tmp_path, fake_rnn_bench, capsys, suffix):
+    """``--json newdir/`` and ``newdir/.`` (no such folder) wrote a file named newdir (the name is normalised)."""
     target = tmp_path / "newdir"
-    assert main(["bench", "rnn", "--json", f"{target}/"]) == 2
+    assert main(["bench", "rnn", "--json", f"{target}{suffix}"]) == 2
     assert "names a folder" in capsys.readouterr().err
     assert not target.exists()
-
-
-def test_json_through_a_dangling_link_is_refused_before_the_benchmark(tmp_path, fake_rnn_bench, capsys):
-    link = tmp_path / "out.json"
-    link.symlink_to(tmp_path / "missing" / "out.json")
-    assert main(["bench", "rnn", "--json", str(link)]) == 2
-    assert "link to nothing" in capsys.readouterr().err
 
 
 def test_json_through_a_link_writes_its_target_and_keeps_the_link(tmp_path, fake_rnn_bench):
@@ -57,6 +53,45 @@ def test_json_through_a_link_writes_its_target_and_keeps_the_link(tmp_path, fake
     link.symlink_to(real)
     assert main(["bench", "rnn", "--json", str(link)]) == 0
     assert link.is_symlink() and json.loads(real.read_text())["x"] == "nan"
+
+
+def test_json_through_a_link_to_a_file_not_yet_there_creates_it(tmp_path, fake_rnn_bench):
+    (tmp_path / "results").mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "results" / "new.json")
+    assert main(["bench", "rnn", "--json", str(link)]) == 0
+    assert link.is_symlink() and json.loads(link.read_text())["suite"] == "rnn"
+
+
+def test_an_existing_json_file_keeps_its_permissions_and_its_other_names(tmp_path, fake_rnn_bench):
+    """The atomic replace gave a private (0600) file the umask's mode (world-readable) and left a hard link to it
+    with the old results."""
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    private.chmod(0o600)
+    assert main(["bench", "rnn", "--json", str(private)]) == 0
+    assert private.stat().st_mode & 0o777 == 0o600 and json.loads(private.read_text())["suite"] == "rnn"
+    linked, other = tmp_path / "linked.json", tmp_path / "other-name.json"
+    linked.write_text("{}")
+    os.link(linked, other)
+    assert main(["bench", "rnn", "--json", str(linked)]) == 0
+    assert json.loads(other.read_text())["suite"] == "rnn" and linked.stat().st_ino == other.stat().st_ino
+
+
+def test_json_into_a_pipe_is_written_into_it_not_replaced(tmp_path, fake_rnn_bench):
+    """A rename put a regular file where the FIFO was: its reader waited forever while bench said "wrote"."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    # a daemon: where the FIFO is replaced, its reader waits forever and must not hold pytest at exit
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["bench", "rnn", "--json", str(fifo)]) == 0
+    reader.join(timeout=10)
+    assert not reader.is_alive() and json.loads(got[0])["suite"] == "rnn"
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_a_read_only_json_file_is_refused_before_the_benchmark(tmp_path, fake_rnn_bench, monkeypatch, capsys):
@@ -119,6 +154,12 @@ def test_median_time_refuses_a_repeat_count_that_is_not_a_positive_integer(repea
     """nan, -3 and True timed one call silently; 2.5 raised a bare TypeError."""
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         median_time(lambda: None, repeats=repeats)
+
+
+def test_numpy_integers_are_counts():
+    assert median_time(lambda: None, repeats=np.int64(2), warmup=np.int32(0)) >= 0
+    times = interleaved_times({"a": lambda: None}, rounds=np.int64(2), warmup=np.int64(0), max_rounds=np.int64(3))
+    assert len(times["a"]) == 2
 
 
 @pytest.mark.parametrize("warmup", [-2, 1.5])

@@ -15,7 +15,14 @@ def test_replicate_split_seeds_stay_in_the_range_scikit_learn_takes():
     for seed in (0, 4_294_965, 4_294_966, 4_294_967, MAX_SEED):
         for replicate in (0, 999):
             assert 0 <= q4.replicate_split(seed, replicate) <= MAX_SEED
-    assert q4.replicate_split(4_294_965, 7) == 1000 * 4_294_966 + 7  # below the wrap: the recorded numbers
+    assert q4.replicate_split(4_294_965, 7) == 1000 * 4_294_966 + 7  # below the limit: the recorded numbers
+
+
+def test_seeds_beyond_the_limit_draw_their_own_splits():
+    """A wrap modulo 2³² gave seeds 2²⁹ apart (0, 2²⁹, 3·2²⁹) the same five splits."""
+    splits = {seed: [q4.replicate_split(seed, r) for r in range(5)] for seed in (0, 2**29, 3 * 2**29, MAX_SEED)}
+    assert len({tuple(v) for v in splits.values()}) == 4
+    assert len({s for v in splits.values() for s in v}) == 20
 
 
 def test_replicate_data_loads_at_the_largest_seed():

@@ -75,10 +75,23 @@ def test_a_quota_on_the_process_cgroup_or_an_ancestor_counts_outside_a_cgroup_na
     assert env.available_cores() == min(_affinity(), 2)
 
 
-def test_cgroup_v1_lines_and_odd_paths_in_proc_self_cgroup_are_ignored(cgroup, tmp_path):
-    (tmp_path / "proc-self-cgroup").write_text("4:cpu,cpuacct:/x\n0::/../..\n", encoding="utf-8")
-    cgroup(quota="50000")
-    assert env._cgroup_cpu_quota() == 0.5  # v1, as no v2 file exists
+def test_cgroup_v1_lines_are_ignored(cgroup, tmp_path):
+    (tmp_path / "proc-self-cgroup").write_text("4:cpu,cpuacct:/x\n", encoding="utf-8")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "cpu.max").write_text("50000 100000\n", encoding="utf-8")
+    cgroup(quota="300000")
+    assert env._cgroup_cpu_quota() == 3.0  # v1's: the v1 line names no v2 cgroup
+
+
+def test_a_cgroup_outside_the_namespace_root_is_not_read_as_one_below_it(cgroup, tmp_path):
+    """``0::/../sibling`` (a process outside its cgroup namespace's root) had dropped the "..", reading the quota
+    of ROOT/sibling, another cgroup."""
+    (tmp_path / "proc-self-cgroup").write_text("0::/../sibling\n", encoding="utf-8")
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "sibling" / "cpu.max").write_text("50000 100000\n", encoding="utf-8")
+    cgroup(v2_text="max 100000")
+    assert env._cgroup_v2_files() == [env.CGROUP_CPU_MAX]
+    assert env._cgroup_cpu_quota() is None
 
 
 def test_the_environment_records_the_cores_this_run_may_use(monkeypatch):

@@ -4,6 +4,7 @@ a run killed mid-write are removed by the next run that holds the folder, and th
 from __future__ import annotations
 
 import os
+import time
 
 from theorylab.claims.engine import write_json_atomic
 from theorylab.cli import _args
@@ -17,9 +18,26 @@ def test_the_next_run_that_holds_the_folder_removes_a_killed_runs_temporaries(tm
     """A SIGKILL or SIGTERM during a checkpoint write left a checkpoint-sized .tmp that neither --resume nor
     --overwrite ever removed: each pre-emption during a write leaked one more copy."""
     for name in STALE + KEPT:
-        (tmp_path / name).write_text("x")
+        _old_file(tmp_path / name)
     with _args.exclusive_output(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEPT)
+
+
+def test_a_temporary_still_being_written_is_kept(tmp_path):
+    """``bench --json`` and the library's functions write the same temporaries without the lock: one written to
+    within the last minute may be live (removing it had failed that write)."""
+    live = tmp_path / STALE[1]
+    live.write_text("x")
+    os.utime(live, (time.time() - _args.STALE_AFTER_S + 5,) * 2)
+    _old_file(tmp_path / STALE[0])
+    assert _args.remove_stale_temporaries(tmp_path) == [STALE[0]]
+    assert live.exists()
+
+
+def _old_file(path):
+    path.write_text("x")
+    old = time.time() - _args.STALE_AFTER_S - 1
+    os.utime(path, (old, old))
 
 
 def test_the_patterns_match_the_names_our_atomic_writes_use(tmp_path, monkeypatch):
@@ -40,13 +58,13 @@ def test_the_patterns_match_the_names_our_atomic_writes_use(tmp_path, monkeypatc
     assert len(left) == 2 and all(_args._TEMPORARY.fullmatch(name) for name in left)
     assert _args.remove_stale_temporaries(tmp_path) == []  # the writers' own cleanup ran: a KeyboardInterrupt
     for name in left:  # is an exception; SIGKILL is not, and leaves them
-        (tmp_path / name).write_text("x")
+        _old_file(tmp_path / name)
     assert sorted(_args.remove_stale_temporaries(tmp_path)) == sorted(left)
 
 
 def test_an_unlocked_folder_keeps_its_temporaries(tmp_path, monkeypatch, capsys):
     """Without the lock (no flock: Windows, NFS) another run may be writing them: nothing is removed."""
-    (tmp_path / STALE[0]).write_text("x")
+    _old_file(tmp_path / STALE[0])
     monkeypatch.setattr(_args, "fcntl", None)
     with _args.exclusive_output(tmp_path):
         assert (tmp_path / STALE[0]).exists()

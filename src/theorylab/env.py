@@ -43,8 +43,9 @@ def _cgroup_v2_files() -> list[str]:
     except OSError:
         return files
     for line in lines:
-        if line.startswith("0::"):
-            parts = [part for part in line[3:].split("/") if part not in ("", ".", "..")]
+        parts = [part for part in line[3:].split("/") if part not in ("", ".")]
+        # ".." (a cgroup outside this namespace's root) has no file under the mount: dropping it had read a sibling
+        if line.startswith("0::") and ".." not in parts:
             files += [os.path.join(root, *parts[:i], "cpu.max") for i in range(len(parts), 0, -1)]
     return files
 

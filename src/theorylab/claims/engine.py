@@ -75,13 +75,17 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
+def write_json_atomic(path: Path, payload: dict[str, Any], *, mode: int | None = None) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees a half-written file. The file
+    gets permission bits ``mode`` (default: an ordinary new file's, 0666 minus the umask)."""
     from ..experiments.checkpoint import umask_mode
 
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
-        umask_mode(fd)
+        if mode is None or not hasattr(os, "fchmod"):  # Windows before Python 3.13: no mode bits to set
+            umask_mode(fd)
+        else:
+            os.fchmod(fd, mode)
         # backslashreplace: a path or argument that is not valid UTF-8 (Linux allows any bytes) reaches Python as
         # lone surrogates, which UTF-8 cannot encode; written as \udcff escapes, the file stays valid JSON
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:

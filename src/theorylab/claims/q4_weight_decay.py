@@ -422,10 +422,15 @@ def grid_axis(bounds: tuple[float, float], n: int) -> np.ndarray:
 
 
 def replicate_split(data_seed: int, replicate: int) -> int:
-    """The digits split seed of one replicate (see ``GridConfig.resample_data``), wrapped into the [0, 2³²) that
-    scikit-learn's ``random_state`` takes. ``--seed`` goes up to 2³² − 1; unwrapped, every seed from 4,294,967
-    on made claim 4.4 an error. Seeds below that keep their numbers."""
-    return (1000 * (data_seed + 1) + replicate) % 2**32
+    """The digits split seed of one replicate (see ``GridConfig.resample_data``), in the [0, 2³²) that
+    scikit-learn's ``random_state`` takes. ``--seed`` goes up to 2³² − 1, and 1000·(seed + 1) + r, the recorded
+    observations' seeds, leaves that range from seed 4,294,967 on (4.4 was an error there): beyond it the split
+    seed is drawn from (seed, r) by numpy's SeedSequence, which a wrap modulo 2³² would not do (it gave seeds
+    2²⁹ apart the same splits)."""
+    split = 1000 * (data_seed + 1) + replicate
+    if split < 2**32:
+        return split
+    return int(np.random.SeedSequence([data_seed, replicate]).generate_state(1)[0])
 
 
 def _replicate_data(cfg: GridConfig, data_seed: int):

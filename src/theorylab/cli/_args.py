@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -109,13 +110,20 @@ def exclusive_output(folder: Path) -> Iterator[None]:
 _TEMPORARY = re.compile(r"\.(checkpoint\.pt-[a-z0-9_]{8}\.tmp|results-[a-z0-9_]{8}\.json)")
 
 
+#: a temporary untouched for this long is stale: a live write keeps its file's mtime fresh (ours take seconds)
+STALE_AFTER_S = 60.0
+
+
 def remove_stale_temporaries(folder: Path) -> list[str]:
     """Remove (and name) the temporary files that a run killed mid-write (SIGKILL, or SIGTERM from a scheduler
     or torchrun) left in ``folder``: as large as a checkpoint each, and nothing else would ever remove them.
-    Called once the folder's lock is held, when no other run can be writing them."""
+    Called once the folder's lock is held. Writers that do not take the lock (``bench --json``, the library's
+    functions called directly) use the same names, so only a file untouched for :data:`STALE_AFTER_S` goes."""
     removed: list[str] = []
+    cutoff = time.time() - STALE_AFTER_S
     try:
-        names = [entry.name for entry in os.scandir(folder) if _TEMPORARY.fullmatch(entry.name)]
+        names = [entry.name for entry in os.scandir(folder)
+                 if _TEMPORARY.fullmatch(entry.name) and entry.stat(follow_symlinks=False).st_mtime < cutoff]
     except OSError:
         return removed
     for name in names:

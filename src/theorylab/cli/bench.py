@@ -7,6 +7,7 @@ import errno
 import importlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -38,17 +39,18 @@ def _check_json_target(name: str) -> str | None:
         return "--json needs a file name"
     if "\0" in name:  # pathlib's is_dir() answers False for it; the write at the end raised
         return "--json contains a NUL byte"
-    if name.endswith(("/", os.sep)):  # Path() drops the slash: "newdir/" became a file named newdir
+    # "newdir/" and "newdir/." (no such folder) had become a file named newdir: pathlib and realpath drop them
+    if name.endswith(("/", os.sep)) or os.path.basename(name) in (".", ".."):
         return f"--json {name!r} names a folder; give a file name"
     path = Path(name)
     try:
         if path.is_dir():
             return f"--json {name!r} is a folder; give a file name"
-        if path.is_symlink() and not path.exists():
-            return f"--json {name!r} is a link to nothing ({os.readlink(path)!r})"
         if path.exists() and not os.access(path, os.W_OK):  # replacing it would overwrite a read-only file
             return f"--json {name!r} exists and is not writable"
-        path = _target(name)
+        if _in_place(name):  # a pipe or a device (/dev/stdout): written into, its folder is not ours to probe
+            return None
+        path = _target(name)  # a link to a file that does not exist yet: that file, created in its folder
     except (OSError, ValueError) as e:  # Python 3.11's pathlib lets "file name too long" and NUL bytes through
         if getattr(e, "errno", None) == errno.ENAMETOOLONG:
             return "--json file name is longer than the filesystem allows"
@@ -66,6 +68,34 @@ def _target(name: str) -> Path:
     return Path(os.path.realpath(name))
 
 
+def _in_place(name: str) -> bool:
+    """Whether ``--json name`` is written into rather than replaced: an existing file that is not a regular one
+    (a pipe, /dev/stdout, a device: a rename would put a regular file in its place) or has other names (hard
+    links, which a rename would leave with the old results)."""
+    try:
+        st = os.stat(name)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) or st.st_nlink > 1
+
+
+def _write_json(name: str, payload: dict) -> None:
+    """Atomically, keeping an existing file's permission bits (a private results file stays private); in place
+    where a rename would not do (:func:`_in_place`)."""
+    from ..claims.engine import write_json_atomic
+
+    if _in_place(name):
+        with open(name, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        return
+    target = _target(name)
+    try:
+        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    write_json_atomic(target, payload, mode=mode)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     err = None
     if args.json is not None:  # before minutes of benchmarking, not after
@@ -80,7 +110,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise
         print(f"theorylab bench: error: the {args.suite} benchmark is not implemented yet", file=sys.stderr)
         return 2
-    from ..claims.engine import json_safe, write_json_atomic
+    from ..claims.engine import json_safe
     from ..env import environment
 
     result = {**module.run(quick=args.quick), "environment": environment()}  # the date and the machine
@@ -88,7 +118,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:  # strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as in results.json)
         payload = json_safe(result)
         try:  # atomic: a write that fails halfway (a full disk) keeps the previous file whole
-            write_json_atomic(_target(args.json), payload)
+            _write_json(args.json, payload)
         except OSError as e:  # minutes of measurement: not lost to a traceback
             print(f"theorylab bench: error: cannot write {args.json!r}: {e.strerror or e}; the results follow "
                   "as JSON", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 import warnings
@@ -12,17 +13,17 @@ import torch
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else a ValueError naming it (nan, 2.5 and True are not counts)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int >= ``minimum`` (numpy's integers too), else a ValueError naming it (nan, 2.5 and True
+    are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, budget_s: float | None = None) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; stops early (>= 1 timed run)
     once ``budget_s`` seconds of timed runs have passed."""
-    _check_count("repeats", repeats, 1)
-    _check_count("warmup", warmup, 0)
+    repeats, warmup = _check_count("repeats", repeats, 1), _check_count("warmup", warmup, 0)
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -48,10 +49,9 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
     timed seconds so far are below ``budget_s``. ``before()``, if given, runs untimed before every timed call (to
     flush caches, so that no call inherits what the previous contender left in them). Compare medians of the
     returned lists."""
-    _check_count("rounds", rounds, 1)
-    _check_count("warmup", warmup, 0)
+    rounds, warmup = _check_count("rounds", rounds, 1), _check_count("warmup", warmup, 0)
     if max_rounds is not None:
-        _check_count("max_rounds", max_rounds, rounds)
+        max_rounds = _check_count("max_rounds", max_rounds, rounds)
     names = list(fns)
     if not names:
         return {}

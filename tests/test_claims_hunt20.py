@@ -1,5 +1,6 @@
-"""Regressions found by the twentieth session's bug hunt of the claims: claim 4.4 at the largest seeds that
-``--seed`` accepts, and the labels of diverged cells in its figures."""
+"""Regressions found by the twentieth session's bug hunts of the claims and the report: claim 4.4 at the largest
+seeds that ``--seed`` accepts, the labels of diverged cells in its figures, the extra sections (an import failure,
+a refuted section's reason, the figure's colours) and the report (extras counted, missing figures said)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,95 @@ def test_a_diverged_cell_of_the_rotation_figure_is_grey_with_a_dark_label(where)
     assert bad[3] == 1.0 and mcolors.to_rgb(bad) != (1.0, 1.0, 1.0)  # opaque, and not the figure's white
     numbers = [t for t in ax.texts if t.get_text() != "diverged"]
     assert len(numbers) == 8 and {mcolors.to_rgb(t.get_color()) for t in numbers} <= {(0, 0, 0), (1, 1, 1)}
+
+
+def test_an_extra_section_whose_module_fails_to_import_is_an_error_not_dropped(monkeypatch, tmp_path):
+    """``--extras`` dropped such a section: the run said "2/2 confirmed" and exited 0 with one section missing."""
+    import importlib
+
+    from theorylab.claims import base, engine
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "theorylab.claims.extras_charlm":
+            raise ModuleNotFoundError("No module named 'theorylab.experiments'", name="theorylab.experiments")
+        return real(name, *args, **kwargs)
+
+    base.extra_sections()  # the real registrations first
+    monkeypatch.setattr(importlib, "import_module", fake)
+    monkeypatch.setattr(base, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(base, "_EXTRAS", {k: v for k, v in base._EXTRAS.items() if k != "charlm"})
+    sections = {s.id: s for s in base.extra_sections()}
+    assert set(sections) == {"rnn-tasks", "charlm"} and sections["charlm"].fn is None
+    record = engine.run_section(sections["charlm"], seed=0, quick=True, out_dir=tmp_path)
+    assert record["verdict"] == "error" and "theorylab.experiments" in record["error"]
+    assert base.import_error_for("rnn-tasks", "extra") is None
+
+
+def _fake_training(monkeypatch, plain_metric_by_T):
+    from theorylab.claims import extras_rnn
+    from theorylab.rnn.tasks import TrainResult
+
+    def train(task, steps, *, clip, orthogonal, hidden, iterations, lr, seed):
+        metric = plain_metric_by_T.get(steps, 0.5) if task == "adding" and not orthogonal and clip is None else 0.5
+        return TrainResult(task, steps, clip, orthogonal, metric, metric < 0.1, -1.0 + orthogonal, -1.0, 1.0, 0.1)
+
+    monkeypatch.setattr(extras_rnn, "train", train)
+    return extras_rnn
+
+
+def test_a_refuted_rnn_tasks_section_says_which_criterion_failed(monkeypatch):
+    """Its reason in a line had been the first sentence of a fixed copy-memory note ("stays on the plateau",
+    beside a metric of 0.2); the section now returns checks, and a refuted one's notes start with the failed one."""
+    extras_rnn = _fake_training(monkeypatch, {5: 0.9, 20: 0.2})  # the plain RNN does better at the longer T
+    ev = extras_rnn.rnn_tasks(0, True)
+    assert not ev.confirmed and [ok for ok in ev.checks.values()] == [False, True]
+    assert ev.notes.startswith("Not as expected: adding task, plain RNN: metric 0.2 at T = 20 worse than 0.9")
+    assert "plateau" not in ev.notes  # the copy metric (0.5) is far below the plateau
+    ok = _fake_training(monkeypatch, {5: 0.2, 20: 0.9}).rnn_tasks(0, True)
+    assert ok.confirmed and ok.notes.startswith("Copy memory")
+
+
+def test_the_rnn_tasks_init_lines_have_their_variants_colours(monkeypatch):
+    """--quick runs "plain" (C0) and "orthogonal W + clip" (C1); the orthogonal init line was drawn in C2, the
+    colour of the full run's "orthogonal W", which matched no variant in the legend."""
+    import matplotlib.colors as mcolors
+
+    ev = _fake_training(monkeypatch, {5: 0.2, 20: 0.9}).rnn_tasks(0, True)
+    ax4 = ev.figures["tasks"].axes[3]
+    init = {line.get_label(): mcolors.to_hex(line.get_color()) for line in ax4.lines
+            if line.get_label().startswith("at init")}
+    trained = {line.get_label(): mcolors.to_hex(line.get_color()) for line in ax4.lines
+               if not line.get_label().startswith("at init")}
+    assert init["at init: orthogonal W (orthogonal W + clip)"] == trained["orthogonal W + clip"]
+    assert init["at init: default init (uniform ±1/√H)"] == trained["plain"]
+
+
+def _record(id_, kind, verdict, figures=()):
+    return {"id": id_, "title": id_, "kind": kind, "verdict": verdict, "evidence": {}, "figures": list(figures),
+            "seconds": 1.0}
+
+
+def test_the_report_headline_counts_the_extras_as_the_terminal_does():
+    """The page said "1/1 claims confirmed, 0 refuted" where the terminal said 1/2 and the run exited 1."""
+    from theorylab.report import render_report
+
+    page = render_report({"claims": [_record("2.2", "claim", "confirmed")],
+                          "extras": [_record("charlm", "extra", "refuted")]})
+    assert "<b>1/1</b> claims confirmed, 0 refuted, 0 errors; <b>0/1</b> extra sections confirmed, 1 refuted" in page
+    assert "extra sections" not in render_report({"claims": [_record("2.2", "claim", "confirmed")]})
+
+
+def test_a_figure_missing_beside_the_report_is_said_to_be_missing(tmp_path):
+    """The page kept an <img> for a PNG that was not there: a broken image, with nothing said."""
+    import json
+
+    from theorylab.report.html import write_report
+
+    (tmp_path / "here.png").write_bytes(b"\x89PNG")
+    payload = {"claims": [_record("1.1", "claim", "confirmed", ["here.png", "gone.png"])]}
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    page = write_report(tmp_path).read_text()
+    assert '<img src="here.png"' in page and '<img src="gone.png"' not in page
+    assert "Figure gone.png is missing" in page

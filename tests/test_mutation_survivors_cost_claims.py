@@ -361,12 +361,14 @@ def test_error_and_notes_text_are_html_escaped():
     assert "<b>boom</b>" not in page and "<i>note</i>" not in page
 
 
-def test_summary_line_counts_only_claims_and_totals_every_section():
-    """The verdict counts are over claims only; the total seconds of a run without one sums claims and extras."""
+def test_summary_line_counts_claims_and_extras_apart_and_totals_every_section():
+    """The verdict counts are over claims, then over the extras (since the twentieth session: a refuted extra had
+    been left out of the headline); the total seconds of a run without one sums claims and extras."""
     claims = [_record(id="1.1", verdict="confirmed", seconds=1.0), _record(id="1.2", verdict="refuted", seconds=2.0)]
     extras = [_record(id="e", kind="extra", verdict="error", seconds=4.0)]
     page = render_report({"claims": claims, "extras": extras, "complete": False})
-    assert "<b>1/2</b> claims confirmed, 1 refuted, 0 errors; 7.0 s in all." in page
+    assert ("<b>1/2</b> claims confirmed, 1 refuted, 0 errors; <b>0/1</b> extra sections confirmed, 0 refuted, "
+            "1 errors; 7.0 s in all.") in page
 
 
 def test_a_payload_without_a_complete_flag_reads_as_complete():

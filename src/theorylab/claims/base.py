@@ -125,9 +125,16 @@ def claim_sections() -> list[Section]:
     return [Section(c.id, c.title, c.statement, "claim", _CLAIMS.get(c.id)) for c in BY_ID.values()]
 
 
+#: the modules of the extra sections and the section each registers: one that fails to import still appears
+#: (as an error naming the import error) instead of dropping out of the run
+EXTRA_MODULES = {"extras_rnn": "rnn-tasks", "extras_charlm": "charlm"}
+
+
 def extra_sections() -> list[Section]:
     _load_modules()
-    return list(_EXTRAS.values())
+    failed = [Section(sid, f"{sid} (theorylab.claims.{module} did not import)", "", "extra", None)
+              for module, sid in EXTRA_MODULES.items() if sid not in _EXTRAS and module in _IMPORT_ERRORS]
+    return list(_EXTRAS.values()) + failed
 
 
 def _load_modules() -> None:
@@ -135,7 +142,7 @@ def _load_modules() -> None:
     unregistered; the engine then reports them as errors instead of losing the other claims."""
     import importlib
 
-    for name in ("q1_rnn", "q2_momentum", "q3_attention", "q4_weight_decay", "extras_rnn", "extras_charlm"):
+    for name in ("q1_rnn", "q2_momentum", "q3_attention", "q4_weight_decay", *EXTRA_MODULES):
         try:
             importlib.import_module(f"theorylab.claims.{name}")
         except ModuleNotFoundError as e:
@@ -148,7 +155,10 @@ def _load_modules() -> None:
 _IMPORT_ERRORS: dict[str, str] = {}
 
 
-def import_error_for(claim_id: str) -> str | None:
-    """The import error of the module that should register ``claim_id``, if any."""
-    module = {"1": "q1_rnn", "2": "q2_momentum", "3": "q3_attention", "4": "q4_weight_decay"}.get(claim_id[:1])
+def import_error_for(section_id: str, kind: str = "claim") -> str | None:
+    """The import error of the module that should register the claim or extra section ``section_id``, if any."""
+    if kind == "extra":
+        module = next((m for m, sid in EXTRA_MODULES.items() if sid == section_id), None)
+    else:
+        module = {"1": "q1_rnn", "2": "q2_momentum", "3": "q3_attention", "4": "q4_weight_decay"}.get(section_id[:1])
     return _IMPORT_ERRORS.get(module) if module else None

@@ -170,7 +170,7 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
     try:
         if section.fn is None:
             reason = "not implemented"
-            if section.kind == "claim" and (err := import_error_for(section.id)):
+            if err := import_error_for(section.id, section.kind):
                 reason = f"its module failed to import: {err}"
             record.update(verdict="error", evidence={}, figures=[], error=reason, method="")
         else:

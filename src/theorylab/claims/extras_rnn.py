@@ -63,11 +63,12 @@ def rnn_tasks(seed: int, quick: bool) -> Evidence:
     ax3.set_xticks(np.arange(len(names)), names, fontsize=8)
     ax3.set(ylabel="test accuracy", ylim=(0, 1), title="Sequential digits (64 pixels, one per step)")
     ax3.legend(fontsize=7)
-    for orth, colour, label in ((False, "C0", "default init (uniform ±1/√H)"), (True, "C2", "orthogonal W")):
-        name = "orthogonal W" if orth else "plain"
-        name = name if name in variants else ("orthogonal W + clip" if orth else "plain")
+    for name in ("plain", "orthogonal W" if "orthogonal W" in variants else "orthogonal W + clip"):
+        # the colour of the variant whose runs these are (--quick has no plain "orthogonal W": its init is that of
+        # "orthogonal W + clip", which had been drawn in a colour no variant has)
+        label = "default init (uniform ±1/√H)" if name == "plain" else f"orthogonal W ({name})"
         ax4.plot(adding_T, [runs["adding", t, name].reach_init for t in adding_T], lw=3, alpha=0.5,
-                 color=colour, label=f"at init: {label}")
+                 color=f"C{names.index(name)}", label=f"at init: {label}")
     ax4.set(xlabel="T (steps)", ylabel="mean log₁₀ ‖∂h_T/∂h_0‖₂ (exact)",
             title="Gradient reach on the adding task (solid: init, dotted: trained)")
     ax4.legend(fontsize=7)
@@ -93,8 +94,20 @@ def rnn_tasks(seed: int, quick: bool) -> Evidence:
         "digits_accuracy_plain": runs["digits", 64, "plain"].metric,
         "digits_accuracy_orth_clip": runs["digits", 64, orth_name].metric,
     }
-    confirmed = plain[0].metric < plain[-1].metric and reach_gain > 0
-    copy_plain = ", ".join(f"{runs['copy', t, 'plain'].metric:.3f}" for t in copy_T)
+    checks = {
+        f"adding task, plain RNN: metric {plain[-1].metric:.3g} at T = {adding_T[-1]} worse than "
+        f"{plain[0].metric:.3g} at T = {adding_T[0]}": plain[0].metric < plain[-1].metric,
+        f"orthogonal W raises log₁₀‖∂h_T/∂h_0‖ at initialisation at every T (least gain {reach_gain:+.2g}, "
+        "needs > 0)": reach_gain > 0,
+    }
+    confirmed = all(checks.values())
+    copy_metrics = [runs["copy", t, "plain"].metric for t in copy_T]
+    copy_note = f"Copy memory: metric {', '.join(f'{m:.3f}' for m in copy_metrics)} (plain)"
+    if min(copy_metrics) >= 0.95:  # said only when measured: the cross-entropy stays at the baseline's
+        copy_note += (" — the tanh RNN stays on the 'blank, then guess' plateau in this budget, the task's known "
+                      "failure mode")
+    failed = "; ".join(text for text, ok in checks.items() if not ok)
+    notes = copy_note + "." if confirmed else f"Not as expected: {failed}. {copy_note}."
     return Evidence(
         confirmed=confirmed,
         numbers={**summary, **numbers},
@@ -113,7 +126,6 @@ def rnn_tasks(seed: int, quick: bool) -> Evidence:
                 "(as a sanity check, not a claim) when the plain RNN does worse at the longest T than at the "
                 "shortest and the orthogonal init lets more gradient reach h_0 at every T."),
         figures={"tasks": fig},
-        notes=(f"Copy memory: metric {copy_plain} "
-               "(plain) — the tanh RNN stays on the 'blank, then guess' plateau in this budget, the task's "
-               "known failure mode."),
+        notes=notes,
+        checks=checks,
     )

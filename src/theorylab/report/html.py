@@ -21,6 +21,7 @@ table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { font-family: ui-monospace, Menlo, monospace; font-size: 0.9em; }
 .verdict { font-weight: bold; padding: 1px 8px; border-radius: 10px; color: white; white-space: nowrap; }
+.missing { color: #9a6700; }
 .confirmed { background: #1a7f37; } .refuted { background: #cf222e; } .error { background: #9a6700; }
 .claim { border: 1px solid #e3e3e3; border-radius: 6px; padding: 0.5em 1.2em 1em; margin: 1.2em 0; }
 .statement { background: #f6f8fa; border-left: 4px solid #0969da; padding: 0.5em 0.8em; }
@@ -138,7 +139,17 @@ def _normalised(rec: Any) -> dict[str, Any]:
     return rec
 
 
-def _section(rec: dict[str, Any]) -> str:
+def _figure(name: str, present: set[str] | None) -> str:
+    """The figure's <img>; a figure missing beside the report (``present`` given and without it) is said to be
+    missing, instead of a broken image."""
+    if present is not None and name not in present:
+        return f'<p class="missing"><b>Figure {_e(name)} is missing</b> (not found beside the report).</p>'
+    # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
+    # surrogateescape: a name that is not UTF-8 (its bytes kept as lone surrogates) becomes %XX of those bytes
+    return f'<p><img src="{_e(quote(name, errors="surrogateescape"))}" alt="figure {_e(name)}"></p>'
+
+
+def _section(rec: dict[str, Any], present: set[str] | None = None) -> str:
     ev = rec["evidence"]
     numbers = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_e(format_number(v))}</td></tr>'
                       for k, v in ev.items())
@@ -156,10 +167,7 @@ def _section(rec: dict[str, Any]) -> str:
         parts.append(f'<p><b>Notes.</b> {_e(rec["notes"])}</p>')
     if numbers:
         parts.append(f"<table><tr><th>measured</th><th>value</th></tr>{numbers}</table>")
-    # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
-    # surrogateescape: a name that is not UTF-8 (its bytes kept as lone surrogates) becomes %XX of those bytes
-    parts += [f'<p><img src="{_e(quote(f, errors="surrogateescape"))}" alt="figure {_e(f)}"></p>'
-              for f in rec["figures"]]
+    parts += [_figure(f, present) for f in rec["figures"]]
     if rec.get("error"):
         parts.append(f'<p><b>Error.</b></p><pre>{_e(rec["error"])}</pre>')
     parts.append(f'<p><small>{_seconds(rec)} s</small></p></div>')
@@ -182,14 +190,20 @@ def _total_seconds(payload: dict[str, Any], records: list[dict[str, Any]]) -> fl
     return float(sum(r["seconds"] or 0.0 for r in records))
 
 
-def render_report(payload: dict[str, Any]) -> str:
+def _counts(records: list[dict[str, Any]], what: str) -> str:
+    """"3/4 claims confirmed, 1 refuted, 0 errors", as the terminal counts them."""
+    n = {v: sum(r["verdict"] == v for r in records) for v in ("confirmed", "refuted", "error")}
+    return f'<b>{n["confirmed"]}/{len(records)}</b> {what} confirmed, {n["refuted"]} refuted, {n["error"]} errors'
+
+
+def render_report(payload: dict[str, Any], present: set[str] | None = None) -> str:
+    """The page; ``present``: the figure files beside it (None: not checked, every figure gets its <img>)."""
     claims, extras = ([_normalised(r) for r in payload.get(k) or []] for k in ("claims", "extras"))
-    counts = {v: sum(r["verdict"] == v for r in claims) for v in ("confirmed", "refuted", "error")}
     status = "" if payload.get("complete", True) else " (run interrupted: partial results)"
+    # the extras count as the terminal's table and the exit status count them: a refuted extra is no footnote
+    counted = _counts(claims, "claims") + ("; " + _counts(extras, "extra sections") if extras else "")
     body = [f"<h1>theorylab — verification report{_e(status)}</h1>",
-            f'<p class="summary-line"><b>{counts["confirmed"]}/{len(claims)}</b> claims confirmed, '
-            f'{counts["refuted"]} refuted, {counts["error"]} errors; '
-            f'{_total_seconds(payload, claims + extras):.1f} s in all.</p>',
+            f'<p class="summary-line">{counted}; {_total_seconds(payload, claims + extras):.1f} s in all.</p>',
             "<h2>Summary</h2>", _summary(claims + extras)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in claims:
@@ -198,10 +212,10 @@ def render_report(payload: dict[str, Any]) -> str:
     for q, recs in groups.items():
         title = f"{q} — {QUESTIONS[q]}" if q in QUESTIONS else "Other claims"
         body.append(f"<h2>{_e(title)}</h2>")
-        body += [_section(r) for r in recs]
+        body += [_section(r, present) for r in recs]
     if extras:
         body.append("<h2>Extra sections</h2>")
-        body += [_section(r) for r in extras]
+        body += [_section(r, present) for r in extras]
     env = payload.get("environment")
     body += ["<h2>Environment</h2>", _environment(env if isinstance(env, dict) else {})]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -210,10 +224,25 @@ def render_report(payload: dict[str, Any]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte, in a hand-edited results.json
+        return False
+
+
 def write_report(out_dir: Path, payload: dict[str, Any] | None = None) -> Path:
     """Render ``payload`` (or ``out_dir/results.json``) to ``out_dir/report.html``."""
     if payload is None:
         payload = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))  # as written, whatever the locale
     path = out_dir / REPORT_FILE
-    path.write_text(render_report(payload), encoding="utf-8", errors="backslashreplace")  # see write_json_atomic
+    names: set[str] = set()
+    for key in ("claims", "extras"):
+        for rec in payload.get(key) or []:
+            figures = rec.get("figures") if isinstance(rec, dict) else None
+            if isinstance(figures, list):
+                names.update(str(f) for f in figures)
+    present = {name for name in names if _is_file(out_dir / name)}
+    # backslashreplace: see write_json_atomic
+    path.write_text(render_report(payload, present), encoding="utf-8", errors="backslashreplace")
     return path

@@ -320,3 +320,18 @@ def test_steps_read_back_only_for_the_nan_check():
         assert all(c == [None, None] for c in counts.values()) or torch.cuda.is_available()
         return
     assert counts == {"chain": [1, 1], "chain, propagate": [0, 0], "fused": [1, 1], "fused, propagate": [0, 0]}
+
+
+def test_a_group_on_the_cpu_and_the_device_steps_and_catches_a_nan():
+    """The finite check stacked every gradient's sum into one tensor, which fails across devices (an embedding
+    kept on the CPU beside a model on the GPU); it reads each device apart (on a CPU-only machine: both CPU)."""
+    a = torch.ones(3, requires_grad=True)
+    b = torch.ones(3, device=DEVICE, requires_grad=True)
+    opt = SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3, device=DEVICE)
+    opt.step()
+    assert float(a[0]) == float(b[0]) == pytest.approx(0.9)
+    b.grad = torch.full((3,), float("nan"), device=DEVICE)
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert float(b[0]) == pytest.approx(0.9)

@@ -155,6 +155,7 @@ class Adam(ChainOptimizer):
 
     state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
     later_switches = ("amsgrad", "maximize")
+    torch_switches = ADAM_TORCH_OPTIONS
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: str = "l2", *, amsgrad: bool = False,
@@ -184,6 +185,13 @@ class Adam(ChainOptimizer):
         check_flag(group.get("fused", False), "fused")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "decoupled_weight_decay" in param_group:  # torch.optim.Adam(W)'s per group (torch >= 2.6): it had been
+            flag = param_group.pop("decoupled_weight_decay")  # kept as an unknown key, and the group ran L2
+            wanted = "decoupled_lr" if check_flag(flag, "decoupled_weight_decay") else "l2"
+            if param_group.get("decay", wanted) != wanted:
+                raise ValueError(f"{type(self).__name__}: a group's decoupled_weight_decay={flag!r} (torch's "
+                                 f"{wanted!r}) contradicts its decay={param_group['decay']!r}")
+            param_group["decay"] = wanted
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["fused"]:

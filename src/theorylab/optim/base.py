@@ -19,6 +19,8 @@ NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
 #: the key under which :meth:`ChainOptimizer.state_dict` records which optimizer's state it is
 STATE_KIND_KEY = "theorylab_optimizer"
+#: ... and how many steps ``nonfinite="skip"`` skipped
+SKIPPED_STEPS_KEY = "theorylab_skipped_steps"
 
 #: group keys that are execution choices, not hyperparameters of the saved run: a state_dict without them (saved
 #: before they existed) takes the loading optimizer's values
@@ -175,6 +177,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     state_kind: str | None = None
     #: the :data:`LATER_SWITCHES` this optimizer has; off where a saved group or a pickled optimizer lacks them
     later_switches: tuple[str, ...] = ()
+    #: torch.optim's keyword switches that this optimizer accepts at their default values (``foreach`` at any), as
+    #: keywords and in parameter groups alike
+    torch_switches: tuple[str, ...] = ()
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         """The chain of gradient transforms that defines this optimizer for ``group``, applied in order to the
@@ -203,6 +208,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch.optim's switches in a group are checked as the constructor's keywords are (on: ValueError), then
+        # dropped: ignored, one that is on changed nothing, and a group holding two of them read as torch.optim's
+        switches = {k: param_group.pop(k) for k in self.torch_switches if k in param_group}
+        check_torch_options(type(self).__name__, switches, self.torch_switches)
         given = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **given}
         check_common_keys(merged)  # first: check_group divides by initial_lr
@@ -215,7 +224,11 @@ class ChainOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         state_dict[STATE_KIND_KEY] = self._state_kind()
+        state_dict[SKIPPED_STEPS_KEY] = self.skipped_steps  # part of the run, as GradScaler's counts are
         return state_dict
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: torch's keeps defaults, state, groups only
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The validation runs as the last load pre-hook: after the user's hooks (a hook that adapts an old
@@ -229,6 +242,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
         finally:
             hooks.pop(_VALIDATE, None)
+        self.skipped_steps = int(state_dict.get(SKIPPED_STEPS_KEY, 0))  # 0 in a state saved before it was kept
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.
@@ -241,6 +255,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         if saved_kind is not None and saved_kind != self._state_kind():
             raise ValueError(f"cannot load this state_dict into {name}: it was saved by theorylab's {saved_kind}, "
                              f"whose state and hyperparameters mean something else here")
+        skipped = state_dict.get(SKIPPED_STEPS_KEY, 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or int(skipped) < 0:
+            raise ValueError(f"cannot load this state_dict into {name}: its {SKIPPED_STEPS_KEY} is {skipped!r}, "
+                             "not a count")
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
@@ -399,9 +417,14 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     entry is (a NaN or inf cannot cancel out); a sum can also overflow to inf on large finite entries, so a
     non-finite sum is re-checked exactly. A sum is the cheapest full read torch offers here (about 0.6× the time
     of a 2-norm on 10M float32 entries); half-precision tensors are summed in float32 to keep false alarms rare."""
-    tensors = [t for t in tensors if t.device.type != "meta"]  # no values to check (torch.optim steps them)
-    if not tensors:
-        return True
+    by_device: dict[torch.device, list[Tensor]] = {}  # a group may span devices (an embedding kept on the CPU):
+    for t in tensors:  # stack takes one device, so one read-back per device
+        if t.device.type != "meta":  # no values to check (torch.optim steps them)
+            by_device.setdefault(t.device, []).append(t)
+    return all(_all_finite_on_one_device(ts) for ts in by_device.values())
+
+
+def _all_finite_on_one_device(tensors: list[Tensor]) -> bool:
     sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
     if len({x.dtype for x in sums}) > 1:  # stack needs one dtype; |x| keeps a complex sum's non-finiteness
         sums = [x.abs().to(torch.float64) for x in sums]

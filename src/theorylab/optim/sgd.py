@@ -49,11 +49,12 @@ class SGD(ChainOptimizer):
     """
 
     later_switches = ("maximize",)
+    torch_switches = ("foreach", "differentiable", "fused")
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  decay: str = "l2", *, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False,
                  nonfinite: str = "raise", **torch_options: Any) -> None:
-        check_torch_options("SGD", torch_options, ("foreach", "differentiable", "fused"))
+        check_torch_options("SGD", torch_options, self.torch_switches)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
                     "weight_decay": weight_decay, "decay": decay, "maximize": maximize, "nonfinite": nonfinite}
         self.check_group(defaults)

@@ -308,9 +308,12 @@ def reference_lr(group: dict[str, Any]) -> float:
 
 def schedule_multiplier(group: dict[str, Any]) -> float:
     r""":math:`\eta_t = \text{lr}/\text{lr}_0`, the schedule multiplier of Loshchilov & Hutter
-    (:func:`reference_lr`); 1 when :math:`\text{lr}_0 = 0`, where it has no meaning."""
-    lr0 = reference_lr(group)
-    return group["lr"] / lr0 if lr0 != 0 else 1.0
+    (:func:`reference_lr`); 0 at lr = 0, so that a group with lr 0 (frozen) does not decay either; 1 when
+    :math:`\text{lr}_0 = 0 < \text{lr}` (a warm-up written by hand from 0), where the ratio has no meaning."""
+    lr, lr0 = group["lr"], reference_lr(group)
+    if lr == 0:
+        return 0.0
+    return lr / lr0 if lr0 != 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,43 @@ def test_a_figure_missing_beside_the_report_is_said_to_be_missing(tmp_path):
     page = write_report(tmp_path).read_text()
     assert '<img src="here.png"' in page and '<img src="gone.png"' not in page
     assert "Figure gone.png is missing" in page
+
+
+def test_an_extra_section_whose_module_is_missing_is_an_error_too(monkeypatch, tmp_path):
+    """A ModuleNotFoundError naming the module itself (its file gone) records no import error: the section had
+    dropped out all the same."""
+    import importlib
+
+    from theorylab.claims import base, engine
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "theorylab.claims.extras_rnn":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    base.extra_sections()
+    monkeypatch.setattr(importlib, "import_module", fake)
+    monkeypatch.setattr(base, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(base, "_EXTRAS", {k: v for k, v in base._EXTRAS.items() if k != "rnn-tasks"})
+    sections = {s.id: s for s in base.extra_sections()}
+    assert sections["rnn-tasks"].fn is None and "did not register it" in sections["rnn-tasks"].title
+    assert engine.run_section(sections["rnn-tasks"], seed=0, quick=True, out_dir=tmp_path)["verdict"] == "error"
+
+
+def test_the_full_runs_orthogonal_init_line_is_labelled_once_and_the_plateau_only_at_it(monkeypatch):
+    """The full run's legend read "orthogonal W (orthogonal W)"; the plateau was named at a copy metric of 1.8."""
+    extras_rnn = _fake_training(monkeypatch, {5: 0.2, 10: 0.3, 20: 0.4, 40: 0.5, 80: 0.9})
+    from theorylab.rnn.tasks import TrainResult
+
+    real_train = extras_rnn.train
+
+    def train(task, steps, **kw):
+        r = real_train(task, steps, **kw)
+        return TrainResult(**{**r.__dict__, "metric": 1.8}) if task == "copy" else r
+
+    monkeypatch.setattr(extras_rnn, "train", train)
+    ev = extras_rnn.rnn_tasks(0, False)
+    labels = [line.get_label() for line in ev.figures["tasks"].axes[3].lines]
+    assert "at init: orthogonal W" in labels and "plateau" not in ev.notes

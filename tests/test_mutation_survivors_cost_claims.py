@@ -289,6 +289,7 @@ def test_extra_sections_are_of_kind_extra_in_registration_order(monkeypatch):
     """@extra registers a section of kind 'extra'; extra_sections lists them in registration order."""
     extra_sections()  # import the real extras first: imported later, they would register into the emptied registry
     monkeypatch.setattr(base, "_EXTRAS", {})
+    monkeypatch.setattr(base, "EXTRA_MODULES", {})  # else the package's own extras read as unregistered (errors)
 
     def fn(seed, quick):
         return Evidence(confirmed=True, numbers={}, method="m")

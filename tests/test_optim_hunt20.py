@@ -46,7 +46,7 @@ def test_a_groups_decoupled_weight_decay_false_is_l2_and_a_contradiction_is_refu
     p = torch.ones(3, requires_grad=True)
     opt = AdamW([{"params": [p], "decoupled_weight_decay": False}], lr=0.1, weight_decay=0.5)
     assert opt.param_groups[0]["decay"] == "l2"
-    with pytest.raises(ValueError, match="contradicts its decay='decoupled'"):
+    with pytest.raises(ValueError, match="contradicts decay='decoupled'"):
         Adam([{"params": [p], "decoupled_weight_decay": True, "decay": "decoupled"}])
 
 
@@ -123,9 +123,10 @@ def test_decoupled_decay_leaves_a_group_at_lr_zero_alone():
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))
 
 
-def test_the_finite_check_reads_each_device_apart():
-    """One stack over the per-gradient sums failed for a group on two devices (an embedding kept on the CPU);
-    the check is per device now. Here: CPU tensors, with a NaN in any one of them."""
+def test_the_finite_check_still_finds_a_nan_in_any_tensor():
+    """The check now reads each device apart (one stack over the per-gradient sums fails for a group on two
+    devices). Only a GPU can show the two-device case (tests/test_cuda.py); here, on one device, the regrouping
+    must still find a NaN in any tensor of any dtype."""
     ts = [torch.ones(4), torch.ones(2, dtype=F64), torch.ones(3, dtype=torch.bfloat16)]
     assert _all_finite(ts)
     for i in range(3):
@@ -133,3 +134,64 @@ def test_the_finite_check_reads_each_device_apart():
         bad[i][0] = float("nan")
         assert not _all_finite(bad)
     assert _all_finite([torch.ones(3, device="meta")])  # no values to check
+
+
+def test_the_callers_group_dict_keeps_its_torch_keys():
+    """They were popped from the dict passed in: the same dict given to torch.optim.Adam then ran L2 there, and a
+    group refused once went through on a retry."""
+    p = torch.ones(3, requires_grad=True)
+    group = {"params": [p], "decoupled_weight_decay": True, "foreach": False}
+    Adam([group], lr=0.1, weight_decay=0.5)
+    assert group == {"params": [p], "decoupled_weight_decay": True, "foreach": False}
+    bad = {"params": [torch.ones(2, requires_grad=True)], "capturable": True}
+    opt = Adam([p], lr=0.1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="capturable=True"):
+            opt.add_param_group(bad)
+
+
+def test_a_groups_torch_flag_cannot_silently_replace_the_papers_decoupled_decay():
+    """decay="decoupled" as the optimizer's, with a group's decoupled_weight_decay=True: the group ran
+    "decoupled_lr" (λ·lr per step instead of λ); the keyword pair is refused, and so is this one."""
+    p = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="contradicts decay='decoupled'"):
+        Adam([{"params": [p], "decoupled_weight_decay": True}], lr=0.1, weight_decay=0.5, decay="decoupled")
+
+
+@pytest.mark.parametrize("how", ["by hand", "loaded"])
+def test_a_torch_switch_that_reaches_a_group_after_it_was_added_is_refused(how):
+    """Checked only when a group was added: written into param_groups, or loaded, it was ignored (the group ran
+    L2 under decoupled_weight_decay=True)."""
+    p = torch.ones(3, requires_grad=True)
+    opt = Adam([p], lr=0.1, weight_decay=0.5)
+    for key, message in (("decoupled_weight_decay", "contradicts the group's decay='l2'"),
+                         ("capturable", "capturable=True is not implemented")):
+        p.grad = torch.ones(3)
+        if how == "by hand":
+            opt.param_groups[0][key] = True
+            with pytest.raises(ValueError, match=message):
+                opt.step()
+            del opt.param_groups[0][key]
+        else:
+            state = opt.state_dict()
+            state["param_groups"][0][key] = True
+            with pytest.raises(ValueError, match=message):
+                opt.load_state_dict(state)
+    sgd = SGD([p], lr=0.1)
+    sgd.param_groups[0]["fused"] = True
+    with pytest.raises(ValueError, match="fused=True is not implemented"):
+        sgd.step()
+
+
+def test_the_skipped_count_is_the_one_the_load_hooks_leave():
+    """It was read from the dict passed in, not the one after the user's load pre-hooks and the validation."""
+    opt, _ = _skipping_optimizer()
+    state = opt.state_dict()
+    handle = opt.register_load_state_dict_pre_hook(lambda o, s: {**s, SKIPPED_STEPS_KEY: 4})
+    opt.load_state_dict(state)
+    assert opt.skipped_steps == 4
+    handle.remove()
+    opt.register_load_state_dict_pre_hook(lambda o, s: {**s, SKIPPED_STEPS_KEY: "7"})
+    with pytest.raises(ValueError, match="not a count"):
+        opt.load_state_dict(state)
+    assert opt.skipped_steps == 4

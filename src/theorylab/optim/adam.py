@@ -186,12 +186,10 @@ class Adam(ChainOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "decoupled_weight_decay" in param_group:  # torch.optim.Adam(W)'s per group (torch >= 2.6): it had been
-            flag = param_group.pop("decoupled_weight_decay")  # kept as an unknown key, and the group ran L2
-            wanted = "decoupled_lr" if check_flag(flag, "decoupled_weight_decay") else "l2"
-            if param_group.get("decay", wanted) != wanted:
-                raise ValueError(f"{type(self).__name__}: a group's decoupled_weight_decay={flag!r} (torch's "
-                                 f"{wanted!r}) contradicts its decay={param_group['decay']!r}")
-            param_group["decay"] = wanted
+            # kept as an unknown key, and the group ran L2. Translated on a copy: the caller's dict keeps its
+            # meaning (for a torch.optim twin built from it, or a retry after an error)
+            param_group = {k: v for k, v in param_group.items() if k != "decoupled_weight_decay"} | {
+                "decay": self._decay_of_torch_group(param_group)}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["fused"]:
@@ -200,6 +198,27 @@ class Adam(ChainOptimizer):
             except ValueError:
                 self.param_groups.pop()  # leave the optimizer as it was, as any other invalid group does
                 raise
+
+    def _decay_of_torch_group(self, group: dict[str, Any]) -> str:
+        """The decay mode of a group that gives torch's ``decoupled_weight_decay``: True is ``"decoupled_lr"``,
+        False ``"l2"``. A decay the group gives must agree, and so must the optimizer's when it is the paper's
+        ``"decoupled"``, which the flag cannot express (as with the keywords, which refuse such a pair)."""
+        flag = group["decoupled_weight_decay"]
+        wanted = "decoupled_lr" if check_flag(flag, "decoupled_weight_decay") else "l2"
+        decay = group.get("decay", self.defaults["decay"])
+        if decay != wanted and ("decay" in group or decay == "decoupled"):
+            raise ValueError(f"{type(self).__name__}: a group's decoupled_weight_decay={flag!r} (torch's {wanted!r}) "
+                             f"contradicts decay={decay!r}")
+        return wanted
+
+    def check_torch_keys(self, group: dict[str, Any]) -> None:
+        super().check_torch_keys(group)
+        if "decoupled_weight_decay" in group:  # written into param_groups by hand, or loaded
+            wanted = "decoupled_lr" if check_flag(group["decoupled_weight_decay"], "decoupled_weight_decay") else "l2"
+            if group["decay"] != wanted:
+                raise ValueError(f"{type(self).__name__}: decoupled_weight_decay="
+                                 f"{group['decoupled_weight_decay']!r} (torch's {wanted!r}) contradicts the group's "
+                                 f"decay={group['decay']!r}: set decay instead")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
         return [*([Negate()] if group["maximize"] else []),
@@ -212,8 +231,8 @@ class Adam(ChainOptimizer):
         if group["decay"] == "decoupled" and weight_decay != 0:
             lr0 = reference_lr(group)
             if lr0 == 0:
-                # the chain's multiplier is then 1 (decay λθ at any lr) while the kernel decays by lr·wd·θ, which
-                # no wd matches at lr == 0; a corner case not worth a second code path: the chain runs it exactly
+                # the chain's multiplier is then 1 at lr > 0 (decay λθ) and 0 at lr 0, while the kernel decays by
+                # lr·wd·θ, which no one wd matches; a corner case not worth a second code path: the chain runs it
                 return False
             weight_decay = weight_decay / lr0  # the kernel's lr·wd is then (lr/lr0)·λ, the scheduled decay
         # by identity: list.index would compare the groups' tensors with ==

@@ -190,6 +190,12 @@ class ChainOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters, storing numbers back as floats (see the class docstring); override."""
 
+    def check_torch_keys(self, group: dict[str, Any]) -> None:
+        """torch.optim's switches in a group that is stepped or loaded (written into ``param_groups`` by hand, or
+        into a state_dict): on, they are refused as the keywords are, not ignored."""
+        switches = {k: group[k] for k in self.torch_switches if k in group}
+        check_torch_options(type(self).__name__, switches, self.torch_switches)
+
     def _state_kind(self) -> str:
         return self.state_kind or type(self).__name__
 
@@ -209,9 +215,12 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch.optim's switches in a group are checked as the constructor's keywords are (on: ValueError), then
-        # dropped: ignored, one that is on changed nothing, and a group holding two of them read as torch.optim's
-        switches = {k: param_group.pop(k) for k in self.torch_switches if k in param_group}
-        check_torch_options(type(self).__name__, switches, self.torch_switches)
+        # dropped, on a copy (the caller's dict keeps them): kept, a switch that is on had changed nothing, and a
+        # group holding two of them read as torch.optim's
+        switches = {k: v for k, v in param_group.items() if k in self.torch_switches}
+        if switches:
+            check_torch_options(type(self).__name__, switches, self.torch_switches)
+            param_group = {k: v for k, v in param_group.items() if k not in switches}
         given = {k: v for k, v in param_group.items() if k != "params"}
         merged = {**self.defaults, **given}
         check_common_keys(merged)  # first: check_group divides by initial_lr
@@ -236,13 +245,19 @@ class ChainOptimizer(torch.optim.Optimizer):
         # only for this call, so hooks registered meanwhile keep their order (prepend) and their handles.
         # torch types the hooks' dict by its own integer handle ids; this one key is a str, which cannot clash
         hooks = cast("OrderedDict[int | str, Callable[..., Any]]", self._optimizer_load_state_dict_pre_hooks)
-        hooks[_VALIDATE] = lambda optimizer, loaded: self._checked_state_dict(loaded)
+        checked: dict[str, Any] = {}
+
+        def validate(optimizer: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+            checked.update(self._checked_state_dict(loaded))
+            return checked
+
+        hooks[_VALIDATE] = validate
         hooks.move_to_end(_VALIDATE)
         try:
             super().load_state_dict(state_dict)
         finally:
             hooks.pop(_VALIDATE, None)
-        self.skipped_steps = int(state_dict.get(SKIPPED_STEPS_KEY, 0))  # 0 in a state saved before it was kept
+        self.skipped_steps = checked[SKIPPED_STEPS_KEY]  # as validated, after the user's hooks
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.
@@ -255,10 +270,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         if saved_kind is not None and saved_kind != self._state_kind():
             raise ValueError(f"cannot load this state_dict into {name}: it was saved by theorylab's {saved_kind}, "
                              f"whose state and hyperparameters mean something else here")
-        skipped = state_dict.get(SKIPPED_STEPS_KEY, 0)
+        skipped = state_dict.get(SKIPPED_STEPS_KEY, 0)  # 0 in a state saved before the count was kept
         if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or int(skipped) < 0:
             raise ValueError(f"cannot load this state_dict into {name}: its {SKIPPED_STEPS_KEY} is {skipped!r}, "
                              "not a count")
+        state_dict = {**state_dict, SKIPPED_STEPS_KEY: int(skipped)}
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
@@ -289,6 +305,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             try:
                 check_common_keys(group)
                 self.check_group(group)
+                self.check_torch_keys(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from e
             groups.append(group)
@@ -304,6 +321,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             check_common_keys(group)
             self.check_group(group)
+            self.check_torch_keys(group)
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue

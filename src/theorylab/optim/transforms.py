@@ -328,7 +328,7 @@ class AddDecayedWeights:
       (torch.optim.AdamW, optax.adamw);
     * **after** :class:`ScaleByLearningRate` with ``schedule=True``: decay
       :math:`\eta_t\lambda\,p` with the schedule multiplier :math:`\eta_t = \text{lr}/\text{lr}_0`
-      (:func:`reference_lr`; 1 when that is 0) — Loshchilov & Hutter (2019), Algorithm 2.
+      (:func:`schedule_multiplier`: 0 at lr 0, 1 when lr₀ is 0) — Loshchilov & Hutter (2019), Algorithm 2.
 
     ``into_gradient`` (the L2 position) adds :math:`\lambda p` to the updates at once in float16 and bfloat16, as
     torch.optim does: deferred, it would reach p as a separate ``p.mul_(1 - lr·λ)``, which rounds back to p when

@@ -432,9 +432,9 @@ def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry is finite. Fast path: one read of every tensor for its sum, which is NaN or inf if any
-    entry is (a NaN or inf cannot cancel out); a sum can also overflow to inf on large finite entries, so a
-    non-finite sum is re-checked exactly. A sum is the cheapest full read torch offers here (about 0.6× the time
-    of a 2-norm on 10M float32 entries); half-precision tensors are summed in float32 to keep false alarms rare."""
+    entry is (a NaN or inf cannot cancel out); a sum can also overflow to inf on large finite entries, so a tensor
+    whose sum is not finite is re-checked exactly. A sum is the cheapest full read torch offers here (about 0.6×
+    the time of a 2-norm on 10M float32 entries)."""
     by_device: dict[torch.device, list[Tensor]] = {}  # a group may span devices (an embedding kept on the CPU):
     for t in tensors:  # stack takes one device, so one read-back per device
         if t.device.type != "meta":  # no values to check (torch.optim steps them)
@@ -442,13 +442,23 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return all(_all_finite_on_one_device(ts) for ts in by_device.values())
 
 
+def _finiteness_sum(t: Tensor) -> Tensor:
+    """The sum of ``t``, non-finite if any entry is. float16 is summed into float32: its own range ends at 65504,
+    so its sums of ordinary gradients would overflow and each false alarm would cost an exact re-read. bfloat16
+    has float32's range and torch accumulates it in float32 anyway; asking for a float32 result instead takes a
+    converting path about 6× slower on the CPU (0.63 against 0.10 ms per 1M entries, one thread)."""
+    return t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+
+
 def _all_finite_on_one_device(tensors: list[Tensor]) -> bool:
-    sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
+    sums = [_finiteness_sum(t) for t in tensors]
     if len({x.dtype for x in sums}) > 1:  # stack needs one dtype; |x| keeps a complex sum's non-finiteness
         sums = [x.abs().to(torch.float64) for x in sums]
-    if bool(torch.isfinite(torch.stack(sums)).all()):
+    finite = torch.isfinite(torch.stack(sums))
+    if bool(finite.all()):
         return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    flagged = (~finite).nonzero().flatten().tolist()  # only these can hold a NaN or inf
+    return all(bool(torch.isfinite(tensors[i]).all()) for i in flagged)
 
 
 def as_param_list(params: Iterable[Any]) -> Iterable[Any]:

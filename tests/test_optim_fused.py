@@ -213,7 +213,8 @@ def test_unsupported_dtype_raises_naming_it():
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
-    Adam([z], fused=False)  # the chain takes it
+    with pytest.raises(ValueError, match="float8_e4m3fn"):  # nor can the chain step it (torch's ops lack float8)
+        Adam([z], fused=False)
     Adam([torch.zeros(3, dtype=torch.complex128, requires_grad=True)], fused=True)
 
 

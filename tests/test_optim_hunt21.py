@@ -1,13 +1,16 @@
-"""Twenty-first session: the NaN check's fast path and its exact re-check."""
+"""Twenty-first session: the NaN check's fast path and its exact re-check; decoupled decay in half precision."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from theorylab.optim import SGD, AdamW
 from theorylab.optim.base import _all_finite, _finiteness_sum
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
@@ -61,3 +64,84 @@ def test_only_the_tensors_whose_sum_is_not_finite_are_re_read(monkeypatch):
     big = torch.full((7,), torch.finfo(torch.float32).max)
     assert _all_finite([torch.ones(5), big, torch.ones(11)])
     assert seen == [3, 7]  # the stacked sums, then the overflowing tensor alone
+
+
+def _norm_ratio(make, dtype: torch.dtype, steps: int = 200) -> float:
+    """|p_T| / |p_0| after ``steps`` steps of gradients 0.01·N(0, 1), the same stream in every dtype."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(1000, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(p0.to(dtype).clone())
+    opt = make([p])
+    for _ in range(steps):
+        p.grad = (0.01 * torch.randn(1000, generator=gen, dtype=torch.float64)).to(dtype)
+        opt.step()
+    return float(p.detach().double().norm() / p0.to(dtype).double().norm())
+
+
+DECOUPLED = {
+    "SGD decoupled": lambda ps: SGD(ps, lr=0.1, weight_decay=1e-3, decay="decoupled"),
+    "SGD decoupled_lr": lambda ps: SGD(ps, lr=0.1, weight_decay=1e-2, decay="decoupled_lr"),
+    "AdamW": lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1),
+}
+
+
+HALF_CASES = [(name, dtype) for name in DECOUPLED for dtype in (torch.bfloat16, torch.float16)
+              if (name, dtype) != ("AdamW", torch.float16)]  # float16 Adam: README, known limitations
+
+
+@pytest.mark.parametrize(("name", "dtype"), HALF_CASES)
+def test_decoupled_decay_survives_half_precision(name, dtype):
+    """A decay of 1e-3 per step was applied as a separate p.mul_(1 - 1e-3), which rounds back to p in bfloat16
+    (below half an ulp, 2⁻⁹): |p| stayed 1.0000 (AdamW 1.0082) where float64 shrinks to 0.82–0.83. Decay and
+    step now round once together, as in torch's fused kernel, which keeps most of it."""
+    exact = _norm_ratio(DECOUPLED[name], torch.float64)
+    half = _norm_ratio(DECOUPLED[name], dtype)
+    assert exact < 0.84
+    assert half < 0.98, half  # was 1.0000 / 1.0082 in bfloat16
+    if name == "AdamW":  # level with torch's fused kernel, which rounds once too
+        fused = _norm_ratio(lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), dtype)
+        assert abs(half - fused) < 0.01, (half, fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adam_warns_once_about_float16_parameters(monkeypatch, fused):
+    """A Linear(64, 10).half() with the default Adam had 9% of its weights at ±inf after one step (the second
+    moment underflows; torch.optim.Adam alike) and no word of why: the first float16 step now warns, naming the
+    gradient size below which it happens, and bfloat16 (float32's range) does not."""
+    import theorylab.optim.transforms as transforms
+    from theorylab.optim import Adam
+
+    monkeypatch.setattr(transforms, "_warned_float16_adam", False)
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = Adam([b], lr=1e-3, fused=fused)
+    b.grad = torch.full((3,), 1e-3, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    h = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = Adam([h], lr=1e-3, fused=fused)
+    h.grad = torch.full((3,), 1e-3, dtype=torch.float16)
+    with pytest.warns(UserWarning, match=r"float16 parameters.*below 5\.5e-03 \(beta2 = 0\.999\)"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per process
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "SGDMomentum", "RunningAverageSGD"])
+def test_parameters_no_step_can_update_are_refused_when_added(name, dtype):
+    """They were accepted and failed inside step() with torch's errors ("lerp_kernel_scalar not implemented for
+    'Long'", "sum_cpu not implemented for 'Float8_e4m3fn'"), after the step count had moved."""
+    import theorylab.optim as optim
+
+    cls = getattr(optim, name)
+    kwargs = {"lr": 0.1, **({"momentum": 0.9} if name == "SGDMomentum" else {}),
+              **({"beta": 0.9} if name == "RunningAverageSGD" else {})}
+    good, bad = torch.nn.Parameter(torch.ones(2)), torch.zeros(2).to(dtype)
+    with pytest.raises(ValueError, match=rf"index 1 \({dtype}\).*must be float16"):
+        cls([good, bad], **kwargs)
+    opt = cls([good], **kwargs)
+    with pytest.raises(ValueError, match=r"parameter group 1 .*index 0"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1  # left as it was

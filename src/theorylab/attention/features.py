@@ -33,7 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import positive_finite, positive_int
+from ._checks import no_autocast, positive_finite, positive_int
+
+
+def floating_input(x: Tensor, name: str) -> Tensor:
+    """``x``, refused unless floating point (TypeError naming the dtype, as the attention functions do): an
+    integer input would be cast or truncated, a complex one has no meaning for these kernels."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: the input must be floating point (float16, bfloat16, float32, float64); "
+                        f"got {x.dtype}")
+    return x
+
+
+def _widened(x: Tensor, name: str) -> Tensor:
+    """float32 for half-precision ``x``: the random maps exponentiate a per-row log-scale |x'|²/2 (≈ 4 for
+    ordinary inputs), whose rounding in bfloat16 exp turns into a 10% error of the kernel estimate, against 0.65%
+    when only the features are rounded (as :func:`~theorylab.attention.linear_attention` computes them)."""
+    x = floating_input(x, name)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def gaussian_orthogonal_random_matrix(num_rows: int, dim: int, *, generator: torch.Generator | None = None,
@@ -170,6 +187,7 @@ class _RandomFeatures(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """ω_rᵀ x' for every row: (..., N, D) -> (..., N, num_projections)."""
+        floating_input(x, type(self).__name__)
         w = self.projection.to(x.dtype) * math.sqrt(self.scale)
         return x @ w.mT
 
@@ -214,8 +232,10 @@ class PositiveRandomFeatures(_RandomFeatures):
         return self.project(x), offset
 
     def forward(self, x: Tensor) -> Tensor:
-        """φ(x): (..., N, D) -> (..., N, M), positive wherever representable."""
-        return torch.exp(self.log_features(x))
+        """φ(x): (..., N, D) -> (..., N, M), positive wherever representable. Half-precision x is computed in
+        float32 (autocast off, as in linear_attention) and the features returned in x's dtype."""
+        with no_autocast(x.device):
+            return torch.exp(self.log_features(_widened(x, type(self).__name__))).to(x.dtype)
 
 
 class TrigRandomFeatures(_RandomFeatures):
@@ -254,9 +274,11 @@ class TrigRandomFeatures(_RandomFeatures):
         return bounded, 0.5 * self.scale * (x * x).sum(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """φ(x): (..., N, D) -> (..., N, M)."""
-        bounded, log_scale = self.log_scaled_features(x)
-        return bounded * torch.exp(log_scale)[..., None]  # overflows for |x'|² > ~176 in float32
+        """φ(x): (..., N, D) -> (..., N, M). Half-precision x is computed in float32 (autocast off) and the
+        features returned in x's dtype."""
+        with no_autocast(x.device):
+            bounded, log_scale = self.log_scaled_features(_widened(x, type(self).__name__))
+            return (bounded * torch.exp(log_scale)[..., None]).to(x.dtype)  # overflows for |x'|² > ~176 in float32
 
 
 class EluFeatures(nn.Module):
@@ -277,7 +299,7 @@ class EluFeatures(nn.Module):
         # exp of min(x, 0): the branch torch.where discards must not be inf, or its zero gradient becomes 0·inf = NaN.
         # Not x.clamp(max=0): from torch 2.14 on, clamp's gradient is 0 where x equals the bound, which made
         # φ'(0) = 0 instead of 1; this inner where passes x's gradient at x = 0 in every torch version
-        positive = x > 0
+        positive = floating_input(x, "EluFeatures") > 0
         return torch.where(positive, x + 1.0, torch.exp(torch.where(positive, 0.0, x)))
 
 
@@ -293,4 +315,4 @@ class ReluFeatures(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """φ(x) = relu(x): (..., N, D) -> (..., N, D), non-negative."""
-        return F.relu(x)
+        return F.relu(floating_input(x, "ReluFeatures"))

@@ -14,6 +14,7 @@ or torch's float 0/−inf form, or the ``is_causal`` hint); key padding masks (b
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -194,6 +195,15 @@ def _causal_or_none(mask: Tensor, n_q: int, n_k: int) -> bool:
                      "cannot apply an arbitrary mask); use key_padding_mask for padding")
 
 
+def _layer_seeds(seed: object, n: int) -> list[int] | None:
+    """``n`` distinct seeds drawn from ``seed`` (None unless it is an integer: the map's own check then speaks).
+    One seed for every layer had given every layer the same random features, redrawn in lockstep."""
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        return None
+    generator = torch.Generator().manual_seed(int(seed))
+    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+
+
 def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`DropInMultiheadAttention` of ``kind``.
 
@@ -202,7 +212,9 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     from several places (tied layers) gets one replacement, shared at each. An already swapped model changes kind
     (its :class:`DropInMultiheadAttention` modules are rebuilt with their projections). ``nn.TransformerEncoder``'s
     nested-tensor fast path is switched off (``use_nested_tensor = False``): it cannot run through this module.
-    Returns ``model``, or the replacement when ``model`` is itself an attention module.
+    Returns ``model``, or the replacement when ``model`` is itself an attention module. With a ``seed``, each
+    replacement's feature map gets its own seed drawn from it (layer by layer in module order), so the layers'
+    random features differ and the same ``seed`` gives the same model; a single module is given ``seed`` itself.
 
     Example::
 
@@ -218,8 +230,12 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, swappable)]
     targets = [(name, m) for name, m in targets
                if not any(name.startswith(other + ".") for other, _ in targets)]  # not inside another target
+    distinct = list({id(m): m for _, m in targets})
+    layer_seeds = _layer_seeds(kwargs.get("seed"), len(distinct))
     for name, module in targets:
         if id(module) not in replacements:
+            if layer_seeds is not None:
+                kwargs["seed"] = layer_seeds[distinct.index(id(module))]
             replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **kwargs)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, replacements[id(module)])

@@ -85,6 +85,21 @@ class UsageError(ValueError):
     pass
 
 
+def _resumed_threads(given: int | None, saved: int | None, cpus: int, main: bool) -> int | None:
+    """The thread count of a run: ``--threads``, else the checkpoint's (a resumed run equals an uninterrupted one
+    only on as many threads: another count rounds differently), else None (torch's default). Where the count
+    changes, rank 0 says so."""
+    if saved is None or given == saved:
+        return given
+    if given is None and saved <= cpus:
+        return saved
+    threads = given if given is not None else cpus
+    if main:
+        print(f"theorylab train charlm: resuming on {threads} thread(s) per process where the run so far used "
+              f"{saved}: it will differ from an uninterrupted run by rounding", file=sys.stderr)
+    return threads
+
+
 #: how long a rank other than 0 waits before it exits 2 on a usage error, so that rank 0 reports it first
 NON_MAIN_EXIT_DELAY_S = 5.0
 
@@ -176,8 +191,10 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
         raise UsageError(f"{str(out / CHECKPOINT_FILE)!r} exists: pass --resume to continue that run or "
                          f"--overwrite to start afresh")
     config = resolve_config(args, saved["config"] if saved else None)
+    saved_options = dict(saved.get("options", {})) if saved else {}
+    threads = _resumed_threads(args.threads, saved_options.pop("threads", None), cpus, main)
     options = {"checkpoint_every": 100, "eval_every": 0, "eval_chars": None,  # a resumed run keeps its own
-               **(saved.get("options", {}) if saved else {}),
+               **saved_options,
                **{k: getattr(args, k) for k in ("checkpoint_every", "eval_every", "eval_chars")
                   if getattr(args, k) is not None}}
     steps = args.steps if args.steps is not None else (int(saved.get("target_steps", DEFAULT_STEPS)) if saved
@@ -195,7 +212,7 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
         import torch
 
         held.callback(torch.set_num_threads, torch.get_num_threads())  # a call of main() leaves the process's as it was
-        env = init_distributed(args.device, args.threads)
+        env = init_distributed(args.device, threads)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if all_reduce_sum(env, [1.0 if busy else 0.0])[0] > 0:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..seeding import keeps_global_rng
 from .charlm import CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CharCorpus, CharVocab, eval_windows, legacy_sha256, load_corpus, sample_batch
@@ -121,12 +122,13 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
     step, options = ckpt["step"], ckpt.get("options", {})
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} has an invalid step {step!r}")
-    if not isinstance(options, dict) or not set(options) <= {"checkpoint_every", "eval_every", "eval_chars"}:
+    if not isinstance(options, dict) or not set(options) <= {"checkpoint_every", "eval_every", "eval_chars", "threads"}:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} has invalid options {options!r}")
     # a tampered or foreign checkpoint: each field as train_charlm writes it, else an error now (not a traceback
     # after the training)
+    least = {"eval_chars": 2, "threads": 1}
     problems = [f"options.{k}={v!r}" for k, v in options.items()
-                if not (_is_int(v, 0) if k != "eval_chars" else v is None or _is_int(v, 2))]
+                if not (_is_int(v, least.get(k, 0)) or (k == "eval_chars" and v is None))]
     if "target_steps" in ckpt and not _is_int(ckpt["target_steps"], 1):
         problems.append(f"target_steps={ckpt['target_steps']!r}")
     if not _numbers(ckpt.get("train_bpc", [])):
@@ -224,6 +226,7 @@ def validate_run(config: CharLMConfig, world_size: int = 1) -> None:
                          f"{corpus.heldout.numel()} characters")
 
 
+@keeps_global_rng  # it seeds torch's generator for the model's initialisation: the caller's state comes back
 def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None = None,
                  resume_from: dict[str, Any] | None = None, env: DistEnv | None = None,
                  checkpoint_every: int = 100, eval_every: int = 0, eval_chars: int | None = None,
@@ -295,7 +298,9 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "train_bpc": losses, "evals": evals, "train_seconds": train_seconds, "tokens_seen": tokens_seen,
                 "vocab": corpus.vocab.chars, "data_sha256": corpus.sha256, "python": corpus.python,
-                "options": {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_chars": eval_chars}})
+                # threads: a resumed run continues on as many (another count rounds differently)
+                "options": {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_chars": eval_chars,
+                            "threads": torch.get_num_threads()}})
         barrier(env)
 
     def heldout_bpc(step: int) -> float:

@@ -22,7 +22,7 @@ from .base import (
     check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
-from .transforms import Negate, ScaleByAdam, Transform, reference_lr
+from .transforms import Negate, ScaleByAdam, Transform, reference_lr, warn_float16_second_moment
 
 #: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,8 +139,10 @@ class Adam(ChainOptimizer):
     kernel (``torch.optim.adam.adam(..., fused=True)``, one pass over memory instead of the chain's several;
     faster on CPU, see ``theorylab bench optim``). The chain stays the definition: the fused step is tested
     against it in every decay mode and agrees to rounding, not bitwise (the kernel orders the arithmetic
-    differently). ``"l2"`` maps to the kernel's L2 weight decay with λ, ``"decoupled_lr"`` to its decoupled
-    decay with λ, and ``"decoupled"`` to its decoupled decay with λ/:math:`\eta_0`. Everything around the
+    differently); not with float16 parameters, whose second moment underflows (a ``UserWarning``; see
+    :func:`~theorylab.optim.transforms.warn_float16_second_moment`). ``"l2"`` maps to the kernel's L2 weight
+    decay with λ, ``"decoupled_lr"`` to its decoupled decay with λ, and ``"decoupled"`` to its decoupled decay
+    with λ/:math:`\eta_0`. Everything around the
     arithmetic is the chain's: validation, the ``nonfinite`` policy (whose check of the gradients is most of
     what the fused step costs beyond torch's), parameters without a gradient, per-parameter step counts, and
     the state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a ``state_dict`` saved with either
@@ -239,6 +241,7 @@ class Adam(ChainOptimizer):
         has_complex = check_fused_params(group["params"],
                                          next(i for i, g in enumerate(self.param_groups) if g is group))
         grads = cast("list[Tensor]", [p.grad for p in params])  # step() passes the parameters with a gradient
+        warn_float16_second_moment(params, group["betas"][1])
         amsgrad = group["amsgrad"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         buffers: list[list[Tensor]] = [[] for _ in keys]  # per key, one tensor per parameter

@@ -16,6 +16,9 @@ from torch import Tensor
 from .transforms import CONSTRUCTION_LR_KEY, StepContext, Transform, chain_step
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+#: parameter dtypes every step can update (integer and bool tensors cannot, nor float8, which torch's arithmetic
+#: lacks); checked when a group is added
+STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 #: the key under which :meth:`ChainOptimizer.state_dict` records which optimizer's state it is
 STATE_KIND_KEY = "theorylab_optimizer"
@@ -228,6 +231,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         param_group.update({k: merged[k] for k in given})  # the validated values, as floats
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        bad = [(i, p.dtype) for i, p in enumerate(group["params"]) if p.dtype not in STEPPABLE_DTYPES]
+        if bad:  # they had failed inside step() with torch's errors (float8 in the NaN check's sum)
+            self.param_groups.pop()
+            raise ValueError(f"{type(self).__name__}: parameter group {len(self.param_groups)} has parameters of "
+                             f"a dtype no step can update: "
+                             f"{', '.join(f'index {i} ({dtype})' for i, dtype in bad)}; parameters must be "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in STEPPABLE_DTYPES)}")
         group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..seeding import keeps_global_rng
 from ._threads import threads_for
 from .model import RNN
 
@@ -128,12 +129,13 @@ def _loss(task: str, model: SequenceModel, x: Tensor, y: Tensor, h0: Tensor | No
     return F.cross_entropy(out, y), last
 
 
-def _batch(task: str, n: int, steps: int, gen: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
+def _batch(task: str, n: int, steps: int, gen: torch.Generator, split: str = "train",
+           seed: int = 0) -> tuple[Tensor, Tensor]:
     if task == "adding":
         return adding_problem(n, steps, gen)
     if task == "copy":
         return copy_memory(n, steps, gen)
-    x_tr, y_tr, x_te, y_te = digits_sequences()
+    x_tr, y_tr, x_te, y_te = digits_sequences(seed)  # the run's seed splits train and test, as elsewhere
     if split == "test":
         return x_te, y_te
     idx = torch.randint(0, len(y_tr), (n,), generator=gen)
@@ -147,9 +149,13 @@ def jacobian_reach(model: SequenceModel, x: Tensor) -> float:
     return float(log_jacobian_norms(model.rnn, x)[:, -1].mean()) / math.log(10.0)
 
 
+@keeps_global_rng
 def train(task: str, steps: int, *, clip: float | None = None, orthogonal: bool = False, hidden: int = 64,
           iterations: int = 300, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> TrainResult:
-    """Train the h-form tanh RNN on ``task`` at horizon T = ``steps`` with Adam; evaluate on fresh data."""
+    """Train the h-form tanh RNN on ``task`` at horizon T = ``steps`` with Adam; evaluate on fresh data.
+
+    ``seed`` seeds the model's initialisation (through torch's global generator, whose state the caller gets
+    back), the batches and, for digits, the train/test split."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not 0 < clip < math.inf):
@@ -161,11 +167,11 @@ def train(task: str, steps: int, *, clip: float | None = None, orthogonal: bool 
     model = SequenceModel(in_out[0], hidden, in_out[1], orthogonal=orthogonal)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     with threads_for(0):  # a recurrence of tiny kernels: one thread (see _threads)
-        probe = _batch(task, 8, steps, gen)[0]
+        probe = _batch(task, 8, steps, gen, seed=seed)[0]
         reach_init = jacobian_reach(model, probe)
         losses, max_grad = [], 0.0
         for _ in range(iterations):
-            x, y = _batch(task, batch, steps, gen)
+            x, y = _batch(task, batch, steps, gen, seed=seed)
             opt.zero_grad()
             loss, _ = _loss(task, model, x, y)
             loss.backward()
@@ -174,7 +180,7 @@ def train(task: str, steps: int, *, clip: float | None = None, orthogonal: bool 
             opt.step()
             losses.append(float(loss.detach()))
         with torch.no_grad():
-            x, y = _batch(task, 512, steps, gen, split="test")
+            x, y = _batch(task, 512, steps, gen, split="test", seed=seed)
             if task == "digits":
                 out, _ = model(x)
                 metric = float((out.argmax(-1) == y).float().mean())

@@ -228,6 +228,8 @@ def test_verdict_needs_the_orientation_gap_beyond_replicate_noise(monkeypatch, s
     monkeypatch.setattr(q4, "run_grids", lambda cfg, data_seed: _synthetic_grids(structured))
     evidence = q4.why_decoupled(0, True)
     assert evidence.confirmed is structured, evidence.notes[:400]
+    assert evidence.judged is False and evidence.notes.startswith("--quick: a smoke run")  # --quick's grids
+    assert q4.why_decoupled(0, True, cfg=q4.QUICK).judged  # a grid given explicitly (the power study) is judged
     if structured:
         assert evidence.numbers["orientation_gap_adam_bootstrap_90_lo"] > 0.5
     else:

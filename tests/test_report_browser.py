@@ -29,9 +29,9 @@ def quick_report(tmp_path_factory):
     return out, proc
 
 
-# --quick runs claim 4.4 as a smoke run (60 steps) too short to judge, so its verdict is not asserted here; the
-# full run's verdict is in the README. Every other claim must be confirmed, and no claim may end in an error.
-NOT_REQUIRED_TO_CONFIRM = {"4.4"}
+# --quick runs claim 4.4 as a smoke run (60 steps) too short to judge: its verdict is "not judged", which does not
+# fail the run (the full run's verdict is in the README). Every other claim must be confirmed, none an error.
+NOT_JUDGED_UNDER_QUICK = {"4.4"}
 
 
 def test_quick_verify_runs_every_claim(quick_report):
@@ -42,10 +42,10 @@ def test_quick_verify_runs_every_claim(quick_report):
     details = {c["id"]: (c.get("error") or c.get("notes") or "")[-600:] for c in results["claims"]
                if c["verdict"] != "confirmed"}
     assert "error" not in verdicts.values(), details
-    must = {i: v for i, v in verdicts.items() if i not in NOT_REQUIRED_TO_CONFIRM}
+    must = {i: v for i, v in verdicts.items() if i not in NOT_JUDGED_UNDER_QUICK}
     assert set(must.values()) == {"confirmed"}, details
-    all_confirmed = set(verdicts.values()) == {"confirmed"}
-    assert proc.returncode == (0 if all_confirmed else 1), proc.stderr[-2000:]
+    assert {verdicts[i] for i in NOT_JUDGED_UNDER_QUICK} == {"not judged"}
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a smoke run that ran everything passes
     for c in results["claims"]:
         assert c["figures"], f"claim {c['id']} has no figure"
 

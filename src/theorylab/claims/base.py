@@ -37,6 +37,10 @@ class Evidence:
             (needs 1.85–2.05)"``) -> whether it held. When given, ``confirmed`` must be all of them (the engine
             makes a claim that disagrees an error), and the report lists them; a refuted claim's one-line reason
             is the first sentence of ``notes``, else the failed checks.
+        judged: False where this run cannot decide the claim by design (4.4 under ``--quick``: too few steps and
+            replicates). The verdict is then "not judged" whatever ``confirmed`` says (the checks still show
+            what was measured), the one-line reason is the first sentence of ``notes``, and the run's exit
+            status does not count it as a failure.
     """
 
     confirmed: bool
@@ -47,6 +51,7 @@ class Evidence:
     notes: str = ""
     summary: str = ""
     checks: dict[str, bool] = field(default_factory=dict)
+    judged: bool = True
 
 
 ClaimFn = Callable[[int, bool], Evidence]
@@ -56,6 +61,11 @@ def first_sentence(text: str, limit: int = 240) -> str:
     """The first sentence of ``text``, at most ``limit`` characters."""
     first = text.strip().split(". ", 1)[0].rstrip(".")
     return first if len(first) <= limit else first[:limit - 1] + "…"
+
+
+#: the verdicts a record can have; "not judged" (see :attr:`Evidence.judged`) is not a failure of the run
+VERDICTS = ("confirmed", "refuted", "error", "not judged")
+PASSING = ("confirmed", "not judged")
 
 
 def why_line(record: dict[str, Any], limit: int = 240) -> str:

@@ -186,12 +186,13 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             if checks and bool(evidence.confirmed) != all(checks.values()):
                 raise ValueError(f"claim {section.id} returned confirmed={evidence.confirmed!r}, but its checks "
                                  f"say {all(checks.values())}: {checks}")
-            record.update(verdict="confirmed" if evidence.confirmed else "refuted", evidence=numbers,
+            verdict = "not judged" if not evidence.judged else "confirmed" if evidence.confirmed else "refuted"
+            record.update(verdict=verdict, evidence=numbers,
                           key=[str(k) for k in key if str(k) in numbers], method=str(evidence.method), notes=notes,
                           summary=" ".join(str(evidence.summary or "").split()),  # one line in any table
                           checks=checks)
             # the reason in a line, from the claim alone (a figure that fails to draw below is not the reason)
-            record["why"] = why_line(record) if not evidence.confirmed else ""
+            record["why"] = why_line(record) if verdict != "confirmed" else ""
             json.dumps(record, allow_nan=False)  # what results.json cannot hold fails this claim, not the run
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..claims.base import why_line
+from ..claims.base import VERDICTS, why_line
 from ..claims.catalogue import BY_ID, QUESTIONS
 
 REPORT_FILE = "report.html"
@@ -23,6 +23,7 @@ th { background: #f4f4f4; } td.num { font-family: ui-monospace, Menlo, monospace
 .verdict { font-weight: bold; padding: 1px 8px; border-radius: 10px; color: white; white-space: nowrap; }
 .missing { color: #9a6700; }
 .confirmed { background: #1a7f37; } .refuted { background: #cf222e; } .error { background: #9a6700; }
+.not-judged { background: #57606a; }
 .claim { border: 1px solid #e3e3e3; border-radius: 6px; padding: 0.5em 1.2em 1em; margin: 1.2em 0; }
 .statement { background: #f6f8fa; border-left: 4px solid #0969da; padding: 0.5em 0.8em; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
@@ -54,17 +55,17 @@ def format_number(x: Any) -> str:
 
 
 def why(rec: dict[str, Any]) -> str:
-    """Why a refuted claim is refuted, in a line: what the engine recorded (the claim's notes or its failed
+    """Why a claim is refuted or not judged, in a line: what the engine recorded (the claim's notes or its failed
     checks, not a figure that failed to draw), or for a results.json written before it did, the same from the
     record; "" for other verdicts."""
-    if rec.get("verdict") != "refuted":
+    if rec.get("verdict") not in ("refuted", "not judged"):
         return ""
     recorded = rec.get("why")
     return recorded if isinstance(recorded, str) else why_line(rec)
 
 
 def _why(rec: dict[str, Any]) -> str:
-    """Under a refuted claim's title in the summary: :func:`why`."""
+    """Under a refuted or not judged claim's title in the summary: :func:`why`."""
     line = why(rec)
     return f'<div class="why">{_e(line)}</div>' if line else ""
 
@@ -81,7 +82,7 @@ def _checks(rec: dict[str, Any]) -> str:
 
 
 def _verdict(v: str) -> str:
-    return f'<span class="verdict {_e(v)}">{_e(v)}</span>'
+    return f'<span class="verdict {_e(v.replace(" ", "-"))}">{_e(v)}</span>'
 
 
 def key_numbers(rec: dict[str, Any]) -> list[str]:
@@ -191,9 +192,12 @@ def _total_seconds(payload: dict[str, Any], records: list[dict[str, Any]]) -> fl
 
 
 def _counts(records: list[dict[str, Any]], what: str) -> str:
-    """"3/4 claims confirmed, 1 refuted, 0 errors", as the terminal counts them."""
-    n = {v: sum(r["verdict"] == v for r in records) for v in ("confirmed", "refuted", "error")}
-    return f'<b>{n["confirmed"]}/{len(records)}</b> {what} confirmed, {n["refuted"]} refuted, {n["error"]} errors'
+    """"3/4 claims confirmed, 1 refuted, 0 errors" (", 1 not judged" where there is one), as the terminal counts
+    them."""
+    n = {v: sum(r["verdict"] == v for r in records) for v in VERDICTS}
+    unjudged = f', {n["not judged"]} not judged' if n["not judged"] else ""
+    return (f'<b>{n["confirmed"]}/{len(records)}</b> {what} confirmed, {n["refuted"]} refuted, {n["error"]} errors'
+            f'{unjudged}')
 
 
 def render_report(payload: dict[str, Any], present: set[str] | None = None) -> str:

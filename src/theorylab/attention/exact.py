@@ -21,6 +21,15 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """Exact attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
+    For each batch b and head h (Vaswani et al. 2017),
+
+        out = softmax_row(s · q kᵀ + mask) v,    mask_ij = −inf where key j is hidden from query i, else 0,
+
+    with q, k, v the (Nq, D), (Nk, D), (Nk, Dv) slices, s = ``scale`` (None -> 1/sqrt(D)) and the softmax over the
+    Nk keys of each row. Key j is hidden from query i when ``causal`` and j > i (top-left aligned: query i sees
+    keys 0..i whatever Nq and Nk, so queries from Nk on see every key), or when ``key_padding_mask[b, j]`` is
+    True. A row in which every key is hidden gives zeros (see Returns).
+
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
         causal: key j is visible to query i iff j <= i (top-left aligned when Nq != Nk, as SDPA's is_causal).

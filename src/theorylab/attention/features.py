@@ -285,7 +285,18 @@ class EluFeatures(nn.Module):
     """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, deterministic, M = D.
 
     Computed as x + 1 for x > 0 and exp(x) otherwise: elu(x) + 1 = (exp(x) - 1) + 1 rounds to exactly 0 in float32
-    for x < about -17 (exp(-20) = 2.1e-9 is lost against 1)."""
+    for x < about -17 (exp(-20) = 2.1e-9 is lost against 1).
+
+    Args:
+        head_dim: D, the last dimension of the inputs; optional (default None: any D), since the map has no
+            parameters. When given, it is also ``num_features`` (M = D), and
+            :func:`~theorylab.attention.linear_attention` checks it against the head dim D of q and k (ValueError
+            "the feature map's head_dim is 8 but q and k have head dim D=16").
+
+    Raises:
+        TypeError: head_dim is not an integer (bool included); ``forward``: x is not floating point.
+        ValueError: head_dim <= 0.
+    """
 
     def __init__(self, head_dim: int | None = None) -> None:
         super().__init__()
@@ -304,7 +315,18 @@ class EluFeatures(nn.Module):
 
 
 class ReluFeatures(nn.Module):
-    """φ(x) = relu(x): non-negative, deterministic, M = D (a query whose features are all zero outputs zeros)."""
+    """φ(x) = relu(x): non-negative, deterministic, M = D (a query whose features are all zero outputs zeros).
+
+    Args:
+        head_dim: D, the last dimension of the inputs; optional (default None: any D), since the map has no
+            parameters. When given, it is also ``num_features`` (M = D), and
+            :func:`~theorylab.attention.linear_attention` checks it against the head dim D of q and k (ValueError
+            "the feature map's head_dim is 8 but q and k have head dim D=16").
+
+    Raises:
+        TypeError: head_dim is not an integer (bool included); ``forward``: x is not floating point.
+        ValueError: head_dim <= 0.
+    """
 
     def __init__(self, head_dim: int | None = None) -> None:
         super().__init__()

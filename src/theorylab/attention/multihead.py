@@ -152,7 +152,45 @@ class MultiheadAttention(nn.Module):
         mha(prompt, return_state=True)``, then ``out, state = mha(next_token, state=state, return_state=True)``:
         the outputs equal one call on the whole sequence up to rounding. Kinds "linear", "favor" and "separable"
         carry a :class:`~theorylab.attention.state.LinearAttentionState` (a cost per token that does not grow with
-        the prefix), kind "softmax" a :class:`~theorylab.attention.state.KVCache` (every key and value so far)."""
+        the prefix), kind "softmax" a :class:`~theorylab.attention.state.KVCache` (every key and value so far).
+
+        Args:
+            query: (B, Nq, E), E = ``embed_dim``; floating point, in the dtype of the projections.
+            key: (B, Nk, E); None: ``query`` (self-attention).
+            value: (B, Nk, E); None: ``key``.
+            key_padding_mask: bool (B, Nk), True = padding (that key is ignored); None: no padding.
+            causal: query i sees keys j <= i only (top-left aligned; kinds "linear" and "favor" need Nq == Nk);
+                None (default): the constructor's ``causal``.
+            state: causal only, Nq == Nk: the state of the positions before this call's, from an earlier call with
+                ``return_state=True`` (None: none; the sequence starts here). With H = ``num_heads``,
+                D = E / H and n the positions consumed so far, it is, by kind:
+
+                * "softmax": a :class:`~theorylab.attention.state.KVCache` with ``keys`` (B, H, n, D),
+                  ``values`` (B, H, n, D) and ``padding`` bool (B, n) or None; this call's query i sees the n
+                  cached keys and its own keys j <= i;
+                * "linear", "favor", "separable": a :class:`~theorylab.attention.state.LinearAttentionState`
+                  with ``kv`` (B, H, D + 1, M) and ``ref`` (B, H, W), ``length`` = n: M = W = ``num_features``
+                  for "favor", M = D and W = 1 for "linear", M = W = D for "separable".
+            return_state: causal only: also return the state after this call's positions (default False).
+
+        Returns:
+            (B, Nq, E), in the dtype of the projections; with ``return_state=True`` a tuple (output, state), the
+            state as described under ``state``, now covering n + Nq positions.
+
+        Raises:
+            TypeError: causal is not a bool or None, return_state not a bool; ``state`` of the wrong type for
+                the kind (not a KVCache for "softmax", not a LinearAttentionState for the other kinds).
+            ValueError: query, key or value is not (B, N, E); query, key and value of different batch sizes, or
+                key and value of different lengths; key_padding_mask not a bool (B, Nk) tensor; ``state`` or
+                ``return_state`` without causal, or with Nq != Nk; kinds "linear" and "favor": causal with
+                Nq != Nk; a state that does not fit this call (other B, H, D or width, on another device), made by
+                the other function (a "separable" state given to "linear" or "favor", or the reverse), or (kind
+                "favor") made before the random features changed (``redraw_features()``, ``load_state_dict``,
+                ``.to()``); kinds "linear" and "favor": inputs so large that the features' log-scale overflows
+                float64.
+            RuntimeError: (torch's, from the projections) inputs of another dtype than the projections' weights,
+                integer inputs included.
+        """
         if causal is None:
             causal = self.causal
         elif not isinstance(causal, bool):

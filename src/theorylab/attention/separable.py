@@ -75,6 +75,16 @@ def separable_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
                         return_state: bool = False) -> Tensor | tuple[Tensor, LinearAttentionState]:
     """softmax_row(Q) (softmax_col(K)ᵀ V) without forming n x n.
 
+    For each batch and head, with Q, K, V the (Nq, D), (Nk, D), (Nk, Dv) slices of q, k, v:
+
+        out = A (Bᵀ V),    A = softmax_row(Q),    B = softmax_col(K),
+
+    where the row softmax A_ic = exp(Q_ic) / Σ_c' exp(Q_ic') is over the D features of each query (each row of
+    A sums to 1), and the column softmax B_jc = exp(K_jc) / Σ_j' exp(K_j'c) is over the keys, separately for each
+    feature column c (each column of B sums to 1 over the keys that are not padded; with ``causal``, query i uses
+    the column softmax over keys j <= i only). No scale is applied: there is no 1/sqrt(D) (nor any other factor)
+    on Q or K. Each row of A Bᵀ is a distribution over keys, of rank <= D; the cost is Θ(n D Dv), never n x n.
+
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv).
         causal: query i uses the column softmax over keys j <= i only (top-left aligned when Nq != Nk, as

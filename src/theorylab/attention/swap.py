@@ -216,6 +216,39 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     replacement's feature map gets its own seed drawn from it (layer by layer in module order), so the layers'
     random features differ and the same ``seed`` gives the same model; a single module is given ``seed`` itself.
 
+    Args:
+        model: the model to change in place, or a single ``nn.MultiheadAttention`` /
+            :class:`DropInMultiheadAttention` (then the replacement is returned). A model without attention
+            modules is returned unchanged.
+        kind: the new attention: "softmax", "separable", "linear" or "favor" (see :class:`MultiheadAttention`).
+        **kwargs: the keywords of :class:`MultiheadAttention` that :meth:`DropInMultiheadAttention.from_torch`
+            does not set itself: ``causal`` (default False), ``num_features`` (``kind="favor"``, default 256),
+            ``dropout`` (default: the original's ``dropout``; zeroes entries of the attention output, where
+            torch's zeroes attention weights), ``seed`` (see above; default None), ``chunk_size`` (default None)
+            and ``recompute`` (kinds "linear" and "favor", default False). Swapping an already swapped model
+            keeps its ``causal``, ``dropout`` and ``chunk_size`` (and ``recompute`` and ``num_features`` where
+            the new kind has them) unless given. ``embed_dim``, ``num_heads`` and ``bias`` come from the original.
+
+    Returns:
+        ``model``, changed in place; or the new :class:`DropInMultiheadAttention` when ``model`` is itself an
+        attention module.
+
+    Raises:
+        ValueError: an unknown ``kind``, or a keyword value :class:`MultiheadAttention` refuses (dropout outside
+            [0, 1), ``recompute`` with a kind other than "linear" or "favor", ...); an ``nn.MultiheadAttention``
+            with ``kdim``/``vdim`` other than ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
+        TypeError: a keyword :class:`MultiheadAttention` does not take (``bias`` included), or a value of the wrong
+            type (``causal`` not a bool, a non-integer ``seed`` with ``kind="favor"``, ...). Both are raised only
+            where there is a module to replace: ``kind`` and ``kwargs`` are checked by the replacements' constructor.
+
+    The swapped modules then raise when they are called (:meth:`DropInMultiheadAttention.forward`, for every kind,
+    softmax included): ValueError for ``need_weights=True``, for an ``attn_mask`` that is neither the causal mask
+    nor one that blocks nothing, that is not (Nq, Nk) (per-head masks) or that holds float values other than 0
+    and −inf (an additive bias), and for a float ``key_padding_mask`` with values other than 0 and −inf; TypeError
+    for an integer ``attn_mask`` or ``key_padding_mask`` given to the module directly (torch's Transformer
+    layers refuse those first, with an AssertionError of their own); kinds "linear" and "favor" refuse a causal
+    call with different query and key lengths (ValueError, from :func:`~theorylab.attention.linear_attention`).
+
     Example::
 
         layer = nn.TransformerEncoderLayer(256, 8, batch_first=True)

@@ -131,28 +131,63 @@ class Adam(ChainOptimizer):
     ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch. Pass them, and ``amsgrad`` and
     ``maximize``, by keyword: the sixth positional argument is ``decay`` here, ``amsgrad`` in torch.optim.Adam.
 
-    **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
-    moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
-    parameters, on both the chain and the fused path.
+    Args:
+        params: the parameters to optimise, or dicts of parameter groups (``"params"`` plus any of the keywords
+            below), as for torch.optim; real or complex floating point (float16, bfloat16, float32, float64,
+            complex64, complex128).
+        lr: ε, the learning rate (η under a schedule); default 1e-3, a finite number >= 0 (a one-element tensor
+            is taken).
+        betas: (β₁, β₂), the decay rates of the moments s and r; default (0.9, 0.999), each in [0, 1).
+        eps: δ, added to :math:`\sqrt{\hat r_t}`; default 1e-8, a finite number > 0.
+        weight_decay: λ, default 0.0; a finite number >= 0; where it acts is ``decay``'s choice.
+        decay: ``"l2"`` (default, torch.optim.Adam's), ``"decoupled"`` or ``"decoupled_lr"`` (above).
+        amsgrad: use :math:`\max_{i \le t} r_i` in :math:`a_t` (default False; above).
+        maximize: ascend L instead of descending it (default False).
+        nonfinite: what a NaN or ±inf in a gradient does (default ``"raise"``); in short — ``"raise"``:
+            :class:`~theorylab.optim.base.NonFiniteGradientError` before any parameter or state changes;
+            ``"skip"``: the whole step (every group) is skipped and ``skipped_steps`` counts it; ``"propagate"``:
+            torch.optim's behaviour, the NaN flows into the moments and the parameters (no check, no read-back).
+            In full: :class:`~theorylab.optim.base.ChainOptimizer`.
+        fused: step with torch's fused Adam/AdamW kernel (default False; None means False; see Notes).
+        **torch_options: torch.optim.Adam's ``foreach`` (any value, ignored), ``capturable`` and ``differentiable``
+            (accepted off: False or None), and ``decoupled_weight_decay`` (True: ``decay="decoupled_lr"``, False:
+            ``"l2"``; a ``decay`` given besides must agree).
 
-    **fused** (default False; a per-group option, like torch's): step the group with torch's fused Adam/AdamW
-    kernel (``torch.optim.adam.adam(..., fused=True)``, one pass over memory instead of the chain's several;
-    faster on CPU, see ``theorylab bench optim``). The chain stays the definition: the fused step is tested
-    against it in every decay mode and agrees to rounding, not bitwise (the kernel orders the arithmetic
-    differently); not with float16 parameters, whose second moment underflows (a ``UserWarning``; see
-    :func:`~theorylab.optim.transforms.warn_float16_second_moment`). ``"l2"`` maps to the kernel's L2 weight
-    decay with λ, ``"decoupled_lr"`` to its decoupled decay with λ, and ``"decoupled"`` to its decoupled decay
-    with λ/:math:`\eta_0`. Everything around the
-    arithmetic is the chain's: validation, the ``nonfinite`` policy (whose check of the gradients is most of
-    what the fused step costs beyond torch's), parameters without a gradient, per-parameter step counts, and
-    the state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a ``state_dict`` saved with either
-    setting loads into the other; ``load_state_dict`` keeps the loading optimizer's ``fused`` setting (an
-    execution choice, not a hyperparameter of the saved run), where torch.optim takes the saved one. Parameters must be
-    float16/bfloat16/float32/float64 on CPU or CUDA (or complex64/complex128, given to the kernel as their
-    float32/float64 real views), else ValueError (at construction and at step). A group
-    runs the chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach
-    (``initial_lr == 0`` with λ > 0), or when a parameter's gradient or state is laid out differently from it in
-    memory (which the kernel, blind to strides, gets silently wrong).
+    Raises:
+        TypeError: lr, a beta, eps or weight_decay is not a real number (an int, a float, a numpy scalar or a
+            one-element tensor); a keyword that torch.optim.Adam does not take either.
+        ValueError: lr or weight_decay negative or not finite; betas not a pair, or a beta outside [0, 1); eps not
+            finite and > 0; amsgrad, maximize, fused or a torch switch not a bool (or 0/1); an unknown ``decay`` or
+            ``nonfinite``; a decoupled decay rate >= 1 (above; with ``nonfinite="propagate"`` only λ >= 1 of
+            ``"decoupled"``); ``capturable`` or ``differentiable`` on; ``decoupled_weight_decay`` contradicting
+            ``decay``; ``fused=True`` with a parameter of another dtype or device than the kernel takes (see Notes); no
+            parameters (torch's), or a parameter of a dtype no step can update (integer, bool, float8). At :meth:`step`:
+            the same checks on values written into ``param_groups``.
+        NonFiniteGradientError: at :meth:`step`, a gradient holds NaN or ±inf and ``nonfinite="raise"``.
+        RuntimeError: at :meth:`step`, a sparse gradient.
+
+    Notes:
+        **Complex parameters** are optimised as pairs of reals (``view_as_real``), as torch.optim.Adam does: the
+        moments are taken per real component, and the result matches torch.optim.Adam/AdamW on the same complex
+        parameters, on both the chain and the fused path.
+
+        **fused** (default False; a per-group option, like torch's): step the group with torch's fused Adam/AdamW kernel
+        (``torch.optim.adam.adam(..., fused=True)``, one pass over memory instead of the chain's several; faster on CPU,
+        see ``theorylab bench optim``). The chain stays the definition: the fused step is tested against it in every
+        decay mode and agrees to rounding, not bitwise (the kernel orders the arithmetic differently); not with float16
+        parameters, whose second moment underflows (a ``UserWarning``; see
+        :func:`~theorylab.optim.transforms.warn_float16_second_moment`). ``"l2"`` maps to the kernel's L2 weight decay
+        with λ, ``"decoupled_lr"`` to its decoupled decay with λ, and ``"decoupled"`` to its decoupled decay with
+        λ/:math:`\eta_0`. Everything around the arithmetic is the chain's: validation, the ``nonfinite`` policy (whose
+        check of the gradients is most of what the fused step costs beyond torch's), parameters without a gradient,
+        per-parameter step counts, and the state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a
+        ``state_dict`` saved with either setting loads into the other; ``load_state_dict`` keeps the loading optimizer's
+        ``fused`` setting (an execution choice, not a hyperparameter of the saved run), where torch.optim takes the
+        saved one. Parameters must be float16/bfloat16/float32/float64 on CPU or CUDA (or complex64/complex128, given to
+        the kernel as their float32/float64 real views), else ValueError (at construction and at step). A group runs the
+        chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach (``initial_lr == 0``
+        with λ > 0), or when a parameter's gradient or state is laid out differently from it in memory (which the
+        kernel, blind to strides, gets silently wrong).
     """
 
     state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
@@ -277,8 +312,32 @@ class Adam(ChainOptimizer):
 class AdamW(Adam):
     r"""torch.optim.AdamW's convention: ``Adam(decay="decoupled_lr")``, decay lr·λ·θ per step, λ = 1e-2 default.
 
-    For the paper's decoupling of λ from the learning rate use ``Adam(..., decay="decoupled")``. ``fused=True``
-    runs torch's fused AdamW kernel: see :class:`Adam`.
+    With :math:`a_t = \hat s_t / (\sqrt{\hat r_t} + \delta)` the Adam direction of :class:`Adam`, from moments of the
+    gradient alone (the decay does not enter them), each step is
+
+    .. math::
+        \Delta\theta = -\text{lr}\,(a_t + \lambda\theta)
+
+    with θ the value before the step, lr the group's current learning rate (the problem set's ε) and λ
+    ``weight_decay``: torch.optim.AdamW's (and optax.adamw's) convention, ``decay="decoupled_lr"`` of
+    :class:`Adam`. The decay per step is lr·λ, so the best λ moves as 1/lr. For the paper's decoupling of λ from
+    the learning rate use ``Adam(..., decay="decoupled")``. ``fused=True`` runs torch's fused AdamW kernel: see
+    :class:`Adam`.
+
+    Args:
+        params, lr, betas, eps, amsgrad, maximize, nonfinite, fused: as :class:`Adam` (lr default 1e-3, betas
+            (0.9, 0.999), eps 1e-8, the switches False, nonfinite ``"raise"``).
+        weight_decay: λ, default 1e-2; a finite number >= 0 with lr·λ < 1 (not checked with
+            ``nonfinite="propagate"``: see :func:`~theorylab.optim.decay.check_decay_rate`).
+        **torch_options: torch.optim.AdamW's ``foreach`` (any value, ignored), ``capturable`` and
+            ``differentiable`` (accepted off: False or None). There is no ``decay`` (it is ``"decoupled_lr"``)
+            and no ``decoupled_weight_decay``.
+
+    Raises:
+        TypeError: as :class:`Adam`; also a ``decay`` or ``decoupled_weight_decay`` keyword.
+        ValueError: as :class:`Adam` (lr·λ >= 1 among them, unless ``nonfinite="propagate"``: the weights would be
+            multiplied by 1 − lr·λ <= 0).
+        NonFiniteGradientError, RuntimeError: at :meth:`step`, as :class:`Adam`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

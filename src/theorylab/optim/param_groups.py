@@ -32,6 +32,26 @@ def decay_param_groups(model: nn.Module, weight_decay: float, *, decay_embedding
     Returns groups for SGD, Adam and AdamW here or any torch.optim optimizer with weight decay, e.g.
     ``AdamW(decay_param_groups(model, 0.1))``. SGDMomentum and RunningAverageSGD have no weight decay and refuse a
     group that asks for one (they had dropped it silently).
+
+    Args:
+        model: the module whose parameters are split; only those with ``requires_grad`` are taken (frozen ones are
+            left out of both groups).
+        weight_decay: λ of the decayed group (the no-decay group gets 0.0); a finite number >= 0, validated here
+            but stored as given (theorylab's optimizers convert it to a float when they add the group).
+        decay_embeddings: decay ``nn.Embedding`` and ``nn.EmbeddingBag`` weights (default True); False puts them
+            in the no-decay group.
+        extra_no_decay: further module types (a tuple of classes, default ``()``) whose own parameters are never
+            decayed, as :data:`NORM_TYPES`.
+
+    Returns:
+        A list of at most two dicts: ``{"params": [...], "weight_decay": weight_decay}`` for the decayed
+        parameters, then ``{"params": [...], "weight_decay": 0.0}``, each left out when empty (an empty list when
+        nothing is trainable).
+
+    Raises:
+        TypeError: weight_decay is not a real number (an int, a float, a numpy scalar or a one-element tensor);
+            (Python's own) extra_no_decay is not an iterable of classes.
+        ValueError: weight_decay is negative or not finite.
     """
     check_nonnegative(weight_decay, "weight_decay")
     no_decay_types = NORM_TYPES + tuple(extra_no_decay) + (() if decay_embeddings else (nn.Embedding, nn.EmbeddingBag))

@@ -46,6 +46,38 @@ class SGD(ChainOptimizer):
     configuration written for torch runs unchanged; other values raise ValueError. Give it by keyword: the
     positional order is ``(params, lr, momentum, weight_decay, decay)``, where torch.optim.SGD's fourth is
     ``dampening`` (here keyword-only), so ``SGD(p, 0.1, 0.9, 0.5)`` sets weight_decay, not dampening.
+
+    Args:
+        params: the parameters to optimise, or dicts of parameter groups (``"params"`` plus any of the keywords
+            below), as for torch.optim; real or complex floating point (float16, bfloat16, float32, float64,
+            complex64, complex128).
+        lr: η, the learning rate; required (no default), a finite number >= 0 (a one-element tensor is taken).
+        momentum: μ, default 0.0 (plain SGD, no buffer); a finite number >= 0.
+        weight_decay: λ, default 0.0; a finite number >= 0; where it acts is ``decay``'s choice.
+        decay: where the weight decay goes: ``"l2"`` (default, torch.optim.SGD's), ``"decoupled"`` or
+            ``"decoupled_lr"`` (above).
+        dampening: d, default 0.0 (keyword-only); a finite number >= 0.
+        nesterov: Nesterov momentum u_t = g̃_t + μ b_t (default False); needs μ > 0 and d = 0.
+        maximize: ascend L instead of descending it (default False).
+        nonfinite: what a NaN or ±inf in a gradient does (default ``"raise"``); in short — ``"raise"``:
+            :class:`~theorylab.optim.base.NonFiniteGradientError` before any parameter or state changes;
+            ``"skip"``: the whole step (every group) is skipped and ``skipped_steps`` counts it; ``"propagate"``:
+            torch.optim's behaviour, the NaN flows into the buffers and the parameters (no check, no read-back).
+            In full: :class:`~theorylab.optim.base.ChainOptimizer`.
+        **torch_options: torch.optim.SGD's ``foreach`` (any value, ignored), ``differentiable`` and ``fused``
+            (accepted off: False or None).
+
+    Raises:
+        TypeError: lr, momentum, dampening or weight_decay is not a real number (an int, a float, a numpy scalar
+            or a one-element tensor); a keyword that torch.optim.SGD does not take either.
+        ValueError: lr, momentum, dampening or weight_decay negative or not finite; nesterov, maximize or a torch switch
+            not a bool (or 0/1); nesterov without μ > 0 and d = 0; an unknown ``decay`` (a number there is a torch.optim
+            argument given by position) or ``nonfinite``; a decoupled decay rate >= 1 (above; with
+            ``nonfinite="propagate"`` only λ >= 1 of ``"decoupled"``); ``differentiable`` or ``fused`` on; no parameters
+            (torch's), or a parameter of a dtype no step can update (integer, bool, float8). At :meth:`step`: the same
+            checks on values written into ``param_groups``.
+        NonFiniteGradientError: at :meth:`step`, a gradient holds NaN or ±inf and ``nonfinite="raise"``.
+        RuntimeError: at :meth:`step`, a sparse gradient.
     """
 
     later_switches = ("maximize",)

@@ -428,6 +428,22 @@ def log_jacobian_profile(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tenso
 
     This is how much of a loss gradient at the last step reaches step t. The products
     :math:`(J_T \cdots J_{t+1})^\top = J_{t+1}^\top \cdots J_T^\top` are accumulated from t = T−1 down to 0.
+
+    Args:
+        rnn: a :class:`~theorylab.rnn.RNN`; s is its state, h (form "h") or g (form "g"), of size H.
+        x: (B, T, I) real floating point inputs, I = ``rnn.input_size``.
+        h0: (B, H) real floating point initial state s_0, H = ``rnn.hidden_size``; None: zeros.
+
+    Returns:
+        (B, T) float64 on x's device: column t (t = 0..T−1) is log‖∂s_T/∂s_t‖₂, so column 0 equals the last column
+        of :func:`log_jacobian_norms` and column T−1 is log‖J_T‖₂. −inf where the product is exactly zero; (B, 0)
+        for T = 0. Exact and overflow-free at any T, as :func:`log_jacobian_norms`.
+
+    Raises:
+        ValueError: rnn is not a theorylab.rnn.RNN, x is not (B, T, input_size) or h0 not (B, hidden_size), a
+            parameter (W, U, b) has the wrong shape or is not finite, or the trajectory is not finite (an input
+            is not finite, or the unit overflowed).
+        TypeError: x, h0 or a parameter is not real floating point.
     """
     return log_norms_of_products(jacobian_factors(rnn, x, h0).transposed_reversed()).flip(1)
 

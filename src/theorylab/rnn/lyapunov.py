@@ -180,7 +180,25 @@ def _check_steps(steps: object) -> float:
 
 
 def certificate(rnn: RNN) -> Certificate:
-    """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1."""
+    """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1.
+
+    σ_max(W) is the spectral norm of the recurrent weight W (H, H), computed in float64, and γ = sup|σ'| of the
+    activation (:func:`~theorylab.rnn.activations.derivative_bound`: 1 for tanh and relu, 1/4 for sigmoid). Then
+    ‖∂s_T/∂s_0‖₂ <= δ^T for every input and initial state, in either form.
+
+    Args:
+        rnn: a :class:`~theorylab.rnn.RNN`; only W and the activation are read (no inputs are needed).
+
+    Returns:
+        A :class:`Certificate` holding ``sigma_max``, ``gamma``, ``delta`` and ``vanishing_guaranteed``
+        (δ < 1); the bound on T steps is :meth:`Certificate.bound` (δ^T) or, overflow-free,
+        :meth:`Certificate.log_bound` (log δ^T).
+
+    Raises:
+        ValueError: rnn is not a theorylab.rnn.RNN; a parameter (W, U or b) has the wrong shape; W is not finite
+            (U and b are not checked for finiteness: the certificate does not read them).
+        TypeError: a parameter (W, U or b) is not real floating point.
+    """
     if not isinstance(rnn, RNN):
         raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
     rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan

@@ -1,5 +1,5 @@
 """Hostile input over the public API: every case gives a finite result or a ValueError naming the problem —
-never a NaN, never an unrelated exception. The README's table of what was tried comes from this file."""
+never a NaN, never an unrelated exception. The table of what was tried (docs/hostile-input.md, sampled in the README) comes from this file."""
 
 import math
 

@@ -75,3 +75,15 @@ def test_swap_attention_with_a_seed_gives_each_layer_its_own_features():
         m.redraw()
     assert all(torch.equal(x.projection, y.projection) for x, y in zip(maps, again, strict=True))
     assert not torch.equal(maps[0].projection, maps[1].projection)
+
+
+def test_swap_attention_refuses_an_unknown_kind_even_with_nothing_to_swap():
+    """swap_attention(nn.Linear(2, 2), "bogus") returned the model without a word."""
+    from torch import nn
+
+    from theorylab.attention import swap_attention
+
+    with pytest.raises(ValueError, match="kind must be one of.*'bogus'"):
+        swap_attention(nn.Linear(2, 2), "bogus")
+    model = nn.Linear(2, 2)
+    assert swap_attention(model, "favor") is model  # a valid kind and nothing to swap: the model as it was

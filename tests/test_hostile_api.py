@@ -1,5 +1,6 @@
 """Hostile input over the public API: every case gives a finite result or a ValueError naming the problem —
-never a NaN, never an unrelated exception. The table of what was tried (docs/hostile-input.md, sampled in the README) comes from this file."""
+never a NaN, never an unrelated exception. The table of what was tried (docs/hostile-input.md, sampled in the
+README) comes from this file."""
 
 import math
 

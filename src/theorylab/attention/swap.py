@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import readable
-from .multihead import MultiheadAttention
+from .multihead import KINDS, MultiheadAttention
 
 
 class DropInMultiheadAttention(nn.Module):
@@ -255,6 +255,8 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         encoder = swap_attention(nn.TransformerEncoder(layer, 4), "favor", num_features=128)
         y = encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(n), is_causal=True)
     """
+    if kind not in KINDS:  # checked here too: a model with no attention module would have swallowed a typo
+        raise ValueError(f"swap_attention: kind must be one of {KINDS}; got {kind!r}")
     swappable = (nn.MultiheadAttention, DropInMultiheadAttention)
     if isinstance(model, swappable):
         return DropInMultiheadAttention.from_torch(model, kind, **kwargs)

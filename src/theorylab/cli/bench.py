@@ -27,9 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "step; decode: one token after a context of n, recurrent state against a KV "
                                    "cache. Each takes minutes.")
     p.add_argument("suite", choices=SUITES, help="which system to benchmark")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the results as JSON (a missing folder of FILE is created)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller sizes, seconds: a smoke run whose targets are not judged")
+                   help="smaller sizes, about a minute: a smoke run whose targets are not judged")
     p.set_defaults(run=run)
 
 

@@ -62,3 +62,26 @@ def test_a_resumed_run_keeps_its_thread_count(tmp_path, monkeypatch, capsys):
         assert "resuming on 2 thread(s) per process where the run so far used 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resume_under_torchrun_keeps_to_its_share_of_the_cores(monkeypatch, capsys):
+    """A run of one process on 2 threads, resumed under torchrun with 2 processes per machine, took the saved 2
+    threads in each rank: 4 threads on 2 cores, and no word of it."""
+    from theorylab.cli.train import _resumed_threads
+
+    assert _resumed_threads(None, 2, cpus=2, main=True) == 2  # one process: the saved count fits
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resumed_threads(None, 2, cpus=2, main=True) == 1
+    assert "resuming on 1 thread(s) per process where the run so far used 2" in capsys.readouterr().err
+    assert _resumed_threads(None, 1, cpus=2, main=True) == 1 and not capsys.readouterr().err
+
+
+def test_seeded_experiments_queue_no_cuda_seed(monkeypatch):
+    """torch.manual_seed also queues a seed for a CUDA runtime not yet started, which fork_rng cannot restore: a
+    CPU experiment seeds the CPU generator only."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    tasks.train("adding", 5, iterations=1, hidden=4, batch=4, seed=7)
+    assert calls == []

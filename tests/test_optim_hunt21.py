@@ -130,18 +130,39 @@ def test_adam_warns_once_about_float16_parameters(monkeypatch, fused):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn], ids=str)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "SGDMomentum", "RunningAverageSGD"])
-def test_parameters_no_step_can_update_are_refused_when_added(name, dtype):
-    """They were accepted and failed inside step() with torch's errors ("lerp_kernel_scalar not implemented for
-    'Long'", "sum_cpu not implemented for 'Float8_e4m3fn'"), after the step count had moved."""
+def test_gradients_on_parameters_no_step_can_update_are_refused_at_the_step(name, dtype):
+    """They failed inside step() with torch's errors ("lerp_kernel_scalar not implemented for 'Long'", "sum_cpu not
+    implemented for 'Float8_e4m3fn'"). Refused at the step, before anything changes; a frozen one (no gradient) is
+    accepted, as torch.optim accepts it (a model with an integer parameter, requires_grad=False)."""
     import theorylab.optim as optim
 
     cls = getattr(optim, name)
     kwargs = {"lr": 0.1, **({"momentum": 0.9} if name == "SGDMomentum" else {}),
               **({"beta": 0.9} if name == "RunningAverageSGD" else {})}
-    good, bad = torch.nn.Parameter(torch.ones(2)), torch.zeros(2).to(dtype)
-    with pytest.raises(ValueError, match=rf"index 1 \({dtype}\).*must be float16"):
-        cls([good, bad], **kwargs)
-    opt = cls([good], **kwargs)
-    with pytest.raises(ValueError, match=r"parameter group 1 .*index 0"):
-        opt.add_param_group({"params": [bad]})
-    assert len(opt.param_groups) == 1  # left as it was
+    good, odd = torch.nn.Parameter(torch.ones(2)), torch.zeros(2).to(dtype)
+    opt = cls([good, odd], **kwargs)
+    good.grad = torch.ones(2)
+    opt.step()  # the odd one, without a gradient, is left alone
+    stepped = good.detach().clone()
+    odd.grad = torch.zeros(2).to(dtype)
+    good.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=rf"group 0 .*index 1 \({dtype}\).*nothing was changed"):
+        opt.step()
+    assert torch.equal(good.detach(), stepped)
+
+
+def test_a_half_precision_parameter_does_not_change_how_float32_ones_in_its_group_step():
+    """The chain's path was chosen per bucket: one bfloat16 parameter put every float32 parameter of its group on
+    the slower, differently rounded half-precision path (an AdamW step on 10M float32 parameters 1.5× slower)."""
+    gen = torch.Generator().manual_seed(0)
+    w0, g = torch.randn(50, generator=gen), [torch.randn(50, generator=gen) for _ in range(5)]
+    alone, mixed = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt_alone = AdamW([alone], lr=1e-2, weight_decay=0.1)
+    opt_mixed = AdamW([mixed, half], lr=1e-2, weight_decay=0.1)
+    for step in g:
+        alone.grad, mixed.grad = step.clone(), step.clone()
+        half.grad = torch.ones(3, dtype=torch.bfloat16)
+        opt_alone.step()
+        opt_mixed.step()
+    assert torch.equal(alone.detach(), mixed.detach())

@@ -17,9 +17,17 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def seed_global(seed: int, device: torch.device | str = "cpu") -> None:
+    """Seed torch's CPU generator, and the CUDA generators only for a CUDA ``device``: ``torch.manual_seed`` also
+    queues a seed for a CUDA runtime not yet started, which no ``fork_rng`` could take back."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
 def keeps_global_rng(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` inside ``torch.random.fork_rng``: the CPU generator and those of the CUDA devices already in use
-    are restored when it returns or raises."""
+    are restored when it returns or raises (a CUDA runtime that ``fn`` starts keeps what ``fn`` seeded)."""
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:

@@ -238,8 +238,9 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
             [0, 1), ``recompute`` with a kind other than "linear" or "favor", ...); an ``nn.MultiheadAttention``
             with ``kdim``/``vdim`` other than ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
         TypeError: a keyword :class:`MultiheadAttention` does not take (``bias`` included), or a value of the wrong
-            type (``causal`` not a bool, a non-integer ``seed`` with ``kind="favor"``, ...). Both are raised only
-            where there is a module to replace: ``kind`` and ``kwargs`` are checked by the replacements' constructor.
+            type (``causal`` not a bool, a non-integer ``seed`` with ``kind="favor"``, ...). An unknown ``kind`` is
+            refused first, whatever the model holds; the keyword values only where there is a module to replace
+            (the replacements' constructor checks them).
 
     The swapped modules then raise when they are called (:meth:`DropInMultiheadAttention.forward`, for every kind,
     softmax included): ValueError for ``need_weights=True``, for an ``attn_mask`` that is neither the causal mask

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 import time
@@ -77,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: CUDA when present (nccl under torchrun), else CPU (gloo); under torchrun on one "
                         "machine with fewer GPUs than processes, CPU with a warning (default: auto)")
     c.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (default: torch's; under torchrun the cores / local processes)")
+                   help="CPU threads per process (default: torch's; under torchrun the cores / local processes; "
+                        "with --resume: the checkpoint's, where it fits)")
     c.set_defaults(run=run)
 
 
@@ -87,13 +89,18 @@ class UsageError(ValueError):
 
 def _resumed_threads(given: int | None, saved: int | None, cpus: int, main: bool) -> int | None:
     """The thread count of a run: ``--threads``, else the checkpoint's (a resumed run equals an uninterrupted one
-    only on as many threads: another count rounds differently), else None (torch's default). Where the count
+    only on as many threads: another count rounds differently) where it fits in this process's share of the cores
+    (under torchrun, the cores over the processes on this machine), else None (the default share). Where the count
     changes, rank 0 says so."""
+    from ..experiments.distributed import launched_by_torchrun
+
     if saved is None or given == saved:
         return given
-    if given is None and saved <= cpus:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    share = max(1, cpus // max(1, local))
+    if given is None and saved <= share:
         return saved
-    threads = given if given is not None else cpus
+    threads = given if given is not None else share
     if main:
         print(f"theorylab train charlm: resuming on {threads} thread(s) per process where the run so far used "
               f"{saved}: it will differ from an uninterrupted run by rounding", file=sys.stderr)

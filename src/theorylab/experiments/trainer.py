@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..seeding import keeps_global_rng
+from ..seeding import keeps_global_rng, seed_global
 from .charlm import CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CharCorpus, CharVocab, eval_windows, legacy_sha256, load_corpus, sample_batch
@@ -261,7 +261,7 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if start > steps:
             raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
 
-    torch.manual_seed(config.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    seed_global(config.seed, env.device)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = CharTransformer(len(corpus.vocab), config).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99))
     losses: list[float] = []

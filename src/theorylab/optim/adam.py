@@ -126,8 +126,8 @@ class Adam(ChainOptimizer):
     need a shrink per step below 1: λ < 1 (and :math:`(\eta/\eta_0)\lambda < 1` at every step) for
     ``"decoupled"``, ελ < 1 for ``"decoupled_lr"``; ValueError otherwise
     (:func:`~theorylab.optim.decay.check_decay_rate`). ``nonfinite``, validation: see :class:`ChainOptimizer`.
-    torch.optim.Adam's ``capturable`` and ``differentiable`` are accepted off, and ``foreach`` and ``fused=None``
-    at any value, so that a configuration written for torch runs unchanged (on: ValueError);
+    torch.optim.Adam's ``capturable`` and ``differentiable`` are accepted off, and ``foreach`` (a bool or None)
+    and ``fused=None``, so that a configuration written for torch runs unchanged (on: ValueError);
     ``decoupled_weight_decay=True`` means ``decay="decoupled_lr"``, as in torch. Pass them, and ``amsgrad`` and
     ``maximize``, by keyword: the sixth positional argument is ``decay`` here, ``amsgrad`` in torch.optim.Adam.
 
@@ -149,9 +149,10 @@ class Adam(ChainOptimizer):
             torch.optim's behaviour, the NaN flows into the moments and the parameters (no check, no read-back).
             In full: :class:`~theorylab.optim.base.ChainOptimizer`.
         fused: step with torch's fused Adam/AdamW kernel (default False; None means False; see Notes).
-        **torch_options: torch.optim.Adam's ``foreach`` (any value, ignored), ``capturable`` and ``differentiable``
-            (accepted off: False or None), and ``decoupled_weight_decay`` (True: ``decay="decoupled_lr"``, False:
-            ``"l2"``; a ``decay`` given besides must agree).
+        **torch_options: torch.optim.Adam's ``foreach`` (True, False or None; ignored), ``capturable`` and
+            ``differentiable`` (accepted off: False or None), and ``decoupled_weight_decay`` (True:
+            ``decay="decoupled_lr"``, False: ``"l2"``; a ``decay`` other than the default ``"l2"`` must agree: an
+            explicit ``decay="l2"`` cannot be told from the default, and the flag wins).
 
     Raises:
         TypeError: lr, a beta, eps or weight_decay is not a real number (an int, a float, a numpy scalar or a
@@ -329,7 +330,7 @@ class AdamW(Adam):
             (0.9, 0.999), eps 1e-8, the switches False, nonfinite ``"raise"``).
         weight_decay: λ, default 1e-2; a finite number >= 0 with lr·λ < 1 (not checked with
             ``nonfinite="propagate"``: see :func:`~theorylab.optim.decay.check_decay_rate`).
-        **torch_options: torch.optim.AdamW's ``foreach`` (any value, ignored), ``capturable`` and
+        **torch_options: torch.optim.AdamW's ``foreach`` (True, False or None; ignored), ``capturable`` and
             ``differentiable`` (accepted off: False or None). There is no ``decay`` (it is ``"decoupled_lr"``)
             and no ``decoupled_weight_decay``.
 

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .transforms import CONSTRUCTION_LR_KEY, StepContext, Transform, chain_step
+from .transforms import CONSTRUCTION_LR_KEY, HALF_DTYPES, StepContext, Transform, chain_step
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
-#: parameter dtypes every step can update (integer and bool tensors cannot, nor float8, which torch's arithmetic
-#: lacks); checked when a group is added
-STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+#: parameter dtypes a step can update (integer and bool tensors cannot, nor float8, which torch's arithmetic lacks);
+#: checked at the step for the parameters that have a gradient
+STEPPABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+                    torch.complex128)
 
 #: the key under which :meth:`ChainOptimizer.state_dict` records which optimizer's state it is
 STATE_KIND_KEY = "theorylab_optimizer"
@@ -141,7 +142,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     Per parameter it keeps ``state["step"]`` (a float tensor, as torch.optim does) plus the transforms' buffers.
     Parameters without a gradient are skipped and their step count does not advance; parameters of one group
-    with different step counts are stepped in buckets, so bias corrections use each parameter's own count.
+    with different step counts are stepped in buckets, so bias corrections use each parameter's own count
+    (half-precision parameters in buckets of their own: their path rounds differently).
 
     The schedule-multiplied decoupled decay divides the lr by a reference lr₀: the group's ``initial_lr``, which
     torch's lr schedulers record when they are created (as with torch.optim, CyclicLR's is its ``base_lr``),
@@ -231,13 +233,6 @@ class ChainOptimizer(torch.optim.Optimizer):
         param_group.update({k: merged[k] for k in given})  # the validated values, as floats
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        bad = [(i, p.dtype) for i, p in enumerate(group["params"]) if p.dtype not in STEPPABLE_DTYPES]
-        if bad:  # they had failed inside step() with torch's errors (float8 in the NaN check's sum)
-            self.param_groups.pop()
-            raise ValueError(f"{type(self).__name__}: parameter group {len(self.param_groups)} has parameters of "
-                             f"a dtype no step can update: "
-                             f"{', '.join(f'index {i} ({dtype})' for i, dtype in bad)}; parameters must be "
-                             f"{', '.join(str(d).removeprefix('torch.') for d in STEPPABLE_DTYPES)}")
         group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -335,6 +330,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            _check_steppable(type(self).__name__, group_index, group["params"])
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             policy = group.get("nonfinite", "raise")
@@ -356,14 +352,16 @@ class ChainOptimizer(torch.optim.Optimizer):
             chain = self.transforms(group)
             if self._fused_group_step(group, params):
                 continue
-            buckets: dict[int, list[Tensor]] = defaultdict(list)
+            # by step count, and half precision apart: the chain takes a slower, differently rounded path for
+            # float16/bfloat16, which float32 parameters of the same group must not follow
+            buckets: dict[tuple[int, bool], list[Tensor]] = defaultdict(list)
             for p in params:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["step"] += 1
-                buckets[int(state["step"].item())].append(p)
-            for t, bucket in buckets.items():
+                buckets[int(state["step"].item()), p.dtype in HALF_DTYPES].append(p)
+            for (t, _), bucket in buckets.items():
                 states = [self.state[p] for p in bucket]
                 if any(p.is_complex() for p in bucket):
                     _real_view_chain_step(chain, group, t, bucket, states)
@@ -438,6 +436,17 @@ def _torch_optimizer_name(group: dict[str, Any]) -> str | None:
             return "torch.optim.Adam or AdamW"
         return "torch.optim.AdamW" if group["decoupled_weight_decay"] else "torch.optim.Adam"
     return "torch.optim.SGD" if "nesterov" in group else "torch.optim"
+
+
+def _check_steppable(name: str, group_index: int, params: list[Tensor]) -> None:
+    """ValueError naming them if parameters with a gradient have a dtype no step can update (they had failed inside
+    the step with torch's errors, float8 in the NaN check's sum). Checked at the step, not when the group is added:
+    a frozen integer parameter (``requires_grad=False``, no gradient) is accepted, as torch.optim accepts it."""
+    bad = [(i, p.dtype) for i, p in enumerate(params) if p.grad is not None and p.dtype not in STEPPABLE_DTYPES]
+    if bad:
+        raise ValueError(f"{name}: parameter group {group_index} has gradients on parameters of a dtype no step can "
+                         f"update: {', '.join(f'index {i} ({dtype})' for i, dtype in bad)}; parameters must be "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in STEPPABLE_DTYPES)}; nothing was changed")
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -64,7 +64,7 @@ class SGD(ChainOptimizer):
             ``"skip"``: the whole step (every group) is skipped and ``skipped_steps`` counts it; ``"propagate"``:
             torch.optim's behaviour, the NaN flows into the buffers and the parameters (no check, no read-back).
             In full: :class:`~theorylab.optim.base.ChainOptimizer`.
-        **torch_options: torch.optim.SGD's ``foreach`` (any value, ignored), ``differentiable`` and ``fused``
+        **torch_options: torch.optim.SGD's ``foreach`` (True, False or None; ignored), ``differentiable`` and ``fused``
             (accepted off: False or None).
 
     Raises:

@@ -238,7 +238,7 @@ _warned_float16_adam = False  # once per process (a flag: Python's registry is c
 
 def warn_float16_second_moment(params: Sequence[Tensor], beta2: float) -> None:
     r"""Warn (once per process) when Adam steps float16 parameters: their second moment is kept in float16, where
-    :math:`(1-eta_2)g^2` below 2⁻²⁵ rounds to 0, so gradient entries below :math:`\sqrt{2^{-25}/(1-eta_2)}`
+    :math:`(1-\beta_2)g^2` below 2⁻²⁵ rounds to 0, so gradient entries below :math:`\sqrt{2^{-25}/(1-\beta_2)}`
     (5.5e-3 at β₂ = 0.999) get steps of ±inf or NaN (eps below float16's 6e-8, the default 1e-8 included) or far
     too long ones (2.5·10⁴× at eps = 1e-7; ``fused=True`` computes the first step in float32, then 1.4×, 9.8× and
     31× at steps 2, 100 and 1000, since the stored moment stays 0). torch.optim.Adam does the same."""

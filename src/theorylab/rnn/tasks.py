@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..seeding import keeps_global_rng
+from ..seeding import keeps_global_rng, seed_global
 from ._threads import threads_for
 from .model import RNN
 
@@ -162,7 +162,7 @@ def train(task: str, steps: int, *, clip: float | None = None, orthogonal: bool 
         # clip_grad_norm_ takes a negative max_norm and flips every gradient: gradient ascent
         raise ValueError(f"clip must be None or a finite number > 0, got {clip!r}")
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    seed_global(seed)  # the model's initialisation (CPU only: no CUDA seed queued)
     in_out = {"adding": (2, 1), "copy": (COPY_SYMBOLS + 2, COPY_SYMBOLS + 1), "digits": (1, 10)}[task]
     model = SequenceModel(in_out[0], hidden, in_out[1], orthogonal=orthogonal)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

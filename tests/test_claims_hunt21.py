@@ -45,3 +45,15 @@ def test_a_claim_too_short_to_judge_is_not_judged_and_does_not_fail_the_run(tmp_
 def test_the_same_claim_judged_still_fails_the_run(tmp_path, monkeypatch, capsys):
     assert _run(tmp_path, monkeypatch) == 1
     assert "4.4 refuted: --quick" in capsys.readouterr().out
+
+
+def test_claim_3_5_runs_at_different_seeds_share_no_draws():
+    """Its feature draws were seeded seed + m (and seed + 7, seed + 11): --seed 4's m = 4 draws were --seed 0's
+    first m = 8 draws, so the seed sweeps were not independent."""
+    from theorylab.claims.q3_attention import _draw_seed
+
+    families = [(1, m) for m in (4, 8, 16, 32, 64, 128, 256)] + [(2,), (3,)]
+    seeds = [_draw_seed(s, *tags) for s in range(10) for tags in families]
+    assert len(set(seeds)) == len(seeds)
+    assert _draw_seed(4, 1, 4) == _draw_seed(4, 1, 4)  # and reproducible
+    assert all(0 <= s < 2**63 for s in seeds)  # what torch.Generator.manual_seed takes

@@ -26,6 +26,13 @@ from ..cost import count_flops, fit_power_law, median_time, peak_memory
 from .base import Evidence, claim, torch_threads
 
 
+def _draw_seed(seed: int, *tags: int) -> int:
+    """A seed for one family of draws of a claim run at ``seed``, from ``SeedSequence([seed, *tags])``: distinct
+    for every (seed, tags), so that runs at different ``--seed`` never share draws (``seed + m`` had made --seed 4's
+    m = 4 draws --seed 0's first m = 8 draws)."""
+    return int(np.random.SeedSequence([seed, *tags]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _one_thread(fn):
     """Run a claim on one intra-op thread: its tensors are small (a few MB at most), so a second thread buys
     little, and on a busy machine it spin-waits for a core (several-fold slower)."""
@@ -567,7 +574,8 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
     for name, cls, orth in (("positive_iid", PositiveRandomFeatures, False),
                             ("positive_orthogonal", PositiveRandomFeatures, True),
                             ("trig_iid", TrigRandomFeatures, False)):
-        results[name] = [mse(_kernel_estimates(cls, x, y, m, draws, orthogonal=orth, seed=seed + m)) for m in ms]
+        results[name] = [mse(_kernel_estimates(cls, x, y, m, draws, orthogonal=orth, seed=_draw_seed(seed, 1, m)))
+                         for m in ms]
     closed = {"positive_iid": [mse_positive(x, y, m) for m in ms], "trig_iid": [mse_trig(x, y, m) for m in ms]}
     ratio = {k: [r[0] / c for r, c in zip(results[k], closed[k], strict=True)] for k in closed}
     z_scores = {k: max(abs(r[0] - c) / r[1] for r, c in zip(results[k], closed[k], strict=True)) for k in closed}
@@ -589,8 +597,8 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
     smb = math.exp(float(xb @ yb))
     bias = {}
     for corrected in (True, False):
-        est = _kernel_estimates(PositiveRandomFeatures, xb, yb, d, 2 * draws, orthogonal=True, seed=seed + 7,
-                                sign_correction=corrected)
+        est = _kernel_estimates(PositiveRandomFeatures, xb, yb, d, 2 * draws, orthogonal=True,
+                                seed=_draw_seed(seed, 2), sign_correction=corrected)
         bias[corrected] = (float(est.mean()) / smb - 1, float(est.std()) / math.sqrt(est.numel()) / smb)
 
     # trigonometric features fail where the kernel is small: relative RMSE vs exp(xᵀy)
@@ -603,7 +611,7 @@ def choice_of_m_claim(seed: int, quick: bool) -> Evidence:
         smc = math.exp(float(xc @ yc))
         sms.append(smc)
         for name, cls in (("positive", PositiveRandomFeatures), ("trig", TrigRandomFeatures)):
-            est = _kernel_estimates(cls, xc, yc, m_rel, draws // 4, orthogonal=False, seed=seed + 11)
+            est = _kernel_estimates(cls, xc, yc, m_rel, draws // 4, orthogonal=False, seed=_draw_seed(seed, 3))
             rel[name].append(float((est - smc).square().mean().sqrt()) / smc)
 
     # attention-output MSE vs m (i.i.d. positive features) and cost vs m

@@ -30,7 +30,8 @@ def _draw_seed(seed: int, *tags: int) -> int:
     """A seed for one family of draws of a claim run at ``seed``, from ``SeedSequence([seed, *tags])``: distinct
     for every (seed, tags), so that runs at different ``--seed`` never share draws (``seed + m`` had made --seed 4's
     m = 4 draws --seed 0's first m = 8 draws)."""
-    return int(np.random.SeedSequence([seed, *tags]).generate_state(1, np.uint64)[0] >> 1)
+    word = int(np.random.SeedSequence([seed, *tags]).generate_state(1, np.uint64)[0])  # numpy < 2: no uint64 >> 1
+    return word >> 1  # below 2**63, as torch.Generator.manual_seed takes
 
 
 def _one_thread(fn):

@@ -7,12 +7,13 @@ import numbers
 import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..attention._checks import compiler_disabled
 from .transforms import CONSTRUCTION_LR_KEY, HALF_DTYPES, StepContext, Transform, chain_step
 
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
@@ -137,6 +138,10 @@ class NonFiniteGradientError(FloatingPointError):
 _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-hook (torch's keys are ints)
 
 
+#: one bucket of a step: (group index, step count t, parameters, powers for :meth:`StepContext.power` or None)
+Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[float, float | Tensor] | None"]
+
+
 class ChainOptimizer(torch.optim.Optimizer):
     r"""Base class: subclasses return the transform chain of a parameter group in :meth:`transforms`.
 
@@ -199,6 +204,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         """torch.optim's switches in a group that is stepped or loaded (written into ``param_groups`` by hand, or
         into a state_dict): on, they are refused as the keywords are, not ignored."""
         switches = {k: group[k] for k in self.torch_switches if k in group}
+        if torch.compiler.is_compiling():  # torch.compile's trace of an optimizer's step sets capturable=True in
+            switches.pop("capturable", None)  # every group it sees (dynamo's OptimizerVariable): not the user's
         check_torch_options(type(self).__name__, switches, self.torch_switches)
 
     def _state_kind(self) -> str:
@@ -318,10 +325,49 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One optimizer step of every parameter group (``closure``, if given, re-evaluates the loss first).
+
+        ``torch.compile(opt.step)`` works as for torch.optim's optimizers: the checks, the non-finite policy, the
+        fused groups and the step counts run eagerly (one graph break, :meth:`_begin_step`), and the chains are
+        traced into one graph, which inductor fuses into one pass per tensor. In that graph the learning-rate and
+        decay factors are 0-dim tensors and the bias corrections' powers :math:`\beta^t` are made before it. With
+        Python numbers, torch 2.13 recompiled every step until its limit of 8 (then ran eagerly), computed
+        :math:`\beta^t` from a symbolic t inside every kernel's loop (4× the step time), and baked a float made
+        from the lr into the graph where it fed both a foreach op and tensor arithmetic (a scheduler's later lrs
+        were then ignored by the decay).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()
+        # torch.compile traces this loop alone (the chains), which is free of graph breaks
+        for group_index, t, bucket, powers in _begin_step(self, compiling):
+            group = self.param_groups[group_index]  # read here, not returned: torch.compile guards its values
+            chain = self.transforms(group)
+            states = [self.state[p] for p in bucket]
+            if any(p.is_complex() for p in bucket):
+                _real_view_chain_step(chain, group, t, bucket, states, powers, compiling)
+                continue
+            # under torch.compile: the deferred scalars as tensors (see above), and no work buffers (inductor fuses
+            # the chain into one pass without them)
+            ctx = StepContext(params=bucket, states=states, group=group, step=t, powers=powers,
+                              tensor_scalars=compiling, scratch=None if compiling else self._scratch)
+            chain_step(chain, ctx, cast("list[Tensor]", [p.grad for p in bucket]))  # every p has a gradient
+        return loss
+
+    def _begin_step(self, compiling: bool = False) -> list[Bucket]:
+        """Everything of a step but the chains, eagerly (``torch.compile`` breaks its graph at this call): check
+        every group, apply the non-finite policy, run the fused groups, advance the step counts of the others,
+        and return their buckets ``(group index, t, parameters, powers)``: by step count t, and half precision apart
+        (the chain takes a slower, differently rounded path for float16/bfloat16, which float32 parameters of the
+        same group must not follow). Nothing is changed when a check raises or the step is skipped.
+
+        ``powers`` is None, or when ``compiling`` the step-th powers that the chain's bias corrections take
+        (:meth:`StepContext.power`), made here as 0-dim float64 tensors: computed in the graph from a symbolic
+        step count, they would be recomputed in every iteration of every kernel's loop (inductor compiles with
+        libm's errno kept, so ``pow`` is not hoisted; 4× the step time on 10M parameters), and as Python numbers
+        they would be specialised, one recompilation per step."""
         todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             check_common_keys(group)
@@ -344,31 +390,27 @@ class ChainOptimizer(torch.optim.Optimizer):
                     f"non-finite gradient (NaN or inf) in parameter group {group_index}, parameter index(es) "
                     f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
                     "'propagate' for torch.optim's behaviour")
-            todo.append((group, params))
+            todo.append((group_index, group, params))
         if skip:
             self.skipped_steps += 1
-            return loss
-        for group, params in todo:
-            chain = self.transforms(group)
+            return []
+        buckets: list[Bucket] = []
+        for group_index, group, params in todo:
             if self._fused_group_step(group, params):
                 continue
-            # by step count, and half precision apart: the chain takes a slower, differently rounded path for
-            # float16/bfloat16, which float32 parameters of the same group must not follow
-            buckets: dict[tuple[int, bool], list[Tensor]] = defaultdict(list)
+            by_step: dict[tuple[int, bool], list[Tensor]] = defaultdict(list)
             for p in params:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["step"] += 1
-                buckets[int(state["step"].item()), p.dtype in HALF_DTYPES].append(p)
-            for (t, _), bucket in buckets.items():
-                states = [self.state[p] for p in bucket]
-                if any(p.is_complex() for p in bucket):
-                    _real_view_chain_step(chain, group, t, bucket, states)
-                    continue
-                ctx = StepContext(params=bucket, states=states, group=group, step=t, scratch=self._scratch)
-                chain_step(chain, ctx, cast("list[Tensor]", [p.grad for p in bucket]))  # every p has a gradient
-        return loss
+                by_step[int(state["step"].item()), p.dtype in HALF_DTYPES].append(p)
+            bases = _power_bases(self.transforms(group), group) if compiling else ()
+            for (t, _), bucket in by_step.items():
+                powers: dict[float, float | Tensor] | None = (
+                    {b: torch.tensor(b**t, dtype=torch.float64) for b in bases} if bases else None)
+                buckets.append((group_index, t, bucket, powers))
+        return buckets
 
     def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """Step ``params`` (the group's parameters with a gradient) with a fused kernel instead of the chain.
@@ -401,12 +443,22 @@ class ChainOptimizer(torch.optim.Optimizer):
         return sum(b.numel() * b.element_size() for b in self.__dict__.get("_scratch_buffers", {}).values())
 
 
+_begin_step = compiler_disabled(ChainOptimizer._begin_step)
+
+
+def _power_bases(chain: list[Transform], group: dict[str, Any]) -> tuple[float, ...]:
+    """The bases whose step-th powers the chain's parts take from :meth:`StepContext.power` (their optional
+    ``power_bases(group)``)."""
+    return tuple(b for part in chain if hasattr(part, "power_bases") for b in part.power_bases(group))
+
+
 def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: int, params: list[Tensor],
-                          states: list[dict[str, Any]]) -> None:
+                          states: list[dict[str, Any]], powers: dict[float, float | Tensor] | None = None,
+                          tensor_scalars: bool = False) -> None:
     """One chain step with complex parameters, gradients and state tensors seen as real ``(..., 2)`` views.
 
     The views share memory, so in-place updates land in the parameters and in the existing buffers; a buffer
@@ -416,7 +468,8 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
     real_params = [_real_view(p) for p in params]
     views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
              for p, s in zip(params, states, strict=True)]
-    ctx = StepContext(params=real_params, states=views, group=group, step=step)
+    ctx = StepContext(params=real_params, states=views, group=group, step=step, powers=powers,
+                      tensor_scalars=tensor_scalars)
     chain_step(chain, ctx, [_real_view(cast(Tensor, p.grad)) for p in params])  # params with a gradient only
     for state, view, real in zip(states, views, real_params, strict=True):
         if view is not state:

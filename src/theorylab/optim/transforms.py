@@ -32,6 +32,11 @@ Transforms receive a :class:`StepContext`: the parameters, their per-parameter s
 group (so hyperparameters read from the group, and lr schedulers are honoured), and the step count ``t``
 (1 on the first step). All of them read ``p`` before the step is applied: decay uses the old parameter value,
 as torch.optim does.
+
+Under ``torch.compile(opt.step)`` the chain is traced into one graph, which inductor fuses into one pass over
+memory per tensor (as fast as torch's fused AdamW kernel on the CPU). There ``ctx.scale`` and ``ctx.decay`` are
+0-dim tensors and the powers of the step count are made before the graph (:meth:`StepContext.power`), for
+reasons given at :meth:`~theorylab.optim.ChainOptimizer.step`.
 """
 
 from __future__ import annotations
@@ -66,21 +71,96 @@ class StepContext:
     states: list[dict[str, Any]]
     group: dict[str, Any]
     step: int
-    scale: float = 1.0
-    decay: float = 0.0
+    scale: float | Tensor = 1.0
+    decay: float | Tensor = 0.0
     denom: TensorList | None = None
     owned: bool = False
     #: ``scratch(params) -> list[Tensor]``: reusable per-parameter work tensors (uninitialised), or None
     scratch: Callable[[list[Tensor]], list[Tensor]] | None = None
+    #: ``{base: base ** step}`` made before the step (0-dim tensors under torch.compile), or None
+    powers: dict[float, float | Tensor] | None = None
+    #: ``scale`` and ``decay`` as 0-dim float64 tensors, not Python numbers (under torch.compile: see
+    #: :meth:`~theorylab.optim.ChainOptimizer.step`)
+    tensor_scalars: bool = False
+
+    def number(self, value: float) -> float | Tensor:
+        """``value`` in the form of ``scale`` and ``decay``: a float, or a 0-dim float64 tensor."""
+        return torch.tensor(value, dtype=torch.float64) if self.tensor_scalars else value
+
+    def power(self, base: float) -> float | Tensor:
+        """``base ** step``, for bias corrections: from :attr:`powers` when there, else computed."""
+        if self.powers is not None and base in self.powers:
+            return self.powers[base]
+        return base**self.step
 
 
 class Transform(Protocol):
-    """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions."""
+    """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions.
+
+    A part whose update depends on the step count through powers :math:`\beta^t` (bias corrections) takes them
+    from :meth:`StepContext.power` and names the bases in an optional ``power_bases(group) -> tuple[float, ...]``:
+    under ``torch.compile`` they are then made before the graph (see
+    :meth:`~theorylab.optim.ChainOptimizer.step`). ``ctx.scale`` and ``ctx.decay`` may then be 0-dim tensors.
+    """
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         """Transform one bucket's updates (one tensor per parameter of ``ctx.params``), reading and writing the
         per-parameter state in ``ctx.states`` and the hyperparameters in ``ctx.group``; return the new updates."""
         ...
+
+
+def _sqrt(x: float | Tensor) -> float | Tensor:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _is(x: float | Tensor, value: float) -> bool:
+    """Whether a deferred scalar is known to equal ``value``: never for a 0-dim tensor, which is not read back."""
+    return not isinstance(x, Tensor) and x == value
+
+
+# Under torch.compile the deferred scalars are 0-dim tensors (see ChainOptimizer.step). A foreach op would take one
+# as a Python number, reading it back (a graph break); one op per tensor compiles to the same fused kernel.
+def _mul_(xs: TensorList, s: float | Tensor) -> None:
+    if isinstance(s, Tensor):
+        for x in xs:
+            x.mul_(s)
+    else:
+        torch._foreach_mul_(xs, s)
+
+
+def _mul(xs: TensorList, s: float | Tensor) -> TensorList:
+    return [x * s for x in xs] if isinstance(s, Tensor) else torch._foreach_mul(xs, s)
+
+
+def _add_(xs: TensorList, s: float | Tensor) -> None:
+    if isinstance(s, Tensor):
+        for x in xs:
+            x.add_(s)
+    else:
+        torch._foreach_add_(xs, s)
+
+
+def _div_(xs: TensorList, s: float | Tensor) -> None:
+    if isinstance(s, Tensor):
+        for x in xs:
+            x.div_(s)
+    else:
+        torch._foreach_div_(xs, s)
+
+
+def _axpy_(ys: TensorList, xs: TensorList, a: float | Tensor) -> None:
+    """``y += a * x`` for every pair."""
+    if isinstance(a, Tensor):
+        for y, x in zip(ys, xs, strict=True):
+            y.add_(x * a)
+    else:
+        torch._foreach_add_(ys, xs, alpha=a)
+
+
+def _axpy(ys: TensorList, xs: TensorList, a: float | Tensor) -> TensorList:
+    if isinstance(a, Tensor):
+        return [y + x * a for y, x in zip(ys, xs, strict=True)]
+    return torch._foreach_add(ys, xs, alpha=a)
 
 
 def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
@@ -93,20 +173,20 @@ def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
             updates = torch._foreach_div(updates, ctx.denom)
             ctx.owned = True
         ctx.denom = None
-    if ctx.scale != 1.0:
+    if not _is(ctx.scale, 1.0):
         if ctx.owned:
-            torch._foreach_mul_(updates, ctx.scale)
+            _mul_(updates, ctx.scale)
         else:
-            updates = torch._foreach_mul(updates, ctx.scale)
+            updates = _mul(updates, ctx.scale)
             ctx.owned = True
-        ctx.scale = 1.0
-    if ctx.decay != 0.0:
+        ctx.scale = ctx.number(1.0)
+    if not _is(ctx.decay, 0.0):
         if ctx.owned:
-            torch._foreach_add_(updates, ctx.params, alpha=ctx.decay)
+            _axpy_(updates, ctx.params, ctx.decay)
         else:
-            updates = torch._foreach_add(updates, ctx.params, alpha=ctx.decay)
+            updates = _axpy(updates, ctx.params, ctx.decay)
             ctx.owned = True
-        ctx.decay = 0.0
+        ctx.decay = ctx.number(0.0)
     return updates
 
 
@@ -221,15 +301,22 @@ class RunningAverage:
         b = group[self.key]
         return b[self.index] if self.index is not None else b
 
+    def debiased(self, group: dict[str, Any]) -> bool:
+        """Whether the output is divided by :math:`1-\beta^t`: ``group[debias_key]``, else ``debias``."""
+        return bool(group[self.debias_key]) if self.debias_key else self.debias
+
+    def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """β when debiased: its step-th power is what :meth:`update` takes from :meth:`StepContext.power`."""
+        return (self.beta(group),) if self.debiased(group) else ()
+
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
         torch._foreach_lerp_(bufs, updates, 1.0 - beta)  # v <- v + (1-β)(u - v) = βv + (1-β)u
-        debias = ctx.group[self.debias_key] if self.debias_key else self.debias
         ctx.owned = False
-        if debias:
-            ctx.scale /= 1.0 - beta**ctx.step
+        if self.debiased(ctx.group):
+            ctx.scale = ctx.scale / (1.0 - ctx.power(beta))
         return bufs
 
 
@@ -281,6 +368,10 @@ class ScaleByAdam:
 
     amsgrad: bool = False
 
+    def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """β₁ and β₂, whose step-th powers :meth:`update` takes from :meth:`StepContext.power`."""
+        return tuple(group["betas"])
+
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta1, beta2 = ctx.group["betas"]
         eps = ctx.group["eps"]
@@ -294,7 +385,7 @@ class ScaleByAdam:
             r_max = _buffers(ctx, "max_exp_avg_sq", grads)
             torch._foreach_maximum_(r_max, r)
             r = r_max
-        bc1, bc2_sqrt = 1.0 - beta1**ctx.step, math.sqrt(1.0 - beta2**ctx.step)
+        bc1, bc2_sqrt = 1.0 - ctx.power(beta1), _sqrt(1.0 - ctx.power(beta2))
         denom: TensorList
         if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
             denom = ctx.scratch(ctx.params)
@@ -306,11 +397,11 @@ class ScaleByAdam:
             warn_float16_second_moment(ctx.params, beta2)
             # torch.optim's order, one more pass: in float16, δ·√(1−β₂ᵗ) (1e-8 · 0.03 at t = 1) rounds to 0, and a
             # zero gradient entry would then give 0/0
-            torch._foreach_div_(denom, bc2_sqrt)
+            _div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
             ctx.scale /= bc1
         else:
-            torch._foreach_add_(denom, eps * bc2_sqrt)
+            _add_(denom, eps * bc2_sqrt)
             ctx.scale *= bc2_sqrt / bc1
         ctx.denom = denom  # the division m / denom is left to the optimizer's addcdiv_
         ctx.owned = False
@@ -376,17 +467,21 @@ def chain_step(transforms: Sequence[Transform], ctx: StepContext, grads: TensorL
     """Run the chain on ``grads`` (never modified) and apply ``p <- (1 - decay) p - scale * u / denom`` (in float16
     and bfloat16, with a decay: ``p <- p - (scale * u / denom + decay * p)``, one rounding)."""
     updates = grads
-    ctx.scale, ctx.decay, ctx.denom, ctx.owned = 1.0, 0.0, None, False
+    ctx.scale, ctx.decay, ctx.denom, ctx.owned = ctx.number(1.0), ctx.number(0.0), None, False
     for t in transforms:
         updates = t.update(updates, ctx)
-    if ctx.decay != 0.0 and any(p.dtype in HALF_DTYPES for p in ctx.params):
+    if not _is(ctx.decay, 0.0) and any(p.dtype in HALF_DTYPES for p in ctx.params):
         # one rounding for decay and step, as torch's fused kernel: a separate p.mul_(1 - decay) rounds back to p
         # when the decay is below half a unit in the last place (2⁻⁹ in bfloat16, 2⁻¹² in float16), so every
         # realistic decoupled decay was lost there (|p| ratio 1.0000 after 200 steps, against 0.82 exact)
         updates = scaled(updates, ctx)
-    if ctx.decay != 0.0:
-        torch._foreach_mul_(ctx.params, 1.0 - ctx.decay)
-    if ctx.denom is not None:
+    if not _is(ctx.decay, 0.0):
+        _mul_(ctx.params, 1.0 - ctx.decay)
+    if isinstance(ctx.scale, Tensor):  # under torch.compile, where the ops fuse into one pass whatever their form
+        if ctx.denom is not None:
+            updates = torch._foreach_div(updates, ctx.denom)
+        _axpy_(ctx.params, updates, -ctx.scale)
+    elif ctx.denom is not None:
         torch._foreach_addcdiv_(ctx.params, updates, ctx.denom, value=-ctx.scale)
     elif ctx.scale == 1.0:
         torch._foreach_sub_(ctx.params, updates)

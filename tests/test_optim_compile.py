@@ -100,29 +100,29 @@ def test_a_state_saved_after_compiled_steps_resumes_eagerly():
 
 @needs_cxx_compiler
 @pytest.mark.slow
-def test_inductor_follows_the_scheduler_compiles_twice_and_computes_no_power_per_element():
-    """Three failures of the compiled step under inductor (torch 2.13), each measured on the code before:
-    - the step count was a Python int, specialised and then symbolic: with a scheduler the step recompiled at every
-      step until dynamo's limit of 8, then ran eagerly;
+@pytest.mark.parametrize(("cls", "kw", "schedule"), [
+    (AdamW, {"lr": 1e-2, "weight_decay": 0.5}, "step"),
+    (AdamW, {"lr": 1e-2, "weight_decay": 0.5}, "onecycle"),
+    (SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}, "onecycle"),
+], ids=["AdamW-StepLR", "AdamW-OneCycleLR", "SGD-nesterov-OneCycleLR"])
+def test_inductor_follows_the_schedule_compiles_twice_and_computes_no_power_per_element(cls, kw, schedule):
+    """Failures of the compiled step under inductor (torch 2.13), each measured on the code before:
+    - the step count was a Python int, specialised and then symbolic: under a scheduler the step recompiled at
+      every step until dynamo's limit of 8, then ran eagerly;
     - with the step count symbolic, Adam's bias corrections ``β**t`` were computed inside every kernel's loop
       (``std::pow`` per vector, which inductor does not hoist: 4× the step time on 10M parameters);
-    - (found on the way) a float made from the lr and used both in a foreach op's scalar and in tensor
-      arithmetic was baked into the graph, so the decay ignored the scheduler's later learning rates."""
+    - a float of the group given to a foreach op (or to lerp_'s weight) became a constant of the graph: OneCycleLR's
+      betas and momentum recompiled at every step;
+    - (found on the way) a float made from the lr, used both in a foreach op's scalar and in tensor arithmetic, was
+      baked into the graph without a guard, so the decay ignored the scheduler's later learning rates."""
     graph_lowering = pytest.importorskip("torch._inductor.graph").GraphLowering
     if not hasattr(graph_lowering, "save_output_code"):
         pytest.skip("this torch's inductor has no save_output_code hook")
     codes: list[str] = []
     with mock.patch.object(graph_lowering, "save_output_code", codes.append):
-        compiled_params, _ = _run(AdamW, {"lr": 1e-2, "weight_decay": 0.5}, 10, backend="inductor")
-    eager, _ = _run(AdamW, {"lr": 1e-2, "weight_decay": 0.5}, 10)
+        compiled_params, _ = _run(cls, kw, 10, backend="inductor", schedule=schedule)
+    eager, _ = _run(cls, kw, 10, schedule=schedule)
     for a, b in zip(eager, compiled_params, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
     assert 1 <= len(codes) <= 3  # the first step (which makes the state), the steady state
     assert not any("pow" in code for code in codes)
-    # betas and momentum cycled too: each new value recompiles (then, past dynamo's limit, runs eagerly), but the
-    # steps stay right
-    for cls, kw in [(AdamW, {"lr": 1e-2, "weight_decay": 0.5}), (SGD, {"lr": 1e-2, "momentum": 0.9})]:
-        eager, _ = _run(cls, kw, 10, schedule="onecycle")
-        compiled_params, _ = _run(cls, kw, 10, backend="inductor", schedule="onecycle")
-        for a, b in zip(eager, compiled_params, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

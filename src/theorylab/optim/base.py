@@ -139,7 +139,7 @@ _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-ho
 
 
 #: one bucket of a step: (group index, step count t, parameters, powers for :meth:`StepContext.power` or None)
-Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[float, float | Tensor] | None"]
+Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[Any, Tensor] | None"]
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -352,7 +352,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             # under torch.compile: the deferred scalars as tensors (see above), and no work buffers (inductor fuses
             # the chain into one pass without them)
             ctx = StepContext(params=bucket, states=states, group=group, step=t, powers=powers,
-                              tensor_scalars=compiling, scratch=None if compiling else self._scratch)
+                              compiling=compiling, scratch=None if compiling else self._scratch)
             chain_step(chain, ctx, cast("list[Tensor]", [p.grad for p in bucket]))  # every p has a gradient
         return loss
 
@@ -405,10 +405,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["step"] += 1
                 by_step[int(state["step"].item()), p.dtype in HALF_DTYPES].append(p)
-            bases = _power_bases(self.transforms(group), group) if compiling else ()
+            bases = _power_bases(self.transforms(group), group) if compiling else {}
             for (t, _), bucket in by_step.items():
-                powers: dict[float, float | Tensor] | None = (
-                    {b: torch.tensor(b**t, dtype=torch.float64) for b in bases} if bases else None)
+                powers = {key: torch.tensor(b**t, dtype=torch.float64) for key, b in bases.items()} or None
                 buckets.append((group_index, t, bucket, powers))
         return buckets
 
@@ -446,10 +445,12 @@ class ChainOptimizer(torch.optim.Optimizer):
 _begin_step = compiler_disabled(ChainOptimizer._begin_step)
 
 
-def _power_bases(chain: list[Transform], group: dict[str, Any]) -> tuple[float, ...]:
+def _power_bases(chain: list[Transform], group: dict[str, Any]) -> dict[Any, float]:
     """The bases whose step-th powers the chain's parts take from :meth:`StepContext.power` (their optional
-    ``power_bases(group)``)."""
-    return tuple(b for part in chain if hasattr(part, "power_bases") for b in part.power_bases(group))
+    ``power_bases(group)``), by key ``(part, i)``: the parts are frozen dataclasses, equal (and hashing alike) when
+    the traced step builds the chain again."""
+    return {(part, i): b for part in chain if hasattr(part, "power_bases")
+            for i, b in enumerate(part.power_bases(group))}
 
 
 def _real_view(t: Tensor) -> Tensor:
@@ -457,8 +458,8 @@ def _real_view(t: Tensor) -> Tensor:
 
 
 def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: int, params: list[Tensor],
-                          states: list[dict[str, Any]], powers: dict[float, float | Tensor] | None = None,
-                          tensor_scalars: bool = False) -> None:
+                          states: list[dict[str, Any]], powers: dict[Any, Tensor] | None = None,
+                          compiling: bool = False) -> None:
     """One chain step with complex parameters, gradients and state tensors seen as real ``(..., 2)`` views.
 
     The views share memory, so in-place updates land in the parameters and in the existing buffers; a buffer
@@ -469,7 +470,7 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
     views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
              for p, s in zip(params, states, strict=True)]
     ctx = StepContext(params=real_params, states=views, group=group, step=step, powers=powers,
-                      tensor_scalars=tensor_scalars)
+                      compiling=compiling)
     chain_step(chain, ctx, [_real_view(cast(Tensor, p.grad)) for p in params])  # params with a gradient only
     for state, view, real in zip(states, views, real_params, strict=True):
         if view is not state:

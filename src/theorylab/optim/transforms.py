@@ -45,7 +45,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 import torch
 from torch import Tensor
@@ -77,20 +77,21 @@ class StepContext:
     owned: bool = False
     #: ``scratch(params) -> list[Tensor]``: reusable per-parameter work tensors (uninitialised), or None
     scratch: Callable[[list[Tensor]], list[Tensor]] | None = None
-    #: ``{base: base ** step}`` made before the step (0-dim tensors under torch.compile), or None
-    powers: dict[float, float | Tensor] | None = None
-    #: ``scale`` and ``decay`` as 0-dim float64 tensors, not Python numbers (under torch.compile: see
-    #: :meth:`~theorylab.optim.ChainOptimizer.step`)
-    tensor_scalars: bool = False
+    #: the powers of the step count made before the step, by key (see :meth:`power`), or None
+    powers: dict[Any, Tensor] | None = None
+    #: traced by torch.compile (see :meth:`~theorylab.optim.ChainOptimizer.step`): ``scale`` and ``decay`` are 0-dim
+    #: float64 tensors, and the ops that take a number run per tensor, not as foreach ops
+    compiling: bool = False
 
     def number(self, value: float) -> float | Tensor:
         """``value`` in the form of ``scale`` and ``decay``: a float, or a 0-dim float64 tensor."""
-        return torch.tensor(value, dtype=torch.float64) if self.tensor_scalars else value
+        return torch.tensor(value, dtype=torch.float64) if self.compiling else value
 
-    def power(self, base: float) -> float | Tensor:
-        """``base ** step``, for bias corrections: from :attr:`powers` when there, else computed."""
-        if self.powers is not None and base in self.powers:
-            return self.powers[base]
+    def power(self, base: float, key: Any) -> float | Tensor:
+        """``base ** step``, for bias corrections: ``powers[key]`` when it was made before the step (``key`` is
+        ``(part, i)`` for the i-th base of the part's ``power_bases(group)``), else computed."""
+        if self.powers is not None and key in self.powers:
+            return self.powers[key]
         return base**self.step
 
 
@@ -118,49 +119,68 @@ def _is(x: float | Tensor, value: float) -> bool:
     return not isinstance(x, Tensor) and x == value
 
 
-# Under torch.compile the deferred scalars are 0-dim tensors (see ChainOptimizer.step). A foreach op would take one
-# as a Python number, reading it back (a graph break); one op per tensor compiles to the same fused kernel.
-def _mul_(xs: TensorList, s: float | Tensor) -> None:
-    if isinstance(s, Tensor):
+# The ops that take a number. Under torch.compile (``each``, from ``ctx.compiling``) they run one op per tensor, which
+# compiles to the same fused kernel: a foreach op would read a 0-dim tensor back (a graph break), and would make a
+# float of the group (a momentum or beta that a schedule changes) a constant of the graph, one recompile per value.
+def _mul_(xs: TensorList, s: float | Tensor, each: bool) -> None:
+    if each:
         for x in xs:
             x.mul_(s)
     else:
         torch._foreach_mul_(xs, s)
 
 
-def _mul(xs: TensorList, s: float | Tensor) -> TensorList:
-    return [x * s for x in xs] if isinstance(s, Tensor) else torch._foreach_mul(xs, s)
+def _mul(xs: TensorList, s: float | Tensor, each: bool) -> TensorList:
+    return [x * s for x in xs] if each else torch._foreach_mul(xs, s)
 
 
-def _add_(xs: TensorList, s: float | Tensor) -> None:
-    if isinstance(s, Tensor):
+def _add_(xs: TensorList, s: float | Tensor, each: bool) -> None:
+    if each:
         for x in xs:
             x.add_(s)
     else:
         torch._foreach_add_(xs, s)
 
 
-def _div_(xs: TensorList, s: float | Tensor) -> None:
-    if isinstance(s, Tensor):
+def _div_(xs: TensorList, s: float | Tensor, each: bool) -> None:
+    if each:
         for x in xs:
             x.div_(s)
     else:
         torch._foreach_div_(xs, s)
 
 
-def _axpy_(ys: TensorList, xs: TensorList, a: float | Tensor) -> None:
+def _axpy_(ys: TensorList, xs: TensorList, a: float | Tensor, each: bool) -> None:
     """``y += a * x`` for every pair."""
-    if isinstance(a, Tensor):
+    if each:
         for y, x in zip(ys, xs, strict=True):
             y.add_(x * a)
     else:
-        torch._foreach_add_(ys, xs, alpha=a)
+        torch._foreach_add_(ys, xs, alpha=cast(float, a))  # a number whenever not ``each``
 
 
-def _axpy(ys: TensorList, xs: TensorList, a: float | Tensor) -> TensorList:
-    if isinstance(a, Tensor):
+def _axpy(ys: TensorList, xs: TensorList, a: float | Tensor, each: bool) -> TensorList:
+    if each:
         return [y + x * a for y, x in zip(ys, xs, strict=True)]
-    return torch._foreach_add(ys, xs, alpha=a)
+    return torch._foreach_add(ys, xs, alpha=cast(float, a))
+
+
+def _lerp_(xs: TensorList, ys: TensorList, w: float, each: bool) -> None:
+    """``x += w * (y - x)`` for every pair."""
+    if each:  # not lerp_, whose weight (a Scalar argument) torch.compile would make a constant of the graph
+        for x, y in zip(xs, ys, strict=True):
+            x.add_((y - x) * w)
+    else:
+        torch._foreach_lerp_(xs, ys, w)
+
+
+def _addcmul_(xs: TensorList, ys: TensorList, zs: TensorList, value: float, each: bool) -> None:
+    """``x += value * y * z`` for every triple."""
+    if each:  # not addcmul_, for the same reason as in _lerp_
+        for x, y, z in zip(xs, ys, zs, strict=True):
+            x.add_(y * z * value)
+    else:
+        torch._foreach_addcmul_(xs, ys, zs, value)
 
 
 def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
@@ -175,16 +195,16 @@ def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
         ctx.denom = None
     if not _is(ctx.scale, 1.0):
         if ctx.owned:
-            _mul_(updates, ctx.scale)
+            _mul_(updates, ctx.scale, ctx.compiling)
         else:
-            updates = _mul(updates, ctx.scale)
+            updates = _mul(updates, ctx.scale, ctx.compiling)
             ctx.owned = True
         ctx.scale = ctx.number(1.0)
     if not _is(ctx.decay, 0.0):
         if ctx.owned:
-            _axpy_(updates, ctx.params, ctx.decay)
+            _axpy_(updates, ctx.params, ctx.decay, ctx.compiling)
         else:
-            updates = _axpy(updates, ctx.params, ctx.decay)
+            updates = _axpy(updates, ctx.params, ctx.decay, ctx.compiling)
             ctx.owned = True
         ctx.decay = ctx.number(0.0)
     return updates
@@ -261,18 +281,18 @@ class Trace:
         if all(copies):
             torch._foreach_copy_(bufs, updates)
         elif not any(copies):
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, updates, alpha=1.0 - damp)
+            _mul_(bufs, mu, ctx.compiling)
+            _axpy_(bufs, updates, 1.0 - damp, ctx.compiling)
         else:  # buffers created beside existing ones (e.g. momentum switched on after some steps at 0) start at u,
             # undamped, as torch.optim.SGD's per-parameter rule
             kept = [i for i, c in enumerate(copies) if not c]
             made = [i for i, c in enumerate(copies) if c]
-            torch._foreach_mul_([bufs[i] for i in kept], mu)
-            torch._foreach_add_([bufs[i] for i in kept], [updates[i] for i in kept], alpha=1.0 - damp)
+            _mul_([bufs[i] for i in kept], mu, ctx.compiling)
+            _axpy_([bufs[i] for i in kept], [updates[i] for i in kept], 1.0 - damp, ctx.compiling)
             torch._foreach_copy_([bufs[i] for i in made], [updates[i] for i in made])
         if self.nesterov_key and ctx.group.get(self.nesterov_key, False):
             updates = writable(updates, ctx)
-            torch._foreach_add_(updates, bufs, alpha=mu)
+            _axpy_(updates, bufs, mu, ctx.compiling)
             return updates
         ctx.owned = False  # the buffers are state: later transforms must copy before writing
         return bufs
@@ -306,17 +326,18 @@ class RunningAverage:
         return bool(group[self.debias_key]) if self.debias_key else self.debias
 
     def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
-        """β when debiased: its step-th power is what :meth:`update` takes from :meth:`StepContext.power`."""
+        """β when debiased: its step-th power is what :meth:`update` takes from :meth:`StepContext.power`, under
+        the key ``(self, 0)``."""
         return (self.beta(group),) if self.debiased(group) else ()
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
-        torch._foreach_lerp_(bufs, updates, 1.0 - beta)  # v <- v + (1-β)(u - v) = βv + (1-β)u
+        _lerp_(bufs, updates, 1.0 - beta, ctx.compiling)  # v <- v + (1-β)(u - v) = βv + (1-β)u
         ctx.owned = False
         if self.debiased(ctx.group):
-            ctx.scale = ctx.scale / (1.0 - ctx.power(beta))
+            ctx.scale = ctx.scale / (1.0 - ctx.power(beta, (self, 0)))
         return bufs
 
 
@@ -369,7 +390,8 @@ class ScaleByAdam:
     amsgrad: bool = False
 
     def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
-        """β₁ and β₂, whose step-th powers :meth:`update` takes from :meth:`StepContext.power`."""
+        """β₁ and β₂, whose step-th powers :meth:`update` takes from :meth:`StepContext.power`, under the keys
+        ``(self, 0)`` and ``(self, 1)``."""
         return tuple(group["betas"])
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
@@ -378,14 +400,14 @@ class ScaleByAdam:
         grads = scaled(updates, ctx)
         m = _buffers(ctx, "exp_avg", grads)
         r = _buffers(ctx, "exp_avg_sq", grads)
-        torch._foreach_lerp_(m, grads, 1.0 - beta1)
-        torch._foreach_mul_(r, beta2)
-        torch._foreach_addcmul_(r, grads, grads, 1.0 - beta2)
+        _lerp_(m, grads, 1.0 - beta1, ctx.compiling)
+        _mul_(r, beta2, ctx.compiling)
+        _addcmul_(r, grads, grads, 1.0 - beta2, ctx.compiling)
         if self.amsgrad:
             r_max = _buffers(ctx, "max_exp_avg_sq", grads)
             torch._foreach_maximum_(r_max, r)
             r = r_max
-        bc1, bc2_sqrt = 1.0 - ctx.power(beta1), _sqrt(1.0 - ctx.power(beta2))
+        bc1, bc2_sqrt = 1.0 - ctx.power(beta1, (self, 0)), _sqrt(1.0 - ctx.power(beta2, (self, 1)))
         denom: TensorList
         if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
             denom = ctx.scratch(ctx.params)
@@ -397,11 +419,11 @@ class ScaleByAdam:
             warn_float16_second_moment(ctx.params, beta2)
             # torch.optim's order, one more pass: in float16, δ·√(1−β₂ᵗ) (1e-8 · 0.03 at t = 1) rounds to 0, and a
             # zero gradient entry would then give 0/0
-            _div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
+            _div_(denom, bc2_sqrt, ctx.compiling)
+            _add_(denom, eps, ctx.compiling)
             ctx.scale /= bc1
         else:
-            _add_(denom, eps * bc2_sqrt)
+            _add_(denom, eps * bc2_sqrt, ctx.compiling)
             ctx.scale *= bc2_sqrt / bc1
         ctx.denom = denom  # the division m / denom is left to the optimizer's addcdiv_
         ctx.owned = False
@@ -476,14 +498,14 @@ def chain_step(transforms: Sequence[Transform], ctx: StepContext, grads: TensorL
         # realistic decoupled decay was lost there (|p| ratio 1.0000 after 200 steps, against 0.82 exact)
         updates = scaled(updates, ctx)
     if not _is(ctx.decay, 0.0):
-        _mul_(ctx.params, 1.0 - ctx.decay)
-    if isinstance(ctx.scale, Tensor):  # under torch.compile, where the ops fuse into one pass whatever their form
+        _mul_(ctx.params, 1.0 - ctx.decay, ctx.compiling)
+    if ctx.compiling:  # where the ops fuse into one pass whatever their form
         if ctx.denom is not None:
             updates = torch._foreach_div(updates, ctx.denom)
-        _axpy_(ctx.params, updates, -ctx.scale)
+        _axpy_(ctx.params, updates, -ctx.scale, ctx.compiling)
     elif ctx.denom is not None:
         torch._foreach_addcdiv_(ctx.params, updates, ctx.denom, value=-ctx.scale)
     elif ctx.scale == 1.0:
         torch._foreach_sub_(ctx.params, updates)
     elif ctx.scale != 0.0:
-        torch._foreach_add_(ctx.params, updates, alpha=-ctx.scale)
+        torch._foreach_add_(ctx.params, updates, alpha=-cast(float, ctx.scale))

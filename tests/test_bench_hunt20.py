@@ -238,3 +238,20 @@ def test_the_compiled_rows_are_measured_and_judged():
     targets = bench_optim.targets({"quick": False, "results": [res]})
     judged = [t for t in targets if t["target"].startswith(bench_optim.COMPILED_PROPAGATE)]
     assert len(judged) == 1 and judged[0]["met"] is (rows[bench_optim.COMPILED_PROPAGATE]["vs_torch_fused"] <= 1.3)
+
+
+def test_a_failed_compile_shows_its_targets_as_not_measured(monkeypatch):
+    """The compiled rows' targets vanished from the table when torch.compile failed (no C++ compiler)."""
+    def no_compiler(fn):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(bench_optim.torch, "compile", no_compiler)
+    res = bench_optim._measure([(8, 8), (8,)], threads=1, rounds=2, compile_chain=True)
+    assert "no C++ compiler" in res["compile_error"]
+    result = {"parameters": 72, "tensors": 2, "torch": "x", "quick": False, "results": [res]}
+    result["targets"] = bench_optim.targets(result)
+    names = (bench_optim.COMPILED, bench_optim.COMPILED_PROPAGATE)
+    compiled = [t for t in result["targets"] if t["target"].split(" / ")[0] in names]
+    assert len(compiled) == 2 and all(t["measured"] is None and t["met"] is None for t in compiled)
+    table = bench_optim.format_table(result)
+    assert "torch.compile failed: RuntimeError('no C++ compiler')" in table and "not measured" in table

@@ -3,6 +3,7 @@ compiles a bounded number of graphs, and inductor computes no power of the step 
 
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -65,10 +66,32 @@ def test_compiled_step_equals_the_eager_step_under_a_scheduler(cls, kw):
 def test_no_frame_of_the_step_is_skipped():
     """torch.compile's trace of an optimizer's step sets ``capturable=True`` in every group it sees, which the
     step refused with a ValueError; with that and graph breaks inside loops, torch.compile skipped frames of the
-    step (6 of 42 in 12 steps) and ran them eagerly. (A constant lr: torch < 2.5 specialises floats, so there
+    step (6 of 42 in 12 steps) and ran them eagerly. (A constant lr: torch 2.4 specialises floats, so there
     every new lr recompiles, as for torch.optim's optimizers with a float lr.)"""
     _run(AdamW, {"lr": 1e-2}, 12, backend="aot_eager", schedule=None)
     assert counters["frames"]["total"] == counters["frames"]["ok"] > 0
+
+
+@pytest.mark.parametrize(("cls", "kw", "grad", "param"), [
+    (SGD, {"lr": 0.0}, [math.inf, 1.0, 2.0], [1.0, 1.0, 1.0]),  # a group frozen by lr 0: eager leaves it alone
+    (SGDMomentum, {"lr": 0.0, "momentum": 0.9}, [math.inf, 1.0, 2.0], [1.0, 1.0, 1.0]),
+    (SGD, {"lr": 0.1, "momentum": 0.9}, [1.0, 1.0], [math.inf, 1.0]),  # no decay: 0·inf must not poison the buffer
+    (Adam, {"lr": 0.0}, [math.inf, 1.0, 2.0], [1.0, 1.0, 1.0]),  # Adam's m/denom is NaN here, eager and compiled
+], ids=["SGD-lr0", "SGDMomentum-lr0", "SGD-inf-param", "Adam-lr0"])
+def test_non_finite_values_under_propagate_match_the_eager_step(cls, kw, grad, param):
+    """Under compile the lr and decay factors are tensors whose values are not read back: a decay or an update
+    that eager skips as zero was applied as 0·inf = NaN."""
+    def run(compiled):
+        p = torch.tensor(param, requires_grad=True)
+        opt = cls([p], **kw, nonfinite="propagate")
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for _ in range(2):
+            p.grad = torch.tensor(grad)
+            step()
+        return [p.detach(), *(v for v in opt.state[p].values() if isinstance(v, torch.Tensor))]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, equal_nan=True)
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])

@@ -143,8 +143,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for res in result["results"]:
         rows = {r["optimizer"]: r for r in res["rows"]}
         for name, column, bound, kind in TARGETS:
-            if name not in rows and name in (COMPILED, COMPILED_PROPAGATE):
-                continue
+            if name not in rows and name in (COMPILED, COMPILED_PROPAGATE) and "compile_error" not in res:
+                continue  # not attempted at this thread count (a failed compile shows as n/a)
             value = rows[name][column] if name in rows else None
             met = None if value is None or result["quick"] else value <= bound
             against = column.removeprefix("vs_").replace("_", " ")
@@ -174,6 +174,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += ["", f"{'target':{width}s} {'measured':>9s} {'bound':>12s}  status"]
     for t in targets:
         value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}x"
-        status = "not judged (--quick)" if t["met"] is None else "met" if t["met"] else "NOT met"
+        status = ("not measured" if t["measured"] is None else "not judged (--quick)" if t["met"] is None
+                  else "met" if t["met"] else "NOT met")
         lines.append(f"{t['target']:{width}s} {value:>9s} {t['kind'] + ' ' + t[t['kind']]:>12s}  {status}")
     return "\n".join(lines)

@@ -204,8 +204,6 @@ class ChainOptimizer(torch.optim.Optimizer):
         """torch.optim's switches in a group that is stepped or loaded (written into ``param_groups`` by hand, or
         into a state_dict): on, they are refused as the keywords are, not ignored."""
         switches = {k: group[k] for k in self.torch_switches if k in group}
-        if torch.compiler.is_compiling():  # torch.compile's trace of an optimizer's step sets capturable=True in
-            switches.pop("capturable", None)  # every group it sees (dynamo's OptimizerVariable): not the user's
         check_torch_options(type(self).__name__, switches, self.torch_switches)
 
     def _state_kind(self) -> str:
@@ -361,13 +359,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         every group, apply the non-finite policy, run the fused groups, advance the step counts of the others,
         and return their buckets ``(group index, t, parameters, powers)``: by step count t, and half precision apart
         (the chain takes a slower, differently rounded path for float16/bfloat16, which float32 parameters of the
-        same group must not follow). Nothing is changed when a check raises or the step is skipped.
+        same group must not follow). Nothing is changed when a check raises or the step is skipped; a chain that
+        raises afterwards (a state buffer of the wrong shape) finds every group's step count advanced.
 
         ``powers`` is None, or when ``compiling`` the step-th powers that the chain's bias corrections take
-        (:meth:`StepContext.power`), made here as 0-dim float64 tensors: computed in the graph from a symbolic
-        step count, they would be recomputed in every iteration of every kernel's loop (inductor compiles with
-        libm's errno kept, so ``pow`` is not hoisted; 4× the step time on 10M parameters), and as Python numbers
-        they would be specialised, one recompilation per step."""
+        (:meth:`StepContext.power`), made here as 0-dim float64 tensors, for the reasons given at :meth:`step`."""
         todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             check_common_keys(group)

@@ -83,6 +83,20 @@ class StepContext:
     #: float64 tensors, and the ops that take a number run per tensor, not as foreach ops
     compiling: bool = False
 
+    #: under torch.compile, where ``scale`` and ``decay`` are tensors whose values are not read back: whether a
+    #: part added a non-zero decay, and whether a zero lr zeroed the scale (so that 0·inf makes no NaN that the
+    #: eager step, which tests the values, does not make)
+    decay_added: bool = False
+    scale_zeroed: bool = False
+
+    def has_decay(self) -> bool:
+        """Whether ``decay`` may be non-zero."""
+        return self.decay_added if self.compiling else bool(self.decay != 0.0)
+
+    def has_scale(self) -> bool:
+        """Whether ``scale`` may be non-zero."""
+        return not self.scale_zeroed if self.compiling else bool(self.scale != 0.0)
+
     def number(self, value: float) -> float | Tensor:
         """``value`` in the form of ``scale`` and ``decay``: a float, or a 0-dim float64 tensor."""
         return torch.tensor(value, dtype=torch.float64) if self.compiling else value
@@ -112,11 +126,6 @@ class Transform(Protocol):
 
 def _sqrt(x: float | Tensor) -> float | Tensor:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
-
-
-def _is(x: float | Tensor, value: float) -> bool:
-    """Whether a deferred scalar is known to equal ``value``: never for a 0-dim tensor, which is not read back."""
-    return not isinstance(x, Tensor) and x == value
 
 
 # The ops that take a number. Under torch.compile (``each``, from ``ctx.compiling``) they run one op per tensor, which
@@ -193,20 +202,20 @@ def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
             updates = torch._foreach_div(updates, ctx.denom)
             ctx.owned = True
         ctx.denom = None
-    if not _is(ctx.scale, 1.0):
+    if ctx.compiling or ctx.scale != 1.0:
         if ctx.owned:
             _mul_(updates, ctx.scale, ctx.compiling)
         else:
             updates = _mul(updates, ctx.scale, ctx.compiling)
             ctx.owned = True
-        ctx.scale = ctx.number(1.0)
-    if not _is(ctx.decay, 0.0):
+        ctx.scale, ctx.scale_zeroed = ctx.number(1.0), False
+    if ctx.has_decay():
         if ctx.owned:
             _axpy_(updates, ctx.params, ctx.decay, ctx.compiling)
         else:
             updates = _axpy(updates, ctx.params, ctx.decay, ctx.compiling)
             ctx.owned = True
-        ctx.decay = ctx.number(0.0)
+        ctx.decay, ctx.decay_added = ctx.number(0.0), False
     return updates
 
 
@@ -234,8 +243,11 @@ class ScaleByLearningRate:
     r"""``u <- lr * u`` with ``lr = group["lr"]`` read at every step (so lr schedulers apply). Deferred: free."""
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
-        ctx.scale *= ctx.group["lr"]
-        ctx.decay *= ctx.group["lr"]
+        lr = ctx.group["lr"]
+        ctx.scale *= lr
+        ctx.decay *= lr
+        if lr == 0:
+            ctx.scale_zeroed, ctx.decay_added = True, False
         return updates
 
 
@@ -480,6 +492,7 @@ class AddDecayedWeights:
         if self.schedule:
             lam = lam * schedule_multiplier(ctx.group)
         ctx.decay += lam  # deferred: applied to p as p.mul_(1 - decay) at the end, or by `scaled`
+        ctx.decay_added |= lam != 0
         if self.into_gradient and lam != 0 and any(p.dtype in HALF_DTYPES for p in ctx.params):
             return scaled(updates, ctx)
         return updates
@@ -490,19 +503,21 @@ def chain_step(transforms: Sequence[Transform], ctx: StepContext, grads: TensorL
     and bfloat16, with a decay: ``p <- p - (scale * u / denom + decay * p)``, one rounding)."""
     updates = grads
     ctx.scale, ctx.decay, ctx.denom, ctx.owned = ctx.number(1.0), ctx.number(0.0), None, False
+    ctx.decay_added = ctx.scale_zeroed = False
     for t in transforms:
         updates = t.update(updates, ctx)
-    if not _is(ctx.decay, 0.0) and any(p.dtype in HALF_DTYPES for p in ctx.params):
+    if ctx.has_decay() and any(p.dtype in HALF_DTYPES for p in ctx.params):
         # one rounding for decay and step, as torch's fused kernel: a separate p.mul_(1 - decay) rounds back to p
         # when the decay is below half a unit in the last place (2⁻⁹ in bfloat16, 2⁻¹² in float16), so every
         # realistic decoupled decay was lost there (|p| ratio 1.0000 after 200 steps, against 0.82 exact)
         updates = scaled(updates, ctx)
-    if not _is(ctx.decay, 0.0):
+    if ctx.has_decay():
         _mul_(ctx.params, 1.0 - ctx.decay, ctx.compiling)
-    if ctx.compiling:  # where the ops fuse into one pass whatever their form
+    if ctx.compiling:  # where the ops fuse into one pass whatever their form; the same cases as below
         if ctx.denom is not None:
-            updates = torch._foreach_div(updates, ctx.denom)
-        _axpy_(ctx.params, updates, -ctx.scale, ctx.compiling)
+            _axpy_(ctx.params, torch._foreach_div(updates, ctx.denom), -ctx.scale, ctx.compiling)
+        elif ctx.has_scale():
+            _axpy_(ctx.params, updates, -ctx.scale, ctx.compiling)
     elif ctx.denom is not None:
         torch._foreach_addcdiv_(ctx.params, updates, ctx.denom, value=-ctx.scale)
     elif ctx.scale == 1.0:

@@ -12,7 +12,8 @@ CUDA calls of one step (``torch.cuda.set_sync_debug_mode``), a step after the ti
 which creates the optimizer's state. The parameter set is the CPU suite's (9,979,904
 float32 parameters in 28 tensors; ``--quick``: 0.7M); the gradients stay fixed, so every step does the same work.
 
-    python benchmarks/gpu_optim.py [--json FILE] [--steps 20] [--rounds 10] [--quick] [--device cuda|cpu]
+    python benchmarks/gpu_optim.py [--json FILE] [--steps 20] [--rounds 10] [--quick] [--compile]
+                                   [--device cuda|cpu]
 """
 
 from __future__ import annotations
@@ -41,34 +42,47 @@ def _params(shapes: list[tuple[int, ...]], device: torch.device) -> list[torch.T
     return params
 
 
-def contenders(shapes: list[tuple[int, ...]], device: torch.device) -> dict[str, torch.optim.Optimizer]:
+def contenders(shapes: list[tuple[int, ...]], device: torch.device, compiled: bool = False
+               ) -> dict[str, torch.optim.Optimizer]:
     ours = {"theorylab AdamW": {}, "theorylab AdamW, nonfinite='skip'": {"nonfinite": "skip"},
             "theorylab AdamW, nonfinite='propagate'": {"nonfinite": "propagate"},
             "theorylab AdamW fused": {"fused": True},
             "theorylab AdamW fused, nonfinite='propagate'": {"fused": True, "nonfinite": "propagate"}}
     opts: dict[str, torch.optim.Optimizer] = {name: AdamW(_params(shapes, device), **HYPER, **kw)
-                                              for name, kw in ours.items()}
+                                              for name, kw in (ours | (COMPILED if compiled else {})).items()}
     opts["torch AdamW foreach"] = torch.optim.AdamW(_params(shapes, device), **HYPER, foreach=True)
     opts["torch AdamW fused"] = torch.optim.AdamW(_params(shapes, device), **HYPER, fused=True)
     return opts
 
 
-def _steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> Callable[[], None]:
+#: with ``--compile``: our chain through ``torch.compile(opt.step)`` (inductor; Triton kernels on a GPU)
+COMPILED = {"theorylab AdamW, torch.compile(step)": {},
+            "theorylab AdamW, nonfinite='propagate', torch.compile(step)": {"nonfinite": "propagate"}}
+
+
+def steppers(opts: dict[str, torch.optim.Optimizer]) -> dict[str, Callable[[], object]]:
+    """Each contender's step: ``torch.compile(opt.step)`` for the :data:`COMPILED` rows, else ``opt.step``."""
+    return {name: torch.compile(opt.step) if name in COMPILED else opt.step for name, opt in opts.items()}
+
+
+def _steps(step: Callable[[], object], steps: int, device: torch.device) -> Callable[[], None]:
     def call() -> None:
         for _ in range(steps):
-            opt.step()
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     return call
 
 
-def measure(shapes: list[tuple[int, ...]], device: torch.device, steps: int, rounds: int) -> list[dict]:
-    """One row per contender: median ms per step, its interquartile range, ratios to torch's two, read-backs."""
-    opts = contenders(shapes, device)
-    first = {name: cuda_read_backs(opt.step) for name, opt in opts.items()}  # the step that creates the state
-    times = interleaved_times({name: _steps(opt, steps, device) for name, opt in opts.items()},
+def measure(shapes: list[tuple[int, ...]], device: torch.device, steps: int, rounds: int,
+            compiled: bool = False) -> list[dict]:
+    """One row per contender: median ms per step, its interquartile range, ratios to torch's two, read-backs. With
+    ``compiled``, the first step of a compiled row also compiles, and its second (warm-up) recompiles once."""
+    step = steppers(contenders(shapes, device, compiled))
+    first = {name: cuda_read_backs(fn) for name, fn in step.items()}  # the step that creates the state
+    times = interleaved_times({name: _steps(fn, steps, device) for name, fn in step.items()},
                               rounds=rounds, warmup=2)
-    warm = {name: cuda_read_backs(opt.step) for name, opt in opts.items()}
+    warm = {name: cuda_read_backs(fn) for name, fn in step.items()}
     per_step = {name: [t / steps for t in ts] for name, ts in times.items()}
     medians = {name: statistics.median(ts) for name, ts in per_step.items()}
     rows = []
@@ -82,14 +96,15 @@ def measure(shapes: list[tuple[int, ...]], device: torch.device, steps: int, rou
 
 
 def format_table(result: dict) -> str:
+    width = max(len(r["optimizer"]) for r in result["rows"])
     lines = [f"{result['device_name']}, torch {result['torch']}: AdamW on {result['parameters']:,} float32 "
              f"parameters in {result['tensors']} tensors; {result['steps']} steps per call, then one synchronize; "
              f"medians of {result['rounds']} interleaved rounds",
-             f"{'optimizer':46s} {'ms/step':>8s} {'IQR':>6s} {'/foreach':>9s} {'/fused':>7s} {'read-backs':>10s} "
-             f"{'(first step)':>12s}"]
+             f"{'optimizer':{width}s} {'ms/step':>8s} {'IQR':>6s} {'/foreach':>9s} {'/fused':>7s} "
+             f"{'read-backs':>10s} {'(first step)':>12s}"]
     for r in result["rows"]:
         syncs, first = ("n/a" if n is None else str(n) for n in (r["read_backs_per_step"], r["read_backs_first_step"]))
-        lines.append(f"{r['optimizer']:46s} {r['median_ms_per_step']:8.3f} {r['iqr_ms']:6.3f} "
+        lines.append(f"{r['optimizer']:{width}s} {r['median_ms_per_step']:8.3f} {r['iqr_ms']:6.3f} "
                      f"{r['vs_torch_foreach']:8.2f}x {r['vs_torch_fused']:6.2f}x {syncs:>10s} {first:>12s}")
     return "\n".join(lines)
 
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
     parser.add_argument("--quick", action="store_true", help="the CPU suite's quick parameter set (0.7M)")
     parser.add_argument("--device", default="cuda", help="default cuda; cpu runs the same code (for tests)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also our AdamW through torch.compile(opt.step), NaN check on and off (minutes)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
@@ -113,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "parameters": sum(torch.Size(s).numel() for s in shapes),
               "tensors": len(shapes), "steps": args.steps, "rounds": args.rounds,
               "hyperparameters": {k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
-              "rows": measure(shapes, device, args.steps, args.rounds), "environment": environment()}
+              "rows": measure(shapes, device, args.steps, args.rounds, args.compile), "environment": environment()}
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

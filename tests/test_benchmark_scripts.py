@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from attention_helpers import _CXX
 
 from theorylab.claims import q4_weight_decay as q4
 
@@ -143,3 +145,15 @@ def test_gpu_optim_divides_each_call_by_its_steps(monkeypatch):
     assert len(calls) == 7
     assert all(abs(r["median_ms_per_step"] - 2.0) < 1e-9 for r in result["rows"])
     assert all(r["vs_torch_fused"] == 1.0 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_gpu_optim_compiles_our_chain_on_request():
+    """``--compile`` (which benchmarks/gpu_check.sh passes) adds our chain through torch.compile(opt.step)."""
+    if shutil.which(_CXX) is None:
+        pytest.skip(f"torch.compile's CPU backend needs a C++ compiler ({_CXX})")
+    gpu_optim = _load("gpu_optim")
+    result = gpu_optim.main(["--device", "cpu", "--quick", "--steps", "2", "--rounds", "2", "--compile"])
+    rows = {r["optimizer"]: r for r in result["rows"]}
+    assert set(gpu_optim.COMPILED) <= set(rows) and all(rows[n]["median_ms_per_step"] > 0 for n in gpu_optim.COMPILED)
+    assert "torch.compile(step)" in gpu_optim.format_table(result)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -222,6 +223,32 @@ def test_resumed_optimizer_continues_bit_identically():
         return torch.cat([p.detach().flatten() for p in params]).cpu()
 
     assert torch.equal(run(True), run(False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["adamw", "sgd-nesterov-l2"])
+def test_compiled_step_on_the_device_equals_the_eager_step(case):
+    """``torch.compile(opt.step)`` with inductor (Triton on a GPU), 8 steps under StepLR: the compiled chain takes
+    its lr, decay and bias-correction factors as 0-dim float64 CPU tensors, which the device's kernels must read."""
+    if DEVICE.type == "cpu":
+        from attention_helpers import _CXX
+        if shutil.which(_CXX) is None:
+            pytest.skip(f"torch.compile's CPU backend needs a C++ compiler ({_CXX})")
+    torch._dynamo.reset()
+
+    def run(compiled: bool) -> torch.Tensor:
+        params = [p.detach().to(DEVICE).requires_grad_() for p in make_problem()[0]]
+        opt = PARITY[case][0](params)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(8):
+            opt.zero_grad()
+            _loss(params).backward()
+            step()
+            sched.step()
+        return torch.cat([p.detach().flatten() for p in params]).cpu()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_gradient_on_the_device_raises_and_leaves_parameters():

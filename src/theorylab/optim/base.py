@@ -139,7 +139,7 @@ _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-ho
 
 
 #: one bucket of a step: (group index, step count t, parameters, powers for :meth:`StepContext.power` or None)
-Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[Any, Tensor] | None"]
+Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[str, Tensor] | None"]
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -328,9 +328,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         ``torch.compile(opt.step)`` works as for torch.optim's optimizers: the checks, the non-finite policy, the
         fused groups and the step counts run eagerly (one graph break, :meth:`_begin_step`), and the chains are
         traced into one graph, which inductor fuses into one pass per tensor. In that graph the learning-rate and
-        decay factors are 0-dim tensors and the bias corrections' powers :math:`\beta^t` are made before it. With
-        Python numbers, torch 2.13 recompiled every step until its limit of 8 (then ran eagerly), computed
-        :math:`\beta^t` from a symbolic t inside every kernel's loop (4× the step time), and baked a float made
+        decay factors are 0-dim tensors, the bias corrections' powers :math:`\beta^t` are made before it, and the
+        ops that take a number run per tensor. With Python numbers and foreach ops, torch 2.13 recompiled every
+        step until its limit of 8 (then ran eagerly), for each new step count, lr, beta or momentum; computed
+        :math:`\beta^t` from a symbolic t inside every kernel's loop (4× the step time); and baked a float made
         from the lr into the graph where it fed both a foreach op and tensor arithmetic (a scheduler's later lrs
         were then ignored by the decay).
         """
@@ -441,12 +442,11 @@ class ChainOptimizer(torch.optim.Optimizer):
 _begin_step = compiler_disabled(ChainOptimizer._begin_step)
 
 
-def _power_bases(chain: list[Transform], group: dict[str, Any]) -> dict[Any, float]:
+def _power_bases(chain: list[Transform], group: dict[str, Any]) -> dict[str, float]:
     """The bases whose step-th powers the chain's parts take from :meth:`StepContext.power` (their optional
-    ``power_bases(group)``), by key ``(part, i)``: the parts are frozen dataclasses, equal (and hashing alike) when
-    the traced step builds the chain again."""
-    return {(part, i): b for part in chain if hasattr(part, "power_bases")
-            for i, b in enumerate(part.power_bases(group))}
+    ``power_bases(group)``), by the state key of the average each one debiases (unique in a chain, whose parts
+    share each parameter's state)."""
+    return {key: b for part in chain if hasattr(part, "power_bases") for key, b in part.power_bases(group).items()}
 
 
 def _real_view(t: Tensor) -> Tensor:
@@ -454,7 +454,7 @@ def _real_view(t: Tensor) -> Tensor:
 
 
 def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: int, params: list[Tensor],
-                          states: list[dict[str, Any]], powers: dict[Any, Tensor] | None = None,
+                          states: list[dict[str, Any]], powers: dict[str, Tensor] | None = None,
                           compiling: bool = False) -> None:
     """One chain step with complex parameters, gradients and state tensors seen as real ``(..., 2)`` views.
 

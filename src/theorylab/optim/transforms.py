@@ -78,7 +78,7 @@ class StepContext:
     #: ``scratch(params) -> list[Tensor]``: reusable per-parameter work tensors (uninitialised), or None
     scratch: Callable[[list[Tensor]], list[Tensor]] | None = None
     #: the powers of the step count made before the step, by key (see :meth:`power`), or None
-    powers: dict[Any, Tensor] | None = None
+    powers: dict[str, Tensor] | None = None
     #: traced by torch.compile (see :meth:`~theorylab.optim.ChainOptimizer.step`): ``scale`` and ``decay`` are 0-dim
     #: float64 tensors, and the ops that take a number run per tensor, not as foreach ops
     compiling: bool = False
@@ -101,9 +101,9 @@ class StepContext:
         """``value`` in the form of ``scale`` and ``decay``: a float, or a 0-dim float64 tensor."""
         return torch.tensor(value, dtype=torch.float64) if self.compiling else value
 
-    def power(self, base: float, key: Any) -> float | Tensor:
-        """``base ** step``, for bias corrections: ``powers[key]`` when it was made before the step (``key`` is
-        ``(part, i)`` for the i-th base of the part's ``power_bases(group)``), else computed."""
+    def power(self, base: float, key: str) -> float | Tensor:
+        """``base ** step``, for bias corrections: ``powers[key]`` when it was made before the step (``key`` is the
+        state key of the average it debiases, as the part's ``power_bases(group)`` names it), else computed."""
         if self.powers is not None and key in self.powers:
             return self.powers[key]
         return base**self.step
@@ -113,7 +113,8 @@ class Transform(Protocol):
     """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions.
 
     A part whose update depends on the step count through powers :math:`\beta^t` (bias corrections) takes them
-    from :meth:`StepContext.power` and names the bases in an optional ``power_bases(group) -> tuple[float, ...]``:
+    from :meth:`StepContext.power` and names the bases in an optional ``power_bases(group) -> dict[str, float]``
+    (by the state key of the average each power debiases):
     under ``torch.compile`` they are then made before the graph (see
     :meth:`~theorylab.optim.ChainOptimizer.step`). ``ctx.scale`` and ``ctx.decay`` may then be 0-dim tensors.
     """
@@ -337,10 +338,10 @@ class RunningAverage:
         """Whether the output is divided by :math:`1-\beta^t`: ``group[debias_key]``, else ``debias``."""
         return bool(group[self.debias_key]) if self.debias_key else self.debias
 
-    def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
-        """β when debiased: its step-th power is what :meth:`update` takes from :meth:`StepContext.power`, under
-        the key ``(self, 0)``."""
-        return (self.beta(group),) if self.debiased(group) else ()
+    def power_bases(self, group: dict[str, Any]) -> dict[str, float]:
+        """β when debiased, by the average's state key: its step-th power is what :meth:`update` takes from
+        :meth:`StepContext.power`."""
+        return {self.state_key: self.beta(group)} if self.debiased(group) else {}
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta = self.beta(ctx.group)
@@ -349,7 +350,7 @@ class RunningAverage:
         _lerp_(bufs, updates, 1.0 - beta, ctx.compiling)  # v <- v + (1-β)(u - v) = βv + (1-β)u
         ctx.owned = False
         if self.debiased(ctx.group):
-            ctx.scale = ctx.scale / (1.0 - ctx.power(beta, (self, 0)))
+            ctx.scale = ctx.scale / (1.0 - ctx.power(beta, self.state_key))
         return bufs
 
 
@@ -401,10 +402,11 @@ class ScaleByAdam:
 
     amsgrad: bool = False
 
-    def power_bases(self, group: dict[str, Any]) -> tuple[float, ...]:
-        """β₁ and β₂, whose step-th powers :meth:`update` takes from :meth:`StepContext.power`, under the keys
-        ``(self, 0)`` and ``(self, 1)``."""
-        return tuple(group["betas"])
+    def power_bases(self, group: dict[str, Any]) -> dict[str, float]:
+        """β₁ and β₂ by the state keys of the moments they debias: their step-th powers are what :meth:`update`
+        takes from :meth:`StepContext.power`."""
+        beta1, beta2 = group["betas"]
+        return {"exp_avg": beta1, "exp_avg_sq": beta2}
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
         beta1, beta2 = ctx.group["betas"]
@@ -419,7 +421,7 @@ class ScaleByAdam:
             r_max = _buffers(ctx, "max_exp_avg_sq", grads)
             torch._foreach_maximum_(r_max, r)
             r = r_max
-        bc1, bc2_sqrt = 1.0 - ctx.power(beta1, (self, 0)), _sqrt(1.0 - ctx.power(beta2, (self, 1)))
+        bc1, bc2_sqrt = 1.0 - ctx.power(beta1, "exp_avg"), _sqrt(1.0 - ctx.power(beta2, "exp_avg_sq"))
         denom: TensorList
         if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
             denom = ctx.scratch(ctx.params)

@@ -4,9 +4,12 @@ r"""Lyapunov spectra (Benettin's QR method) and the vanishing-gradient certifica
 the growth rates :math:`\lambda_i = \lim_T \frac1T \log \sigma_i(J_T \cdots J_1)`. Benettin's method
 (Benettin et al. 1980; Shimada & Nagashima 1979) follows k orthonormal directions: :math:`Y = J_t Q`, and every
 ``reorthonormalize_every`` steps :math:`Q R = Y` (QR), accumulating :math:`\log|R_{ii}|`; then
-:math:`\lambda_i \approx \frac1T\sum\log|R_{ii}|`. Re-orthonormalising every step is the most stable; a longer
-interval saves QRs but lets the columns align with the top direction in between (they are kept at max-abs 1,
-so nothing over- or underflows). The top exponent
+:math:`\lambda_i \approx \frac1T\sum\log|R_{ii}|`. A longer interval saves QRs but lets the columns align with
+the top direction in between (they are kept at max-abs 1, so nothing over- or underflows). Where they align so
+far that a direction's part orthogonal to the ones before it falls below √eps of the largest column (its growth
+over the interval some 18 nats behind the top one's), rounding would take that direction and its exponent: such an
+interval is redone with a QR after every step, for the sequences where it happens. So the interval changes the
+cost, and the result only by rounding. The top exponent
 agrees with the slope of :math:`\log\|\partial s_T/\partial s_0\|` (:func:`~theorylab.rnn.log_jacobian_norms`).
 
 The starting directions are the first k columns of one random orthonormal (H, H) matrix, the same for every
@@ -66,6 +69,56 @@ def _starting_directions(hidden: int, k: int, seed: int) -> np.ndarray:
     return np.linalg.qr(rng.standard_normal((hidden, hidden)))[0][:, :k]
 
 
+class _Product:
+    """Applies the Jacobians J_{t0+1} ⋯ J_{t1} to k directions: Q ↦ J Q, for every sequence or for some rows."""
+
+    def __init__(self, A: np.ndarray, d: np.ndarray, scale: np.ndarray, diag_right: bool) -> None:
+        self.A, self.d, self.scale, self.diag_right = A, d, scale, diag_right
+
+    def apply(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(the product applied to Q, log of the factor it carries: (B, 1)). Over more than one step, Q is kept at
+        max-abs 1 after each (its log goes to the factor): unscaled, a contracting product underflowed to 0 (read
+        as −inf) and a growing one overflowed to NaN."""
+        A = self.A if rows is None or self.A.ndim == 2 else self.A[rows]
+        d = self.d if rows is None else self.d[rows]
+        scale = self.scale if rows is None else self.scale[rows]
+        pending = np.zeros((Q.shape[0], 1))  # Σ scale: Q's columns are e^pending times what we carry
+        for t in range(t0, t1):
+            dt = d[:, t, :, None]
+            Q = A @ (dt * Q) if self.diag_right else dt * (A @ Q)  # (B, H, k)
+            pending = pending + scale[:, t, None]
+            if t1 - t0 > 1:
+                q_max = np.abs(Q).max(axis=(-2, -1))[:, None]
+                q_scale = np.where(q_max > 0, q_max, 1.0)
+                Q = Q / q_scale[..., None]
+                pending = pending + np.log(q_scale)
+        return Q, pending
+
+    def each_step(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q after steps t0..t1 of ``rows``, Σ log|R_ii| over them), with a QR after every step."""
+        grown = np.zeros(Q.shape[:1] + Q.shape[2:])
+        for t in range(t0, t1):
+            Y, pending = self.apply(Q, t, t + 1, rows)
+            Q, R = np.linalg.qr(Y)
+            with np.errstate(divide="ignore"):
+                grown += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
+        return Q, grown
+
+
+#: a direction whose part orthogonal to the ones before it is below this fraction of the largest direction after
+#: an interval keeps fewer than half of float64's digits (Householder QR's error is ~eps times the largest column)
+LOST_FRACTION = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+def _lost_directions(r: np.ndarray, Y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """(B,) bool: sequences whose interval lost a direction to rounding: |R_ii| < LOST_FRACTION · max_j ‖Y_j‖ for
+    an i below the interval's rank (beyond it, |R_ii| is rounding whatever the interval: −inf at the end)."""
+    rank = (d != 0).sum(axis=-1).min(axis=-1)  # (B,): J_t = A diag(d_t) has rank <= nnz(d_t)
+    biggest = np.linalg.norm(Y, axis=-2).max(axis=-1)  # (B,)
+    small = r < LOST_FRACTION * biggest[:, None]
+    return (small & (np.arange(r.shape[-1])[None, :] < rank[:, None])).any(axis=-1)
+
+
 def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_every: int = 1,
                           seed: int = 0) -> Tensor:
     """Top-k Lyapunov exponents (nats per step) of the products J_t ⋯ J_1: (B, k) float64, sorted descending.
@@ -90,23 +143,21 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     scale = factors.log_scale().detach().cpu().numpy()  # d_t's true size, e^scale·d_t (see JacobianFactors)
     Q = np.broadcast_to(_starting_directions(hidden, k, seed), (bsz, hidden, k))  # read-only view: Q is rebound
     logs = np.zeros((bsz, k))
-    pending = np.zeros((bsz, 1))  # Σ scale since the last QR: Q's columns are e^pending times what we carry
+    product = _Product(A, d, scale, factors.diag_right)
     with numpy_blas_threads(1):  # (H, H) @ (H, k) and a thin QR per step: small kernels
-        for t in range(steps):
-            dt = d[:, t, :, None]
-            Q = A @ (dt * Q) if factors.diag_right else dt * (A @ Q)  # (B, H, k)
-            pending = pending + scale[:, t, None]
-            if every > 1:  # between QRs, keep Q at max-abs 1 (its log goes to pending): unscaled, a contracting
-                # product underflowed to 0 (read as −inf) and a growing one overflowed to NaN
-                q_max = np.abs(Q).max(axis=(-2, -1))[:, None]
-                q_scale = np.where(q_max > 0, q_max, 1.0)
-                Q = Q / q_scale[..., None]
-                pending = pending + np.log(q_scale)
-            if (t + 1) % every == 0 or t == steps - 1:
-                Q, R = np.linalg.qr(Q)
-                with np.errstate(divide="ignore"):
-                    logs += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
-                pending = np.zeros((bsz, 1))
+        for t0 in range(0, steps, every):
+            t1 = min(t0 + every, steps)
+            Y, pending = product.apply(Q, t0, t1)
+            Q_next, R = np.linalg.qr(Y)
+            r = np.abs(np.diagonal(R, axis1=-2, axis2=-1))
+            with np.errstate(divide="ignore"):
+                grown = np.log(r) + pending
+            lost = _lost_directions(r, Y, d[:, t0:t1]) if t1 - t0 > 1 else np.zeros(bsz, dtype=bool)
+            if lost.any():  # redo the interval one QR per step for those sequences
+                rows = np.flatnonzero(lost)
+                Q_next[rows], grown[rows] = product.each_step(Q[rows], t0, t1, rows)
+            logs += grown
+            Q = Q_next
     # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
     exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
     rank = torch.from_numpy((d != 0).sum(axis=-1).min(axis=-1))  # (B,): J_t = A diag(d_t) has rank <= nnz(d_t)

@@ -288,6 +288,45 @@ def test_a_change_of_kind_keeps_causality_and_settings():
     assert not swap_attention(first, "linear", causal=False).attention.causal  # an explicit setting wins
 
 
+@pytest.mark.parametrize("seed", [0, None])
+@pytest.mark.parametrize("change", [{"recompute": True}, {"chunk_size": 3}, {}, {"num_features": 16}])
+def test_a_favor_model_swapped_again_keeps_its_features(seed, change):
+    """Re-swapping to set recompute or chunk_size had redrawn the random features from torch's global generator
+    and dropped the seed: the outputs moved by ~0.2. They are kept now (after a redraw too), and a later redraw
+    continues the same sequence; another seed or number of features draws anew."""
+    model = swap_attention(_encoder(), "favor", seed=seed, num_features=16, causal=True)
+    model.layers[0].self_attn.attention.redraw_features()  # a map that has moved on from its first draw
+    again = swap_attention(copy.deepcopy(model), "favor", **change)
+    x = _x()
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=1e-12)
+    for old, new in zip(model.layers, again.layers, strict=True):
+        old_map, new_map = old.self_attn.attention.feature_map, new.self_attn.attention.feature_map
+        assert new_map.seed == old_map.seed
+        old_map.redraw()
+        new_map.redraw()
+        if seed is not None:  # a seeded map's redraws continue its own sequence
+            assert torch.equal(new_map.projection, old_map.projection)
+    other = swap_attention(copy.deepcopy(model), "favor", seed=1)
+    assert not torch.equal(other.layers[0].self_attn.attention.feature_map.projection,
+                           model.layers[0].self_attn.attention.feature_map.projection)
+    assert swap_attention(copy.deepcopy(model), "favor", num_features=8).layers[0].self_attn.attention.feature_map\
+        .projection.shape[0] == 8
+
+
+def test_causal_true_is_refused_where_a_decoder_has_cross_attention():
+    """It made the cross-attention causal: softmax ran as another model (1.38 off torch's), linear and favor failed
+    deep inside with "causal needs Nq == Nk". Nothing is replaced when it is refused."""
+    model = nn.Transformer(E, H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+                           batch_first=True, dtype=F64)
+    for kind in ("softmax", "linear"):
+        with pytest.raises(ValueError, match=r"cross-attention of decoder\.layers\.0\.multihead_attn.*tgt_is_causal"):
+            swap_attention(model, kind, causal=True)
+    assert isinstance(model.decoder.layers[0].self_attn, nn.MultiheadAttention)
+    assert swap_attention(copy.deepcopy(model), "linear", causal=False) is not None
+    encoder_only = swap_attention(_encoder(), "linear", causal=True)  # self-attention only: causal as asked
+    assert encoder_only.layers[0].self_attn.attention.causal
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_softmax_kind_reproduces_torch_decoder_layers_with_gradients(mode):
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ or torch's float 0/−inf form, or the ``is_causal`` hint); key padding masks (b
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -87,10 +87,13 @@ class DropInMultiheadAttention(nn.Module):
             old = mha.attention
             for key, value in _settings_of(old, kind).items():
                 kwargs.setdefault(key, value)
+            keep_features = _keeps_features(old, kind, kwargs)
+            if keep_features:  # the same seed, so that later redraws continue the same sequence
+                kwargs["seed"] = cast(Any, old.feature_map).seed
             new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
                                      **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
-            projections = {k: v for k, v in old.state_dict().items() if not k.startswith("feature_map.")}
-            new.load_state_dict(projections, strict=False)
+            kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
+            new.load_state_dict(kept, strict=False)
             trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
         elif isinstance(mha, nn.MultiheadAttention):
             new = cls._from_torch_module(mha, kind, kwargs)
@@ -150,6 +153,20 @@ class DropInMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _is_cross_attention(model: nn.Module, name: str) -> bool:
+    """Whether the attention module at ``name`` is a torch decoder layer's cross-attention (``multihead_attn``)."""
+    parent_name, _, attr = name.rpartition(".")
+    return attr == "multihead_attn" and isinstance(model.get_submodule(parent_name), nn.TransformerDecoderLayer)
+
+
+def _keeps_features(old: MultiheadAttention, kind: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a FAVOR+ module swapped to FAVOR+ again keeps its drawn features, its seed and its generator's state:
+    unless a ``seed`` or another number of features is asked for, a re-swap (to set ``recompute`` or
+    ``chunk_size``) must not change what the model computes."""
+    return (kind == "favor" and old.kind == "favor" and "seed" not in kwargs
+            and kwargs.get("num_features") == getattr(old.feature_map, "num_features", None))
 
 
 def _settings_of(old: MultiheadAttention, kind: str) -> dict[str, Any]:
@@ -225,18 +242,26 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
             does not set itself: ``causal`` (default False), ``num_features`` (``kind="favor"``, default 256),
             ``dropout`` (default: the original's ``dropout``; zeroes entries of the attention output, where
             torch's zeroes attention weights), ``seed`` (see above; default None), ``chunk_size`` (default None)
-            and ``recompute`` (kinds "linear" and "favor", default False). Swapping an already swapped model
-            keeps its ``causal``, ``dropout`` and ``chunk_size`` (and ``recompute`` and ``num_features`` where
-            the new kind has them) unless given. ``embed_dim``, ``num_heads`` and ``bias`` come from the original.
+            and ``recompute`` (kinds "linear" and "favor", default False). ``causal=True`` makes every swapped
+            module causal: it is refused where the model holds a decoder layer's cross-attention (pass the masks
+            at the call there). Swapping an already swapped model keeps its ``causal``, ``dropout`` and
+            ``chunk_size`` (and ``recompute`` and ``num_features`` where the new kind has them) unless given; from
+            "favor" to "favor" it keeps the drawn features and their seed too, unless ``seed`` or another
+            ``num_features`` is given. ``embed_dim``, ``num_heads`` and ``bias`` come from the original.
+
+    The replacements are new modules with new parameters (the weights copied): build the optimizer after swapping
+    (one built before goes on stepping the old parameters), and load a checkpoint of the unswapped model before
+    swapping (the parameter names change: ``in_proj_weight`` becomes ``attention.q_proj.weight``, ...).
 
     Returns:
         ``model``, changed in place; or the new :class:`DropInMultiheadAttention` when ``model`` is itself an
         attention module.
 
     Raises:
-        ValueError: an unknown ``kind``, or a keyword value :class:`MultiheadAttention` refuses (dropout outside
-            [0, 1), ``recompute`` with a kind other than "linear" or "favor", ...); an ``nn.MultiheadAttention``
-            with ``kdim``/``vdim`` other than ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
+        ValueError: an unknown ``kind``; ``causal=True`` with a decoder layer's cross-attention; a keyword value
+            :class:`MultiheadAttention` refuses (dropout outside [0, 1), ``recompute`` with a kind other than
+            "linear" or "favor", ...); an ``nn.MultiheadAttention`` with ``kdim``/``vdim`` other than
+            ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
         TypeError: a keyword :class:`MultiheadAttention` does not take (``bias`` included), or a value of the wrong
             type (``causal`` not a bool, a non-integer ``seed`` with ``kind="favor"``, ...). An unknown ``kind`` is
             refused first, whatever the model holds; the keyword values only where there is a module to replace
@@ -266,6 +291,11 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, swappable)]
     targets = [(name, m) for name, m in targets
                if not any(name.startswith(other + ".") for other, _ in targets)]  # not inside another target
+    cross = [name for name, _ in targets if _is_cross_attention(model, name)]
+    if kwargs.get("causal") is True and cross:  # checked before anything is replaced
+        raise ValueError(f"swap_attention: causal=True would make the cross-attention of {', '.join(cross)} causal "
+                         "(its queries are the target, its keys the encoder's memory); pass the causal masks at the "
+                         "call instead (tgt_mask=..., tgt_is_causal=True), which the swapped modules follow")
     distinct = list({id(m): m for _, m in targets})
     layer_seeds = _layer_seeds(kwargs.get("seed"), len(distinct))
     for name, module in targets:

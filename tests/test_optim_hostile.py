@@ -294,7 +294,7 @@ def test_state_dict_loads_only_into_its_own_kind(saver, loader):
     value, state_dict = saved_after_steps(saver)
     q = torch.nn.Parameter(value.clone())
     opt = MAKERS[loader]([q])
-    if KIND.get(saver) == KIND[loader]:
+    if KIND.get(saver) == KIND[loader] or _same_adam_update(saver, loader, state_dict):
         opt.load_state_dict(state_dict)
         return
     if saver in KIND:
@@ -309,10 +309,49 @@ def test_state_dict_loads_only_into_its_own_kind(saver, loader):
     assert not opt.state  # nothing was loaded
 
 
-def test_torch_state_dict_error_names_the_missing_keys():
-    _, state_dict = saved_after_steps("torch.optim.Adam")
-    with pytest.raises(ValueError, match="lacks 'decay'.*torch.optim.Adam (or AdamW )?state_dict"):
+def _same_adam_update(saver: str, loader: str, state_dict) -> bool:
+    """torch.optim.Adam (no weight decay: every mode agrees) loads into Adam and AdamW; torch.optim.AdamW (decay
+    λ = 0.01) into AdamW only, and only where it says it is AdamW (torch 2.4 saves Adam and AdamW alike)."""
+    if saver == "torch.optim.Adam":
+        return loader in ("Adam", "Adam fused", "AdamW")
+    flagged = "decoupled_weight_decay" in state_dict["param_groups"][0]
+    return saver == "torch.optim.AdamW" and loader == "AdamW" and flagged
+
+
+@pytest.mark.parametrize("torch_name, ours", [("torch.optim.Adam", "AdamW"), ("torch.optim.AdamW", "AdamW"),
+                                              ("torch.optim.Adam", "Adam fused")])
+def test_a_torch_adam_state_resumes_as_it_would_have_in_torch(torch_name, ours):
+    """A run moves from torch.optim.Adam(W) to theorylab's and goes on as in torch (it had been refused)."""
+    value, state_dict = saved_after_steps(torch_name)
+    if not _same_adam_update(torch_name, ours, state_dict):
+        pytest.skip("this torch saves Adam and AdamW alike (torch 2.4): AdamW's state is refused there")
+    p, q = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+    theirs, mine = MAKERS[torch_name]([p]), MAKERS[ours]([q])
+    theirs.load_state_dict(copy.deepcopy(state_dict))
+    mine.load_state_dict(copy.deepcopy(state_dict))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        p.grad = torch.randn(3, generator=gen)
+        q.grad = p.grad.clone()
+        theirs.step()
+        mine.step()
+    torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    again = MAKERS[ours]([torch.nn.Parameter(value.clone())])
+    again.load_state_dict(mine.state_dict())  # saved by theorylab now, with its kind
+
+
+def test_a_torch_state_a_different_update_is_refused():
+    """torch.optim.AdamW's decay (lr·λ·θ) is not Adam(decay="l2")'s; capturable states are refused too."""
+    _, state_dict = saved_after_steps("torch.optim.AdamW")
+    with pytest.raises(ValueError, match="lacks 'decay'.*torch.optim.(Adam or )?AdamW state_dict.*decay agrees"):
         Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(state_dict)
+    _, state_dict = saved_after_steps("torch.optim.Adam")
+    state_dict["param_groups"][0]["capturable"] = True
+    with pytest.raises(ValueError, match="torch.optim.Adam"):
+        AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(state_dict)
+
+
+def test_torch_state_dict_error_names_the_missing_keys():
     _, state_dict = saved_after_steps("torch.optim.SGD")
     with pytest.raises(ValueError, match="lacks 'decay'.*torch.optim.SGD state_dict"):
         SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9).load_state_dict(state_dict)

@@ -21,6 +21,8 @@ from .transforms import (
     Trace,
     Transform,
     chain_step,
+    scaled,
+    writable,
 )
 
 __all__ = [
@@ -45,5 +47,7 @@ __all__ = [
     "decayed_names",
     "momentum_from_running_average",
     "running_average_from_momentum",
+    "scaled",
     "with_decay",
+    "writable",
 ]

@@ -15,14 +15,20 @@ from .base import (
     as_param_list,
     check_beta,
     check_flag,
-    check_lr,
     check_nonfinite,
     check_nonnegative,
     check_positive,
     check_torch_options,
 )
 from .decay import check_decay, check_decay_rate, with_decay
-from .transforms import Negate, ScaleByAdam, Transform, reference_lr, warn_float16_second_moment
+from .transforms import (
+    CONSTRUCTION_LR_KEY,
+    Negate,
+    ScaleByAdam,
+    Transform,
+    reference_lr,
+    warn_float16_second_moment,
+)
 
 #: what torch's fused Adam kernel implements on both CPU and CUDA (float8 types are floating point but not among them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -210,7 +216,6 @@ class Adam(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        group["lr"] = check_lr(group["lr"])
         group["betas"] = check_betas(group["betas"])
         group["eps"] = check_positive(group["eps"], "eps")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
@@ -248,6 +253,22 @@ class Adam(ChainOptimizer):
             raise ValueError(f"{type(self).__name__}: a group's decoupled_weight_decay={flag!r} (torch's {wanted!r}) "
                              f"contradicts decay={decay!r}")
         return wanted
+
+    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+        """A torch.optim.Adam or AdamW group as this optimizer's, where the decay mode agrees: AdamW's is
+        ``"decoupled_lr"``, Adam's ``"l2"`` (torch 2.4 saves the two alike: without weight decay they agree). Their
+        state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) is ours, so a run moves over and goes on
+        as it would have in torch; torch's execution switches (foreach, fused) are dropped."""
+        if "amsgrad" not in saved or saved.get("capturable") or saved.get("differentiable"):
+            return None
+        if saved.get("weight_decay", 0) != 0:
+            if "decoupled_weight_decay" not in saved:  # torch 2.4: Adam's or AdamW's?
+                return None
+            if ("decoupled_lr" if saved["decoupled_weight_decay"] else "l2") != current["decay"]:
+                return None
+        torch_only = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+        return {**{k: v for k, v in saved.items() if k not in torch_only}, "decay": current["decay"],
+                CONSTRUCTION_LR_KEY: current.get(CONSTRUCTION_LR_KEY, saved.get("lr"))}
 
     def check_torch_keys(self, group: dict[str, Any]) -> None:
         super().check_torch_keys(group)

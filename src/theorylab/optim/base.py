@@ -121,10 +121,15 @@ def check_nonfinite(policy: str) -> None:
 
 
 def check_common_keys(group: dict[str, Any]) -> None:
-    """What every chain optimizer's group may hold besides its hyperparameters: the ``nonfinite`` policy and the
+    """What every chain optimizer's group holds besides its own hyperparameters: the learning rate ``lr`` (which
+    :class:`~theorylab.optim.ScaleByLearningRate` and torch's lr schedulers read), the ``nonfinite`` policy and the
     reference lrs of the schedule multiplier (``initial_lr``, set by lr schedulers or by hand, and the
-    constructor's lr), which must be finite and >= 0 (NaN would turn the decay into NaN, a negative one into
-    growth). Numbers are stored back as floats."""
+    constructor's lr). The lrs must be finite and >= 0 (NaN would turn the step and the decay into NaN, a negative
+    one the descent into ascent). Numbers are stored back as floats."""
+    if "lr" not in group:
+        raise ValueError("a parameter group needs a learning rate 'lr' (give it in the optimizer's defaults or in "
+                         "the group)")
+    group["lr"] = check_lr(group["lr"])
     check_nonfinite(group.get("nonfinite", "raise"))
     for key in ("initial_lr", CONSTRUCTION_LR_KEY):
         if group.get(key) is not None:
@@ -180,6 +185,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     one). :meth:`load_state_dict` refuses, with a ValueError, a state saved by another optimizer (SGD's
     ``momentum_buffer`` is in gradient units, SGDMomentum's in lr·gradient units), groups that lack one of this
     optimizer's hyperparameters (a torch.optim state_dict lacks ``decay``) and invalid values.
+    :class:`~theorylab.optim.Adam` and :class:`~theorylab.optim.AdamW` load torch.optim.Adam's and AdamW's state
+    where the update is the same (the decay mode agrees), so a run moves over from torch.optim.
     """
 
     skipped_steps: int = 0
@@ -199,6 +206,11 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters, storing numbers back as floats (see the class docstring); override."""
+
+    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+        """A torch.optim parameter group being loaded, as this optimizer's group where it means the same update
+        (state included), else None (refused). None here: see :meth:`Adam._from_torch_group`."""
+        return None
 
     def check_torch_keys(self, group: dict[str, Any]) -> None:
         """torch.optim's switches in a group that is stepped or loaded (written into ``param_groups`` by hand, or
@@ -235,7 +247,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **given}
         check_common_keys(merged)  # first: check_group divides by initial_lr
         self.check_group(merged)
-        param_group.update({k: merged[k] for k in given})  # the validated values, as floats
+        param_group.update(merged)  # the validated values, as floats (the defaults' too: lr is checked here)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
@@ -295,11 +307,17 @@ class ChainOptimizer(torch.optim.Optimizer):
             # torch.optim.SGD's momentum_buffer is in gradient units, SGDMomentum's in lr·gradient units: a
             # torch.optim state is refused even where no key is missing
             torch_name = _torch_optimizer_name(saved) if saved_kind is None else None
+            converted = self._from_torch_group(saved, current) if torch_name else None
+            if converted is not None:  # the same update under torch's names
+                saved, torch_name = converted, None
+                missing = [k for k in required if k not in saved]
             if missing or torch_name:
                 what = [f"its parameter group {i} lacks {', '.join(map(repr, missing))}"] if missing else []
                 if torch_name:
-                    what.append(f"it looks like a {torch_name} state_dict; theorylab's optimizers load only their "
-                                "own (build one from the same hyperparameters instead)")
+                    what.append(f"it looks like a {torch_name} state_dict; theorylab's optimizers load their own, "
+                                "and Adam and AdamW load torch.optim.Adam's and AdamW's where the decay agrees "
+                                "(torch.optim.Adam: decay='l2', AdamW: 'decoupled_lr'; build one from the same "
+                                "hyperparameters otherwise)")
                 elif saved_kind:
                     what.append(f"it was saved by theorylab's {saved_kind}")
                 raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
@@ -323,7 +341,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """One optimizer step of every parameter group (``closure``, if given, re-evaluates the loss first).
+        r"""One optimizer step of every parameter group (``closure``, if given, re-evaluates the loss first).
 
         ``torch.compile(opt.step)`` works as for torch.optim's optimizers: the checks, the non-finite policy, the
         fused groups and the step counts run eagerly (one graph break, :meth:`_begin_step`), and the chains are
@@ -367,9 +385,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         (:meth:`StepContext.power`), made here as 0-dim float64 tensors, for the reasons given at :meth:`step`."""
         todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
-            check_common_keys(group)
-            self.check_group(group)
-            self.check_torch_keys(group)
+            try:  # a value written into param_groups by hand: say which group holds it
+                check_common_keys(group)
+                self.check_group(group)
+                self.check_torch_keys(group)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{type(self).__name__}: parameter group {group_index}: {e}") from e
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -459,19 +480,31 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
     """One chain step with complex parameters, gradients and state tensors seen as real ``(..., 2)`` views.
 
     The views share memory, so in-place updates land in the parameters and in the existing buffers; a buffer
-    created during the step (a real view's shape) is stored back complex, shaped like its parameter, as
+    created or replaced during the step (a real view's shape) is stored back complex, shaped like its parameter, as
     torch.optim keeps it. No work buffers: they are kept per parameter, and the views are new objects every step.
     """
     real_params = [_real_view(p) for p in params]
     views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
              for p, s in zip(params, states, strict=True)]
+    given = [dict(v) for v in views]  # what each key held before the chain: unchanged values need no write-back
     ctx = StepContext(params=real_params, states=views, group=group, step=step, powers=powers,
                       compiling=compiling)
     chain_step(chain, ctx, [_real_view(cast(Tensor, p.grad)) for p in params])  # params with a gradient only
-    for state, view, real in zip(states, views, real_params, strict=True):
-        if view is not state:
-            state.update({k: torch.view_as_complex(v) if isinstance(v, Tensor) and v.shape == real.shape else v
-                          for k, v in view.items() if k not in state})
+    for state, view, before, real in zip(states, views, given, real_params, strict=True):
+        if view is state:
+            continue
+        # a transform may replace a value (``state["buf"] = β·buf + g``) or delete a key, as with real parameters
+        for k in [k for k in state if k not in view]:
+            del state[k]
+        state.update({k: _complex_if_param_shaped(v, real) for k, v in view.items()
+                      if k not in before or before[k] is not v})
+
+
+def _complex_if_param_shaped(value: Any, real_param: Tensor) -> Any:
+    """A state tensor shaped like the parameter's real view, as a complex tensor shaped like the parameter."""
+    if isinstance(value, Tensor) and value.shape == real_param.shape:
+        return torch.view_as_complex(value.contiguous())
+    return value
 
 
 def _torch_optimizer_name(group: dict[str, Any]) -> str | None:

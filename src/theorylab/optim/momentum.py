@@ -67,7 +67,6 @@ class SGDMomentum(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        group["lr"] = check_lr(group["lr"])
         group["momentum"] = check_nonnegative(group["momentum"], "momentum")
         check_no_weight_decay(group, "SGDMomentum")
 
@@ -84,7 +83,9 @@ class RunningAverageSGD(ChainOptimizer):
     Args:
         params: parameters or parameter groups.
         lr: δ ≥ 0.
-        beta: β in (0, 1).
+        beta: β in (0, 1), the group key ``"beta"``. torch's OneCycleLR and CyclicLR cycle a ``"momentum"`` or
+            ``"betas"`` key and refuse this optimizer at their default ``cycle_momentum=True``: pass
+            ``cycle_momentum=False``, or use :class:`SGDMomentum`, whose ``"momentum"`` they cycle.
         debias: divide by :math:`1-\beta^t`, which makes :math:`E[v_t] = \mu` under a stationary mean μ.
         nonfinite: what a NaN or ±inf gradient does: ``"raise"`` (default) raises NonFiniteGradientError and
             changes nothing, ``"skip"`` skips the step, ``"propagate"`` steps as torch.optim does.
@@ -101,7 +102,6 @@ class RunningAverageSGD(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        group["lr"] = check_lr(group["lr"])
         group["beta"] = check_beta(group["beta"], "beta")
         group["debias"] = check_flag(group["debias"], "debias")
         check_no_weight_decay(group, "RunningAverageSGD")

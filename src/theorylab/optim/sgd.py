@@ -9,7 +9,6 @@ from .base import (
     ChainOptimizer,
     as_param_list,
     check_flag,
-    check_lr,
     check_nonfinite,
     check_nonnegative,
     check_torch_options,
@@ -94,7 +93,6 @@ class SGD(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        group["lr"] = check_lr(group["lr"])
         group["momentum"] = check_nonnegative(group["momentum"], "momentum")
         group["dampening"] = check_nonnegative(group["dampening"], "dampening")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")

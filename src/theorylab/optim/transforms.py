@@ -110,7 +110,37 @@ class StepContext:
 
 
 class Transform(Protocol):
-    """``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions.
+    r"""``update(updates, ctx) -> updates``; see :func:`scaled` and :func:`writable` for the two conventions.
+
+    **Writing one.** ``ctx.states[i]`` is ``optimizer.state[p]`` of parameter ``ctx.params[i]``: what a part
+    stores there (tensors shaped like the parameter, made on the first step) is saved and loaded by
+    ``state_dict``. It may update a buffer in place or store a new one; complex parameters come as real
+    ``(..., 2)`` views and their buffers are stored back complex, either way. A part that is not linear in its
+    input reads the true values with :func:`scaled` (the chain defers multiplications), and one that returns new
+    tensors sets ``ctx.owned = True``. Hyperparameters come from ``ctx.group``; a subclass of
+    :class:`~theorylab.optim.ChainOptimizer` validates its own in ``check_group`` (the base class checks ``lr``).
+    Lion (Chen et al. 2023), :math:`p \leftarrow p - \text{lr}\,(\operatorname{sign}(\beta_1 m + (1-\beta_1) g)
+    + \lambda p)`, then :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`::
+
+        class LionDirection:
+            def update(self, updates, ctx):
+                b1, b2 = ctx.group["betas"]
+                out = []
+                for g, state in zip(scaled(updates, ctx), ctx.states):
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(g)
+                    m = state["exp_avg"]
+                    out.append(torch.lerp(g, m, b1).sign())  # sign(β1·m + (1 − β1)·g)
+                    m.lerp_(g, 1 - b2)
+                ctx.owned = True
+                return out
+
+        class Lion(ChainOptimizer):
+            def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+                super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+            def transforms(self, group):  # the direction, then λ·p, then the lr (torch's AdamW convention)
+                return with_decay([LionDirection()], "decoupled_lr")
 
     A part whose update depends on the step count through powers :math:`\beta^t` (bias corrections) takes them
     from :meth:`StepContext.power` and names the bases in an optional ``power_bases(group) -> dict[str, float]``
@@ -335,7 +365,7 @@ class RunningAverage:
         return b[self.index] if self.index is not None else b
 
     def debiased(self, group: dict[str, Any]) -> bool:
-        """Whether the output is divided by :math:`1-\beta^t`: ``group[debias_key]``, else ``debias``."""
+        r"""Whether the output is divided by :math:`1-\beta^t`: ``group[debias_key]``, else ``debias``."""
         return bool(group[self.debias_key]) if self.debias_key else self.debias
 
     def power_bases(self, group: dict[str, Any]) -> dict[str, float]:

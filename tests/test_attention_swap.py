@@ -306,6 +306,9 @@ def test_a_favor_model_swapped_again_keeps_its_features(seed, change):
         new_map.redraw()
         if seed is not None:  # a seeded map's redraws continue its own sequence
             assert torch.equal(new_map.projection, old_map.projection)
+    state = torch.random.get_rng_state()
+    swap_attention(copy.deepcopy(model), "favor", **change)
+    assert torch.equal(torch.random.get_rng_state(), state)  # no draw from torch's generator that is thrown away
     other = swap_attention(copy.deepcopy(model), "favor", seed=1)
     assert not torch.equal(other.layers[0].self_attn.attention.feature_map.projection,
                            model.layers[0].self_attn.attention.feature_map.projection)

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from theorylab.optim import ChainOptimizer, ScaleByLearningRate, Transform, scaled, with_decay
+from theorylab.optim import SGD, Adam, AdamW, ChainOptimizer, ScaleByLearningRate, Transform, scaled, with_decay
 
 F64 = torch.float64
 
@@ -156,11 +156,48 @@ def test_a_group_without_an_lr_is_refused_clearly():
 
 
 def test_a_bad_value_written_into_param_groups_names_its_group():
-    from theorylab.optim import Adam
-
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
     opt.param_groups[1]["betas"] = (0.9, 1.5)
     a.grad, b.grad = torch.ones(2), torch.ones(2)
     with pytest.raises(ValueError, match=r"Adam: parameter group 1: .*beta"):
         opt.step()
+
+
+@pytest.mark.parametrize("lr", ["0.1", None, torch.tensor([0.1, 0.2]), 1 + 0j])
+@pytest.mark.parametrize("make", [
+    lambda lr: AdamW([torch.nn.Parameter(torch.ones(1))], lr=lr),
+    lambda lr: Adam([torch.nn.Parameter(torch.ones(1))], lr=lr, weight_decay=0.1, decay="decoupled"),
+    lambda lr: SGD([torch.nn.Parameter(torch.ones(1))], lr=lr, weight_decay=0.1),
+])
+def test_a_wrongly_typed_lr_is_named_at_construction(make, lr):
+    """The decay checks computed with the lr before it was checked: "can't multiply sequence by non-int"."""
+    with pytest.raises(TypeError, match="Invalid learning rate"):
+        make(lr)
+
+
+class RangeError(ValueError):
+    def __init__(self, what, value):
+        super().__init__(f"{what} out of range: {value}")
+
+
+class Strict(PlainSGD):
+    def check_group(self, group):
+        if group.get("tau", 0) > 1:
+            raise RangeError("tau", group["tau"])
+
+
+def test_a_step_time_error_keeps_its_message_and_says_its_group_once():
+    """A ValueError subclass whose constructor takes other arguments became an unrelated TypeError; a torch switch's
+    error named the optimizer twice ("Adam: parameter group 0: Adam: capturable=True ...")."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = Strict([p], lr=0.1)
+    opt.param_groups[0]["tau"] = 2
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=r"^Strict: parameter group 0: tau out of range: 2$"):
+        opt.step()
+    adam = Adam([p], lr=0.1)
+    adam.param_groups[0]["capturable"] = True
+    with pytest.raises(ValueError, match=r"^Adam: parameter group 0: capturable=True") as info:
+        adam.step()
+    assert str(info.value).count("Adam:") == 1

@@ -90,8 +90,10 @@ class DropInMultiheadAttention(nn.Module):
             keep_features = _keeps_features(old, kind, kwargs)
             if keep_features:  # the same seed, so that later redraws continue the same sequence
                 kwargs["seed"] = cast(Any, old.feature_map).seed
-            new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
-                                     **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+            with torch.random.fork_rng(devices=[], enabled=keep_features):  # features about to be replaced: a
+                # draw from torch's global generator would shift the user's later draws (dropout, initialisation)
+                new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
+                                         **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
             kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
             new.load_state_dict(kept, strict=False)
             trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
@@ -244,10 +246,11 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
             torch's zeroes attention weights), ``seed`` (see above; default None), ``chunk_size`` (default None)
             and ``recompute`` (kinds "linear" and "favor", default False). ``causal=True`` makes every swapped
             module causal: it is refused where the model holds a decoder layer's cross-attention (pass the masks
-            at the call there). Swapping an already swapped model keeps its ``causal``, ``dropout`` and
-            ``chunk_size`` (and ``recompute`` and ``num_features`` where the new kind has them) unless given; from
-            "favor" to "favor" it keeps the drawn features and their seed too, unless ``seed`` or another
-            ``num_features`` is given. ``embed_dim``, ``num_heads`` and ``bias`` come from the original.
+            at the call there; a cross-attention module of your own is made causal too). Swapping an already
+            swapped model keeps its ``causal``, ``dropout`` and ``chunk_size`` (and ``recompute`` and
+            ``num_features`` where the new kind has them) unless given; from "favor" to "favor" it keeps the drawn
+            features and their seed too, unless ``seed`` or another ``num_features`` is given. ``embed_dim``,
+            ``num_heads`` and ``bias`` come from the original.
 
     The replacements are new modules with new parameters (the weights copied): build the optimizer after swapping
     (one built before goes on stepping the old parameters), and load a checkpoint of the unswapped model before

@@ -14,8 +14,8 @@ from .base import (
     ChainOptimizer,
     as_param_list,
     check_beta,
+    check_common_keys,
     check_flag,
-    check_nonfinite,
     check_nonnegative,
     check_positive,
     check_torch_options,
@@ -211,8 +211,8 @@ class Adam(ChainOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps,
                     "weight_decay": weight_decay, "decay": decay, "amsgrad": amsgrad, "maximize": maximize,
                     "nonfinite": nonfinite, "fused": fused}
+        check_common_keys(defaults)  # lr first: check_group computes with it (lr·λ < 1)
         self.check_group(defaults)
-        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:

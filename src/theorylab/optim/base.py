@@ -335,7 +335,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self.check_group(group)
                 self.check_torch_keys(group)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from e
+                raise _in_context(e, name, f"cannot load this state_dict into {name}: its parameter group {i}: ") from e
             groups.append(group)
         return {**state_dict, "param_groups": groups}
 
@@ -390,7 +390,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self.check_group(group)
                 self.check_torch_keys(group)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"{type(self).__name__}: parameter group {group_index}: {e}") from e
+                name = type(self).__name__
+                raise _in_context(e, name, f"{name}: parameter group {group_index}: ") from e
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -486,7 +487,8 @@ def _real_view_chain_step(chain: list[Transform], group: dict[str, Any], step: i
     real_params = [_real_view(p) for p in params]
     views = [{k: _real_view(v) if isinstance(v, Tensor) else v for k, v in s.items()} if p.is_complex() else s
              for p, s in zip(params, states, strict=True)]
-    given = [dict(v) for v in views]  # what each key held before the chain: unchanged values need no write-back
+    # what each key of a view held before the chain: unchanged values need no write-back
+    given = [dict(v) if v is not s else s for v, s in zip(views, states, strict=True)]
     ctx = StepContext(params=real_params, states=views, group=group, step=step, powers=powers,
                       compiling=compiling)
     chain_step(chain, ctx, [_real_view(cast(Tensor, p.grad)) for p in params])  # params with a gradient only
@@ -505,6 +507,16 @@ def _complex_if_param_shaped(value: Any, real_param: Tensor) -> Any:
     if isinstance(value, Tensor) and value.shape == real_param.shape:
         return torch.view_as_complex(value.contiguous())
     return value
+
+
+def _in_context(error: Exception, name: str, prefix: str) -> Exception:
+    """``error`` again, its message prefixed with where it arose (the optimizer's ``name`` said once); of its own
+    type where that type takes a message alone, else the ValueError or TypeError it is."""
+    message = prefix + str(error).removeprefix(f"{name}: ")
+    try:
+        return type(error)(message)
+    except Exception:  # a subclass whose constructor wants other arguments
+        return (TypeError if isinstance(error, TypeError) else ValueError)(message)
 
 
 def _torch_optimizer_name(group: dict[str, Any]) -> str | None:

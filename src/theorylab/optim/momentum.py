@@ -25,9 +25,9 @@ from .base import (
     as_param_list,
     as_real,
     check_beta,
+    check_common_keys,
     check_flag,
     check_lr,
-    check_nonfinite,
     check_nonnegative,
 )
 from .transforms import RunningAverage, ScaleByLearningRate, Trace, Transform
@@ -62,8 +62,8 @@ class SGDMomentum(ChainOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float, *, nonfinite: str = "raise") -> None:
         defaults = {"lr": lr, "momentum": momentum, "nonfinite": nonfinite}
+        check_common_keys(defaults)  # lr first: check_group computes with it (lr·λ < 1)
         self.check_group(defaults)
-        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
@@ -97,8 +97,8 @@ class RunningAverageSGD(ChainOptimizer):
     def __init__(self, params: Iterable[Any], lr: float, beta: float, debias: bool = False, *,
                  nonfinite: str = "raise") -> None:
         defaults = {"lr": lr, "beta": beta, "debias": debias, "nonfinite": nonfinite}
+        check_common_keys(defaults)  # lr first: check_group computes with it (lr·λ < 1)
         self.check_group(defaults)
-        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:

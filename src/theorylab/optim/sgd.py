@@ -8,8 +8,8 @@ from typing import Any
 from .base import (
     ChainOptimizer,
     as_param_list,
+    check_common_keys,
     check_flag,
-    check_nonfinite,
     check_nonnegative,
     check_torch_options,
 )
@@ -88,8 +88,8 @@ class SGD(ChainOptimizer):
         check_torch_options("SGD", torch_options, self.torch_switches)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
                     "weight_decay": weight_decay, "decay": decay, "maximize": maximize, "nonfinite": nonfinite}
+        check_common_keys(defaults)  # lr first: check_group computes with it (lr·λ < 1)
         self.check_group(defaults)
-        check_nonfinite(nonfinite)
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:

@@ -135,7 +135,7 @@ class Transform(Protocol):
                 ctx.owned = True
                 return out
 
-        class Lion(ChainOptimizer):
+        class Lion(ChainOptimizer):  # (a check_group for betas and lr·λ < 1 is left out here)
             def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
                 super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 

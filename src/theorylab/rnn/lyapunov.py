@@ -8,8 +8,10 @@ the growth rates :math:`\lambda_i = \lim_T \frac1T \log \sigma_i(J_T \cdots J_1)
 the top direction in between (they are kept at max-abs 1, so nothing over- or underflows). Where they align so
 far that a direction's part orthogonal to the ones before it falls below √eps of the largest column (its growth
 over the interval some 18 nats behind the top one's), rounding would take that direction and its exponent: such an
-interval is redone with a QR after every step, for the sequences where it happens. So the interval changes the
-cost, and the result only by rounding. The top exponent
+interval is redone with a QR after every step, and so is the rest of the run, for the sequences where it happens.
+So the interval changes the result only by rounding, and saves time only while the k exponents stay within about
+18/``reorthonormalize_every`` nats per step of each other (the top few of a tanh unit, say; for k = H a redone run
+costs one wasted interval more than a QR every step). The top exponent
 agrees with the slope of :math:`\log\|\partial s_T/\partial s_0\|` (:func:`~theorylab.rnn.log_jacobian_norms`).
 
 The starting directions are the first k columns of one random orthonormal (H, H) matrix, the same for every
@@ -75,19 +77,20 @@ class _Product:
     def __init__(self, A: np.ndarray, d: np.ndarray, scale: np.ndarray, diag_right: bool) -> None:
         self.A, self.d, self.scale, self.diag_right = A, d, scale, diag_right
 
-    def apply(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(the product applied to Q, log of the factor it carries: (B, 1)). Over more than one step, Q is kept at
-        max-abs 1 after each (its log goes to the factor): unscaled, a contracting product underflowed to 0 (read
-        as −inf) and a growing one overflowed to NaN."""
+    def apply(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray | None = None, *,
+              normalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(the product applied to Q, log of the factor it carries: (B, 1)). ``normalise``: keep Q at max-abs 1
+        after each step (its log goes to the factor): unscaled over many steps, a contracting product underflowed
+        to 0 (read as −inf) and a growing one overflowed to NaN."""
         A = self.A if rows is None or self.A.ndim == 2 else self.A[rows]
-        d = self.d if rows is None else self.d[rows]
-        scale = self.scale if rows is None else self.scale[rows]
+        d = self.d[:, t0:t1] if rows is None else self.d[rows, t0:t1]
+        scale = self.scale[:, t0:t1] if rows is None else self.scale[rows, t0:t1]
         pending = np.zeros((Q.shape[0], 1))  # Σ scale: Q's columns are e^pending times what we carry
-        for t in range(t0, t1):
+        for t in range(t1 - t0):
             dt = d[:, t, :, None]
             Q = A @ (dt * Q) if self.diag_right else dt * (A @ Q)  # (B, H, k)
             pending = pending + scale[:, t, None]
-            if t1 - t0 > 1:
+            if normalise:
                 q_max = np.abs(Q).max(axis=(-2, -1))[:, None]
                 q_scale = np.where(q_max > 0, q_max, 1.0)
                 Q = Q / q_scale[..., None]
@@ -105,6 +108,11 @@ class _Product:
         return Q, grown
 
 
+def _rank(d: np.ndarray) -> np.ndarray:
+    """(B,): a bound on the rank of the products over d's steps: J_t = A diag(d_t) has rank <= nnz(d_t)."""
+    return (d != 0).sum(axis=-1).min(axis=-1)
+
+
 #: a direction whose part orthogonal to the ones before it is below this fraction of the largest direction after
 #: an interval keeps fewer than half of float64's digits (Householder QR's error is ~eps times the largest column)
 LOST_FRACTION = float(np.sqrt(np.finfo(np.float64).eps))
@@ -113,7 +121,7 @@ LOST_FRACTION = float(np.sqrt(np.finfo(np.float64).eps))
 def _lost_directions(r: np.ndarray, Y: np.ndarray, d: np.ndarray) -> np.ndarray:
     """(B,) bool: sequences whose interval lost a direction to rounding: |R_ii| < LOST_FRACTION · max_j ‖Y_j‖ for
     an i below the interval's rank (beyond it, |R_ii| is rounding whatever the interval: −inf at the end)."""
-    rank = (d != 0).sum(axis=-1).min(axis=-1)  # (B,): J_t = A diag(d_t) has rank <= nnz(d_t)
+    rank = _rank(d)
     biggest = np.linalg.norm(Y, axis=-2).max(axis=-1)  # (B,)
     small = r < LOST_FRACTION * biggest[:, None]
     return (small & (np.arange(r.shape[-1])[None, :] < rank[:, None])).any(axis=-1)
@@ -144,23 +152,30 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     Q = np.broadcast_to(_starting_directions(hidden, k, seed), (bsz, hidden, k))  # read-only view: Q is rebound
     logs = np.zeros((bsz, k))
     product = _Product(A, d, scale, factors.diag_right)
+    per_step = np.zeros(bsz, dtype=bool)  # sequences that lost a direction once: a QR after every step from then on
     with numpy_blas_threads(1):  # (H, H) @ (H, k) and a thin QR per step: small kernels
         for t0 in range(0, steps, every):
             t1 = min(t0 + every, steps)
-            Y, pending = product.apply(Q, t0, t1)
-            Q_next, R = np.linalg.qr(Y)
-            r = np.abs(np.diagonal(R, axis1=-2, axis2=-1))
-            with np.errstate(divide="ignore"):
-                grown = np.log(r) + pending
-            lost = _lost_directions(r, Y, d[:, t0:t1]) if t1 - t0 > 1 else np.zeros(bsz, dtype=bool)
-            if lost.any():  # redo the interval one QR per step for those sequences
-                rows = np.flatnonzero(lost)
-                Q_next[rows], grown[rows] = product.each_step(Q[rows], t0, t1, rows)
+            Q_next, grown = np.empty((bsz, hidden, k)), np.empty((bsz, k))
+            fast = np.flatnonzero(~per_step)
+            if fast.size:
+                rows = None if fast.size == bsz else fast
+                Y, pending = product.apply(Q if rows is None else Q[rows], t0, t1, rows, normalise=every > 1)
+                Q_fast, R = np.linalg.qr(Y)
+                r = np.abs(np.diagonal(R, axis1=-2, axis2=-1))
+                with np.errstate(divide="ignore"):
+                    grown_fast = np.log(r) + pending
+                lost = _lost_directions(r, Y, d[fast, t0:t1]) if t1 - t0 > 1 else np.zeros(fast.size, dtype=bool)
+                per_step[fast[lost]] = True  # redone below, from the interval's start
+                Q_next[fast[~lost]], grown[fast[~lost]] = Q_fast[~lost], grown_fast[~lost]
+            slow = np.flatnonzero(per_step)
+            if slow.size:
+                Q_next[slow], grown[slow] = product.each_step(Q[slow], t0, t1, slow)
             logs += grown
             Q = Q_next
     # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
     exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
-    rank = torch.from_numpy((d != 0).sum(axis=-1).min(axis=-1))  # (B,): J_t = A diag(d_t) has rank <= nnz(d_t)
+    rank = torch.from_numpy(_rank(d))
     exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf  # the j-volume of a rank-r product, j > r, is 0
     return exponents.to(device)
 

@@ -114,11 +114,19 @@ def _default_sizes(device: torch.device) -> tuple[int, int, int]:
     return ACCELERATOR_CAUSAL_CHUNK, ACCELERATOR_FEATURE_ELEMENTS, ACCELERATOR_FEATURE_ELEMENTS
 
 
-def _check_feature_map(feature_map: nn.Module, D: int) -> None:
+def check_feature_map(feature_map: object, D: int, name: str = "linear_attention") -> None:
+    """TypeError unless ``feature_map`` is an nn.Module, with ``num_features`` where it gives
+    ``log_features_rowwise``; ValueError where its ``head_dim`` is not D."""
+    if not isinstance(feature_map, nn.Module):
+        raise TypeError(f"{name}: feature_map must be an nn.Module (a function can be wrapped in one); got "
+                        f"{type(feature_map).__name__}")
+    if hasattr(feature_map, "log_features_rowwise") and not isinstance(getattr(feature_map, "num_features", None),
+                                                                       int):
+        raise TypeError(f"{name}: a feature map with log_features_rowwise must give its number of features M as an "
+                        f"int attribute num_features; {type(feature_map).__name__} has none")
     fm_dim = getattr(feature_map, "head_dim", None)
     if fm_dim is not None and fm_dim != D:
-        raise ValueError(f"linear_attention: the feature map's head_dim is {fm_dim} but q and k have head dim "
-                         f"D={D}")
+        raise ValueError(f"{name}: the feature map's head_dim is {fm_dim} but q and k have head dim D={D}")
 
 
 def _feature_dtype(feature_map: nn.Module) -> torch.dtype:
@@ -199,6 +207,10 @@ class _RowScaled:
     def __init__(self, fm: nn.Module, D: int) -> None:
         self.fm = fm
         self.split = getattr(fm, "log_scaled_features", None)
+        # a map kept in half precision (model.to(torch.bfloat16)) is given its inputs in its own dtype: the
+        # features, not the map, are accumulated in float32
+        weights = [w.dtype for w in fm.parameters() if w.is_floating_point()]
+        self.map_dtype = weights[0] if weights and weights[0] in (torch.float16, torch.bfloat16) else None
         self.scaled = self.split is not None
         self.num_features = getattr(fm, "num_features", None) or D
 
@@ -208,7 +220,7 @@ class _RowScaled:
             base, log_scale = self.split(k)
             logw = log_scale[..., None].clone()  # not a view: _key_features works on it in place (see _causal_block)
         else:
-            base = self.fm(k)
+            base = self._features(k)
             logw = base.new_zeros(base.shape[:-1] + (1,))
         if pad is not None:
             base = base.masked_fill(pad[..., None], 0.0)
@@ -220,11 +232,16 @@ class _RowScaled:
             return self.split(q)[0]  # the query's own scale cancels
         # a plain map: each query's features scaled to max-abs 1 (its scale cancels too), so that small inputs
         # (relu features of q, k ~ 1e-10 in float32) do not put φ(q)ᵀΣφ(k) under safe_divide's threshold
-        f = self.fm(q)
+        f = self._features(q)
         return f / f.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
 
     def query_features(self, prepared: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         return prepared
+
+    def _features(self, x: Tensor) -> Tensor:
+        if self.map_dtype is None or x.dtype == self.map_dtype:
+            return self.fm(x)
+        return self.fm(x.to(self.map_dtype)).to(x.dtype)
 
 
 def _terms(fm: nn.Module, D: int) -> _ColumnShifted | _RowScaled:
@@ -304,7 +321,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
 
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv), floating point.
-        feature_map: φ, a module mapping (..., N, D) -> (..., N, M) (e.g. PositiveRandomFeatures, EluFeatures).
+        feature_map: φ, an nn.Module mapping (..., N, D) -> (..., N, M) (e.g. PositiveRandomFeatures,
+            EluFeatures, or one's own: what the kernels read of it, docs/attention.md "A feature map of your own").
         causal: query i sees keys j <= i only (needs Nq == Nk).
         key_padding_mask: bool (B, Nk), True = padding (removed from φ(K)).
         chunk_size: positions per chunk (None: a default that keeps a chunk's features small: cache-sized
@@ -324,19 +342,21 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
 
     Returns:
         (B, H, Nq, Dv) in the dtype of q, and with ``return_state=True`` a tuple (output, state). A query whose
-        normaliser is zero (no visible key; Nk = 0) gets zeros. A NaN or inf key or value reaches only the
-        queries that see it (causal: the positions from its own on; a value under torch.compile or torch.export:
-        from its chunk's start).
+        normaliser is zero (no visible key; Nk = 0), or below √tiny of the dtype in magnitude (each query's
+        features scaled to max-abs 1; features of a query and keys that barely overlap), gets zeros. A NaN or
+        inf key or value reaches only the queries that see it (causal: the positions from its own on; a value
+        under torch.compile or torch.export: from its chunk's start).
 
     Raises:
-        TypeError: q, k or v is not floating point, chunk_size is not an integer, recompute or return_state not
+        TypeError: feature_map is not an nn.Module (or gives log_features_rowwise without an int
+            num_features); q, k or v is not floating point, chunk_size is not an integer, recompute or return_state not
             a bool, or state not a LinearAttentionState.
         ValueError: shapes, mask or chunk_size are wrong; state or return_state without causal; a state of other
             shapes, on another device, or made with other features (another map, or this one redrawn); or the
             inputs are so large that the features' log-scale overflows float64.
     """
     B, H, Nq, Nk, D, Dv = check_qkv(q, k, v, key_padding_mask, name="linear_attention")
-    _check_feature_map(feature_map, D)
+    check_feature_map(feature_map, D)
     if causal and Nq != Nk:
         raise ValueError(f"linear_attention: causal needs Nq == Nk; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if chunk_size is not None:
@@ -787,7 +807,7 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.
 
     No stabilisation (use moderate inputs, float64)."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_reference")
-    _check_feature_map(feature_map, D)
+    check_feature_map(feature_map, D)
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     a = feature_map(q) @ feature_map(k).mT  # (B, H, Nq, Nk)
     keep = keep_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
@@ -805,7 +825,7 @@ def linear_attention_log_reference(q: Tensor, k: Tensor, v: Tensor, feature_map:
     Exact for inputs of any scale (nothing is exponentiated before the softmax's own shift); forms
     (B, H, Nq, Nk, M), so for small inputs (tests, float64)."""
     _, _, Nq, Nk, D, _ = check_qkv(q, k, v, key_padding_mask, name="linear_attention_log_reference")
-    _check_feature_map(feature_map, D)
+    check_feature_map(feature_map, D)
     k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
     log_map = cast(_LogFeatures, feature_map)  # duck-typed: the docstring's "maps with log_features"
     lq, lk = log_map.log_features(q), log_map.log_features(k)  # (B, H, Nq, M), (B, H, Nk, M)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._checks import positive_int
 from .exact import cached_softmax_attention, softmax_attention
 from .features import EluFeatures, PositiveRandomFeatures
-from .linear import linear_attention
+from .linear import check_feature_map, linear_attention
 from .separable import separable_attention
 from .state import KVCache, LinearAttentionState
 
@@ -29,7 +29,7 @@ class MultiheadAttention(nn.Module):
 
     * ``"softmax"``: exact attention (torch SDPA);
     * ``"separable"``: softmax_row(Q) softmax_col(K)ᵀ V;
-    * ``"linear"``: kernelised attention with φ = elu + 1;
+    * ``"linear"``: kernelised attention with φ = elu + 1, or the ``feature_map`` given;
     * ``"favor"``: kernelised attention with FAVOR+ positive orthogonal random features (``num_features`` of them,
       shared by the heads; ``redraw_features()`` draws new ones).
 
@@ -48,12 +48,18 @@ class MultiheadAttention(nn.Module):
         recompute: kinds ``"linear"`` and ``"favor"``: recompute the attention's features block by block in the
             backward pass instead of keeping them (see :func:`linear_attention`; ~3x less memory for
             forward+backward, ~1.4x the time).
+        feature_map: ``kind="linear"`` only: φ, an ``nn.Module`` mapping (..., N, D) -> (..., N, M) applied to
+            every head's queries and keys (default ``EluFeatures(D)``; what a map may provide: see
+            :func:`~theorylab.attention.linear_attention`). It becomes a submodule: its parameters train with the
+            model's.
 
     Raises:
         TypeError: embed_dim, num_heads, num_features or chunk_size is not an integer, dropout not a real number,
             causal or recompute not a bool.
         ValueError: an unknown kind; num_heads not positive or not dividing embed_dim; num_features or
-            chunk_size <= 0; dropout outside [0, 1); recompute with a kind other than "linear" or "favor".
+            chunk_size <= 0; dropout outside [0, 1); recompute with a kind other than "linear" or "favor";
+            a feature_map with a kind other than "linear", or whose ``head_dim`` is not D. TypeError: a
+            feature_map that is not an ``nn.Module``.
     """
 
     embed_dim: int
@@ -72,7 +78,8 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "softmax", causal: bool = False,
                  num_features: int = 256, dropout: float = 0.0, bias: bool = True, seed: int | None = None,
-                 chunk_size: int | None = None, recompute: bool = False) -> None:
+                 chunk_size: int | None = None, recompute: bool = False,
+                 feature_map: nn.Module | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"MultiheadAttention: kind must be one of {KINDS}; got {kind!r}")
@@ -96,7 +103,11 @@ class MultiheadAttention(nn.Module):
             raise TypeError(f"MultiheadAttention: recompute must be a bool; got {recompute!r}")
         if recompute and kind not in ("linear", "favor"):
             raise ValueError(f"MultiheadAttention: recompute applies to kinds 'linear' and 'favor'; got kind={kind!r}")
+        if feature_map is not None and kind != "linear":
+            raise ValueError(f"MultiheadAttention: a feature_map is for kind='linear'; got kind={kind!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        if feature_map is not None:
+            check_feature_map(feature_map, self.head_dim, "MultiheadAttention")
         self.kind, self.causal, self.chunk_size, self.recompute = kind, causal, chunk_size, recompute
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -105,7 +116,7 @@ class MultiheadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.feature_map = None
         if kind == "linear":
-            self.feature_map = EluFeatures(self.head_dim)
+            self.feature_map = EluFeatures(self.head_dim) if feature_map is None else feature_map
         elif kind == "favor":
             self.feature_map = PositiveRandomFeatures(self.head_dim, num_features, seed=seed)
         self._reset_parameters()

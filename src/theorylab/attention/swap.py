@@ -14,6 +14,7 @@ or torch's float 0/−inf form, or the ``is_causal`` hint); key padding masks (b
 
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import readable
+from .features import EluFeatures
 from .multihead import KINDS, MultiheadAttention
 
 
@@ -173,12 +175,15 @@ def _keeps_features(old: MultiheadAttention, kind: str, kwargs: dict[str, Any]) 
 
 def _settings_of(old: MultiheadAttention, kind: str) -> dict[str, Any]:
     """What a change of kind keeps: causality, dropout, chunk size, and what still applies to the new kind
-    (``recompute`` for the linear kinds, the number of random features from FAVOR+ to FAVOR+)."""
+    (``recompute`` for the linear kinds, the number of random features from FAVOR+ to FAVOR+, a feature map of
+    one's own from "linear" to "linear")."""
     settings: dict[str, Any] = {"causal": old.causal, "dropout": old.dropout.p, "chunk_size": old.chunk_size}
     if kind in ("linear", "favor") and old.recompute:
         settings["recompute"] = True
     if kind == "favor" and old.kind == "favor":
         settings["num_features"] = getattr(old.feature_map, "num_features", 256)
+    if kind == "linear" and old.kind == "linear" and type(old.feature_map) is not EluFeatures:
+        settings["feature_map"] = old.feature_map  # a map of one's own (trained, perhaps) is kept, not replaced
     return settings
 
 
@@ -243,14 +248,16 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         **kwargs: the keywords of :class:`MultiheadAttention` that :meth:`DropInMultiheadAttention.from_torch`
             does not set itself: ``causal`` (default False), ``num_features`` (``kind="favor"``, default 256),
             ``dropout`` (default: the original's ``dropout``; zeroes entries of the attention output, where
-            torch's zeroes attention weights), ``seed`` (see above; default None), ``chunk_size`` (default None)
-            and ``recompute`` (kinds "linear" and "favor", default False). ``causal=True`` makes every swapped
-            module causal: it is refused where the model holds a decoder layer's cross-attention (pass the masks
-            at the call there; a cross-attention module of your own is made causal too). Swapping an already
-            swapped model keeps its ``causal``, ``dropout`` and ``chunk_size`` (and ``recompute`` and
-            ``num_features`` where the new kind has them) unless given; from "favor" to "favor" it keeps the drawn
-            features and their seed too, unless ``seed`` or another ``num_features`` is given. ``embed_dim``,
-            ``num_heads`` and ``bias`` come from the original.
+            torch's zeroes attention weights), ``seed`` (see above; default None), ``chunk_size`` (default None),
+            ``recompute`` (kinds "linear" and "favor", default False) and ``feature_map`` (``kind="linear"``;
+            each swapped layer gets its own copy of it; a single module, the map itself). ``causal=True`` makes
+            every swapped module causal: it is refused where the model holds a decoder layer's cross-attention
+            (pass the masks at the call there; a cross-attention module of your own is made causal too).
+            Swapping an already swapped model keeps its ``causal``, ``dropout`` and ``chunk_size`` (and
+            ``recompute`` and ``num_features`` where the new kind has them) unless given; from "favor" to "favor"
+            it keeps the drawn features and their seed too, unless ``seed`` or another ``num_features`` is given,
+            and from "linear" to "linear" a feature map of one's own. ``embed_dim``, ``num_heads`` and ``bias``
+            come from the original.
 
     The replacements are new modules with new parameters (the weights copied): build the optimizer after swapping
     (one built before goes on stepping the old parameters), and load a checkpoint of the unswapped model before
@@ -305,7 +312,10 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         if id(module) not in replacements:
             if layer_seeds is not None:
                 kwargs["seed"] = layer_seeds[distinct.index(id(module))]
-            replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **kwargs)
+            layer_kwargs = kwargs
+            if kwargs.get("feature_map") is not None:  # each layer its own copy, trained on its own
+                layer_kwargs = {**kwargs, "feature_map": copy.deepcopy(kwargs["feature_map"])}
+            replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **layer_kwargs)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, replacements[id(module)])
     for m in model.modules():

@@ -1,10 +1,12 @@
-"""A feature map of one's own (docs/attention.md): a trainable softmax-of-linear map against a float64 reference
-that forms φ(Q)φ(K)ᵀ, in linear_attention, MultiheadAttention(feature_map=...) and swap_attention."""
+"""A feature map of one's own (docs/attention.md): a trainable softmax-of-linear map, and one given through
+``log_features_rowwise``, against a float64 reference that forms φ(Q)φ(K)ᵀ; in linear_attention,
+MultiheadAttention(feature_map=...) and swap_attention."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -57,6 +59,27 @@ def test_outputs_and_gradients_equal_the_reference(causal, padded):
     ref_grads = torch.autograd.grad(ref.square().sum(), [q, k, v, fm.weight])
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+
+
+class LogSoftmaxMap(SoftmaxMap):
+    """The same φ through the hook: log φ = proj + offset, offset the per-row -logsumexp (docs/attention.md)."""
+
+    num_features = np.int64(M)  # any integer type
+
+    def log_features_rowwise(self, x):
+        proj = x @ self.weight.T
+        return proj, -torch.logsumexp(proj, dim=-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_map_given_by_its_log_features_equals_the_reference(causal):
+    """docs/attention.md had described the hook the wrong way round ((bounded, log-scale)): a map written to that
+    description gave outputs 0.4-0.7 off."""
+    fm = LogSoftmaxMap().double()
+    q, k, v = qkv()
+    out = linear_attention(100 * q, 100 * k, v, fm, causal=causal, chunk_size=8)  # exp(proj) would overflow
+    torch.testing.assert_close(out, reference(100 * q, 100 * k, v, SoftmaxMap().double(), causal), rtol=0,
+                               atol=1e-10)
 
 
 def test_in_multihead_attention_it_trains_and_decodes_one_token_at_a_time():
@@ -123,3 +146,21 @@ def test_a_map_kept_in_bfloat16_works(causal):
     out = linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), fm_bf16, causal=causal)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=5e-2)
+
+
+def test_a_re_swap_keeps_a_map_in_its_own_dtype():
+    """The kept map went through the new module's .to(dtype): a float32 map in a bfloat16 model became bfloat16,
+    and an optimizer holding its parameters failed."""
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    drop_in = swap_attention(mha, "linear", feature_map=SoftmaxMap(head_dim=4, num_features=6))
+    drop_in.attention.q_proj.to(torch.bfloat16)  # projections in bfloat16, the map kept in float32
+    again = swap_attention(drop_in, "linear", recompute=True)
+    assert again.attention.feature_map is drop_in.attention.feature_map
+    assert again.attention.feature_map.weight.dtype == torch.float32
+    assert again.attention.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_float64_inputs_are_not_narrowed_for_a_half_precision_map():
+    q, k, v = qkv(n=6)
+    with pytest.raises(RuntimeError):  # the map's own dtype error, as torch's layers give
+        linear_attention(q, k, v, SoftmaxMap().to(torch.bfloat16))

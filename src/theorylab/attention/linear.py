@@ -56,7 +56,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol, cast, overload
 
@@ -120,8 +122,9 @@ def check_feature_map(feature_map: object, D: int, name: str = "linear_attention
     if not isinstance(feature_map, nn.Module):
         raise TypeError(f"{name}: feature_map must be an nn.Module (a function can be wrapped in one); got "
                         f"{type(feature_map).__name__}")
-    if hasattr(feature_map, "log_features_rowwise") and not isinstance(getattr(feature_map, "num_features", None),
-                                                                       int):
+    count = getattr(feature_map, "num_features", None)
+    if hasattr(feature_map, "log_features_rowwise") and (isinstance(count, bool)
+                                                          or not isinstance(count, numbers.Integral)):
         raise TypeError(f"{name}: a feature map with log_features_rowwise must give its number of features M as an "
                         f"int attribute num_features; {type(feature_map).__name__} has none")
     fm_dim = getattr(feature_map, "head_dim", None)
@@ -129,11 +132,11 @@ def check_feature_map(feature_map: object, D: int, name: str = "linear_attention
         raise ValueError(f"{name}: the feature map's head_dim is {fm_dim} but q and k have head dim D={D}")
 
 
-def _feature_dtype(feature_map: nn.Module) -> torch.dtype:
-    for b in feature_map.buffers():
-        if b.is_floating_point():
-            return b.dtype
-    return torch.float32
+def _map_dtype(feature_map: nn.Module) -> torch.dtype | None:
+    """The dtype of the map's first floating parameter, else of its first floating buffer (the stock maps' random
+    features), else None (a map of no tensors, such as elu + 1)."""
+    tensors = itertools.chain(feature_map.parameters(), feature_map.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 class _RowwiseLogFeatures(Protocol):
@@ -161,7 +164,8 @@ class _ColumnShifted:
 
     def __init__(self, fm: nn.Module) -> None:
         log_map = cast(_RowwiseLogFeatures, fm)  # _terms checked that it has log_features_rowwise
-        self.fm, self.width, self.num_features = fm, log_map.num_features, log_map.num_features
+        count = int(log_map.num_features)  # any integer type (check_feature_map): torch's sizes want an int
+        self.fm, self.width, self.num_features = fm, count, count
         # queries need ωᵀq' alone (their offset is a per-row factor and cancels): ``project`` gives it without the
         # offset, but only the stock map is known to return project(x) first; a map that overrides
         # log_features_rowwise (or merely has a ``project`` attribute) goes through log_features_rowwise
@@ -194,6 +198,10 @@ class _ColumnShifted:
         return shifted.sub_(shifted.detach().amax(-1, keepdim=True)).exp_()
 
 
+#: a map's ``log_scaled_features``: x -> (bounded features, per-row log-scale)
+_Split = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
 class _RowScaled:
     """Maps φ(x) = bounded(x) · exp(log-scale(x)) with a per-row log-scale (``log_scaled_features``; W = 1), and
     maps used as they are (no log-scale)."""
@@ -201,18 +209,19 @@ class _RowScaled:
     positive = False
     width = 1
     #: ``log_scaled_features`` of the map (split into bounded features and per-row log-scale), or None
-    split: Callable[[Tensor], tuple[Tensor, Tensor]] | None
+    split: _Split | None
     num_features: int
 
-    def __init__(self, fm: nn.Module, D: int) -> None:
+    def __init__(self, fm: nn.Module, D: int, map_dtype: torch.dtype | None) -> None:
         self.fm = fm
-        self.split = getattr(fm, "log_scaled_features", None)
-        # a map kept in half precision (model.to(torch.bfloat16)) is given its inputs in its own dtype: the
-        # features, not the map, are accumulated in float32
-        weights = [w.dtype for w in fm.parameters() if w.is_floating_point()]
-        self.map_dtype = weights[0] if weights and weights[0] in (torch.float16, torch.bfloat16) else None
+        split = getattr(fm, "log_scaled_features", None)
+        # a map kept in half precision (model.to(torch.bfloat16)) is given its float32 inputs in its own dtype: the
+        # features, not the map, are accumulated in float32 (float64 inputs are not narrowed: the map refuses
+        # them as torch's layers do)
+        self.half = map_dtype if map_dtype in (torch.float16, torch.bfloat16) else None
+        self.split = None if split is None else self._in_map_dtype(split)
         self.scaled = self.split is not None
-        self.num_features = getattr(fm, "num_features", None) or D
+        self.num_features = int(getattr(fm, "num_features", None) or D)
 
     def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """(bounded features (B, H, C, M), 0 where padded; log-scale (B, H, C, 1), -inf where padded)."""
@@ -239,15 +248,23 @@ class _RowScaled:
         return prepared
 
     def _features(self, x: Tensor) -> Tensor:
-        if self.map_dtype is None or x.dtype == self.map_dtype:
+        if self.half is None or x.dtype != torch.float32:
             return self.fm(x)
-        return self.fm(x.to(self.map_dtype)).to(x.dtype)
+        return self.fm(x.to(self.half)).to(x.dtype)
+
+    def _in_map_dtype(self, split: _Split) -> _Split:
+        def call(x: Tensor) -> tuple[Tensor, Tensor]:
+            if self.half is None or x.dtype != torch.float32:
+                return split(x)
+            base, log_scale = split(x.to(self.half))
+            return base.to(x.dtype), log_scale.to(x.dtype)
+        return call
 
 
-def _terms(fm: nn.Module, D: int) -> _ColumnShifted | _RowScaled:
+def _terms(fm: nn.Module, D: int, map_dtype: torch.dtype | None) -> _ColumnShifted | _RowScaled:
     if hasattr(fm, "log_features_rowwise"):
         return _ColumnShifted(fm)
-    return _RowScaled(fm, D)
+    return _RowScaled(fm, D, map_dtype)
 
 
 def _key_features(terms: _ColumnShifted | _RowScaled, base: Tensor | None, logw: Tensor, ref: Tensor) -> Tensor:
@@ -367,9 +384,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: nn.Module, *,
     if (state is not None or return_state) and not causal:
         raise ValueError("linear_attention: state and return_state apply to causal attention (causal=True)")
     out_dtype = q.dtype
-    acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, _feature_dtype(feature_map))
+    map_dtype = _map_dtype(feature_map)
+    acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, map_dtype or torch.float32)
     pad = key_padding_mask[:, None, :] if key_padding_mask is not None else None  # (B, 1, Nk)
-    terms = _terms(feature_map, D)
+    terms = _terms(feature_map, D, map_dtype)
     if state is not None:
         state = check_state(state, feature_map, kind="linear", B=B, H=H, Dv=Dv, W=terms.width, device=q.device)
     if B * H * Nq * Nk == 0 or terms.num_features == 0:  # nothing to attend to (or no query, or no feature)

@@ -181,7 +181,8 @@ class MultiheadAttention(nn.Module):
                   cached keys and its own keys j <= i;
                 * "linear", "favor", "separable": a :class:`~theorylab.attention.state.LinearAttentionState`
                   with ``kv`` (B, H, D + 1, M) and ``ref`` (B, H, W), ``length`` = n: M = W = ``num_features``
-                  for "favor", M = D and W = 1 for "linear", M = W = D for "separable".
+                  for "favor", W = 1 and M = D for "linear" (M features of a ``feature_map`` given), M = W = D for
+                  "separable".
             return_state: causal only: also return the state after this call's positions (default False).
 
         Returns:

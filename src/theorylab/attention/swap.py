@@ -78,8 +78,9 @@ class DropInMultiheadAttention(nn.Module):
         chunk size are kept (and ``recompute`` and ``num_features`` where the new kind has them), unless given.
 
         ``kwargs`` go to :class:`MultiheadAttention` (``causal``, ``num_features``, ``seed``, ``chunk_size``,
-        ``recompute``, ``dropout``). ``dropout`` defaults to ``mha``'s; note that here it zeroes entries of the
-        attention output, where torch's zeroes attention weights.
+        ``recompute``, ``dropout``, ``feature_map``; a map given here is moved to ``mha``'s device and dtype).
+        ``dropout`` defaults to ``mha``'s; note that here it zeroes entries of the attention output, where torch's
+        zeroes attention weights.
 
         Raises:
             ValueError: ``mha`` has key/value widths other than ``embed_dim`` (``kdim``/``vdim``), ``add_bias_kv``
@@ -92,10 +93,15 @@ class DropInMultiheadAttention(nn.Module):
             keep_features = _keeps_features(old, kind, kwargs)
             if keep_features:  # the same seed, so that later redraws continue the same sequence
                 kwargs["seed"] = cast(Any, old.feature_map).seed
+            own_map = kwargs.get("feature_map") is old.feature_map is not None  # kept as it is, in its own dtype
+            if own_map:
+                kwargs.pop("feature_map")
             with torch.random.fork_rng(devices=[], enabled=keep_features):  # features about to be replaced: a
                 # draw from torch's global generator would shift the user's later draws (dropout, initialisation)
                 new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
                                          **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+            if own_map:
+                new.feature_map = old.feature_map
             kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
             new.load_state_dict(kept, strict=False)
             trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
@@ -256,7 +262,8 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
             Swapping an already swapped model keeps its ``causal``, ``dropout`` and ``chunk_size`` (and
             ``recompute`` and ``num_features`` where the new kind has them) unless given; from "favor" to "favor"
             it keeps the drawn features and their seed too, unless ``seed`` or another ``num_features`` is given,
-            and from "linear" to "linear" a feature map of one's own. ``embed_dim``, ``num_heads`` and ``bias``
+            and from "linear" to "linear" a feature map of one's own, as it is (a change to another kind drops
+            it: back to "linear" is elu + 1 again). ``embed_dim``, ``num_heads`` and ``bias``
             come from the original.
 
     The replacements are new modules with new parameters (the weights copied): build the optimizer after swapping

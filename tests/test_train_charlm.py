@@ -261,6 +261,26 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(tmp_path, monkeypatch,
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_ctrl_c_in_the_final_evaluation_keeps_the_training(tmp_path, monkeypatch):
+    """The last checkpoint was written after the final held-out evaluation: a Ctrl-C there lost every step since
+    the previous checkpoint (all of them with the default --checkpoint-every 100 and --steps 100). Resuming now
+    only evaluates, and gives the uninterrupted run."""
+    config = tiny()
+    full = train_charlm(config, 4, out_dir=tmp_path / "full", eval_chars=300)
+    real_eval = train_module.evaluate_bpc
+    monkeypatch.setattr(train_module, "evaluate_bpc", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train_charlm(config, 4, out_dir=tmp_path / "cut", checkpoint_every=0, eval_chars=300)
+    monkeypatch.setattr(train_module, "evaluate_bpc", real_eval)
+    ckpt = read_resume_checkpoint(tmp_path / "cut")
+    assert ckpt["step"] == 4
+    resumed = train_charlm(config, 4, out_dir=tmp_path / "cut", resume_from=ckpt, eval_chars=300)
+    assert resumed.metrics["train_bpc"] == full.metrics["train_bpc"]
+    assert resumed.metrics["final_bpc"] == full.metrics["final_bpc"]
+    assert [(e["step"], e["heldout_bpc"]) for e in resumed.metrics["evals"]] == [
+        (e["step"], e["heldout_bpc"]) for e in full.metrics["evals"]]  # the seconds are timings
+
+
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     import json
 

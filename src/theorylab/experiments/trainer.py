@@ -343,10 +343,12 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if on_step is not None and env.is_main:
             on_step(StepInfo(done, steps, losses[-1], tokens_seen / max(train_seconds, 1e-12)))
 
+    if start < steps:  # the trained weights first: a Ctrl-C in the final evaluation must not lose the training
+        checkpoint(steps)
     final_bpc = heldout_bpc(steps)
     if not evals or evals[-1]["step"] != steps:
         evals.append({"step": steps, "seconds": train_seconds, "heldout_bpc": final_bpc})
-    checkpoint(steps)
+    checkpoint(steps)  # with the final evaluation
     metrics = {
         "final_bpc": final_bpc,
         "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else float("nan"),

@@ -473,3 +473,16 @@ def test_charlm_quick_judges_throughput_only_and_full_judges_the_bits_per_char(f
     assert not full.confirmed and "separable not worse" in full.notes
     assert f"separable ends {full.numbers['separable_bpc_cost']:+.3f} bits/char" in full.summary
     assert full.summary.endswith("(must be > 0)")
+
+
+def test_charlm_lists_every_criterion_of_its_verdict_as_a_check(fake_charlm, monkeypatch):
+    """Its checks were empty, so the report showed no criteria list (docs/cli.md: checks maps every criterion of the
+    verdict to whether it held); --quick leaves out the bits/char criterion it does not judge."""
+    monkeypatch.setitem(_FAKE, "favor", (50.0, *_FAKE["favor"][1:]))
+    full = extras_charlm.charlm_kinds(0, False)
+    assert list(full.checks.values()) == [False, True, True]
+    assert "favor throughput 0.500× softmax's (needs > 1×)" in full.checks
+    assert "separable ends +0.600 bits/char from softmax (needs > 0)" in full.checks
+    quick = extras_charlm.charlm_kinds(0, True)
+    assert len(quick.checks) == 2 and not any("separable" in c for c in quick.checks)
+    assert full.confirmed == all(full.checks.values())

@@ -79,3 +79,11 @@ def test_the_write_probe_does_not_touch_another_processs_probe_of_the_same_pid(t
     assert _args.check_writable(tmp_path) is None
     assert other.read_text() == "another node's probe"
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]  # ours is gone
+
+
+def test_a_broken_symbolic_link_as_the_output_folder_is_named_so(tmp_path):
+    """It read "cannot write to output folder ...: File exists", where nothing exists."""
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere" / "x")
+    why = _args.check_writable(link)
+    assert why is not None and "broken symbolic link" in why and "nowhere" in why

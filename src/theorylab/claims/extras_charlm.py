@@ -116,5 +116,13 @@ def charlm_kinds(seed: int, quick: bool) -> Evidence:
                f"{numbers['linear_speedup']:.3f}× (both must exceed 1×); separable ends "
                f"{numbers['separable_bpc_cost']:+.3f} bits/char from softmax ("
                + ("not judged in --quick)" if quick else "must be > 0)"))
+    checks = {f"favor throughput {numbers['favor_speedup']:.3f}× softmax's (needs > 1×)":
+              numbers["favor_speedup"] > 1.0,
+              f"linear throughput {numbers['linear_speedup']:.3f}× softmax's (needs > 1×)":
+              numbers["linear_speedup"] > 1.0}
+    if not quick:
+        checks[f"separable ends {numbers['separable_bpc_cost']:+.3f} bits/char from softmax (needs > 0)"] = \
+            numbers["separable_bpc_cost"] > 0.0
     return Evidence(confirmed=faster and costlier, numbers=numbers, method=method, figures={"bpc_vs_time": fig},
-                    key=["favor_speedup", "linear_speedup", "separable_bpc_cost"], notes=notes, summary=summary)
+                    key=["favor_speedup", "linear_speedup", "separable_bpc_cost"], notes=notes, summary=summary,
+                    checks=checks)

@@ -164,3 +164,55 @@ def test_float64_inputs_are_not_narrowed_for_a_half_precision_map():
     q, k, v = qkv(n=6)
     with pytest.raises(RuntimeError):  # the map's own dtype error, as torch's layers give
         linear_attention(q, k, v, SoftmaxMap().to(torch.bfloat16))
+
+
+class Malformed(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(x)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda x: torch.relu(x).sum(-1), r"shape \(\.\.\., N, M\)"),  # the feature dimension dropped
+    (lambda x: torch.relu(x)[..., :-1, :], r"shape \(\.\.\., N, M\)"),  # a position short
+    (lambda x: (x > 0), "floating-point"),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_map_of_the_wrong_shape_is_named(make, what, causal):
+    """It failed deep inside the kernels (a bmm's shapes, amax over an empty dimension), naming nothing of the map."""
+    q, k, v = (t.detach() for t in qkv(n=7, dtype=torch.float32))
+    with pytest.raises(ValueError, match=f"feature map Malformed must give .*{what}"):
+        linear_attention(q, k, v, Malformed(make), causal=causal)
+
+
+def test_a_log_features_rowwise_map_of_the_wrong_shape_is_named():
+    class Offset4d(LogSoftmaxMap):
+        def log_features_rowwise(self, x):
+            proj, offset = super().log_features_rowwise(x)
+            return proj, offset[..., None]
+
+    q, k, v = qkv(n=7)
+    with pytest.raises(ValueError, match=r"log_features_rowwise must return a per-row tensor of shape"):
+        linear_attention(q, k, v, Offset4d().double())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_log_features_rowwise_map_kept_in_bfloat16_works(causal):
+    """Its hook was given float32 inputs while its weight was bfloat16 (the other two kinds of map were cast)."""
+    fm = LogSoftmaxMap()
+    q, k, v = (t.detach() for t in qkv(dtype=torch.float32))
+    expected = linear_attention(q, k, v, fm, causal=causal)
+    out = linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), copy.deepcopy(fm).bfloat16(), causal=causal)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_map_that_gives_no_features_gives_zeros(causal):
+    """M = 0 (as heads of width 0 give): every normaliser is 0, so zeros, as for a query with no visible key; it
+    had raised IndexError from an amax over no features."""
+    q, k, v = (t.detach() for t in qkv(n=7))
+    out = linear_attention(q, k, v, Malformed(lambda x: x[..., :0]), causal=causal)
+    assert torch.equal(out, torch.zeros_like(v))

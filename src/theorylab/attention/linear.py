@@ -162,7 +162,7 @@ class _ColumnShifted:
     positive = True
     scaled = True
 
-    def __init__(self, fm: nn.Module) -> None:
+    def __init__(self, fm: nn.Module, map_dtype: torch.dtype | None) -> None:
         log_map = cast(_RowwiseLogFeatures, fm)  # _terms checked that it has log_features_rowwise
         count = int(log_map.num_features)  # any integer type (check_feature_map): torch's sizes want an int
         self.fm, self.width, self.num_features = fm, count, count
@@ -173,11 +173,15 @@ class _ColumnShifted:
         # a custom map may return its input (or a view of it) as the projection: the kernel works in place on
         # what it is given, so such a projection is copied first (the stock map's is always a new tensor)
         self.stock = stock
-        self.project = log_map.project if stock else (lambda x: log_map.log_features_rowwise(x)[0].clone())
+        # a map of one's own is checked, and given float32 inputs in its own half precision (the stock map casts)
+        rowwise = log_map.log_features_rowwise if stock else _checked_pair(
+            _in_dtype(log_map.log_features_rowwise, _half(map_dtype)), fm, "log_features_rowwise", count)
+        self.rowwise = rowwise
+        self.project = log_map.project if stock else (lambda x: rowwise(x)[0].clone())
 
     def keys(self, k: Tensor, pad: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """(None, ℓ(k) of shape (B, H, C, M), -inf where padded): φ(k) = exp(ℓ)."""
-        proj, offset = cast(_RowwiseLogFeatures, self.fm).log_features_rowwise(k)  # (B, H, C, M), (B, H, C)
+        proj, offset = self.rowwise(k)  # (B, H, C, M), (B, H, C)
         logw = proj.add_(offset[..., None]) if self.stock else proj + offset[..., None]
         if pad is not None:
             logw = logw.masked_fill_(pad[..., None], float("-inf"))
@@ -218,8 +222,8 @@ class _RowScaled:
         # a map kept in half precision (model.to(torch.bfloat16)) is given its float32 inputs in its own dtype: the
         # features, not the map, are accumulated in float32 (float64 inputs are not narrowed: the map refuses
         # them as torch's layers do)
-        self.half = map_dtype if map_dtype in (torch.float16, torch.bfloat16) else None
-        self.split = None if split is None else self._in_map_dtype(split)
+        self.half = _half(map_dtype)
+        self.split = None if split is None else _checked_pair(_in_dtype(split, self.half), fm, "log_scaled_features")
         self.scaled = self.split is not None
         self.num_features = int(getattr(fm, "num_features", None) or D)
 
@@ -242,28 +246,71 @@ class _RowScaled:
         # a plain map: each query's features scaled to max-abs 1 (its scale cancels too), so that small inputs
         # (relu features of q, k ~ 1e-10 in float32) do not put φ(q)ᵀΣφ(k) under safe_divide's threshold
         f = self._features(q)
+        if f.shape[-1] == 0:  # no features (heads of width 0, or a map that gives none): every normaliser is 0
+            return f
         return f / f.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
 
     def query_features(self, prepared: Tensor, ref: Tensor, *, sum_to_one: bool = False) -> Tensor:
         return prepared
 
     def _features(self, x: Tensor) -> Tensor:
-        if self.half is None or x.dtype != torch.float32:
-            return self.fm(x)
-        return self.fm(x.to(self.half)).to(x.dtype)
+        f = self.fm(x if self.half is None or x.dtype != torch.float32 else x.to(self.half))
+        _check_features(f, x, self.fm, "its output")
+        return f.to(x.dtype)
 
-    def _in_map_dtype(self, split: _Split) -> _Split:
-        def call(x: Tensor) -> tuple[Tensor, Tensor]:
-            if self.half is None or x.dtype != torch.float32:
-                return split(x)
-            base, log_scale = split(x.to(self.half))
-            return base.to(x.dtype), log_scale.to(x.dtype)
-        return call
+
+def _half(dtype: torch.dtype | None) -> torch.dtype | None:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _in_dtype(split: _Split, half: torch.dtype | None) -> _Split:
+    """``split`` called on float32 inputs cast to ``half`` (a map kept in half precision), its outputs cast back."""
+    if half is None:
+        return split
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dtype != torch.float32:
+            return split(x)
+        first, second = split(x.to(half))
+        return first.to(x.dtype), second.to(x.dtype)
+
+    return call
+
+
+def _checked_pair(split: _Split, fm: nn.Module, hook: str, count: int | None = None) -> _Split:
+    """``split`` whose pair of outputs is checked: (..., N, M) features, M = ``count`` when given, and (..., N)."""
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor]:
+        out = split(x)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise ValueError(f"linear_attention: the feature map's {hook} must return a pair of tensors; "
+                             f"{type(fm).__name__}'s returned {type(out).__name__}")
+        first, second = out
+        _check_features(first, x, fm, f"{hook}'s first tensor", count)
+        if not isinstance(second, Tensor) or second.shape != x.shape[:-1]:
+            raise ValueError(f"linear_attention: the feature map's {hook} must return a per-row tensor of shape "
+                             f"{tuple(x.shape[:-1])} second; {type(fm).__name__}'s has shape "
+                             f"{tuple(getattr(second, 'shape', ()))}")
+        return first.to(x.dtype), second.to(x.dtype)
+
+    return call
+
+
+def _check_features(f: object, x: Tensor, fm: nn.Module, what: str, count: int | None = None) -> None:
+    """ValueError naming the map unless ``f`` is a floating tensor of shape (*x.shape[:-1], M) (M = count)."""
+    ok = (isinstance(f, Tensor) and f.is_floating_point() and f.dim() == x.dim() and f.shape[:-1] == x.shape[:-1]
+          and (count is None or f.shape[-1] == count))
+    if not ok:
+        got = f"{tuple(f.shape)} {f.dtype}" if isinstance(f, Tensor) else type(f).__name__
+        want = f" with M = {count}" if count is not None else ""
+        raise ValueError(f"linear_attention: the feature map {type(fm).__name__} must give floating-point features "
+                         f"of shape (..., N, M) = {(*x.shape[:-1], 'M')}{want} for inputs of shape "
+                         f"{tuple(x.shape)}; {what} is {got}")
 
 
 def _terms(fm: nn.Module, D: int, map_dtype: torch.dtype | None) -> _ColumnShifted | _RowScaled:
     if hasattr(fm, "log_features_rowwise"):
-        return _ColumnShifted(fm)
+        return _ColumnShifted(fm, map_dtype)
     return _RowScaled(fm, D, map_dtype)
 
 

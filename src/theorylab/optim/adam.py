@@ -254,18 +254,26 @@ class Adam(ChainOptimizer):
                              f"contradicts decay={decay!r}")
         return wanted
 
-    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any],
+                          torch_name: str) -> dict[str, Any] | None:
         """A torch.optim.Adam or AdamW group as this optimizer's, where the decay mode agrees: AdamW's is
         ``"decoupled_lr"``, Adam's ``"l2"`` (torch 2.4 saves the two alike: without weight decay they agree). Their
         state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) is ours, so a run moves over and goes on
         as it would have in torch; torch's execution switches (foreach, fused) are dropped."""
-        if "amsgrad" not in saved or saved.get("capturable") or saved.get("differentiable"):
+        if "amsgrad" not in saved:
             return None
+        on = [k for k in ("capturable", "differentiable") if saved.get(k)]
+        if on:
+            raise ValueError(f"it is a {torch_name} state saved with {' and '.join(f'{k}=True' for k in on)}, which "
+                             "theorylab's optimizers do not implement (save it with the option off)")
         if saved.get("weight_decay", 0) != 0:
-            if "decoupled_weight_decay" not in saved:  # torch 2.4: Adam's or AdamW's?
-                return None
-            if ("decoupled_lr" if saved["decoupled_weight_decay"] else "l2") != current["decay"]:
-                return None
+            if "decoupled_weight_decay" not in saved:
+                raise ValueError(f"it is a {torch_name} state with weight decay, and this torch does not record "
+                                 "which of the two it was (their decays differ): load it where it was saved")
+            theirs = "decoupled_lr" if saved["decoupled_weight_decay"] else "l2"
+            if theirs != current["decay"]:
+                raise ValueError(f"it is a {torch_name} state, whose decay is theorylab's decay={theirs!r}; this "
+                                 f"group's is {current['decay']!r} (build the optimizer with decay={theirs!r})")
         torch_only = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
         return {**{k: v for k, v in saved.items() if k not in torch_only}, "decay": current["decay"],
                 CONSTRUCTION_LR_KEY: current.get(CONSTRUCTION_LR_KEY, saved.get("lr"))}

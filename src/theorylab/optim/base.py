@@ -207,9 +207,12 @@ class ChainOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters, storing numbers back as floats (see the class docstring); override."""
 
-    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
-        """A torch.optim parameter group being loaded, as this optimizer's group where it means the same update
-        (state included), else None (refused). None here: see :meth:`Adam._from_torch_group`."""
+    def _from_torch_group(self, saved: dict[str, Any], current: dict[str, Any],
+                          torch_name: str) -> dict[str, Any] | None:
+        """A group of a torch.optim state_dict being loaded (``torch_name`` says whose), as this optimizer's group
+        where it means the same update (state included); None where it is not a kind this optimizer converts (the
+        load is refused), ValueError saying why where it is but would step differently. None here: see
+        :meth:`Adam._from_torch_group`."""
         return None
 
     def check_torch_keys(self, group: dict[str, Any]) -> None:
@@ -307,7 +310,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             # torch.optim.SGD's momentum_buffer is in gradient units, SGDMomentum's in lr·gradient units: a
             # torch.optim state is refused even where no key is missing
             torch_name = _torch_optimizer_name(saved) if saved_kind is None else None
-            converted = self._from_torch_group(saved, current) if torch_name else None
+            try:
+                converted = self._from_torch_group(saved, current, torch_name) if torch_name else None
+            except ValueError as e:  # a torch.optim state this optimizer would step differently: say why
+                raise ValueError(f"cannot load this state_dict into {name}: its parameter group {i}: {e}") from None
             if converted is not None:  # the same update under torch's names
                 saved, torch_name = converted, None
                 missing = [k for k in required if k not in saved]

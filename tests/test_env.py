@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from theorylab import env
 
@@ -99,3 +101,27 @@ def test_the_environment_records_the_cores_this_run_may_use(monkeypatch):
     monkeypatch.setattr(env, "available_cores", lambda: 1)
     e = env.environment()
     assert e["available_cores"] == 1 and e["cpu_count"] == os.cpu_count()
+
+
+def test_the_environment_names_the_gpus_and_the_cuda_build(monkeypatch):
+    """A GPU bug report needs the devices and the CUDA build; it had recorded only cuda_available."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    cuda = env.environment()["cuda"]
+    assert cuda == {"devices": ["GPU 0", "GPU 1"], "cuda_version": "13.0", "cudnn": 91000, "nccl": "2.27.3"}
+
+
+def test_the_environment_records_omp_num_threads_and_the_source_commit(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    e = env.environment()
+    assert e["omp_num_threads"] == "1"
+    if (Path(env.__file__).resolve().parents[2] / ".git").exists():  # a checkout: its commit, 12 hex digits
+        assert e["source"] is not None and len(e["source"].split("+")[0]) == 12
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert env.environment()["omp_num_threads"] is None
+    monkeypatch.setattr(env, "__file__", "/nonexistent/site-packages/theorylab/env.py")
+    assert env._source_commit() is None  # an installed copy

@@ -94,6 +94,26 @@ def test_corrupt_checkpoint_exits_2_and_is_left_alone(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_a_checkpoint_with_non_finite_values_exits_2_and_is_left_alone(tmp_path, capsys, where):
+    """A resume from damaged weights trained one step and blamed the lr ("training loss became nan at step 3;
+    lower the learning rate"), exit 1; `sample` had already refused such a file."""
+    import torch
+
+    assert charlm(tmp_path, "--steps", "2") == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    tensors = state["model"] if where == "model" else state["optimizer"]["state"][0]
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.dim() > 0)
+    tensors[name].view(-1)[0] = float("nan")
+    torch.save(state, ckpt)
+    before = snapshot(tmp_path)
+    assert charlm(tmp_path, "--steps", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "corrupt or tampered: non-finite values in" in err and name in err
+    assert snapshot(tmp_path) == before
+
+
 def test_existing_checkpoint_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
     assert charlm(tmp_path, "--steps", "2") == 0
     before = snapshot(tmp_path)

@@ -6,12 +6,15 @@ import datetime as _dt
 import math
 import os
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
 
-_PACKAGES = ("theorylab", "torch", "numpy", "scipy", "scikit-learn", "matplotlib", "rich", "hypothesis")
+_PACKAGES = ("theorylab", "torch", "numpy", "scipy", "scikit-learn", "matplotlib", "rich", "hypothesis",
+             "performer-pytorch")
 
 
 #: where a container's CPU quota lives: cgroup v2 ("QUOTA PERIOD" or "max PERIOD"), then v1 (quota -1: none)
@@ -100,6 +103,39 @@ def environment() -> dict[str, Any]:
         "available_cores": available_cores(),  # this run's: affinity and a container's quota (4.4's workers)
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # None: unset (torch then takes the cores)
         "cuda_available": torch.cuda.is_available(),
+        "cuda": _cuda(),
+        "source": _source_commit(),
         "versions": versions,
     }
+
+
+def _cuda() -> dict[str, Any] | None:
+    """The GPUs and the CUDA build a GPU benchmark or bug report needs; None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except (AttributeError, RuntimeError):  # a build without NCCL
+        nccl = None
+    return {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "cuda_version": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "nccl": nccl}
+
+
+def _source_commit() -> str | None:
+    """The git commit of the checkout theorylab runs from (an editable install; every commit says 0.1.0), with
+    "+changes" when its working tree differs; None for an installed copy, or without git."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "AdamW step on 10M parameters against torch.optim.AdamW (foreach and fused); "
                                    "rnn: exact Jacobian norms and Lyapunov spectra against autograd and an SVD per "
                                    "step; decode: one token after a context of n, recurrent state against a KV "
-                                   "cache. Each takes minutes.")
+                                   "cache. Each takes minutes. Every suite's sizes, baselines and targets, and the "
+                                   "tables they gave: docs/benchmarks.md.")
     p.add_argument("suite", choices=SUITES, help="which system to benchmark")
     p.add_argument("--json", metavar="FILE",
                    help="also write the results as JSON (a missing folder of FILE is created)")

@@ -26,5 +26,5 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             for pkg, ver in v.items():
                 print(f"{pkg:>22}: {ver or 'not installed'}")
         else:
-            print(f"{k:>22}: {v}")
+            print(f"{k:>22}: {'-' if v is None else v}")  # None: not set, no GPU, not a git checkout
     return 0

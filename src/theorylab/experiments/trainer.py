@@ -140,9 +140,25 @@ def read_resume_checkpoint(out_dir: str | Path, corpus: CharCorpus | None = None
         problems.append("evals is not a list of {step, seconds, heldout_bpc}")
     if not _numbers([ckpt.get("train_seconds", 0.0)]) or not _is_int(ckpt.get("tokens_seen", 0), 0):
         problems.append("train_seconds or tokens_seen is invalid")
+    # training never saves non-finite weights or moments (it stops first): a damaged file, which would otherwise
+    # train one step and blame the learning rate
+    bad = _non_finite(ckpt.get("model"), "") + _non_finite(ckpt.get("optimizer", {}).get("state")
+                                                           if isinstance(ckpt.get("optimizer"), dict) else None,
+                                                           "optimizer state ")
+    if bad:
+        problems.append(f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
     if problems:
         raise CheckpointError(f"checkpoint in {str(out_dir)!r} is corrupt or tampered: {'; '.join(problems)}")
     return ckpt
+
+
+def _non_finite(tree: Any, prefix: str) -> list[str]:
+    """The names of the floating-point tensors in a nested dict that hold NaN or ±inf."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix.rstrip(". ")] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    if isinstance(tree, dict):
+        return [name for k, v in tree.items() for name in _non_finite(v, f"{prefix}{k}.".lstrip("."))]
+    return []
 
 
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.Adam's per-parameter state (amsgrad off)

@@ -305,7 +305,7 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_FILE if out is not None else None
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, wait: bool = True) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # keep the last good checkpoint
             raise FloatingPointError(f"the weights became non-finite at step {step}; lower the learning rate")
         if ckpt_path is not None and env.is_main:
@@ -317,7 +317,8 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
                 # threads: a resumed run continues on as many (another count rounds differently)
                 "options": {"checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_chars": eval_chars,
                             "threads": torch.get_num_threads()}})
-        barrier(env)
+        if wait:
+            barrier(env)
 
     def heldout_bpc(step: int) -> float:
         bpc = evaluate_bpc(model, corpus.heldout, config.seq_len, env=env, max_chars=eval_chars)
@@ -359,12 +360,15 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if on_step is not None and env.is_main:
             on_step(StepInfo(done, steps, losses[-1], tokens_seen / max(train_seconds, 1e-12)))
 
-    if start < steps:  # the trained weights first: a Ctrl-C in the final evaluation must not lose the training
-        checkpoint(steps)
-    final_bpc = heldout_bpc(steps)
+    try:
+        final_bpc = heldout_bpc(steps)
+    except KeyboardInterrupt:  # trained, not yet evaluated: keep the training for --resume (a divergence that the
+        if start < steps:      # evaluation finds still writes nothing); no barrier: every rank is stopping
+            checkpoint(steps, wait=False)
+        raise
     if not evals or evals[-1]["step"] != steps:
         evals.append({"step": steps, "seconds": train_seconds, "heldout_bpc": final_bpc})
-    checkpoint(steps)  # with the final evaluation
+    checkpoint(steps)
     metrics = {
         "final_bpc": final_bpc,
         "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else float("nan"),

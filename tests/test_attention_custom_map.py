@@ -176,15 +176,16 @@ class Malformed(nn.Module):
 
 
 @pytest.mark.parametrize("make, what", [
-    (lambda x: torch.relu(x).sum(-1), r"shape \(\.\.\., N, M\)"),  # the feature dimension dropped
-    (lambda x: torch.relu(x)[..., :-1, :], r"shape \(\.\.\., N, M\)"),  # a position short
+    (lambda x: torch.relu(x).sum(-1), r"features \(\.\.\., n, M\); for inputs \(\.\.\., 7, 8\) its output is "
+                                       r"\(\.\.\., \d, 7\)"),  # the feature dimension dropped
+    (lambda x: torch.relu(x)[..., :-1, :], r"its output is \(\.\.\., 6, 8\)"),  # a position short
     (lambda x: (x > 0), "floating-point"),
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_a_map_of_the_wrong_shape_is_named(make, what, causal):
     """It failed deep inside the kernels (a bmm's shapes, amax over an empty dimension), naming nothing of the map."""
     q, k, v = (t.detach() for t in qkv(n=7, dtype=torch.float32))
-    with pytest.raises(ValueError, match=f"feature map Malformed must give .*{what}"):
+    with pytest.raises(ValueError, match=f"feature map Malformed must map .*{what}"):
         linear_attention(q, k, v, Malformed(make), causal=causal)
 
 
@@ -195,7 +196,7 @@ def test_a_log_features_rowwise_map_of_the_wrong_shape_is_named():
             return proj, offset[..., None]
 
     q, k, v = qkv(n=7)
-    with pytest.raises(ValueError, match=r"log_features_rowwise must return a per-row tensor of shape"):
+    with pytest.raises(ValueError, match=r"log_features_rowwise must return a second tensor of one value per row"):
         linear_attention(q, k, v, Offset4d().double())
 
 

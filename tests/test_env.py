@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,9 +111,13 @@ def test_the_environment_names_the_gpus_and_the_cuda_build(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
-    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    monkeypatch.setattr(torch.cuda, "nccl", SimpleNamespace(version=lambda: (2, 27, 3)))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     cuda = env.environment()["cuda"]
-    assert cuda == {"devices": ["GPU 0", "GPU 1"], "cuda_version": "13.0", "cudnn": 91000, "nccl": "2.27.3"}
+    assert cuda == {"count": 2, "devices": ["GPU 0", "GPU 1"], "cuda_version": "13.0", "cudnn": 91000,
+                    "nccl": "2.27.3"}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # names only once CUDA is up: reading
+    assert env.environment()["cuda"]["devices"] is None  # them would make a context on every GPU
 
 
 def test_the_environment_records_omp_num_threads_and_the_source_commit(monkeypatch):

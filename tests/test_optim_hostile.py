@@ -347,8 +347,12 @@ def test_a_torch_state_a_different_update_is_refused():
     _, state_dict = saved_after_steps("torch.optim.AdamW")
     with pytest.raises(ValueError, match=r"group 0: it is a torch.optim.(AdamW state, whose decay is theorylab's "
                                          r"decay='decoupled_lr'; this group's is 'l2'|Adam or AdamW state with weight "
-                                         r"decay, and this torch does not record)"):
+                                         r"decay, saved by a torch \(2.4\))"):
         Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(state_dict)
+    with_decay = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.1, weight_decay=0.1).state_dict()
+    if "decoupled_weight_decay" in with_decay["param_groups"][0]:  # torch >= 2.5 says which it is
+        with pytest.raises(ValueError, match=r"build the optimizer with theorylab.optim.Adam\(decay='l2'\)"):
+            AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1).load_state_dict(with_decay)  # not AdamW(decay=)
     _, state_dict = saved_after_steps("torch.optim.Adam")
     state_dict["param_groups"][0]["capturable"] = True  # the message had blamed the decay
     with pytest.raises(ValueError, match="torch.optim.Adam.* state saved with capturable=True"):

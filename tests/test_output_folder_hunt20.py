@@ -87,3 +87,10 @@ def test_a_broken_symbolic_link_as_the_output_folder_is_named_so(tmp_path):
     link.symlink_to(tmp_path / "nowhere" / "x")
     why = _args.check_writable(link)
     assert why is not None and "broken symbolic link" in why and "nowhere" in why
+
+
+def test_a_broken_symbolic_link_above_the_output_folder_is_named_too(tmp_path):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    why = _args.check_writable(link / "sub" / "run")
+    assert why is not None and f"its folder {str(link)!r} is a broken symbolic link" in why

@@ -281,6 +281,30 @@ def test_a_ctrl_c_in_the_final_evaluation_keeps_the_training(tmp_path, monkeypat
         (e["step"], e["heldout_bpc"]) for e in full.metrics["evals"]]  # the seconds are timings
 
 
+def test_a_run_cut_in_its_final_evaluation_then_extended_keeps_that_evaluation(tmp_path, monkeypatch):
+    """Checkpointed without the evaluation of its last step (on the eval grid), then extended: the uninterrupted
+    longer run has that evaluation, and so does this one."""
+    config = tiny()
+    longer = train_charlm(config, 6, out_dir=tmp_path / "longer", eval_every=2, eval_chars=300)
+    real_eval = train_module.evaluate_bpc
+    calls = []
+
+    def interrupt_the_last(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # steps 0 and 2, then the final one at 4
+            raise KeyboardInterrupt
+        return real_eval(*args, **kw)
+
+    monkeypatch.setattr(train_module, "evaluate_bpc", interrupt_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        train_charlm(config, 4, out_dir=tmp_path / "cut", eval_every=2, checkpoint_every=0, eval_chars=300)
+    monkeypatch.setattr(train_module, "evaluate_bpc", real_eval)
+    extended = train_charlm(config, 6, out_dir=tmp_path / "cut", resume_from=read_resume_checkpoint(tmp_path / "cut"),
+                            eval_every=2, eval_chars=300)
+    assert [(e["step"], e["heldout_bpc"]) for e in extended.metrics["evals"]] == [
+        (e["step"], e["heldout_bpc"]) for e in longer.metrics["evals"]]
+
+
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     import json
 

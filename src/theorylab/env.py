@@ -112,15 +112,18 @@ def environment() -> dict[str, Any]:
 
 
 def _cuda() -> dict[str, Any] | None:
-    """The GPUs and the CUDA build a GPU benchmark or bug report needs; None without a GPU."""
+    """The GPUs and the CUDA build a GPU benchmark or bug report needs; None without a GPU. The devices' names only
+    where CUDA is initialised already (reading them initialises it: a context on every GPU of a CPU-only run)."""
     if not torch.cuda.is_available():
         return None
     try:
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
     except (AttributeError, RuntimeError):  # a build without NCCL
         nccl = None
-    return {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "cuda_version": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "nccl": nccl}
+    count = torch.cuda.device_count()
+    names = [torch.cuda.get_device_name(i) for i in range(count)] if torch.cuda.is_initialized() else None
+    return {"count": count, "devices": names, "cuda_version": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "nccl": nccl}
 
 
 def _source_commit() -> str | None:
@@ -129,13 +132,21 @@ def _source_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
+    # this checkout's, whatever GIT_DIR a git hook set; --no-optional-locks: status must not rewrite the index
+    # (its lock would fail the user's own git commands meanwhile)
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, env=env)
+
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0:
         return None
-    return head.stdout.strip() + ("+changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    if dirty.returncode != 0:
+        return head.stdout.strip() + "+unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")

@@ -288,9 +288,9 @@ def _checked_pair(split: _Split, fm: nn.Module, hook: str, count: int | None = N
         first, second = out
         _check_features(first, x, fm, f"{hook}'s first tensor", count)
         if not isinstance(second, Tensor) or second.shape != x.shape[:-1]:
-            raise ValueError(f"linear_attention: the feature map's {hook} must return a per-row tensor of shape "
-                             f"{tuple(x.shape[:-1])} second; {type(fm).__name__}'s has shape "
-                             f"{tuple(getattr(second, 'shape', ()))}")
+            got = _shape_text(second.shape) if isinstance(second, Tensor) else f"a {type(second).__name__}"
+            raise ValueError(f"linear_attention: the feature map's {hook} must return a second tensor of one value "
+                             f"per row, (..., n); for inputs {_shape_text(x.shape)} {type(fm).__name__}'s is {got}")
         return first.to(x.dtype), second.to(x.dtype)
 
     return call
@@ -301,11 +301,16 @@ def _check_features(f: object, x: Tensor, fm: nn.Module, what: str, count: int |
     ok = (isinstance(f, Tensor) and f.is_floating_point() and f.dim() == x.dim() and f.shape[:-1] == x.shape[:-1]
           and (count is None or f.shape[-1] == count))
     if not ok:
-        got = f"{tuple(f.shape)} {f.dtype}" if isinstance(f, Tensor) else type(f).__name__
-        want = f" with M = {count}" if count is not None else ""
-        raise ValueError(f"linear_attention: the feature map {type(fm).__name__} must give floating-point features "
-                         f"of shape (..., N, M) = {(*x.shape[:-1], 'M')}{want} for inputs of shape "
-                         f"{tuple(x.shape)}; {what} is {got}")
+        got = f"{_shape_text(f.shape)} {f.dtype}" if isinstance(f, Tensor) else f"a {type(f).__name__}"
+        want = f"M = {count}" if count is not None else "M"
+        raise ValueError(f"linear_attention: the feature map {type(fm).__name__} must map (..., n, D) to "
+                         f"floating-point features (..., n, {want}); for inputs {_shape_text(x.shape)} {what} is "
+                         f"{got}")
+
+
+def _shape_text(shape: torch.Size) -> str:
+    """The last two sizes of a shape, as the feature maps see them: the kernels call them on chunks."""
+    return "(..., " + ", ".join(map(str, tuple(shape)[-2:])) + ")" if len(shape) > 2 else str(tuple(shape))
 
 
 def _terms(fm: nn.Module, D: int, map_dtype: torch.dtype | None) -> _ColumnShifted | _RowScaled:

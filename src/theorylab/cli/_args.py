@@ -54,8 +54,10 @@ def check_writable(folder: Path, what: str = "output folder") -> str | None:
     try:
         if folder.exists() and not folder.is_dir():
             return f"{what} {str(folder)!r} is a file, not a folder"
-        if folder.is_symlink() and not folder.exists():  # mkdir would say "File exists"
-            return f"{what} {str(folder)!r} is a broken symbolic link (to {os.readlink(folder)!r})"
+        for part in (folder, *folder.parents):  # mkdir would say "File exists"
+            if part.is_symlink() and not part.exists():
+                where = f"{what} {str(folder)!r}" + ("" if part == folder else f": its folder {str(part)!r}")
+                return f"{where} is a broken symbolic link (to {os.readlink(part)!r})"
         folder.mkdir(parents=True, exist_ok=True)
         # a unique name: ranks of a multi-node job on a shared folder can have the same process id
         fd, probe = tempfile.mkstemp(prefix=".theorylab-write-test-", dir=folder)

@@ -329,6 +329,9 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
     if resume_from is not None and evals and evals[-1]["step"] == start and start > 0 and \
             not (eval_every and start % eval_every == 0):
         evals.pop()  # the final eval of the run being extended, off the eval grid: an uninterrupted run has none
+    if resume_from is not None and eval_every and 0 < start < steps and start % eval_every == 0 and \
+            (not evals or evals[-1]["step"] != start):  # checkpointed by a Ctrl-C in its final evaluation, and
+        evals.append({"step": start, "seconds": train_seconds, "heldout_bpc": heldout_bpc(start)})  # now extended
 
     model.train()
     if eval_every and start == 0:  # the untrained model: the start of the bits/char-against-time curve

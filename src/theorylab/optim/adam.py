@@ -268,12 +268,14 @@ class Adam(ChainOptimizer):
                              "theorylab's optimizers do not implement (save it with the option off)")
         if saved.get("weight_decay", 0) != 0:
             if "decoupled_weight_decay" not in saved:
-                raise ValueError(f"it is a {torch_name} state with weight decay, and this torch does not record "
-                                 "which of the two it was (their decays differ): load it where it was saved")
+                raise ValueError(f"it is a {torch_name} state with weight decay, saved by a torch (2.4) that does "
+                                 "not record which of the two it was (their decays differ): load it into the "
+                                 "torch.optim optimizer that saved it, or save it again from torch >= 2.5")
             theirs = "decoupled_lr" if saved["decoupled_weight_decay"] else "l2"
             if theirs != current["decay"]:
+                build = "theorylab.optim.Adam(decay='l2')" if isinstance(self, AdamW) else f"decay={theirs!r}"
                 raise ValueError(f"it is a {torch_name} state, whose decay is theorylab's decay={theirs!r}; this "
-                                 f"group's is {current['decay']!r} (build the optimizer with decay={theirs!r})")
+                                 f"group's is {current['decay']!r} (build the optimizer with {build})")
         torch_only = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
         return {**{k: v for k, v in saved.items() if k not in torch_only}, "decay": current["decay"],
                 CONSTRUCTION_LR_KEY: current.get(CONSTRUCTION_LR_KEY, saved.get("lr"))}

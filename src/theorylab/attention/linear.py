@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -135,8 +134,11 @@ def check_feature_map(feature_map: object, D: int, name: str = "linear_attention
 def _map_dtype(feature_map: nn.Module) -> torch.dtype | None:
     """The dtype of the map's first floating parameter, else of its first floating buffer (the stock maps' random
     features), else None (a map of no tensors, such as elu + 1)."""
-    tensors = itertools.chain(feature_map.parameters(), feature_map.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+    for tensors in (feature_map.parameters(), feature_map.buffers()):  # loops: torch 2.4's dynamo cannot trace
+        for t in tensors:                                                # next() with a default
+            if t.is_floating_point():
+                return t.dtype
+    return None
 
 
 class _RowwiseLogFeatures(Protocol):
@@ -282,7 +284,7 @@ def _checked_pair(split: _Split, fm: nn.Module, hook: str, count: int | None = N
 
     def call(x: Tensor) -> tuple[Tensor, Tensor]:
         out = split(x)
-        if not (isinstance(out, tuple | list) and len(out) == 2):
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(f"linear_attention: the feature map's {hook} must return a pair of tensors; "
                              f"{type(fm).__name__}'s returned {type(out).__name__}")
         first, second = out

@@ -268,7 +268,11 @@ def test_a_ctrl_c_in_the_final_evaluation_keeps_the_training(tmp_path, monkeypat
     config = tiny()
     full = train_charlm(config, 4, out_dir=tmp_path / "full", eval_chars=300)
     real_eval = train_module.evaluate_bpc
-    monkeypatch.setattr(train_module, "evaluate_bpc", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate_bpc", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_charlm(config, 4, out_dir=tmp_path / "cut", checkpoint_every=0, eval_chars=300)
     monkeypatch.setattr(train_module, "evaluate_bpc", real_eval)

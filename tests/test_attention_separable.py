@@ -138,3 +138,16 @@ def test_default_chunk_is_the_cpu_one_on_cpu_and_meta_and_larger_on_an_accelerat
     assert separable._default_chunk(torch.device("meta")) == separable.SEPARABLE_CHUNK
     assert separable._default_chunk(torch.device("cuda")) == separable.ACCELERATOR_SEPARABLE_CHUNK \
         > separable.SEPARABLE_CHUNK
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_the_causal_cost_is_the_docstrings_formula(chunk):
+    """4 n D Dv for the state, 2 n C (D + Dv) for the intra-chunk products (B = H = 1): linear in n."""
+    from theorylab.cost import count_flops
+
+    n, d, dv = 1024, 16, 8
+    q, k = (torch.empty(1, 1, n, d, device="meta") for _ in range(2))
+    v = torch.empty(1, 1, n, dv, device="meta")
+    assert count_flops(separable_attention, q, k, v) == 4 * n * d * dv
+    causal = count_flops(separable_attention, q, k, v, causal=True, chunk_size=chunk)
+    assert causal == 4 * n * d * dv + 2 * n * chunk * (d + dv)

@@ -86,3 +86,43 @@ def test_a_torch_positional_argument_landing_on_decay_is_explained(make):
     with pytest.raises(ValueError, match="by keyword") as info:
         make([torch.nn.Parameter(torch.ones(3))])
     assert "Invalid decay mode" in str(info.value)
+
+
+@pytest.mark.parametrize("step_of", [int, float, lambda t: torch.tensor(int(t), dtype=torch.int64)])
+@pytest.mark.parametrize("pair", [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)])
+def test_a_step_count_saved_as_a_number_loads_and_resumes_as_torch_does(pair, step_of):
+    """torch.optim before 1.12 saved ``state["step"]`` as a number, which torch still loads; it had loaded here
+    and then failed at the next step with "'int' object has no attribute 'item'", after one count had moved."""
+    ours, theirs = pair
+    results = []
+    for cls in (ours, theirs):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+        opt = cls([p], lr=0.1, weight_decay=0.01)
+        for _ in range(3):
+            p.grad = torch.sin(p.detach() * 3)
+            opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        saved["state"][0]["step"] = step_of(saved["state"][0]["step"])
+        resumed = cls([p], lr=0.1, weight_decay=0.01)
+        resumed.load_state_dict(saved)
+        for _ in range(3):
+            p.grad = torch.sin(p.detach() * 3)
+            resumed.step()
+        assert float(resumed.state[p]["step"]) == 6.0
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, float("nan"), float("inf"), "3", True, None, torch.tensor([1.0, 2.0])])
+def test_a_step_count_that_is_not_a_count_is_refused_at_the_load(bad):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = bad
+    fresh = SGD([p], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"state of parameter 0 has step .*, not a count of steps"):
+        fresh.load_state_dict(saved)
+    assert fresh.state_dict()["state"] == {}

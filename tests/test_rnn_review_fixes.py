@@ -291,7 +291,7 @@ def test_activation_name_of_the_wrong_type_is_named(name):
 
 
 def test_lyapunov_names_a_wrong_rnn_type():
-    with pytest.raises(ValueError, match="theorylab.rnn.RNN, got RNN"):
+    with pytest.raises(ValueError, match=r"theorylab.rnn.RNN \(or torch.compile of one\), got RNN"):
         lyapunov_spectrum(torch.nn.RNN(2, 2), torch.randn(1, 2, 2), None, 1)
 
 

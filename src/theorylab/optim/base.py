@@ -300,6 +300,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"cannot load this state_dict into {name}: its {SKIPPED_STEPS_KEY} is {skipped!r}, "
                              "not a count")
         state_dict = {**state_dict, SKIPPED_STEPS_KEY: int(skipped)}
+        if isinstance(state_dict.get("state"), dict):
+            state_dict["state"] = _tensor_steps(state_dict["state"], name)
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict
@@ -403,7 +405,9 @@ class ChainOptimizer(torch.optim.Optimizer):
                 continue
             _check_steppable(type(self).__name__, group_index, group["params"])
             if any(p.grad.is_sparse for p in params):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (nn.Embedding(sparse="
+                                   "True) gives them): make them dense, or step those parameters with an optimizer "
+                                   "of their own (torch.optim.SparseAdam, or torch.optim.SGD)")
             policy = group.get("nonfinite", "raise")
             if policy != "propagate" and not _all_finite([p.grad for p in params]):
                 if policy == "skip":  # the whole step, after the other groups had their chance to raise
@@ -584,3 +588,34 @@ def _all_finite_on_one_device(tensors: list[Tensor]) -> bool:
 def as_param_list(params: Iterable[Any]) -> Iterable[Any]:
     """Materialise generators so that the emptiness check of torch.optim gives a clear error."""
     return list(params) if not isinstance(params, Tensor) else params
+
+
+def _tensor_steps(state: dict[Any, Any], name: str) -> dict[Any, Any]:
+    """``state`` (a state_dict's per-parameter states) with every step count a float32 tensor, as the step reads it.
+
+    torch.optim before 1.12 saved ``state["step"]`` as a Python number, and torch's own optimizers still load such
+    checkpoints (converting it, as here). Anything that is not a count (negative, fractional, non-finite, not a
+    number) is refused before anything is loaded: it would fail, or give wrong bias corrections, at the next step.
+    """
+    converted = {}
+    for index, entry in state.items():
+        if not isinstance(entry, dict) or "step" not in entry:
+            converted[index] = entry
+            continue
+        step = entry["step"]
+        if isinstance(step, Tensor):
+            real = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+            value = float(step) if real else None
+        elif isinstance(step, numbers.Real) and not isinstance(step, bool):
+            value = float(step)
+        else:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"cannot load this state_dict into {name}: the state of parameter {index!r} has step "
+                             f"{step!r}, not a count of steps")
+        if not isinstance(step, Tensor):
+            entry = {**entry, "step": torch.tensor(value, dtype=torch.float32)}
+        elif step.dtype != torch.float32 or step.dim() != 0:  # an integer count, say: the step adds to it in place
+            entry = {**entry, "step": torch.tensor(value, dtype=torch.float32, device=step.device)}
+        converted[index] = entry
+    return converted

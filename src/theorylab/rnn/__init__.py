@@ -10,6 +10,11 @@ lyapunov_spectrum(rnn, x, h0, k)           # (B, k): top-k Lyapunov exponents, n
 certificate(rnn)                           # sigma_max(W) * gamma, the bound delta^T, vanishing guaranteed?
 derivative_bound("gelu")                   # sup |sigma'| = Phi(sqrt 2) + sqrt 2 phi(sqrt 2) = 1.1289...
 ```
+
+The diagnostics take the module or ``torch.compile(rnn)``, and leave it as it was: a parametrized W
+(``torch.nn.utils.parametrizations.spectral_norm``, ``orthogonal``) is computed once per call, in eval mode, so
+spectral_norm's power iteration does not advance. Inside ``torch.autocast`` the module runs in autocast's dtype,
+as ``torch.nn.RNN`` does.
 """
 
 from .activations import ACTIVATIONS, derivative_bound, get_activation

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads, threads_for
 from .activations import get_activation
-from .model import FORMS, RNN
+from .model import FORMS, RNN, as_rnn, read_for_diagnostics
 
 F64 = torch.float64
 
@@ -165,11 +165,11 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
 
 def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
     """The one-step Jacobians of ``rnn`` along the trajectory from h0 driven by x, in float64."""
-    if not isinstance(rnn, RNN):
-        raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
-    rnn.check_inputs(x, h0)
-    rnn.check_finite_parameters()  # a NaN in W reached LAPACK as "eigenvalues did not converge"
-    W, U, b = _as_float64_params(rnn)
+    rnn = as_rnn(rnn)
+    with read_for_diagnostics(rnn):
+        rnn.check_inputs(x, h0)
+        rnn.check_finite_parameters()  # a NaN in W reached LAPACK as "eigenvalues did not converge"
+        W, U, b = _as_float64_params(rnn)
     d, log_scale = trajectory_derivatives(W, U, b, rnn.activation, x.detach(), None if h0 is None else h0.detach(),
                                           rnn.form, scaled=True)
     return JacobianFactors(W, d, rnn.form == "h", log_scale)

@@ -42,7 +42,7 @@ from torch import Tensor
 from ._threads import numpy_blas_threads
 from .activations import derivative_bound
 from .jacobian import F64, JacobianFactors, check_factors_finite, jacobian_factors
-from .model import RNN
+from .model import RNN, as_rnn, read_for_diagnostics
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, *, hi_label: str = "") -> int:
@@ -194,13 +194,14 @@ def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1,
             wrong shape; W, U or b not finite (naming the parameter).
         TypeError: x is not floating point.
     """
-    if not isinstance(rnn, RNN):
-        raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
+    rnn = as_rnn(rnn)
     k = _check_k(k, rnn.hidden_size)
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)  # fail before the trajectory is run
     seed = _check_int("seed", seed, 0)
-    rnn.check_finite_parameters()  # W, U and b all shape the trajectory
-    return lyapunov_from_factors(jacobian_factors(rnn, x, h0), k, reorthonormalize_every=every, seed=seed)
+    with read_for_diagnostics(rnn):
+        rnn.check_finite_parameters()  # W, U and b all shape the trajectory
+        factors = jacobian_factors(rnn, x, h0)
+    return lyapunov_from_factors(factors, k, reorthonormalize_every=every, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -265,10 +266,10 @@ def certificate(rnn: RNN) -> Certificate:
             (U and b are not checked for finiteness: the certificate does not read them).
         TypeError: a parameter (W, U or b) is not real floating point.
     """
-    if not isinstance(rnn, RNN):
-        raise ValueError(f"rnn must be a theorylab.rnn.RNN, got {type(rnn).__name__}")
-    rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan
-    sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
+    rnn = as_rnn(rnn)
+    with read_for_diagnostics(rnn):
+        rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan
+        sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
     gamma = derivative_bound(rnn.activation)
     delta = sigma_max * gamma
     return Certificate(sigma_max, gamma, delta, delta < 1.0)

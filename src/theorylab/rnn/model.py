@@ -17,11 +17,14 @@ for g.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._threads import threads_for
 from .activations import get_activation
@@ -86,14 +89,21 @@ class RNN(nn.Module):
         """ValueError naming the parameter unless W is (H, H), U (H, I) and b (H,) (they may have been replaced);
         TypeError naming it unless it is real floating point (``rnn.to(torch.complex64)`` would run a complex
         recurrence whose diagnostics silently drop the imaginary part)."""
+        self._checked_parameters()
+
+    def _checked_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """W, U and b as :meth:`check_parameters` checks them, each read once: a parametrized weight
+        (``torch.nn.utils.parametrizations``) is computed anew at every read, and spectral_norm's power iteration
+        advances at each in training mode."""
         h, i = self.hidden_size, self.input_size
-        for name, shape in (("W", (h, h)), ("U", (h, i)), ("b", (h,))):
-            p = getattr(self, name)
+        params = (self.W, self.U, self.b)
+        for name, p, shape in zip(PARAMETERS, params, ((h, h), (h, i), (h,)), strict=True):
             if not isinstance(p, Tensor) or tuple(p.shape) != shape:
                 got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"parameter {name} must have shape {shape} for hidden_size={h}, input_size={i}, "
                                  f"got {got}")
             _check_real_floating(f"parameter {name}", p)
+        return params
 
     def check_finite_parameters(self, *names: str) -> None:
         """ValueError naming the first of ``names`` (default: W, U and b) that contains NaN or ±inf.
@@ -118,6 +128,9 @@ class RNN(nn.Module):
         drop the imaginary part); the attention modules reject them the same way.
         """
         self.check_parameters()
+        self._check_x_h0(x, h0)
+
+    def _check_x_h0(self, x: Tensor, h0: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, T, {self.input_size}), got {shape}")
@@ -139,29 +152,41 @@ class RNN(nn.Module):
         (``jacrev``, ``vmap``; also ``autograd.functional.jacobian(..., vectorize=True)``) raise RuntimeError or
         NotImplementedError. Use :meth:`forward_reference` for those.
 
+        Inside ``torch.autocast``, the recurrence runs in autocast's dtype (bfloat16 on CPU by default), as
+        ``torch.nn.RNN``'s does; float64 inputs stay float64, as autocast leaves them. Each parameter is read once
+        per call (a parametrized W is computed once).
+
         Raises:
             ValueError: x not (B, T, input_size) or h0 not (B, hidden_size).
             TypeError: x is not floating point.
+            RuntimeError: called inside a torch.func transform (``vmap``, ``grad``, ``jacrev``, ...).
         """
-        self.check_inputs(x, h0)
+        W, U, b = self._checked_parameters()
+        self._check_x_h0(x, h0)
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            raise RuntimeError("RNN.forward cannot run inside a torch.func transform (vmap, grad, jacrev, ...): its "
+                               "backward through time is hand-written. Use RNN.forward_reference, the plain "
+                               "autograd loop, which supports them")
         bsz, steps, _ = x.shape
-        dtype = torch.promote_types(x.dtype, self.W.dtype)
-        s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
-        drive = torch.nn.functional.linear(x.to(dtype), self.U.to(dtype), self.b.to(dtype))  # (B, T, H) = Ux_t + b
-        if steps == 0:
-            return x.new_zeros(bsz, 0, self.hidden_size, dtype=dtype), s
-        with threads_for(2 * bsz * self.hidden_size**2):  # tiny kernels: one thread (see _threads)
-            states = _Recurrence.apply(drive, s, self.W.to(dtype), self.activation, self.form)
+        dtype = _compute_dtype(x, W)
+        with _autocast_off(x):  # every tensor of the node in one dtype, which its backward relies on
+            s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
+            drive = torch.nn.functional.linear(x.to(dtype), U.to(dtype), b.to(dtype))  # (B, T, H) = Ux_t + b
+            if steps == 0:
+                return x.new_zeros(bsz, 0, self.hidden_size, dtype=dtype), s
+            with threads_for(2 * bsz * self.hidden_size**2):  # tiny kernels: one thread (see _threads)
+                states = _Recurrence.apply(drive, s, W.to(dtype), self.activation, self.form)
         return states, states[:, -1]
 
     def forward_reference(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The same recurrence as a plain Python loop of torch ops (autograd records every step)."""
-        self.check_inputs(x, h0)
+        W, U, b = self._checked_parameters()
+        self._check_x_h0(x, h0)
         bsz, steps, _ = x.shape
-        dtype = torch.promote_types(x.dtype, self.W.dtype)
+        dtype = torch.promote_types(x.dtype, W.dtype)
         s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
-        drive = torch.nn.functional.linear(x.to(dtype), self.U.to(dtype), self.b.to(dtype))  # (B, T, H) = Ux_t + b
-        w_t = self.W.to(dtype).T
+        drive = torch.nn.functional.linear(x.to(dtype), U.to(dtype), b.to(dtype))  # (B, T, H) = Ux_t + b
+        w_t = W.to(dtype).T
         sigma = get_activation(self.activation).fn
         states = []
         with threads_for(2 * bsz * self.hidden_size**2):  # tiny kernels: one thread (see _threads)
@@ -174,6 +199,50 @@ class RNN(nn.Module):
         if not states:
             return x.new_zeros(bsz, 0, self.hidden_size, dtype=dtype), s
         return torch.stack(states, dim=1), s
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """Whether an autocast region is active for x's device (autocast knows no meta device: never there)."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
+def _compute_dtype(x: Tensor, W: Tensor) -> torch.dtype:
+    """The dtype of the recurrence: x's and W's promoted, or autocast's inside an autocast region (torch.nn.RNN is
+    on autocast's lower-precision list), except float64, which autocast leaves alone."""
+    dtype = torch.promote_types(x.dtype, W.dtype)
+    if dtype != torch.float64 and _autocast_on(x):
+        return torch.get_autocast_dtype(x.device.type)
+    return dtype
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast switched off for x's device (the dtypes are then the ones :func:`_compute_dtype` chose)."""
+    return torch.autocast(x.device.type, enabled=False) if _autocast_on(x) else contextlib.nullcontext()
+
+
+def as_rnn(rnn: object) -> RNN:
+    """``rnn``, or the :class:`RNN` that ``torch.compile(rnn)`` wraps; ValueError naming the type otherwise."""
+    inner = getattr(rnn, "_orig_mod", None) if isinstance(rnn, nn.Module) else None
+    if isinstance(inner, RNN):
+        return inner
+    if not isinstance(rnn, RNN):
+        raise ValueError(f"rnn must be a theorylab.rnn.RNN (or torch.compile of one), got {type(rnn).__name__}")
+    return rnn
+
+
+@contextlib.contextmanager
+def read_for_diagnostics(rnn: RNN) -> Iterator[None]:
+    """The parameters as a diagnostic reads them: each parametrization computed once (``parametrize.cached``) and
+    in eval mode, so that reading does not change the model (spectral_norm's power iteration would advance at
+    every read in training mode, and training after a diagnostic would differ from training without it)."""
+    modes = [(m, m.training) for m in rnn.modules()]
+    rnn.eval()
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class _Recurrence(torch.autograd.Function):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from theorylab.attention import DropInMultiheadAttention, MultiheadAttention, swap_attention
+from theorylab.attention import DropInMultiheadAttention, MultiheadAttention, swap_attention, unswap_attention
 
 F64 = torch.float64
 E, H, N, B = 32, 4, 10, 3
@@ -416,3 +416,72 @@ def _in_torch_names(grads):
             out[f"{prefix}in_proj_{kind}"] = torch.cat([grads[f"{ours}{p}_proj.{kind}"] for p in "qkv"], dim=1)
             out[f"{prefix}out_proj.{kind}"] = grads[f"{ours}out_proj.{kind}"]
     return out
+
+
+class _TwoAttentions(nn.Module):
+    def __init__(self, second):
+        super().__init__()
+        self.first = nn.MultiheadAttention(E, H)
+        self.blocks = nn.ModuleList([nn.Identity(), second])
+
+
+def test_a_refused_module_is_named_and_nothing_is_swapped():
+    """The first module had been replaced before the second was refused, and the error did not say which."""
+    model = _TwoAttentions(nn.MultiheadAttention(E, H, kdim=16, vdim=16))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="swap_attention: the module at 'blocks.1': .*kdim/vdim"):
+        swap_attention(model, "favor")
+    assert type(model.first) is nn.MultiheadAttention
+    assert model.state_dict().keys() == before.keys()
+    with pytest.raises(TypeError, match="the module at 'first': .*num_feature"):
+        swap_attention(_TwoAttentions(nn.MultiheadAttention(E, H)), "favor", num_features="many")
+
+
+def test_a_swapped_module_reads_like_torchs():
+    torch_mha = nn.MultiheadAttention(E, H, dropout=0.25, batch_first=True)
+    drop_in = swap_attention(copy.deepcopy(torch_mha), "linear")
+    for name in ("embed_dim", "num_heads", "head_dim", "kdim", "vdim", "dropout", "batch_first", "bias_k",
+                 "bias_v", "add_zero_attn", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "_qkv_same_embed_dim"):
+        assert getattr(drop_in, name) == getattr(torch_mha, name), name
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unswap_gives_torchs_model_back_with_the_weights_trained_since(batch_first, mode):
+    model = _encoder(batch_first)
+    original = copy.deepcopy(model)
+    swap_attention(model, "softmax")
+    with torch.no_grad():  # "training" after the swap
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    getattr(model, mode)()
+    x = _x(batch_first)
+    expected = model(x, src_key_padding_mask=_pad())
+    unswapped = unswap_attention(copy.deepcopy(model))
+    attention = unswapped.layers[0].self_attn
+    assert type(attention) is nn.MultiheadAttention and attention.batch_first is batch_first
+    assert attention.training is (mode == "train")
+    torch.testing.assert_close(unswapped(x, src_key_padding_mask=_pad()), expected, rtol=0, atol=1e-12)
+    original.load_state_dict(unswapped.state_dict(), strict=True)  # torch's names: the unswapped model's format
+    original.use_nested_tensor = False
+    original.train(mode == "train")
+    torch.testing.assert_close(original(x, src_key_padding_mask=_pad()), expected, rtol=0, atol=1e-12)
+
+
+def test_unswap_keeps_frozen_bias_free_shared_and_refuses_causal_by_name():
+    shared = nn.MultiheadAttention(E, H, bias=False, dtype=F64)
+    shared.out_proj.weight.requires_grad_(False)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    swap_attention(model, "favor")
+    unswap_attention(model)
+    assert model["a"] is model["b"] and type(model["a"]) is nn.MultiheadAttention
+    assert model["a"].in_proj_bias is None and model["a"].in_proj_weight.dtype == F64
+    assert not model["a"].out_proj.weight.requires_grad and model["a"].in_proj_weight.requires_grad
+    single = unswap_attention(swap_attention(nn.MultiheadAttention(E, H), "linear"))
+    assert type(single) is nn.MultiheadAttention
+    causal = nn.ModuleDict({"a": nn.MultiheadAttention(E, H), "b": nn.MultiheadAttention(E, H)})
+    swap_attention(causal, "linear", causal=True)
+    with pytest.raises(ValueError, match="unswap_attention: the module at 'a': .*causal=False"):
+        unswap_attention(causal)
+    assert all(type(m) is DropInMultiheadAttention for m in causal.values())

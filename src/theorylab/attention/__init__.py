@@ -21,7 +21,7 @@ from .linear import linear_attention
 from .multihead import MultiheadAttention
 from .separable import separable_attention
 from .state import KVCache, LinearAttentionState
-from .swap import DropInMultiheadAttention, swap_attention
+from .swap import DropInMultiheadAttention, swap_attention, unswap_attention
 
 __all__ = [
     "softmax_attention",
@@ -36,4 +36,5 @@ __all__ = [
     "MultiheadAttention",
     "DropInMultiheadAttention",
     "swap_attention",
+    "unswap_attention",
 ]

@@ -14,8 +14,10 @@ or torch's float 0/−inf form, or the ``is_causal`` hint); key padding masks (b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -37,7 +39,11 @@ class DropInMultiheadAttention(nn.Module):
     softmax forms weights; asking for them raises.
 
     The attributes torch's layers read to pick their fused fast paths are set so that those paths are declined
-    (``in_proj_bias`` is None): the layers then call this module's ``forward``.
+    (``in_proj_weight`` and ``in_proj_bias`` are None): the layers then call this module's ``forward``. The other
+    attributes of ``nn.MultiheadAttention`` read as they would there (``embed_dim``, ``num_heads``, ``head_dim``,
+    ``kdim``, ``vdim``, ``dropout``, ``batch_first``, ``out_proj``; ``bias_k``, ``bias_v`` and the separate
+    ``q_proj_weight``... are None, ``add_zero_attn`` False); the projections are ``attention.q_proj`` (``k_proj``,
+    ``v_proj``), and :meth:`to_torch` gives back an ``nn.MultiheadAttention`` with them.
 
     Args:
         attention: the :class:`MultiheadAttention` to run (its ``causal`` makes every call causal).
@@ -47,6 +53,8 @@ class DropInMultiheadAttention(nn.Module):
     in_proj_weight = None  # read by torch's fast-path checks; None declines them
     in_proj_bias = None
     _qkv_same_embed_dim = True
+    q_proj_weight = k_proj_weight = v_proj_weight = bias_k = bias_v = None  # as torch's MHA has them here
+    add_zero_attn = False
 
     def __init__(self, attention: MultiheadAttention, *, batch_first: bool = True) -> None:
         super().__init__()
@@ -67,8 +75,57 @@ class DropInMultiheadAttention(nn.Module):
         return self.attention.num_heads
 
     @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim
+
+    @property
+    def kdim(self) -> int:
+        return self.attention.embed_dim
+
+    @property
+    def vdim(self) -> int:
+        return self.attention.embed_dim
+
+    @property
+    def dropout(self) -> float:
+        return self.attention.dropout.p
+
+    @property
     def out_proj(self) -> nn.Linear:
         return self.attention.out_proj
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """An ``nn.MultiheadAttention`` with this module's projections (copied), dropout, ``batch_first``, device,
+        dtype, training mode and ``requires_grad``: to save a model trained after :func:`swap_attention` in torch's
+        format, or to serve it with plain torch. It computes softmax attention, whatever the kind here (the same
+        model for ``kind="softmax"``); a feature map's parameters are not carried over.
+
+        Raises:
+            ValueError: this module was built causal (``causal=True``), which ``nn.MultiheadAttention`` cannot be:
+                swap with ``causal=False`` first and pass the causal mask at the call.
+        """
+        inner = self.attention
+        if inner.causal:
+            raise ValueError("to_torch: this module was built causal (swap_attention(..., causal=True)), which "
+                             "nn.MultiheadAttention cannot be; swap_attention(model, kind, causal=False) first, and "
+                             "pass the causal mask at the call (attn_mask=..., is_causal=True)")
+        projections = (inner.q_proj, inner.k_proj, inner.v_proj)
+        weight = inner.q_proj.weight
+        mha = nn.MultiheadAttention(inner.embed_dim, inner.num_heads, dropout=inner.dropout.p,
+                                    bias=inner.q_proj.bias is not None, batch_first=self.batch_first,
+                                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(torch.cat([proj.weight for proj in projections]))
+            mha.out_proj.weight.copy_(inner.out_proj.weight)
+            mha.in_proj_weight.requires_grad_(any(proj.weight.requires_grad for proj in projections))
+            mha.out_proj.weight.requires_grad_(inner.out_proj.weight.requires_grad)
+            if mha.in_proj_bias is not None:
+                mha.in_proj_bias.copy_(torch.cat([cast(Tensor, proj.bias) for proj in projections]))
+                mha.in_proj_bias.requires_grad_(any(cast(Tensor, proj.bias).requires_grad for proj in projections))
+            if mha.out_proj.bias is not None and inner.out_proj.bias is not None:
+                mha.out_proj.bias.copy_(inner.out_proj.bias)
+                mha.out_proj.bias.requires_grad_(inner.out_proj.bias.requires_grad)
+        return mha.train(self.training)
 
     @classmethod
     def from_torch(cls, mha: nn.Module, kind: str, **kwargs: Any) -> DropInMultiheadAttention:
@@ -269,12 +326,13 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     The replacements are new modules with new parameters (the weights copied): build the optimizer after swapping
     (one built before goes on stepping the old parameters), and load a checkpoint of the unswapped model before
     swapping (the parameter names change: ``in_proj_weight`` becomes ``attention.q_proj.weight``, ...).
+    :func:`unswap_attention` goes back: torch's modules and names, with the weights trained since.
 
     Returns:
         ``model``, changed in place; or the new :class:`DropInMultiheadAttention` when ``model`` is itself an
         attention module.
 
-    Raises:
+    Raises (before anything is replaced, naming the module where one is refused):
         ValueError: an unknown ``kind``; ``causal=True`` with a decoder layer's cross-attention; a keyword value
             :class:`MultiheadAttention` refuses (dropout outside [0, 1), ``recompute`` with a kind other than
             "linear" or "favor", ...); an ``nn.MultiheadAttention`` with ``kdim``/``vdim`` other than
@@ -315,17 +373,69 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
                          "call instead (tgt_mask=..., tgt_is_causal=True), which the swapped modules follow")
     distinct = list({id(m): m for _, m in targets})
     layer_seeds = _layer_seeds(kwargs.get("seed"), len(distinct))
-    for name, module in targets:
-        if id(module) not in replacements:
-            if layer_seeds is not None:
-                kwargs["seed"] = layer_seeds[distinct.index(id(module))]
-            layer_kwargs = kwargs
-            if kwargs.get("feature_map") is not None:  # each layer its own copy, trained on its own
-                layer_kwargs = {**kwargs, "feature_map": copy.deepcopy(kwargs["feature_map"])}
+    for name, module in targets:  # every replacement built before any is put in: a refusal changes nothing
+        if id(module) in replacements:
+            continue
+        if layer_seeds is not None:
+            kwargs["seed"] = layer_seeds[distinct.index(id(module))]
+        layer_kwargs = kwargs
+        if kwargs.get("feature_map") is not None:  # each layer its own copy, trained on its own
+            layer_kwargs = {**kwargs, "feature_map": copy.deepcopy(kwargs["feature_map"])}
+        with _naming(name, "swap_attention"):
             replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **layer_kwargs)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, replacements[id(module)])
+    _put_in(model, targets, replacements)
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False
     return model
+
+
+def unswap_attention(model: nn.Module) -> nn.Module:
+    """Replace every :class:`DropInMultiheadAttention` in ``model`` by an ``nn.MultiheadAttention`` with its
+    projections (:meth:`DropInMultiheadAttention.to_torch`): the inverse of :func:`swap_attention` for
+    ``kind="softmax"``, and for the other kinds a softmax model with the projections they trained.
+
+    In place, as :func:`swap_attention` (a shared module gets one replacement; a refusal changes nothing). Returns
+    ``model``, or the ``nn.MultiheadAttention`` when ``model`` is itself a :class:`DropInMultiheadAttention`. The
+    result's ``state_dict`` has torch's names, so it loads into the model as built before swapping.
+    ``nn.TransformerEncoder``'s ``use_nested_tensor`` stays off (torch's fast path writes zeros at padded positions,
+    which the swapped model did not).
+
+    Example::
+
+        serving = unswap_attention(copy.deepcopy(swapped))   # plain torch, the weights trained after swapping
+        torch.save(serving.state_dict(), "model.pt")
+
+    Raises:
+        ValueError: a module was built causal (``swap_attention(..., causal=True)``), naming it.
+    """
+    if isinstance(model, DropInMultiheadAttention):
+        return model.to_torch()
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, DropInMultiheadAttention)]
+    replacements: dict[int, nn.Module] = {}
+    for name, module in targets:
+        if id(module) not in replacements:
+            with _naming(name, "unswap_attention"):
+                replacements[id(module)] = module.to_torch()
+    _put_in(model, targets, replacements)
+    return model
+
+
+@contextlib.contextmanager
+def _naming(name: str, function: str) -> Iterator[None]:
+    """Re-raise a ValueError or TypeError from building the replacement of the module at ``name`` with that name:
+    in a model of many layers, which one was refused."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):  # a subclass may not take one message
+            raise
+        raise type(e)(f"{function}: the module at {name!r}: {e}") from e
+
+
+def _put_in(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], replacements: dict[int, Any]) -> None:
+    """Set each target path of ``model`` to its module's replacement (tied modules: one replacement, shared)."""
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, replacements[id(module)])

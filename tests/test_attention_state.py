@@ -675,3 +675,41 @@ def test_a_state_passed_without_return_state_gives_the_output_alone(kind):
         _, st = separable_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=True, return_state=True)
         assert isinstance(separable_attention(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], causal=True, state=st),
                           torch.Tensor)
+
+
+@pytest.mark.parametrize("kind", ["linear", "favor", "separable", "softmax"])
+def test_index_select_reorders_and_repeats_sequences_for_beam_search(kind):
+    from theorylab.attention import MultiheadAttention
+
+    torch.manual_seed(0)
+    module = MultiheadAttention(16, 2, kind=kind, causal=True).double()
+    x, token = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 1, 16, dtype=torch.float64)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, :2] = True  # a left-padded prompt: the cache carries its padding along
+    _, state = module(x, key_padding_mask=pad, return_state=True)
+    parents = torch.tensor([1, 0, 1], dtype=torch.int32)
+    out = module(token, state=state.index_select(parents))
+    expected = module(torch.cat([x[parents.long()], token], 1),
+                      key_padding_mask=torch.cat([pad[parents.long()], torch.zeros(3, 1, dtype=torch.bool)], 1))
+    torch.testing.assert_close(out, expected[:, -1:], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"index_select: index holds rows outside 0..2 .* got \[0, 3\]"):
+        state.index_select(torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match=r"1-D integer tensor of batch rows; got a 1-D torch.float32 tensor"):
+        state.index_select(torch.tensor([0.0]))
+    with pytest.raises(TypeError, match="got list"):
+        state.index_select([0, 1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "softmax"])
+def test_a_saved_state_loads_with_the_safe_globals_its_docstring_names(kind, tmp_path):
+    from theorylab.attention import KVCache, MultiheadAttention
+    from theorylab.attention.state import MapFingerprint
+
+    module = MultiheadAttention(8, 2, kind=kind, causal=True)
+    _, state = module(torch.randn(2, 4, 8), return_state=True)
+    torch.save(state, tmp_path / "state.pt")
+    allowed = [KVCache] if kind == "softmax" else [LinearAttentionState, MapFingerprint]
+    with torch.serialization.safe_globals(allowed):
+        loaded = torch.load(tmp_path / "state.pt")
+    token = torch.randn(2, 1, 8)
+    torch.testing.assert_close(module(token, state=loaded), module(token, state=state), rtol=0, atol=0)

@@ -142,11 +142,15 @@ def test_a_must_that_is_not_met_sets_the_exit_status(fake_rnn_bench, capsys, mus
 
 
 def test_optim_musts_count_and_goals_do_not(monkeypatch, capsys):
-    rows = [{"target": "goal", "kind": "goal", "met": False}, {"target": "must", "kind": "must", "met": True}]
+    result = {"quick": False, "results": [{"threads": 1, "rows": [
+        {"optimizer": "theorylab AdamW", "vs_torch_foreach": 1.05, "vs_torch_fused": 9.0}]}]}
+    rows = bench_optim.targets(result)  # goals missed (9× fused), the must met
+    assert rows[0]["kind"] == "must" and rows[0]["must_met"] and not rows[1]["goal_met"]
     monkeypatch.setattr(bench_optim, "run", lambda quick: {"suite": "optim", "targets": rows})
     monkeypatch.setattr(bench_optim, "format_table", lambda result: "table")
     assert main(["bench", "optim"]) == 0
-    rows[1]["met"] = False
+    result["results"][0]["rows"][0]["vs_torch_foreach"] = 1.2
+    rows[:] = bench_optim.targets(result)
     assert main(["bench", "optim"]) == 1
 
 

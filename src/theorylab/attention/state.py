@@ -84,8 +84,10 @@ class LinearAttentionState:
 
     A linear-attention state belongs to the feature map that made it: ``linear_attention`` refuses it after that
     map was redrawn, reloaded or moved, and for another map (an unpickled state is checked for its shapes only:
-    see :class:`MapFingerprint`). To reorder a batch (beam search), index ``kv`` and ``ref`` along dimension 0 with
-    :func:`dataclasses.replace`.
+    see :class:`MapFingerprint`). To reorder or repeat the sequences of a batch (beam search), use
+    :meth:`index_select`. ``torch.save`` stores a state; ``torch.load``, whose default is ``weights_only=True``,
+    needs ``with torch.serialization.safe_globals([LinearAttentionState, MapFingerprint]):`` around it (or
+    ``weights_only=False`` for a file you trust).
     """
 
     kv: Tensor
@@ -98,6 +100,12 @@ class LinearAttentionState:
     def detach(self) -> LinearAttentionState:
         """The same state without autograd history (truncated backpropagation through time)."""
         return dataclasses.replace(self, kv=self.kv.detach(), ref=self.ref.detach())
+
+    def index_select(self, index: Tensor) -> LinearAttentionState:
+        """The state of the sequences ``index`` (a 1-D integer tensor of batch rows, repeats allowed), in that
+        order: beam search's reorder, ``state.index_select(beam_parents)``. Belongs to the same feature map."""
+        index = _batch_index(index, self.kv.shape[0], "LinearAttentionState")
+        return dataclasses.replace(self, kv=self.kv.index_select(0, index), ref=self.ref.index_select(0, index))
 
 
 def check_state(state: object, feature_map: nn.Module | None, *, kind: str, B: int, H: int, Dv: int, W: int,
@@ -133,6 +141,9 @@ class KVCache:
     Attributes:
         keys: (B, H, n, D); values: (B, H, n, Dv), both carrying autograd history when the prefix did.
         padding: bool (B, n), True = padding, or None when no key so far was padded.
+
+    :meth:`index_select` reorders or repeats the sequences of the batch (beam search). ``torch.load`` of a saved
+    cache needs ``with torch.serialization.safe_globals([KVCache]):`` (or ``weights_only=False``).
     """
 
     keys: Tensor
@@ -146,6 +157,28 @@ class KVCache:
     def detach(self) -> KVCache:
         """The same cache without autograd history."""
         return dataclasses.replace(self, keys=self.keys.detach(), values=self.values.detach())
+
+    def index_select(self, index: Tensor) -> KVCache:
+        """The cache of the sequences ``index`` (a 1-D integer tensor of batch rows, repeats allowed), in that
+        order: beam search's reorder, ``cache.index_select(beam_parents)``."""
+        index = _batch_index(index, self.keys.shape[0], "KVCache")
+        padding = None if self.padding is None else self.padding.index_select(0, index)
+        return KVCache(self.keys.index_select(0, index), self.values.index_select(0, index), padding)
+
+
+def _batch_index(index: object, batch: int, name: str) -> Tensor:
+    """``index`` as batch rows of a state of ``batch`` sequences: TypeError unless a 1-D integer tensor, ValueError
+    naming a row outside 0..batch−1 (torch's own message names neither)."""
+    what = f"{name}.index_select: index must be a 1-D integer tensor of batch rows"
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{what}; got {type(index).__name__}")
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{what}; got a {index.dim()}-D {index.dtype} tensor")
+    index = index.long()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
+        raise ValueError(f"{name}.index_select: index holds rows outside 0..{batch - 1} (the state's batch); got "
+                         f"{index.tolist()}")
+    return index
 
 
 def check_width(state: Tensor | None, features: Tensor) -> None:

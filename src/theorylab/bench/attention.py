@@ -180,7 +180,7 @@ def _run(ns: list[int], quick: bool, budget: float, advance: Callable[[str], Non
     for row in rows:
         row["efficiency"] = None if row["gflop"] is None else row["gflop"] / row["seconds"] / rate
     result = {
-        "setting": {"B": B, "H": H, "d": D, "m": M, "dtype": "float32"},
+        "suite": "attention", "setting": {"B": B, "H": H, "d": D, "m": M, "dtype": "float32"},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "performer_pytorch": performer_version(), "matmul_gflops": rate, "quick": quick, "rows": rows,
         "relative_error_vs_exact_n1024": {"non-causal": _accuracy(False), "causal": _accuracy(True)},

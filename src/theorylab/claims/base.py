@@ -68,6 +68,13 @@ VERDICTS = ("confirmed", "refuted", "error", "not judged")
 PASSING = ("confirmed", "not judged")
 
 
+def error_line(error: str, limit: int = 240) -> str:
+    """The line of a traceback (or reason) that says what went wrong: its last non-empty line, the exception."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else "error"
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def why_line(record: dict[str, Any], limit: int = 240) -> str:
     """Why a claim's record is not confirmed, in a line: the first sentence of the claim's notes, else the checks
     that failed ("failed: ..."); "" when neither says."""

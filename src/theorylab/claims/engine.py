@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shlex
 import tempfile
 import time
 import traceback
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ..env import environment
-from .base import Evidence, Section, claim_sections, extra_sections, import_error_for, why_line
+from .base import Evidence, Section, claim_sections, error_line, extra_sections, import_error_for, why_line
 from .catalogue import CLAIM_IDS
 
 RESULTS_FILE = "results.json"
@@ -41,10 +42,12 @@ def select_sections(only: Sequence[str] | None, extras: bool) -> list[Section]:
     """The claims to run (all, or those in ``only``, in catalogue order) followed by the extras if asked."""
     sections = claim_sections()
     if only:
+        # "1.1 2.2" (a quoted shell variable) or "1.1,2.2" is two IDs; a blank one is named, not skipped
+        only = [part for given in only for part in (given.replace(",", " ").split() or [given])]
         unknown = [i for i in only if i not in CLAIM_IDS]
         if unknown:
             raise UnknownClaimError(
-                f"unknown claim ID(s): {', '.join(unknown)}; valid IDs: {', '.join(CLAIM_IDS)}")
+                f"unknown claim ID(s): {', '.join(map(repr, unknown))}; valid IDs: {', '.join(CLAIM_IDS)}")
         sections = [s for s in sections if s.id in set(only)]
     if extras:
         sections += extra_sections()
@@ -172,7 +175,7 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             reason = "not implemented"
             if err := import_error_for(section.id, section.kind):
                 reason = f"its module failed to import: {err}"
-            record.update(verdict="error", evidence={}, figures=[], error=reason, method="")
+            record.update(_error_fields(reason, record))
         else:
             _seed_everything(seed)
             with _torch_state_restored():
@@ -200,12 +203,19 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
     except KeyboardInterrupt:  # Ctrl-C stops the run (run_claims keeps what is finished)
         raise
     except BaseException:  # noqa: BLE001 - one failing claim must not lose the others (SystemExit, GeneratorExit too)
-        record.update(verdict="error", evidence=record.get("evidence", {}), figures=[],
-                      error=traceback.format_exc(), method=record.get("method", ""))
+        record.update(_error_fields(traceback.format_exc(), record))
     finally:
         plt.close("all")
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _error_fields(error: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A claim that raised: verdict "error", its traceback (or reason) in ``error``, and every key a record has,
+    ``summary`` and ``why`` being the exception's own line (a consumer reading ``why`` must not meet a KeyError)."""
+    line = error_line(error)
+    return {"verdict": "error", "evidence": record.get("evidence", {}), "figures": [], "error": error,
+            "method": record.get("method", ""), "summary": line, "checks": {}, "why": line}
 
 
 def _progress(enabled: bool):
@@ -237,7 +247,7 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
     payload: dict[str, Any] = {
         "claims": [], "extras": [],
         "environment": {**environment(), "seed": seed, "quick": quick,
-                        "command": " ".join(argv) if argv is not None else None},
+                        "command": shlex.join(argv) if argv is not None else None},
         "complete": False,
     }
     results_path = out_dir / RESULTS_FILE

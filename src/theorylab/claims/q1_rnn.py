@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -295,7 +296,10 @@ def _autograd_log_norms(W, U, b, activation: str, x, h0, steps: int) -> np.ndarr
     def states(h: torch.Tensor) -> torch.Tensor:
         return rnn.forward_reference(x1, h[None])[0][0]  # (T, H)
 
-    J = torch.autograd.functional.jacobian(states, h0[0].detach(), vectorize=True, strategy="forward-mode")
+    with warnings.catch_warnings():  # torch's forward mode loads decompositions through the deprecated
+        # torch.jit.script on first use: not the user's to act on, and under -W error it failed this claim
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
+        J = torch.autograd.functional.jacobian(states, h0[0].detach(), vectorize=True, strategy="forward-mode")
     return torch.log(torch.linalg.svdvals(J)[:, 0]).detach().numpy()  # (T,)
 
 

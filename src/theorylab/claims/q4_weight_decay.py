@@ -644,7 +644,11 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Gr
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
-            rows = list(pool.map(_train_row_task, tasks))
+            try:
+                rows = list(pool.map(_train_row_task, tasks))
+            except BaseException:  # an interrupt (SIGTERM to this process alone): no new row starts
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         with torch_threads(1):
             rows = [_train_row_task(t) for t in tasks]

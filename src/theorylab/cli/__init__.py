@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib
+import io
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 def _subcommands() -> list:
@@ -86,11 +90,62 @@ def _owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return parser if extras and extras[0] in argv[:command] else args.command_parser
 
 
+class _GuardedStdout:
+    """``sys.stdout`` that survives its reader: a closed pipe (``theorylab verify | head -1``) or a full disk ends
+    the printed output, not the run, whose results are in files and whose exit status stays the verdicts'.
+
+    After the first failure, writes are dropped and file descriptor 1 is pointed at /dev/null, so that the
+    interpreter's own flush at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.failure: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.failure is None:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self._fail(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failure is None:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        self.failure = error
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor (a test's capture): nothing to do
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a stdout that cannot encode "≡" gets "?", not a traceback at the end
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    guarded = _GuardedStdout(sys.stdout)
+    sys.stdout = guarded
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        sys.stdout = guarded.stream
+    failure = guarded.failure
+    if failure is not None and failure.errno != errno.EPIPE:  # a closed pipe is the reader's choice; the rest is news
+        print(f"theorylab: could not write the output: {failure.strerror or failure}", file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     try:
         with _interrupts_held():  # the subcommands import torch and numpy
             parser = build_parser()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import io
 import json
 import os
+import shlex
 import stat
 import sys
 from pathlib import Path
@@ -81,6 +83,15 @@ def _in_place(name: str) -> bool:
     return not stat.S_ISREG(st.st_mode) or st.st_nlink > 1
 
 
+def _is_stdout(name: str) -> bool:
+    """Whether the file ``name`` is the one standard output writes to (the same device and inode)."""
+    try:
+        mine, theirs = os.stat(name), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
 def _write_json(name: str, payload: dict) -> None:
     """Atomically, keeping an existing file's permission bits (a private results file stays private); in place
     where a rename would not do (:func:`_in_place`)."""
@@ -115,8 +126,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..claims.engine import json_safe
     from ..env import environment
 
-    result = {**module.run(quick=args.quick), "environment": environment()}  # the date and the machine
-    print(module.format_table(result))
+    environment_ = {**environment(), "command": shlex.join(["theorylab", *argv])}  # the date and the machine
+    result = {**module.run(quick=args.quick), "environment": environment_}
+    # --json /dev/stdout (or the file stdout is redirected to): the JSON alone there, for jq; the table to stderr
+    text = sys.stderr if args.json is not None and _is_stdout(args.json) else sys.stdout
+    print(module.format_table(result), file=text)
     if args.json:  # strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as in results.json)
         payload = json_safe(result)
         try:  # atomic: a write that fails halfway (a full disk) keeps the previous file whole
@@ -126,7 +140,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                   "as JSON", file=sys.stderr)
             print(json.dumps(payload, indent=2, allow_nan=False), file=sys.stderr)
             return 2
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}", file=text)
     failed = unmet_musts(result)
     for target in failed:
         print(f"theorylab bench: must not met: {target}", file=sys.stderr)
@@ -135,5 +149,4 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def unmet_musts(result: dict) -> list[str]:
     """The judged must targets that did not hold (a --quick run judges none): the exit status is 1 if any."""
-    return [t["target"] for t in result.get("targets", [])
-            if t.get("must_met") is False or (t.get("kind") == "must" and t.get("met") is False)]
+    return [t["target"] for t in result.get("targets", []) if t.get("must_met") is False]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
@@ -43,18 +48,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {err}", file=sys.stderr)
         return 2
     try:
-        with exclusive_output(out):
+        with exclusive_output(out), _sigterm_as_interrupt() as terminated:
             try:
                 payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
                                      argv=["theorylab", *argv])
             except KeyboardInterrupt as e:
+                what = "terminated" if terminated else "interrupted"
                 finished = getattr(e, "payload", None)  # None: interrupted before this run wrote anything
                 if finished is None:
-                    print("interrupted before any result was written", file=sys.stderr)
+                    print(f"{what} before any result was written", file=sys.stderr)
                 else:
                     write_report(out, finished)  # every finished claim
-                    print(f"interrupted; partial results in {out / 'results.json'}", file=sys.stderr)
-                return 130
+                    print(f"{what}; partial results in {out / 'results.json'}", file=sys.stderr)
+                return 143 if terminated else 130
             report = write_report(out, payload)
     except OutputBusyError as e:
         print(f"theorylab verify: error: {e}", file=sys.stderr)
@@ -64,11 +70,38 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for r in records:  # why, in a line: the table has no room for it (the report has all of it)
         if line := why(r):
             print(f"{r['id']} {r['verdict']}: {line}")
-    confirmed = sum(r["verdict"] == "confirmed" for r in records)
-    unjudged = sum(r["verdict"] == "not judged" for r in records)
-    print(f"{confirmed}/{len(records)} confirmed{f' ({unjudged} not judged)' if unjudged else ''} in "
+    counts = {v: sum(r["verdict"] == v for r in records) for v in ("confirmed", "not judged", "refuted", "error")}
+    others = ", ".join(f"{n} {v}{'s' if v == 'error' and n > 1 else ''}" for v, n in counts.items()
+                       if n and v != "confirmed")
+    print(f"{counts['confirmed']}/{len(records)} confirmed{f' ({others})' if others else ''} in "
           f"{payload['total_seconds']:.1f} s; report: {report}")
     return 0 if all(r["verdict"] in PASSING for r in records) else 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (a CI job's timeout or cancel) taken as Ctrl-C is: the finished claims get their report, and the
+    exit status is 143. Yields a list that holds the signal once it came. A process forked from this one (claim
+    4.4's workers) dies of it as before. Main thread only (signal handlers can be set nowhere else)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked worker: the default action, death
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(records: list[dict]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..claims.base import VERDICTS, why_line
+from ..claims.base import VERDICTS, error_line, why_line
 from ..claims.catalogue import BY_ID, QUESTIONS
 
 REPORT_FILE = "report.html"
@@ -55,13 +55,15 @@ def format_number(x: Any) -> str:
 
 
 def why(rec: dict[str, Any]) -> str:
-    """Why a claim is refuted or not judged, in a line: what the engine recorded (the claim's notes or its failed
-    checks, not a figure that failed to draw), or for a results.json written before it did, the same from the
-    record; "" for other verdicts."""
-    if rec.get("verdict") not in ("refuted", "not judged"):
+    """Why a claim is refuted, not judged or an error, in a line: what the engine recorded (the claim's notes or
+    its failed checks, not a figure that failed to draw; an error's exception), or for a results.json written
+    before it did, the same from the record; "" for a confirmed claim."""
+    if rec.get("verdict") not in ("refuted", "not judged", "error"):
         return ""
     recorded = rec.get("why")
-    return recorded if isinstance(recorded, str) else why_line(rec)
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    return error_line(rec.get("error", "")) if rec.get("verdict") == "error" else why_line(rec)
 
 
 def _why(rec: dict[str, Any]) -> str:

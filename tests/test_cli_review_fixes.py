@@ -46,7 +46,7 @@ def test_an_error_text_that_looks_like_markup_is_printed_literally(claim_21, tmp
     assert "<script>" not in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
-def test_a_figure_that_fails_to_render_keeps_the_verdict_and_numbers(claim_21, tmp_path):
+def test_a_figure_that_fails_to_render_keeps_the_verdict_and_numbers(claim_21, tmp_path, capsys):
     def claim(seed, quick):
         good, ax = plt.subplots()
         ax.plot([1, 2])
@@ -60,6 +60,8 @@ def test_a_figure_that_fails_to_render_keeps_the_verdict_and_numbers(claim_21, t
     assert record["verdict"] == "confirmed" and record["evidence"] == {"measured": 0.123}
     assert record["figures"] == ["claim-2.1-good.png"] and "figure 'bad' could not be drawn" in record["notes"]
     assert not (tmp_path / "claim-2.1-bad.png").exists()
+    assert len(record["figure_errors"]) == 1 and record["figure_errors"][0] in record["notes"]
+    assert "warning: 2.1: figure 'bad' could not be drawn" in capsys.readouterr().err  # had been silent
 
 
 def test_results_are_as_readable_as_the_report(claim_21, tmp_path):

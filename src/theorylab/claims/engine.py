@@ -200,6 +200,7 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
             record["figures"], failures = _save_figures(section, evidence, out_dir)
             if failures:
                 record["notes"] = "\n".join(filter(None, [record.get("notes") or "", *failures]))
+                record["figure_errors"] = failures
     except KeyboardInterrupt:  # Ctrl-C stops the run (run_claims keeps what is finished)
         raise
     except BaseException:  # noqa: BLE001 - one failing claim must not lose the others (SystemExit, GeneratorExit too)

@@ -122,7 +122,7 @@ class _GuardedStdout:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor (a test's capture): nothing to do
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no descriptor: nothing to do
             pass
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's

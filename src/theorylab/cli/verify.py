@@ -66,6 +66,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {e}", file=sys.stderr)
         return 2
     records = payload["claims"] + payload["extras"]
+    for r in records:  # a figure lost (a full disk) leaves the verdict standing, but must not pass unseen
+        for failure in r.get("figure_errors", []):
+            print(f"theorylab verify: warning: {r['id']}: {failure}", file=sys.stderr)
     _print_summary(records)
     for r in records:  # why, in a line: the table has no room for it (the report has all of it)
         if line := why(r):

@@ -132,7 +132,8 @@ def test_elu_features_gradient_is_finite_and_exact_at_extremes():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_elu_features_without_where_are_the_piecewise_formula_bit_for_bit(dtype):
     """relu(x) + exp(x - relu(x)) (6× faster than the two torch.where it replaced): x + 1 above 0, exp(x) below,
-    every value of the old form's, gradient 1 at ±0, second derivatives by autograd."""
+    every value and gradient of the old form's (but at NaN, below), gradient 1 at ±0, second derivatives by
+    autograd."""
     finfo = torch.finfo(dtype)
     x = torch.cat([torch.linspace(-150, 30, 50001, dtype=torch.float64).to(dtype),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, finfo.max, finfo.min, math.inf, -math.inf], dtype=dtype)])
@@ -143,7 +144,11 @@ def test_elu_features_without_where_are_the_piecewise_formula_bit_for_bit(dtype)
     EluFeatures()(xa).sum().backward()
     torch.where(xb > 0, xb + 1.0, torch.exp(torch.where(xb > 0, 0.0, xb))).sum().backward()
     assert torch.equal(xa.grad, xb.grad)
-    assert torch.isnan(EluFeatures()(torch.tensor([math.nan], dtype=dtype))).all()
+    nan = torch.tensor([math.nan], dtype=dtype, requires_grad=True)
+    out = EluFeatures()(nan)
+    assert torch.isnan(out).all()
+    out.backward(torch.full_like(out, 0.5))
+    assert nan.grad.item() == 0.5  # relu's gradient passes; the where form's was NaN (a decision: see forward)
     z = torch.tensor([0.0, -0.0, -3.0, 2.0], dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(EluFeatures()(z).sum(), z, create_graph=True)
     torch.testing.assert_close(grad, torch.tensor([1.0, 1.0, math.exp(-3.0), 1.0], dtype=torch.float64))

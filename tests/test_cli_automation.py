@@ -92,7 +92,8 @@ def test_an_error_record_has_every_documented_key_and_its_line_is_shown(tmp_path
     assert record["summary"] == record["why"] == "RuntimeError: boom in the middle"
     assert record["checks"] == {} and "Traceback" in record["error"]
     assert why(record) == "RuntimeError: boom in the middle"
-    assert why({"verdict": "error", "error": "Traceback ...\nValueError: old record"}) == "ValueError: old record"
+    old = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nValueError: old record\n'
+    assert why({"verdict": "error", "error": old}) == "ValueError: old record"  # a record without `why`
     assert why(payload["claims"][1]) == ""
 
 
@@ -145,3 +146,39 @@ def test_every_suite_reports_its_targets_with_the_same_keys(module):
         for level in ("must", "goal"):  # a level without a bound is never judged; a measured one with a bound is
             assert row[f"{level}_met"] is None if row[level] == "-" else (row["measured"] is None) is (
                 row[f"{level}_met"] is None), row
+
+
+def test_no_stdout_at_all_is_not_an_error(monkeypatch):
+    """`theorylab verify ... >&-` (or pythonw) has sys.stdout None: the guard had crashed on it (exit 1)."""
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["env"]) == 0
+
+
+def test_the_error_line_is_the_exception_not_its_last_line():
+    try:
+        error = RuntimeError("boom line one\nsecond line of the message")
+        error.add_note("hint: see docs")
+        raise error
+    except RuntimeError:
+        import traceback
+
+        text = traceback.format_exc()
+    from theorylab.claims.base import error_line
+
+    assert error_line(text) == "RuntimeError: boom line one"
+    assert error_line("not implemented") == "not implemented"
+    assert error_line("its module failed to import: x\ny") == "its module failed to import: x"
+
+
+def test_a_json_pipe_closed_by_its_reader_is_not_an_error(tmp_path, monkeypatch, capsys):
+    from theorylab.cli import bench as cli_bench
+
+    def closed(name, payload):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(bench_optim, "run", lambda quick: {"suite": "optim", "quick": True, "targets": []})
+    monkeypatch.setattr(bench_optim, "format_table", lambda result: "the table")
+    monkeypatch.setattr(cli_bench, "_write_json", closed)
+    assert main(["bench", "optim", "--quick", "--json", str(tmp_path / "x.json")]) == 0
+    captured = capsys.readouterr()
+    assert "results follow" not in captured.err and "wrote" not in captured.out

@@ -126,3 +126,18 @@ def test_a_step_count_that_is_not_a_count_is_refused_at_the_load(bad):
     with pytest.raises(ValueError, match=r"state of parameter 0 has step .*, not a count of steps"):
         fresh.load_state_dict(saved)
     assert fresh.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("count", [2**24 + 1, 10**39])
+def test_a_step_count_beyond_float32s_exact_integers_is_refused(count):
+    """10**39 had loaded as inf and failed at the next step; 2**24 + 1 rounded and never advanced."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = count
+    with pytest.raises(ValueError, match=r"beyond the 2\*\*24 steps"):
+        Adam([p], lr=0.1).load_state_dict(saved)
+    saved["state"][0]["step"] = 2**24  # the largest exact count loads
+    Adam([p], lr=0.1).load_state_dict(saved)

@@ -116,3 +116,29 @@ def test_torch_func_transforms_name_the_reference_loop():
     params = dict(rnn.named_parameters())
     with pytest.raises(RuntimeError, match="forward_reference"):
         torch.func.grad(lambda p: torch.func.functional_call(rnn, p, (x,))[1].sum())(params)
+
+
+def test_a_diagnostic_inside_the_callers_cached_block_leaves_its_reads_alone():
+    """The eval-mode W a diagnostic computed had stayed in the caller's parametrize.cached() cache: the training
+    read after it in the block reused it, and spectral_norm's power iteration did not advance."""
+
+    def run(with_diagnostic):
+        rnn, _, x, _ = _model_and_batch(seed=2)
+        parametrizations.spectral_norm(rnn, "W")
+        with parametrize.cached():
+            if with_diagnostic:
+                certificate(rnn)
+            out = rnn(x)[0].sum()
+        return out, [b.clone() for b in rnn.buffers()]
+
+    (a, buffers_a), (b, buffers_b) = run(False), run(True)
+    assert torch.equal(a, b)
+    assert all(torch.equal(u, v) for u, v in zip(buffers_a, buffers_b, strict=True))
+
+
+def test_forward_reference_returns_autocasts_dtype_for_an_empty_sequence_too():
+    rnn, _, x, _ = _model_and_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for run in (rnn.forward, rnn.forward_reference):
+            states, last = run(x[:, :0])
+            assert states.dtype == last.dtype == torch.bfloat16, run

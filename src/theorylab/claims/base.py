@@ -69,9 +69,15 @@ PASSING = ("confirmed", "not judged")
 
 
 def error_line(error: str, limit: int = 240) -> str:
-    """The line of a traceback (or reason) that says what went wrong: its last non-empty line, the exception."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = lines[-1] if lines else "error"
+    """The line of a traceback (or a reason) that says what went wrong: the first line of the exception after the
+    last frame (not its message's later lines or its notes); a text without frames, its first line."""
+    lines = [line.rstrip() for line in str(error).splitlines()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    start = frames[-1] + 1 if frames else 0
+    while frames and start < len(lines) and lines[start].startswith(" "):  # the frame's code line and carets
+        start += 1
+    rest = [line.strip() for line in lines[start:] if line.strip()]
+    line = rest[0] if rest else "error"
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 

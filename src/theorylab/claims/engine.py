@@ -215,8 +215,9 @@ def _error_fields(error: str, record: dict[str, Any]) -> dict[str, Any]:
     """A claim that raised: verdict "error", its traceback (or reason) in ``error``, and every key a record has,
     ``summary`` and ``why`` being the exception's own line (a consumer reading ``why`` must not meet a KeyError)."""
     line = error_line(error)
-    return {"verdict": "error", "evidence": record.get("evidence", {}), "figures": [], "error": error,
-            "method": record.get("method", ""), "summary": line, "checks": {}, "why": line}
+    return {"verdict": "error", "evidence": record.get("evidence", {}), "key": record.get("key", []), "figures": [],
+            "error": error, "method": record.get("method", ""), "notes": record.get("notes"), "summary": line,
+            "checks": {}, "why": line}
 
 
 def _progress(enabled: bool):

@@ -646,7 +646,10 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Gr
         with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
             try:
                 rows = list(pool.map(_train_row_task, tasks))
-            except BaseException:  # an interrupt (SIGTERM to this process alone): no new row starts
+            except BaseException:  # an interrupt (SIGTERM to this process alone, which the workers do not get):
+                # stop the rows running too, or a full row (~26 s) outlasts a CI job's grace period before SIGKILL
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     else:

@@ -133,10 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a stdout that cannot encode "≡" gets "?", not a traceback at the end
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # no stdout at all (closed, pythonw): print() drops its output, as before
+        return _main(argv)
     guarded = _GuardedStdout(sys.stdout)
     sys.stdout = guarded
     try:
-        code = _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(argv)
     finally:
         sys.stdout = guarded.stream
     failure = guarded.failure

@@ -135,12 +135,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         payload = json_safe(result)
         try:  # atomic: a write that fails halfway (a full disk) keeps the previous file whole
             _write_json(args.json, payload)
+            print(f"wrote {args.json}", file=text)
+        except BrokenPipeError:  # --json into a pipe whose reader stopped reading: its choice, as for stdout
+            pass
         except OSError as e:  # minutes of measurement: not lost to a traceback
             print(f"theorylab bench: error: cannot write {args.json!r}: {e.strerror or e}; the results follow "
                   "as JSON", file=sys.stderr)
             print(json.dumps(payload, indent=2, allow_nan=False), file=sys.stderr)
             return 2
-        print(f"wrote {args.json}", file=text)
     failed = unmet_musts(result)
     for target in failed:
         print(f"theorylab bench: must not met: {target}", file=sys.stderr)

@@ -603,6 +603,9 @@ def _tensor_steps(state: dict[Any, Any], name: str) -> dict[Any, Any]:
             converted[index] = entry
             continue
         step = entry["step"]
+        if isinstance(step, Tensor) and step.is_meta:  # no value to check (a state built on the meta device)
+            converted[index] = entry
+            continue
         if isinstance(step, Tensor):
             real = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
             value = float(step) if real else None
@@ -613,6 +616,9 @@ def _tensor_steps(state: dict[Any, Any], name: str) -> dict[Any, Any]:
         if value is None or not math.isfinite(value) or value < 0 or value != int(value):
             raise ValueError(f"cannot load this state_dict into {name}: the state of parameter {index!r} has step "
                              f"{step!r}, not a count of steps")
+        if value > 2**24:  # float32 counts exactly up to 2**24 (as torch's do): beyond, a step would not add 1
+            raise ValueError(f"cannot load this state_dict into {name}: the state of parameter {index!r} has step "
+                             f"{value:.0f}, beyond the 2**24 steps a float32 count holds exactly")
         if not isinstance(step, Tensor):
             entry = {**entry, "step": torch.tensor(value, dtype=torch.float32)}
         elif step.dtype != torch.float32 or step.dim() != 0:  # an integer count, say: the step adds to it in place

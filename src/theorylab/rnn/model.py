@@ -183,7 +183,7 @@ class RNN(nn.Module):
         W, U, b = self._checked_parameters()
         self._check_x_h0(x, h0)
         bsz, steps, _ = x.shape
-        dtype = torch.promote_types(x.dtype, W.dtype)
+        dtype = _compute_dtype(x, W)  # autocast's inside autocast, as forward's (and for T = 0 too)
         s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)
         drive = torch.nn.functional.linear(x.to(dtype), U.to(dtype), b.to(dtype))  # (B, T, H) = Ux_t + b
         w_t = W.to(dtype).T
@@ -236,6 +236,8 @@ def read_for_diagnostics(rnn: RNN) -> Iterator[None]:
     in eval mode, so that reading does not change the model (spectral_norm's power iteration would advance at
     every read in training mode, and training after a diagnostic would differ from training without it)."""
     modes = [(m, m.training) for m in rnn.modules()]
+    cache = getattr(parametrize, "_cache", None)  # inside a cached() block of the caller's, what is computed here
+    before = set(cache) if isinstance(cache, dict) else None  # in eval mode must not stay for the caller's reads
     rnn.eval()
     try:
         with parametrize.cached():
@@ -243,6 +245,9 @@ def read_for_diagnostics(rnn: RNN) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+        if before is not None and isinstance(cache, dict):
+            for key in set(cache) - before:
+                cache.pop(key, None)
 
 
 class _Recurrence(torch.autograd.Function):

@@ -248,7 +248,7 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
                                     tps=f"{info.tokens_per_second:,.0f}")
 
             result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
-                                  on_step=on_step, **options)
+                                  on_step=on_step, overwrite=args.overwrite, **options)
     except KeyboardInterrupt:
         if main and (out / CHECKPOINT_FILE).exists():
             # --steps: a run extended with --resume --steps M and interrupted before its first checkpoint still

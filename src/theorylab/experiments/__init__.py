@@ -12,7 +12,14 @@ from .charlm import ATTENTION_KINDS, CharLMConfig, CharTransformer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CharCorpus, CharVocab, load_corpus, sample_batch
 from .distributed import DistEnv, shard_items
-from .trainer import TrainResult, evaluate_bpc, load_trained_model, train_charlm
+from .trainer import (
+    StepInfo,
+    TrainResult,
+    evaluate_bpc,
+    load_trained_model,
+    read_resume_checkpoint,
+    train_charlm,
+)
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -22,10 +29,12 @@ __all__ = [
     "CharVocab",
     "CheckpointError",
     "DistEnv",
+    "StepInfo",
     "TrainResult",
     "evaluate_bpc",
     "load_checkpoint",
     "load_corpus",
+    "read_resume_checkpoint",
     "sample_batch",
     "save_checkpoint",
     "shard_items",

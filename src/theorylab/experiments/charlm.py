@@ -43,7 +43,26 @@ MAX_WARMUP = 2**53
 
 @dataclass(frozen=True)
 class CharLMConfig:
-    """Everything that determines a training run (saved in the checkpoint and in metrics.json)."""
+    """Everything that determines a training run (saved in the checkpoint and in metrics.json).
+
+    Attributes:
+        attention: the :class:`~theorylab.attention.MultiheadAttention` kind of every block (``ATTENTION_KINDS``;
+            default "softmax").
+        seq_len: characters of context per training window (default 256).
+        layers: Transformer blocks (default 2).
+        width: embedding width W (default 128; divisible by ``heads``).
+        heads: attention heads (default 4).
+        num_features: random features per head, used by kind "favor" only (default 256).
+        batch_size: the global batch, windows per step over all ranks together (default 32; a multiple of the
+            number of ranks).
+        lr: the peak learning rate of Adam (default 3e-3), reached after ``warmup`` steps.
+        warmup: linear warm-up steps, then lr · sqrt(warmup / step) (default 50).
+        grad_clip: the largest global gradient norm (default 1.0).
+        seed: the model's initialisation and the batches' sampling (default 0).
+
+    Sizes are capped (``SIZE_LIMITS``); a bad value is a ValueError naming the field. ``to_dict`` and
+    ``from_dict`` convert to and from the plain dict a checkpoint holds.
+    """
 
     attention: str = "softmax"  # which MultiheadAttention kind
     seq_len: int = 256  # characters of context per training window
@@ -152,6 +171,8 @@ class CharTransformer(nn.Module):
         return self.position_embedding.num_embeddings
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-character logits (B, N, V) of integer character ids ``tokens`` (B, N), N <= ``seq_len``: position i
+        sees the characters up to i (causal). :meth:`loss` gives the training loss, :meth:`generate` samples."""
         n = tokens.shape[1]
         if n > self.max_len:
             raise ValueError(f"sequence of length {n} is longer than the model's {self.max_len} positions")
@@ -228,9 +249,10 @@ class CharTransformer(nn.Module):
         return torch.cat(out, dim=1)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-character cross-entropy in nats; divide by ln 2 for bits per character."""
-        logits = self(x)  # (B, N, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        """Mean next-character cross-entropy in nats; divide by ln 2 for bits per character. Half-precision
+        logits are taken in float32; a float64 model's loss is float64."""
+        logits = self(x).flatten(0, 1)  # (B·N, V)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y.reshape(-1))
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -31,7 +31,16 @@ def umask_mode(fd: int) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    ``payload`` must be what :func:`load_checkpoint` (``weights_only=True``) reads back: a dict of tensors,
+    numbers, strings, bools, None and dicts, lists and tuples of them (a config as ``config.to_dict()``). Anything
+    else (a dataclass, a Path, a numpy array) is refused here, with a TypeError naming its key, rather than
+    written into a file that would not load.
+    """
+    if not isinstance(payload, dict):
+        raise TypeError(f"save_checkpoint: payload must be a dict; got {type(payload).__name__}")
+    _check_loadable(payload, "payload")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
@@ -47,8 +56,29 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def _check_loadable(value: Any, where: str) -> None:
+    """TypeError naming ``where`` unless ``value`` is of a type that a ``weights_only`` load reads back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"save_checkpoint: {where} has a key of type {type(key).__name__}")
+            _check_loadable(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_loadable(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (torch.Tensor, str, bytes, bool, int, float, complex,
+                                                   torch.dtype, torch.device, torch.Size))):
+        raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, which a weights_only load refuses; "
+                        "store tensors, numbers, strings and containers of them (a config as config.to_dict())")
+
+
 def load_checkpoint(path: str | Path, *, expected_format: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; CheckpointError says what is wrong with it."""
+    """Read a checkpoint with ``weights_only=True``; CheckpointError says what is wrong with it.
+
+    Args:
+        path: the checkpoint file.
+        expected_format: the value its ``"format"`` key must hold (e.g. the char-LM's), or None: any.
+    """
     path = Path(path)
     try:  # Python 3.11's pathlib lets "file name too long" (and a NUL byte) through as exceptions
         is_file = path.is_file()

@@ -12,7 +12,9 @@ ones before it inside non-overlapping windows of ``seq_len`` characters.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,20 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
+    """What :func:`train_charlm` returns.
+
+    Attributes:
+        metrics: what ``metrics.json`` holds: ``final_bpc`` (held-out bits per character at the end),
+            ``tokens_per_second``, ``steps``, ``train_seconds``, ``tokens_seen``, ``final_train_bpc``,
+            ``unigram_bpc`` (the baseline of character frequencies), ``parameters``, ``config``,
+            ``resumed_from_step``, ``world_size``, ``backend``, ``device``, ``threads_per_rank``, ``eval_chars``,
+            ``data``, ``evals`` and ``train_bpc`` (per step).
+        model: the trained model (unwrapped from DDP), on its device.
+        checkpoint: the checkpoint file written, or None without ``out_dir``.
+        evals: the held-out measurements ``{"step", "seconds", "heldout_bpc"}``: at the end, and every
+            ``eval_every`` steps when asked.
+    """
+
     metrics: dict[str, Any]
     model: CharTransformer  # the trained model (unwrapped from DDP), on its device
     checkpoint: Path | None = None
@@ -54,8 +70,11 @@ class TrainResult:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-character cross-entropy in nats; logits ``(B, N, V)``, targets ``(B, N)``."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
+    """Next-character cross-entropy in nats; logits ``(B, N, V)``, targets ``(B, N)``. Half-precision logits are
+    taken in float32; float64 ones stay float64."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
+                           reduction=reduction)
 
 
 @torch.no_grad()
@@ -165,8 +184,13 @@ ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.Adam's per-paramet
 
 
 def load_trained_model(out_dir: str | Path) -> tuple[CharTransformer, CharVocab]:
-    """The model of the char-LM run in ``out_dir`` (its ``checkpoint.pt``), in eval mode on the CPU, and its
-    vocabulary; CheckpointError says what is wrong with the checkpoint."""
+    """The model of the char-LM run in ``out_dir`` (its ``checkpoint.pt``; or that file itself, as ``theorylab
+    sample`` takes it), in eval mode on the CPU, and its vocabulary; CheckpointError says what is wrong with the
+    checkpoint."""
+    path = Path(out_dir)
+    with contextlib.suppress(OSError, ValueError):  # a name too long or with a NUL: load_checkpoint says so
+        if path.is_file():
+            out_dir = path.parent
     ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT_FILE, expected_format=CHECKPOINT_FORMAT)
     where = f"checkpoint in {str(out_dir)!r}"
     missing = [k for k in ("config", "model", "vocab") if k not in ckpt]
@@ -246,26 +270,46 @@ def validate_run(config: CharLMConfig, world_size: int = 1) -> None:
 def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None = None,
                  resume_from: dict[str, Any] | None = None, env: DistEnv | None = None,
                  checkpoint_every: int = 100, eval_every: int = 0, eval_chars: int | None = None,
-                 on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+                 on_step: Callable[[StepInfo], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train the char-LM of ``config`` up to step ``steps``; return metrics and the model.
 
     Args:
+        config: the model, data and optimisation settings (:class:`CharLMConfig`).
+        steps: train up to this step (a positive integer; with ``resume_from``, at least the checkpoint's step).
         out_dir: where ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and ``metrics.json`` go
-            (written by rank 0 only); None writes nothing.
-        resume_from: a checkpoint from :func:`read_resume_checkpoint`; training continues from its step. Its
-            config must equal ``config``.
+            (written by rank 0 only); None writes nothing. A folder that holds a checkpoint is refused unless
+            ``resume_from`` continues it or ``overwrite`` starts afresh (which removes the old run's checkpoint
+            and metrics first). Unlike ``theorylab train charlm``, this function does not lock the folder: two
+            processes training into one folder overwrite each other.
+        resume_from: a checkpoint from :func:`read_resume_checkpoint`; training continues from its step, the
+            model, optimizer, losses and evaluations bit for bit. Its config must equal ``config``. The options
+            below are this call's: to continue the run as it was (as ``theorylab train charlm --resume`` does),
+            pass the checkpoint's again, ``**{k: v for k, v in ckpt["options"].items() if k != "threads"}``
+            (an ``eval_chars`` of its own otherwise mixes curves measured on other held-out characters).
         env: the distributed environment (:func:`theorylab.experiments.distributed.init_distributed`); None is a
             single process on the CPU.
         eval_every: also measure held-out bits/char before training and every this many steps (0: only at the
             end), recorded with the training seconds so far: the bits/char-against-wall-clock curve.
-        eval_chars: evaluate on the first ``eval_chars`` held-out characters only (None: all of them).
-        on_step: called after every step (rank 0 only), e.g. to drive a progress bar.
+        eval_chars: evaluate on the first ``eval_chars`` (>= 2) held-out characters only (None: all of them).
+        on_step: called after every step (rank 0 only) with a :class:`StepInfo`, e.g. to drive a progress bar.
+        overwrite: start afresh in an ``out_dir`` that holds a checkpoint (see ``out_dir``).
+
+    Raises:
+        TypeError: ``config`` is not a CharLMConfig, or a count is not an integer.
+        ValueError: a count out of range, a folder that holds another run, or a resume whose config differs from
+            the checkpoint's; each checked before anything trains.
+
+    Training runs with gradients on, also when called inside ``torch.no_grad()``. The model is built in torch's
+    default dtype (float32 unless ``torch.set_default_dtype`` says otherwise).
     """
     env = env or DistEnv()
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if checkpoint_every < 0 or eval_every < 0:
-        raise ValueError(f"checkpoint_every and eval_every must be >= 0, got {checkpoint_every}, {eval_every}")
+    if not isinstance(config, CharLMConfig):
+        raise TypeError(f"config must be a CharLMConfig (CharLMConfig.from_dict(d) for a dict); got "
+                        f"{type(config).__name__}")
+    steps = _count("steps", steps, 1)
+    checkpoint_every, eval_every = _count("checkpoint_every", checkpoint_every, 0), _count("eval_every", eval_every, 0)
+    if eval_chars is not None:
+        eval_chars = _count("eval_chars", eval_chars, 2)  # one character is no prediction: found only at the end
     validate_run(config, env.world_size)
     corpus = load_corpus()
     start = 0
@@ -276,6 +320,34 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         start = int(resume_from["step"])
         if start > steps:
             raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
+    elif out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
+        if not overwrite:
+            raise ValueError(f"{str(Path(out_dir) / CHECKPOINT_FILE)!r} exists: pass resume_from="
+                             f"read_resume_checkpoint(out_dir) to continue that run, or overwrite=True to start "
+                             "afresh")
+        barrier(env)  # every rank has looked before rank 0 removes: an interrupted new run must not leave the old
+        if env.is_main:  # run to be resumed, nor its metrics beside the new checkpoint
+            for name in (CHECKPOINT_FILE, METRICS_FILE):
+                (Path(out_dir) / name).unlink(missing_ok=True)
+        barrier(env)
+    with torch.enable_grad():
+        return _train(config, steps, corpus, start, out_dir, resume_from, env, checkpoint_every, eval_every,
+                      eval_chars, on_step)
+
+
+def _count(name: str, value: object, lowest: int) -> int:
+    """``value`` as an int >= ``lowest``: TypeError (bool and float included) or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if value < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {value}")
+    return int(value)
+
+
+def _train(config: CharLMConfig, steps: int, corpus: CharCorpus, start: int, out_dir: str | Path | None,
+           resume_from: dict[str, Any] | None, env: DistEnv, checkpoint_every: int, eval_every: int,
+           eval_chars: int | None, on_step: Callable[[StepInfo], None] | None) -> TrainResult:
+    """The training of :func:`train_charlm`, its arguments checked."""
 
     seed_global(config.seed, env.device)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = CharTransformer(len(corpus.vocab), config).to(env.device)

@@ -485,3 +485,25 @@ def test_unswap_keeps_frozen_bias_free_shared_and_refuses_causal_by_name():
     with pytest.raises(ValueError, match="unswap_attention: the module at 'a': .*causal=False"):
         unswap_attention(causal)
     assert all(type(m) is DropInMultiheadAttention for m in causal.values())
+
+
+def test_the_packages_own_attention_modules_change_kind_too():
+    """swap_attention(CharTransformer, "favor") had returned the model unchanged, silently."""
+    from theorylab.experiments import CharLMConfig, CharTransformer
+
+    torch.manual_seed(0)
+    config = CharLMConfig(seq_len=16, layers=2, width=16, heads=2, batch_size=4, num_features=8, warmup=1)
+    model = CharTransformer(20, config).double()
+    model.blocks[1].attn.q_proj.weight.requires_grad_(False)
+    x = torch.randint(0, 20, (2, 16))
+    expected = model(x)
+    swap_attention(model, "favor", seed=3)
+    assert [type(b.attn) for b in model.blocks] == [MultiheadAttention] * 2
+    assert [b.attn.kind for b in model.blocks] == ["favor", "favor"] and model.blocks[0].attn.causal
+    assert not model.blocks[1].attn.q_proj.weight.requires_grad and model.blocks[0].attn.q_proj.weight.dtype == F64
+    assert (model(x) - expected).abs().max() > 1e-3  # another attention
+    swap_attention(model, "softmax")  # the projections went along: back to the same model
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    single = MultiheadAttention(E, H, kind="softmax", causal=True).eval()
+    swapped = swap_attention(single, "linear")
+    assert type(swapped) is MultiheadAttention and swapped.kind == "linear" and not swapped.training

@@ -144,36 +144,19 @@ class DropInMultiheadAttention(nn.Module):
                 or ``add_zero_attn``, which the package's attention does not implement.
         """
         if isinstance(mha, DropInMultiheadAttention):
-            old = mha.attention
-            for key, value in _settings_of(old, kind).items():
-                kwargs.setdefault(key, value)
-            keep_features = _keeps_features(old, kind, kwargs)
-            if keep_features:  # the same seed, so that later redraws continue the same sequence
-                kwargs["seed"] = cast(Any, old.feature_map).seed
-            own_map = kwargs.get("feature_map") is old.feature_map is not None  # kept as it is, in its own dtype
-            if own_map:
-                kwargs.pop("feature_map")
-            with torch.random.fork_rng(devices=[], enabled=keep_features):  # features about to be replaced: a
-                # draw from torch's global generator would shift the user's later draws (dropout, initialisation)
-                new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
-                                         **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
-            if own_map:
-                new.feature_map = old.feature_map
-            kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
-            new.load_state_dict(kept, strict=False)
-            trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
+            new = rebuilt(mha.attention, kind, **kwargs)
         elif isinstance(mha, nn.MultiheadAttention):
             new = cls._from_torch_module(mha, kind, kwargs)
             trainable = {f"{proj}.{part}": getattr(mha, f"in_proj_{part}").requires_grad
                          for proj in ("q_proj", "k_proj", "v_proj") for part in ("weight", "bias")
                          if getattr(mha, f"in_proj_{part}") is not None}
             trainable.update({f"out_proj.{name}": p.requires_grad for name, p in mha.out_proj.named_parameters()})
+            for name, p in new.named_parameters():
+                if name in trainable:  # frozen stays frozen, weights and biases each as they were
+                    p.requires_grad_(trainable[name])
         else:
             raise TypeError(f"from_torch: expected nn.MultiheadAttention or DropInMultiheadAttention; got "
                             f"{type(mha).__name__}")
-        for name, p in new.named_parameters():
-            if name in trainable:  # frozen stays frozen, weights and biases each as they were
-                p.requires_grad_(trainable[name])
         drop_in = cls(new, batch_first=mha.batch_first)
         return drop_in.train(mha.training)  # a model swapped in eval mode stays so (no dropout at inference)
 
@@ -220,6 +203,34 @@ class DropInMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAttention:
+    """A :class:`MultiheadAttention` of ``kind`` with ``old``'s projections, device, dtype, training mode and
+    ``requires_grad``; ``old``'s ``causal``, dropout and chunk size (and ``recompute`` and ``num_features`` where the
+    new kind has them) unless given in ``kwargs``; from "favor" to "favor" its drawn features and seed, from
+    "linear" to "linear" a feature map of its own (see :func:`swap_attention`)."""
+    for key, value in _settings_of(old, kind).items():
+        kwargs.setdefault(key, value)
+    keep_features = _keeps_features(old, kind, kwargs)
+    if keep_features:  # the same seed, so that later redraws continue the same sequence
+        kwargs["seed"] = cast(Any, old.feature_map).seed
+    own_map = kwargs.get("feature_map") is old.feature_map is not None  # kept as it is, in its own dtype
+    if own_map:
+        kwargs.pop("feature_map")
+    with torch.random.fork_rng(devices=[], enabled=keep_features):  # features about to be replaced: a
+        # draw from torch's global generator would shift the user's later draws (dropout, initialisation)
+        new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
+                                 **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+    if own_map:
+        new.feature_map = old.feature_map
+    kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
+    new.load_state_dict(kept, strict=False)
+    trainable = {name: p.requires_grad for name, p in old.named_parameters() if "_proj." in name}
+    for name, p in new.named_parameters():
+        if name in trainable:  # frozen stays frozen, weights and biases each as they were
+            p.requires_grad_(trainable[name])
+    return new.train(old.training)
 
 
 def _is_cross_attention(model: nn.Module, name: str) -> bool:
@@ -297,16 +308,18 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     In place: each replacement keeps the original's projection weights, device, dtype, ``batch_first``, training
     mode and ``requires_grad`` (:meth:`DropInMultiheadAttention.from_torch`; ``kwargs`` go there). A module reached
     from several places (tied layers) gets one replacement, shared at each. An already swapped model changes kind
-    (its :class:`DropInMultiheadAttention` modules are rebuilt with their projections). ``nn.TransformerEncoder``'s
+    (its :class:`DropInMultiheadAttention` modules are rebuilt with their projections), and so do the package's
+    own :class:`MultiheadAttention` modules (a :class:`~theorylab.experiments.CharTransformer`'s blocks: each is
+    replaced by one of ``kind``, a :class:`MultiheadAttention` still). ``nn.TransformerEncoder``'s
     nested-tensor fast path is switched off (``use_nested_tensor = False``): it cannot run through this module.
     Returns ``model``, or the replacement when ``model`` is itself an attention module. With a ``seed``, each
     replacement's feature map gets its own seed drawn from it (layer by layer in module order), so the layers'
     random features differ and the same ``seed`` gives the same model; a single module is given ``seed`` itself.
 
     Args:
-        model: the model to change in place, or a single ``nn.MultiheadAttention`` /
-            :class:`DropInMultiheadAttention` (then the replacement is returned). A model without attention
-            modules is returned unchanged.
+        model: the model to change in place, or a single ``nn.MultiheadAttention``,
+            :class:`DropInMultiheadAttention` or :class:`MultiheadAttention` (then the replacement is returned). A
+            model without attention modules is returned unchanged.
         kind: the new attention: "softmax", "separable", "linear" or "favor" (see :class:`MultiheadAttention`).
         **kwargs: the keywords of :class:`MultiheadAttention` that :meth:`DropInMultiheadAttention.from_torch`
             does not set itself: ``causal`` (default False), ``num_features`` (``kind="favor"``, default 256),
@@ -358,10 +371,12 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """
     if kind not in KINDS:  # checked here too: a model with no attention module would have swallowed a typo
         raise ValueError(f"swap_attention: kind must be one of {KINDS}; got {kind!r}")
-    swappable = (nn.MultiheadAttention, DropInMultiheadAttention)
+    swappable = (nn.MultiheadAttention, DropInMultiheadAttention, MultiheadAttention)
+    if isinstance(model, MultiheadAttention):
+        return rebuilt(model, kind, **kwargs)
     if isinstance(model, swappable):
         return DropInMultiheadAttention.from_torch(model, kind, **kwargs)
-    replacements: dict[int, DropInMultiheadAttention] = {}
+    replacements: dict[int, nn.Module] = {}
     # remove_duplicate=False: a module shared by two parents is found at both paths (and replaced once)
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, swappable)]
     targets = [(name, m) for name, m in targets
@@ -382,7 +397,8 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         if kwargs.get("feature_map") is not None:  # each layer its own copy, trained on its own
             layer_kwargs = {**kwargs, "feature_map": copy.deepcopy(kwargs["feature_map"])}
         with _naming(name, "swap_attention"):
-            replacements[id(module)] = DropInMultiheadAttention.from_torch(module, kind, **layer_kwargs)
+            replacements[id(module)] = rebuilt(module, kind, **layer_kwargs) if isinstance(
+                module, MultiheadAttention) else DropInMultiheadAttention.from_torch(module, kind, **layer_kwargs)
     _put_in(model, targets, replacements)
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder):

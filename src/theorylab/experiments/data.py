@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +98,22 @@ def split_topics(topics: dict[str, str], heldout_fraction: float) -> tuple[list[
     return sorted(set(topics) - set(heldout)), sorted(heldout)
 
 
+def _integer(name: str, value: Any) -> int:
+    """``value`` as a Python int: an int, a numpy integer or a 0-d integer tensor; TypeError naming ``name`` for
+    anything else (bools, floats, integral ones too, and strings)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a tensor of {value.dtype} and shape "
+                            f"{tuple(value.shape)}")
+        return int(value.item())
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
 @dataclass(frozen=True)
 class CharVocab:
     """Characters <-> integer ids; ``chars[i]`` is the character of id ``i``."""
@@ -125,8 +144,36 @@ class CharVocab:
             raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
         return torch.tensor(ids, dtype=torch.long)
 
-    def decode(self, ids: torch.Tensor | list[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+    def decode(self, ids: torch.Tensor | np.ndarray | Iterable[int]) -> str:
+        """Ids -> text: the string of ``chars[i]`` for each id ``i`` of ``ids``, in order (the inverse of
+        :meth:`encode`).
+
+        ``ids`` is a 1-D tensor (or numpy array) of an integer dtype, or any iterable of integers (Python or numpy
+        ints, 0-d integer tensors); every id must lie in ``0 .. len(self) - 1``. A ValueError names the first id
+        outside that range (a negative id does not count from the end), and refuses a tensor of more than one
+        dimension, such as the ``(B, N)`` output of generation: decode each row, ``[vocab.decode(row) for row in
+        ids]``. A TypeError refuses floating-point, complex or bool ids.
+        """
+        n = len(self.chars)
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            if ids.ndim != 1:
+                raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}: decode each row, "
+                                 "[vocab.decode(row) for row in ids]")
+            if isinstance(ids, torch.Tensor):
+                if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                    raise TypeError(f"ids must be integer ids, got a tensor of {ids.dtype}")
+            elif ids.dtype.kind not in "iu":
+                raise TypeError(f"ids must be integer ids, got an array of {ids.dtype}")
+            values = ids.tolist()  # Python ints: the checks below see their values, not a wrapped dtype
+        elif isinstance(ids, str) or not isinstance(ids, Iterable):  # a string's characters are not ids
+            raise TypeError(f"ids must be a 1-D tensor of integer ids or an iterable of ints, got "
+                            f"{type(ids).__name__}")
+        else:
+            values = [_integer(f"ids[{i}]", x) for i, x in enumerate(ids)]
+        if values and not (min(values) >= 0 and max(values) < n):  # then find the first one outside
+            i, v = next((i, v) for i, v in enumerate(values) if not 0 <= v < n)
+            raise ValueError(f"ids[{i}] = {v} is not an id of this vocabulary of {n} characters (ids 0 .. {n - 1})")
+        return "".join([self.chars[v] for v in values])
 
 
 @dataclass(frozen=True)
@@ -167,7 +214,13 @@ def load_corpus(heldout_fraction: float = 0.1) -> CharCorpus:
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
-    """A generator that depends only on ``(seed, step)`` (mixed by numpy's SeedSequence: no collisions)."""
+    """A generator that depends only on ``(seed mod 2**63, step)`` (mixed by numpy's SeedSequence: no collisions).
+
+    ``seed`` is any integer (negative ones too: -1 draws as 2**63 - 1); ``step`` a non-negative integer.
+    """
+    seed, step = _integer("seed", seed), _integer("step", step)
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step}")
     state = np.random.SeedSequence([seed % 2**63, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -179,7 +232,19 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: i
     ``batch_size`` random windows of ``seq_len + 1`` characters are drawn from ``tokens`` (the global batch);
     rank ``r`` keeps rows ``r::world_size``. Returns ``(x, y)``, each ``(batch_size // world_size, seq_len)``,
     with ``y[:, i] = x[:, i + 1]`` shifted by one position in the text.
+
+    ``seed``: any integer, reduced modulo 2**63 (so -1 draws as 2**63 - 1); ``step``: a non-negative integer;
+    ``world_size``: a positive integer; ``rank``: an integer in ``0 .. world_size - 1``. A non-integer (bool and
+    integral floats included) is a TypeError naming the argument, an integer out of range a ValueError.
     """
+    seed, step = _integer("seed", seed), _integer("step", step)
+    rank, world_size = _integer("rank", rank), _integer("world_size", world_size)
+    if world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in 0 .. {world_size - 1} (world_size {world_size}), got {rank}")
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step}")
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if batch_size <= 0 or batch_size % world_size:

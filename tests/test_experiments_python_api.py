@@ -95,3 +95,13 @@ def test_what_the_docstrings_reference_is_exported():
     assert experiments.read_resume_checkpoint is read_resume_checkpoint
     assert experiments.StepInfo.__name__ == "StepInfo"
     assert "num_features" in CharLMConfig.__doc__ and "Attributes" in experiments.TrainResult.__doc__
+
+
+def test_the_metrics_record_the_dtype_the_default_dtype_decided():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        result = train_charlm(_config(), 1)
+    finally:
+        torch.set_default_dtype(previous)
+    assert result.metrics["dtype"] == "float64" and train_charlm(_config(), 1).metrics["dtype"] == "float32"

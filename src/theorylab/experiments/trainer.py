@@ -55,7 +55,8 @@ class TrainResult:
         metrics: what ``metrics.json`` holds: ``final_bpc`` (held-out bits per character at the end),
             ``tokens_per_second``, ``steps``, ``train_seconds``, ``tokens_seen``, ``final_train_bpc``,
             ``unigram_bpc`` (the baseline of character frequencies), ``parameters``, ``config``,
-            ``resumed_from_step``, ``world_size``, ``backend``, ``device``, ``threads_per_rank``, ``eval_chars``,
+            ``resumed_from_step``, ``world_size``, ``backend``, ``device``, ``threads_per_rank``, ``dtype`` (of
+            the model's parameters: torch's default dtype when it was built), ``eval_chars``,
             ``data``, ``evals`` and ``train_bpc`` (per step).
         model: the trained model (unwrapped from DDP), on its device.
         checkpoint: the checkpoint file written, or None without ``out_dir``.
@@ -81,6 +82,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 def evaluate_bpc(model: CharTransformer, tokens: torch.Tensor, seq_len: int, *, env: DistEnv | None = None,
                  max_chars: int | None = None, batch_size: int = 16) -> float:
     """Bits per character of ``model`` on ``tokens[:max_chars]`` (all of it by default).
+
+    Args:
+        model: the char-LM, evaluated in eval mode (its own mode is restored afterwards).
+        tokens: a 1-D tensor of character ids (e.g. ``load_corpus().heldout``).
+        seq_len: the context of each window, at most the model's (``config.seq_len``): every character after the
+            first is predicted once, from up to ``seq_len`` characters before it.
+        env: the distributed environment (None: one process).
+        max_chars: only the first ``max_chars`` (>= 2) characters (None: all).
+        batch_size: windows per forward pass (memory, not the result).
 
     The windows are shared out over the ranks; the sums of cross-entropy and counts are added up over them, so
     every rank returns the same number, equal to the single-process one up to rounding.
@@ -459,6 +469,7 @@ def _train(config: CharLMConfig, steps: int, corpus: CharCorpus, start: int, out
         "backend": env.backend,
         "device": str(env.device),
         "threads_per_rank": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # torch's default dtype decided it
         "eval_chars": min(eval_chars, corpus.heldout.numel()) if eval_chars else corpus.heldout.numel(),
         "data": corpus.describe(),
         "evals": evals,

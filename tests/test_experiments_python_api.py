@@ -105,3 +105,70 @@ def test_the_metrics_record_the_dtype_the_default_dtype_decided():
     finally:
         torch.set_default_dtype(previous)
     assert result.metrics["dtype"] == "float64" and train_charlm(_config(), 1).metrics["dtype"] == "float32"
+
+
+def test_overwrite_pairs_its_barriers_on_every_rank_whatever_each_sees(tmp_path, monkeypatch):
+    """Under torchrun the CLI had removed the old run on rank 0 before train_charlm looked: rank 1, still seeing
+    it, entered barriers that rank 0 skipped, and the job hung with the old run already deleted."""
+    from theorylab.experiments import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "barrier", lambda env: calls.append("barrier"))
+    monkeypatch.setattr(trainer, "_train", lambda *a, **k: calls.append("train"))
+    for existing in (True, False):
+        calls.clear()
+        if existing:
+            (tmp_path / "checkpoint.pt").write_bytes(b"x")
+        train_charlm(_config(), 2, out_dir=tmp_path, overwrite=True)
+        assert calls == ["barrier", "barrier", "train"] and not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="resume_from and overwrite=True contradict"):
+        train_charlm(_config(), 2, out_dir=tmp_path, overwrite=True, resume_from={"config": _config().to_dict(),
+                                                                                  "step": 1})
+
+
+def test_load_trained_model_loads_the_file_it_is_given(tmp_path):
+    """A file of another name had been taken for its folder, and the folder's checkpoint.pt loaded instead."""
+    train_charlm(_config(), 1, out_dir=tmp_path)
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "softmax_run.pt")
+    train_charlm(_config(attention="favor"), 1, out_dir=tmp_path, overwrite=True)
+    assert load_trained_model(tmp_path / "softmax_run.pt")[0].config.attention == "softmax"
+    assert load_trained_model(tmp_path)[0].config.attention == "favor"
+
+
+def test_a_swapped_models_config_rebuilds_it():
+    """After swap_attention, config still said the old kind: a checkpoint of it reloaded another model."""
+    from theorylab.attention import swap_attention
+
+    torch.manual_seed(0)
+    model = CharTransformer(11, _config(layers=2))
+    swap_attention(model, "favor", num_features=8, seed=1)
+    assert model.config.attention == "favor" and model.config.num_features == 8
+    again = CharTransformer(11, model.config)
+    again.load_state_dict(model.state_dict())
+    x = torch.randint(0, 11, (2, 16))
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    swap_attention(model.blocks[0], "linear")  # one block alone: no config describes the model
+    with pytest.raises(ValueError, match="attention kinds differ"):
+        _ = model.config
+
+
+def test_training_inside_inference_mode_still_trains():
+    with torch.inference_mode():
+        result = train_charlm(_config(), 1)
+    assert all(not p.is_inference() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("value", [np.float64(2.5), (lambda: __import__("collections").namedtuple("P", "a")(1))(),
+                                   __import__("collections").defaultdict(list)])
+def test_save_checkpoint_refuses_subclasses_the_load_refuses(value, tmp_path):
+    """np.float64 (a float), namedtuples (tuples) and defaultdicts (dicts) passed isinstance and were written."""
+    with pytest.raises(TypeError, match=r"payload\['x'\] is a"):
+        save_checkpoint(tmp_path / "c.pt", {"x": value})
+
+
+def test_save_checkpoint_takes_what_the_load_takes(tmp_path):
+    from theorylab.experiments import load_checkpoint
+
+    payload = {"s": {1, 2}, "b": bytearray(b"ab"), 1.5: "float key", (1, 2): "tuple key", None: 0}
+    save_checkpoint(tmp_path / "c.pt", payload)
+    assert load_checkpoint(tmp_path / "c.pt") == payload

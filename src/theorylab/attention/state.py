@@ -86,8 +86,9 @@ class LinearAttentionState:
     map was redrawn, reloaded or moved, and for another map (an unpickled state is checked for its shapes only:
     see :class:`MapFingerprint`). To reorder or repeat the sequences of a batch (beam search), use
     :meth:`index_select`. ``torch.save`` stores a state; ``torch.load``, whose default is ``weights_only=True``,
-    needs ``with torch.serialization.safe_globals([LinearAttentionState, MapFingerprint]):`` around it (or
-    ``weights_only=False`` for a file you trust).
+    needs ``with torch.serialization.safe_globals([LinearAttentionState, MapFingerprint]):`` around it (torch
+    >= 2.5; on 2.4, ``torch.serialization.add_safe_globals([...])`` once), or ``weights_only=False`` for a file
+    you trust.
     """
 
     kv: Tensor
@@ -143,7 +144,8 @@ class KVCache:
         padding: bool (B, n), True = padding, or None when no key so far was padded.
 
     :meth:`index_select` reorders or repeats the sequences of the batch (beam search). ``torch.load`` of a saved
-    cache needs ``with torch.serialization.safe_globals([KVCache]):`` (or ``weights_only=False``).
+    cache needs ``with torch.serialization.safe_globals([KVCache]):`` (torch >= 2.5; on 2.4
+    ``torch.serialization.add_safe_globals([KVCache])``), or ``weights_only=False``.
     """
 
     keys: Tensor

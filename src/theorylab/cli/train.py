@@ -231,9 +231,6 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
             print(f"charlm {config.attention}: the run in {str(out)!r} is already at step {steps}; nothing to "
                   f"train (extend it with --resume --steps N, N > {steps})")
         return 0
-    if args.overwrite and main:  # afresh: an interrupted new run must not leave the old run to be resumed
-        for name in (CHECKPOINT_FILE, "metrics.json"):
-            (out / name).unlink(missing_ok=True)
     progress = _progress_bar(main)
     try:
         with progress or contextlib.nullcontext():

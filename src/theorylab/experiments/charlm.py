@@ -148,7 +148,7 @@ class CharTransformer(nn.Module):
     def __init__(self, vocab_size: int, config: CharLMConfig):
         super().__init__()
         c = config
-        self.config = config
+        self._config = config
         self.token_embedding = nn.Embedding(vocab_size, c.width)
         self.position_embedding = nn.Embedding(c.seq_len, c.width)
         blocks = [Block(c.width, c.heads, c.attention, c.num_features) for _ in range(c.layers)]
@@ -169,6 +169,21 @@ class CharTransformer(nn.Module):
     @property
     def max_len(self) -> int:
         return self.position_embedding.num_embeddings
+
+    @property
+    def config(self) -> CharLMConfig:
+        """The settings it was built with, its attention as its blocks hold it now: a model changed by
+        :func:`~theorylab.attention.swap_attention` reads as the kind it was given (with favor's number of
+        features), so a checkpoint of ``config.to_dict()`` rebuilds this model. ValueError where the blocks' kinds
+        differ (no config describes that model)."""
+        attentions = [cast(Block, block).attn for block in self.blocks]
+        kinds = {str(attn.kind) for attn in attentions}
+        if len(kinds) != 1:
+            raise ValueError(f"the blocks' attention kinds differ ({', '.join(sorted(kinds))}): no CharLMConfig "
+                             "describes this model")
+        kind = kinds.pop()
+        features = getattr(attentions[0].feature_map, "num_features", None) if kind == "favor" else None
+        return dataclasses.replace(self._config, attention=kind, num_features=features or self._config.num_features)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-character logits (B, N, V) of integer character ids ``tokens`` (B, N), N <= ``seq_len``: position i

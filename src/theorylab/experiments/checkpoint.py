@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,21 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
+#: what a weights_only load reads back besides tensors, None and the containers (exact types)
+_LOADABLE_LEAVES = (str, bytes, bytearray, bool, int, float, complex, torch.dtype, torch.device, torch.Size)
+
+
 def _check_loadable(value: Any, where: str) -> None:
     """TypeError naming ``where`` unless ``value`` is of a type that a ``weights_only`` load reads back."""
-    if isinstance(value, dict):
+    kind = type(value)  # exact types: a subclass (np.float64 of float, a namedtuple, an IntEnum) is refused there
+    if kind in (dict, OrderedDict):
         for key, item in value.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"save_checkpoint: {where} has a key of type {type(key).__name__}")
+            _check_loadable(key, f"{where}'s key {key!r}")
             _check_loadable(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif kind in (list, tuple, set):
         for i, item in enumerate(value):
             _check_loadable(item, f"{where}[{i}]")
-    elif not (value is None or isinstance(value, (torch.Tensor, str, bytes, bool, int, float, complex,
-                                                   torch.dtype, torch.device, torch.Size))):
+    elif not (value is None or isinstance(value, torch.Tensor) or kind in _LOADABLE_LEAVES):
         raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, which a weights_only load refuses; "
                         "store tensors, numbers, strings and containers of them (a config as config.to_dict())")
 

@@ -198,10 +198,10 @@ def load_trained_model(out_dir: str | Path) -> tuple[CharTransformer, CharVocab]
     sample`` takes it), in eval mode on the CPU, and its vocabulary; CheckpointError says what is wrong with the
     checkpoint."""
     path = Path(out_dir)
+    is_file = False
     with contextlib.suppress(OSError, ValueError):  # a name too long or with a NUL: load_checkpoint says so
-        if path.is_file():
-            out_dir = path.parent
-    ckpt = load_checkpoint(Path(out_dir) / CHECKPOINT_FILE, expected_format=CHECKPOINT_FORMAT)
+        is_file = path.is_file()
+    ckpt = load_checkpoint(path if is_file else path / CHECKPOINT_FILE, expected_format=CHECKPOINT_FORMAT)
     where = f"checkpoint in {str(out_dir)!r}"
     missing = [k for k in ("config", "model", "vocab") if k not in ckpt]
     if missing:
@@ -330,17 +330,20 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         start = int(resume_from["step"])
         if start > steps:
             raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
-    elif out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
-        if not overwrite:
-            raise ValueError(f"{str(Path(out_dir) / CHECKPOINT_FILE)!r} exists: pass resume_from="
-                             f"read_resume_checkpoint(out_dir) to continue that run, or overwrite=True to start "
-                             "afresh")
+        if overwrite:
+            raise ValueError("resume_from and overwrite=True contradict each other: resume continues the run that "
+                             "overwrite would remove")
+    elif out_dir is not None and overwrite:  # on every rank, whatever each sees: the barriers must pair up
         barrier(env)  # every rank has looked before rank 0 removes: an interrupted new run must not leave the old
         if env.is_main:  # run to be resumed, nor its metrics beside the new checkpoint
             for name in (CHECKPOINT_FILE, METRICS_FILE):
                 (Path(out_dir) / name).unlink(missing_ok=True)
         barrier(env)
-    with torch.enable_grad():
+    elif out_dir is not None and (Path(out_dir) / CHECKPOINT_FILE).exists():
+        raise ValueError(f"{str(Path(out_dir) / CHECKPOINT_FILE)!r} exists: pass resume_from="
+                         f"read_resume_checkpoint(out_dir) to continue that run, or overwrite=True to start afresh")
+    # inference_mode(False) and enable_grad: training needs autograd, whatever mode the caller is in
+    with torch.inference_mode(False), torch.enable_grad():
         return _train(config, steps, corpus, start, out_dir, resume_from, env, checkpoint_every, eval_every,
                       eval_chars, on_step)
 

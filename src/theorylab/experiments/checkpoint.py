@@ -34,10 +34,10 @@ def umask_mode(fd: int) -> None:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
 
-    ``payload`` must be what :func:`load_checkpoint` (``weights_only=True``) reads back: a dict of tensors,
-    numbers, strings, bools, None and dicts, lists and tuples of them (a config as ``config.to_dict()``). Anything
-    else (a dataclass, a Path, a numpy array) is refused here, with a TypeError naming its key, rather than
-    written into a file that would not load.
+    ``payload`` must be what :func:`load_checkpoint` (``weights_only=True``) reads back in every supported torch: a
+    dict of tensors, ints, floats, strings, bools, None, dtypes, devices, sizes and dicts, lists and tuples of them
+    (a config as ``config.to_dict()``). Anything else (a dataclass, a Path, a numpy array or scalar, a set, bytes) is
+    refused here, with a TypeError naming its key, rather than written into a file that would not load.
     """
     if not isinstance(payload, dict):
         raise TypeError(f"save_checkpoint: payload must be a dict; got {type(payload).__name__}")
@@ -57,8 +57,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
-#: what a weights_only load reads back besides tensors, None and the containers (exact types)
-_LOADABLE_LEAVES = (str, bytes, bytearray, bool, int, float, complex, torch.dtype, torch.device, torch.Size)
+#: what a weights_only load reads back besides tensors, None and the containers (exact types), in every torch
+#: this package supports: torch 2.4 refuses bytes, bytearray, complex and sets, which later versions take
+_LOADABLE_LEAVES = (str, bool, int, float, torch.dtype, torch.device, torch.Size)
 
 
 def _check_loadable(value: Any, where: str) -> None:
@@ -68,7 +69,7 @@ def _check_loadable(value: Any, where: str) -> None:
         for key, item in value.items():
             _check_loadable(key, f"{where}'s key {key!r}")
             _check_loadable(item, f"{where}[{key!r}]")
-    elif kind in (list, tuple, set):
+    elif kind in (list, tuple):
         for i, item in enumerate(value):
             _check_loadable(item, f"{where}[{i}]")
     elif not (value is None or isinstance(value, torch.Tensor) or kind in _LOADABLE_LEAVES):

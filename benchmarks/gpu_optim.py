@@ -74,15 +74,24 @@ def _steps(step: Callable[[], object], steps: int, device: torch.device) -> Call
     return call
 
 
+def _read_backs(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Calls ``fn`` once; its read-backs where it runs on the GPU, else None (on the CPU of a machine with a GPU,
+    torch's count would say 0, as if it had been measured)."""
+    if device.type == "cuda":
+        return cuda_read_backs(fn)
+    fn()
+    return None
+
+
 def measure(shapes: list[tuple[int, ...]], device: torch.device, steps: int, rounds: int,
             compiled: bool = False) -> list[dict]:
     """One row per contender: median ms per step, its interquartile range, ratios to torch's two, read-backs. With
     ``compiled``, the first step of a compiled row also compiles, and its second (warm-up) recompiles once."""
     step = steppers(contenders(shapes, device, compiled))
-    first = {name: cuda_read_backs(fn) for name, fn in step.items()}  # the step that creates the state
+    first = {name: _read_backs(fn, device) for name, fn in step.items()}  # the step that creates the state
     times = interleaved_times({name: _steps(fn, steps, device) for name, fn in step.items()},
                               rounds=rounds, warmup=2)
-    warm = {name: cuda_read_backs(fn) for name, fn in step.items()}
+    warm = {name: _read_backs(fn, device) for name, fn in step.items()}
     per_step = {name: [t / steps for t in ts] for name, ts in times.items()}
     medians = {name: statistics.median(ts) for name, ts in per_step.items()}
     rows = []

@@ -149,3 +149,25 @@ def test_inductor_follows_the_schedule_compiles_twice_and_computes_no_power_per_
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
     assert 1 <= len(codes) <= 3  # the first step (which makes the state), the steady state
     assert not any("pow" in code for code in codes)
+
+
+def test_the_traced_chain_keeps_its_flags_python_bools_and_its_weights_tensors():
+    """What the graph of a compiled step may hold, checked without compiling (the failures showed on torch 2.11
+    alone, on the GPU machine of the twenty-fifth session; torch 2.13 compiled both forms):
+    - a traced lr (a 0-dim tensor here) made ``decay_added |= lam != 0`` a graph value: torch 2.11 wrote
+      ``False |= ...`` into the graph's code, a SyntaxError, for Adam(decay="decoupled") under a scheduler;
+    - ``1.0 - β`` of a symbolic β was specialised by torch 2.11: OneCycleLR's β₁ recompiled every step."""
+    from theorylab.optim.transforms import AddDecayedWeights, StepContext
+
+    p = torch.ones(3, dtype=torch.float64)
+    group = {"lr": torch.tensor(0.5, dtype=torch.float64), "initial_lr": 1.0, "weight_decay": 0.1}
+    ctx = StepContext(params=[p], states=[{}], group=group, step=1, compiling=True)
+    ctx.decay = ctx.number(0.0)
+    AddDecayedWeights(schedule=True).update([p], ctx)
+    assert ctx.decay_added is True and float(ctx.decay) == pytest.approx(0.05)
+    zero = StepContext(params=[p], states=[{}], group={**group, "weight_decay": 0.0}, step=1, compiling=True)
+    AddDecayedWeights().update([p], zero)
+    assert zero.decay_added is False  # a decay that is 0 as a number adds no op to the graph
+    weight = ctx.complement(0.9)
+    assert isinstance(weight, torch.Tensor) and weight.dtype == torch.float64 and float(weight) == pytest.approx(0.1)
+    assert StepContext(params=[p], states=[{}], group=group, step=1).complement(0.9) == pytest.approx(0.1)

@@ -101,6 +101,12 @@ class StepContext:
         """``value`` in the form of ``scale`` and ``decay``: a float, or a 0-dim float64 tensor."""
         return torch.tensor(value, dtype=torch.float64) if self.compiling else value
 
+    def complement(self, x: float) -> float | Tensor:
+        """``1 - x`` (a weight ``1 - β`` or ``1 - dampening``); under torch.compile a 0-dim float64 tensor. A float
+        of the group that a schedule changes (OneCycleLR's β₁) is symbolic there, and torch 2.11 specialised
+        ``1.0 - β`` fed to a tensor op: one recompile per value until dynamo's limit of 8."""
+        return self.number(1.0) - x if self.compiling else 1.0 - x
+
     def power(self, base: float, key: str) -> float | Tensor:
         """``base ** step``, for bias corrections: ``powers[key]`` when it was made before the step (``key`` is the
         state key of the average it debiases, as the part's ``power_bases(group)`` names it), else computed."""
@@ -205,22 +211,22 @@ def _axpy(ys: TensorList, xs: TensorList, a: float | Tensor, each: bool) -> Tens
     return torch._foreach_add(ys, xs, alpha=cast(float, a))
 
 
-def _lerp_(xs: TensorList, ys: TensorList, w: float, each: bool) -> None:
+def _lerp_(xs: TensorList, ys: TensorList, w: float | Tensor, each: bool) -> None:
     """``x += w * (y - x)`` for every pair."""
     if each:  # not lerp_, whose weight (a Scalar argument) torch.compile would make a constant of the graph
         for x, y in zip(xs, ys, strict=True):
             x.add_((y - x) * w)
     else:
-        torch._foreach_lerp_(xs, ys, w)
+        torch._foreach_lerp_(xs, ys, cast(float, w))  # a number whenever not ``each``
 
 
-def _addcmul_(xs: TensorList, ys: TensorList, zs: TensorList, value: float, each: bool) -> None:
+def _addcmul_(xs: TensorList, ys: TensorList, zs: TensorList, value: float | Tensor, each: bool) -> None:
     """``x += value * y * z`` for every triple."""
     if each:  # not addcmul_, for the same reason as in _lerp_
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.add_(y * z * value)
     else:
-        torch._foreach_addcmul_(xs, ys, zs, value)
+        torch._foreach_addcmul_(xs, ys, zs, cast(float, value))
 
 
 def scaled(updates: TensorList, ctx: StepContext) -> TensorList:
@@ -325,13 +331,13 @@ class Trace:
             torch._foreach_copy_(bufs, updates)
         elif not any(copies):
             _mul_(bufs, mu, ctx.compiling)
-            _axpy_(bufs, updates, 1.0 - damp, ctx.compiling)
+            _axpy_(bufs, updates, ctx.complement(damp), ctx.compiling)
         else:  # buffers created beside existing ones (e.g. momentum switched on after some steps at 0) start at u,
             # undamped, as torch.optim.SGD's per-parameter rule
             kept = [i for i, c in enumerate(copies) if not c]
             made = [i for i, c in enumerate(copies) if c]
             _mul_([bufs[i] for i in kept], mu, ctx.compiling)
-            _axpy_([bufs[i] for i in kept], [updates[i] for i in kept], 1.0 - damp, ctx.compiling)
+            _axpy_([bufs[i] for i in kept], [updates[i] for i in kept], ctx.complement(damp), ctx.compiling)
             torch._foreach_copy_([bufs[i] for i in made], [updates[i] for i in made])
         if self.nesterov_key and ctx.group.get(self.nesterov_key, False):
             updates = writable(updates, ctx)
@@ -377,7 +383,7 @@ class RunningAverage:
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
-        _lerp_(bufs, updates, 1.0 - beta, ctx.compiling)  # v <- v + (1-β)(u - v) = βv + (1-β)u
+        _lerp_(bufs, updates, ctx.complement(beta), ctx.compiling)  # v <- v + (1-β)(u - v) = βv + (1-β)u
         ctx.owned = False
         if self.debiased(ctx.group):
             ctx.scale = ctx.scale / (1.0 - ctx.power(beta, self.state_key))
@@ -444,9 +450,9 @@ class ScaleByAdam:
         grads = scaled(updates, ctx)
         m = _buffers(ctx, "exp_avg", grads)
         r = _buffers(ctx, "exp_avg_sq", grads)
-        _lerp_(m, grads, 1.0 - beta1, ctx.compiling)
+        _lerp_(m, grads, ctx.complement(beta1), ctx.compiling)
         _mul_(r, beta2, ctx.compiling)
-        _addcmul_(r, grads, grads, 1.0 - beta2, ctx.compiling)
+        _addcmul_(r, grads, grads, ctx.complement(beta2), ctx.compiling)
         if self.amsgrad:
             r_max = _buffers(ctx, "max_exp_avg_sq", grads)
             torch._foreach_maximum_(r_max, r)
@@ -524,10 +530,19 @@ class AddDecayedWeights:
         if self.schedule:
             lam = lam * schedule_multiplier(ctx.group)
         ctx.decay += lam  # deferred: applied to p as p.mul_(1 - decay) at the end, or by `scaled`
-        ctx.decay_added |= lam != 0
-        if self.into_gradient and lam != 0 and any(p.dtype in HALF_DTYPES for p in ctx.params):
+        nonzero = _may_be_nonzero(lam)
+        ctx.decay_added = ctx.decay_added or nonzero
+        if self.into_gradient and nonzero and any(p.dtype in HALF_DTYPES for p in ctx.params):
             return scaled(updates, ctx)
         return updates
+
+
+def _may_be_nonzero(x: float | Tensor) -> bool:
+    """``x != 0`` as a Python bool, and True where torch.compile traces ``x`` (an lr that dynamo made a tensor or a
+    symbolic float): there the comparison is a value of the graph, not a bool. torch 2.11 could not even compile
+    ``False | (x != 0)`` (its graph's code read ``False |= ...``, a SyntaxError)."""
+    nonzero = x != 0
+    return nonzero if isinstance(nonzero, bool) else True
 
 
 def chain_step(transforms: Sequence[Transform], ctx: StepContext, grads: TensorList) -> None:

@@ -298,7 +298,7 @@ def test_state_dict_loads_only_into_its_own_kind(saver, loader):
         opt.load_state_dict(state_dict)
         return
     if saver in KIND:
-        match = f"saved by theorylab's {KIND[saver]}"
+        match = f"saved by {KIND[saver]}, "
     else:  # torch.optim's are named, even where no key is missing (torch's SGD buffer is not SGDMomentum's)
         match = {"torch.optim.SGD": "torch.optim.SGD ", "torch.optim.Adam": "torch.optim.Adam ",
                  "torch.optim.AdamW": "torch.optim.AdamW "}[saver]
@@ -853,3 +853,55 @@ def test_a_pre_hook_registered_during_a_load_can_be_removed_and_prepended():
     calls.clear()
     loader.load_state_dict(saver.state_dict())
     assert calls == ["A"]
+
+
+class _DocumentedSGD(SGD):
+    """A subclass that keeps SGD's chain (a docstring, as a user's own wrapper would)."""
+
+
+class _DocumentedMomentum(SGDMomentum):
+    def step(self, closure=None):  # a hook of the user's, the same update
+        return super().step(closure)
+
+
+class _OtherChain(SGD):
+    def transforms(self, group):  # another chain: its state means something else
+        return super().transforms(group)
+
+
+@pytest.mark.parametrize(("base", "sub", "kw"), [(SGD, _DocumentedSGD, {"momentum": 0.9}),
+                                                 (SGDMomentum, _DocumentedMomentum, {"momentum": 0.9})])
+def test_a_subclass_that_keeps_the_chain_loads_its_base_state_and_back(base, sub, kw):
+    """A user's subclass of SGD or SGDMomentum that keeps the chain refused the base class's checkpoint ("it was
+    saved by theorylab's SGD, whose state ... means something else"), where AdamW's subclasses loaded Adam's."""
+    value, _ = saved_after_steps("SGD")
+    for saver, loader in ((base, sub), (sub, base)):
+        p = torch.nn.Parameter(value.clone())
+        opt = saver([p], lr=0.1, **kw)
+        p.grad = torch.ones(3)
+        opt.step()
+        q = torch.nn.Parameter(p.detach().clone())
+        other = loader([q], lr=0.1, **kw)
+        other.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch shares the tensors otherwise
+        p.grad, q.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+        opt.step()
+        other.step()
+        assert torch.equal(p, q)
+
+
+def test_a_subclass_with_its_own_chain_keeps_its_own_kind():
+    p = torch.nn.Parameter(torch.ones(3))
+    state_dict = SGD([p], lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match=r"saved by SGD, .*class attribute state_kind"):
+        _OtherChain([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9).load_state_dict(state_dict)
+    own = _OtherChain([p], lr=0.1, momentum=0.9).state_dict()
+    _OtherChain([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9).load_state_dict(own)
+
+
+def test_a_state_saved_under_a_subclass_name_still_loads_into_it():
+    """Before its kind followed the class that defines the chain, a subclass saved its own name: still accepted."""
+    p = torch.nn.Parameter(torch.ones(3))
+    state_dict = _DocumentedSGD([p], lr=0.1).state_dict()
+    assert state_dict[STATE_KIND_KEY] == "SGD"
+    state_dict[STATE_KIND_KEY] = "_DocumentedSGD"
+    _DocumentedSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1).load_state_dict(state_dict)

@@ -184,13 +184,16 @@ class ChainOptimizer(torch.optim.Optimizer):
     **state_dict** records which optimizer saved it (:data:`STATE_KIND_KEY`, ignored by torch.optim when it loads
     one). :meth:`load_state_dict` refuses, with a ValueError, a state saved by another optimizer (SGD's
     ``momentum_buffer`` is in gradient units, SGDMomentum's in lr·gradient units), groups that lack one of this
-    optimizer's hyperparameters (a torch.optim state_dict lacks ``decay``) and invalid values.
+    optimizer's hyperparameters (a torch.optim state_dict lacks ``decay``) and invalid values. A subclass that
+    keeps its base's :meth:`transforms` is of its base's kind (:attr:`state_kind`), so the two load each other's.
     :class:`~theorylab.optim.Adam` and :class:`~theorylab.optim.AdamW` load torch.optim.Adam's and AdamW's state
     where the update is the same (the decay mode agrees), so a run moves over from torch.optim.
     """
 
     skipped_steps: int = 0
-    #: what the state means: a state_dict loads only into an optimizer of the same kind; None means the class name
+    #: what the state means: a state_dict loads only into an optimizer of the same kind (or of the class that saved
+    #: it). None means the name of the class that defines :meth:`transforms`: a subclass that keeps its base's chain
+    #: (one that adds a docstring, a default or a hook) loads its base's state_dicts, and its own load into the base
     state_kind: str | None = None
     #: the :data:`LATER_SWITCHES` this optimizer has; off where a saved group or a pickled optimizer lacks them
     later_switches: tuple[str, ...] = ()
@@ -222,7 +225,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         check_torch_options(type(self).__name__, switches, self.torch_switches)
 
     def _state_kind(self) -> str:
-        return self.state_kind or type(self).__name__
+        if self.state_kind:
+            return self.state_kind
+        return next(c.__name__ for c in type(self).__mro__ if "transforms" in vars(c))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ (run by load_state_dict, deepcopy and unpickling) adds "differentiable" to
@@ -292,9 +297,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         """
         name = type(self).__name__
         saved_kind = state_dict.get(STATE_KIND_KEY)
-        if saved_kind is not None and saved_kind != self._state_kind():
-            raise ValueError(f"cannot load this state_dict into {name}: it was saved by theorylab's {saved_kind}, "
-                             f"whose state and hyperparameters mean something else here")
+        # the class's own name too: what a subclass saved before its kind followed the class defining the chain
+        if saved_kind is not None and saved_kind not in (self._state_kind(), name):
+            raise ValueError(f"cannot load this state_dict into {name}: it was saved by {saved_kind}, whose state "
+                             f"and hyperparameters mean something else here (a subclass declares that its state is "
+                             f"another optimizer's with the class attribute state_kind)")
         skipped = state_dict.get(SKIPPED_STEPS_KEY, 0)  # 0 in a state saved before the count was kept
         if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or int(skipped) < 0:
             raise ValueError(f"cannot load this state_dict into {name}: its {SKIPPED_STEPS_KEY} is {skipped!r}, "
@@ -327,7 +334,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                                 "(torch.optim.Adam: decay='l2', AdamW: 'decoupled_lr'; build one from the same "
                                 "hyperparameters otherwise)")
                 elif saved_kind:
-                    what.append(f"it was saved by theorylab's {saved_kind}")
+                    what.append(f"it was saved by {saved_kind}")
                 raise ValueError(f"cannot load this state_dict into {name}: {'; '.join(what)}")
             # how to execute (the non-finite policy, fused) is the loading optimizer's choice, not the checkpoint's
             group = {**saved, **{k: current[k] for k in EXECUTION_KEYS if k in current}}

@@ -322,3 +322,54 @@ def test_auto_takes_the_svd_for_small_products_only(monkeypatch):
     monkeypatch.setattr(jac, "SVD_MAX_WORK", 2 * 6**3 - 1)  # one below this product's work
     calls.clear()
     assert rel_err(log_norms_of_products(factors), auto) <= 1e-8 and calls
+
+
+@pytest.fixture
+def softplus():
+    """Softplus registered for one test (the registry is the process's), under a name no other test uses."""
+    import torch.nn.functional as F
+
+    from theorylab.rnn import ACTIVATIONS, Activation, register_activation
+
+    act = Activation("softplus_test", F.softplus, torch.sigmoid, lambda x: 1 / (1 + math.exp(-x)),
+                     lambda x: math.exp(-x) / (1 + math.exp(-x)) ** 2, (0.0, 1.0),
+                     lambda h: (F.logsigmoid(h), torch.ones_like(h)))
+    register_activation(act)
+    register_activation(act)  # the same object again: nothing happens
+    yield act
+    ACTIVATIONS.pop(act.name)
+
+
+@pytest.mark.parametrize("form", ["h", "g"])
+def test_a_registered_activation_is_exact_in_the_diagnostics(softplus, form):
+    """No documented way to use an activation of one's own existed (RNN(activation=<Activation>) said "unknown
+    activation Activation(name='tanh', fn=...)"); a registered one goes through the model and the diagnostics."""
+    from theorylab.rnn import certificate, derivative_bound, lyapunov_spectrum
+
+    rnn = make_rnn(softplus.name, form, scale=2.0)
+    x = torch.randn(2, 20, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    h0 = torch.randn(2, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert rel_err(log_jacobian_norms(rnn, x, h0), autograd_log_norms(rnn, x, h0)) <= 1e-8
+    assert derivative_bound(softplus.name) == 1.0  # sup sigmoid, at +inf
+    assert certificate(rnn).gamma == 1.0
+    assert torch.isfinite(lyapunov_spectrum(rnn, x, h0, 2)).all()
+
+
+def test_activations_of_ones_own_are_registered_by_name(softplus):
+    from dataclasses import replace
+
+    from theorylab.rnn import get_activation, register_activation
+
+    with pytest.raises(ValueError, match=r"pass the activation's name \('softplus_test'\), not the Activation"):
+        RNN(2, 3, activation=softplus)
+    other = replace(softplus, name="unregistered")
+    with pytest.raises(ValueError, match=r"\('unregistered', after register_activation\(<it>\)\)"):
+        get_activation(other)
+    with pytest.raises(ValueError, match="'softplus_test' is taken by another activation"):
+        register_activation(replace(softplus))
+    with pytest.raises(ValueError, match="'tanh' is taken"):
+        register_activation(replace(softplus, name="tanh"))
+    with pytest.raises(TypeError, match="expected an Activation; got builtin_function_or_method"):
+        register_activation(torch.tanh)
+    with pytest.raises(ValueError, match="deriv_at_infinity must be two finite numbers"):
+        register_activation(replace(softplus, name="bad", deriv_at_infinity=(0.0, math.inf)))

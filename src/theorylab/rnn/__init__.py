@@ -17,7 +17,7 @@ spectral_norm's power iteration does not advance. Inside ``torch.autocast`` the 
 as ``torch.nn.RNN`` does.
 """
 
-from .activations import ACTIVATIONS, derivative_bound, get_activation
+from .activations import ACTIVATIONS, Activation, derivative_bound, get_activation, register_activation
 from .jacobian import (
     JacobianFactors,
     jacobian_factors,
@@ -35,6 +35,7 @@ __all__ = [
     "ACTIVATIONS",
     "FORMS",
     "RNN",
+    "Activation",
     "Certificate",
     "JacobianFactors",
     "certificate",
@@ -47,6 +48,7 @@ __all__ = [
     "log_norms_of_products_reference",
     "lyapunov_from_factors",
     "lyapunov_spectrum",
+    "register_activation",
     "stack_factors",
     "trajectory_derivatives",
 ]

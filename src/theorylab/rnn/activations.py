@@ -34,7 +34,13 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 @dataclass(frozen=True)
 class Activation:
-    """An activation σ with its derivative (torch) and second derivative (float) for root finding."""
+    """An activation σ with its derivative (torch) and second derivative (float) for root finding.
+
+    Fields: ``fn`` σ on tensors (autograd through it); ``deriv`` σ' on tensors; ``deriv_float`` σ' on floats;
+    ``second`` σ'' on floats, or None where σ' is piecewise constant; ``deriv_at_infinity`` (σ'(−∞), σ'(+∞));
+    ``log_deriv`` (log|σ'|, sign σ') on tensors, finite wherever σ' ≠ 0 (the diagnostics scale by it). An
+    activation of your own goes to the model by name, after :func:`register_activation`.
+    """
 
     name: str
     fn: Callable[[Tensor], Tensor]
@@ -135,9 +141,41 @@ ACTIVATIONS: dict[str, Activation] = {
 
 def get_activation(name: str) -> Activation:
     """The :class:`Activation` called ``name``; ValueError naming it if unknown."""
+    if isinstance(name, Activation):  # the object, not its name: say how to pass it
+        hint = "" if ACTIVATIONS.get(name.name) is name else ", after register_activation(<it>)"
+        raise ValueError(f"activation: pass the activation's name ({name.name!r}{hint}), not the Activation")
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}, or a name "
+                         "given to register_activation")
     return ACTIVATIONS[name]
+
+
+def register_activation(activation: Activation) -> None:
+    r"""Make ``activation`` available by its name to :class:`~theorylab.rnn.RNN`, the diagnostics and
+    :func:`derivative_bound`, for the rest of the process (a model saved with it needs it registered again
+    before it is built). The diagnostics are exact only as far as its ``deriv`` and ``log_deriv`` are σ' and
+    :math:`(\log|\sigma'|, \operatorname{sign}\sigma')`, and γ as far as the roots of ``second`` within [−12, 12] and
+    ``deriv_at_infinity`` hold σ''s extrema. Softplus, :math:`\sigma' = \operatorname{sigmoid}`::
+
+        register_activation(Activation("softplus", F.softplus, torch.sigmoid, lambda x: 1 / (1 + math.exp(-x)),
+                                       lambda x: math.exp(-x) / (1 + math.exp(-x)) ** 2, (0.0, 1.0),
+                                       lambda h: (F.logsigmoid(h), torch.ones_like(h))))
+        RNN(4, 32, activation="softplus")
+
+    TypeError unless an :class:`Activation`; ValueError if its name is taken by another one (registering the same
+    object twice does nothing)."""
+    if not isinstance(activation, Activation):
+        raise TypeError(f"register_activation: expected an Activation; got {type(activation).__name__}")
+    name = activation.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_activation: the activation's name must be a non-empty string; got {name!r}")
+    if name in ACTIVATIONS and ACTIVATIONS[name] is not activation:
+        raise ValueError(f"register_activation: the name {name!r} is taken by another activation; choose another")
+    lo, hi = activation.deriv_at_infinity
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"register_activation: deriv_at_infinity must be two finite numbers; got "
+                         f"{activation.deriv_at_infinity!r}")
+    ACTIVATIONS[name] = activation
 
 
 def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 2401) -> list[float]:
@@ -161,7 +199,7 @@ def derivative_bound(activation: str) -> float:
 
     relu has σ' ∈ {0, 1} (piecewise constant), so γ = 1. For tanh and sigmoid the root of σ'' is 0 (γ = 1, 1/4);
     for GELU it is √2 (γ = Φ(√2) + √2 φ(√2) ≈ 1.1289); for SiLU the root of 2 + x(1 − 2σ(x)) ≈ 2.3994 (γ ≈ 1.0998).
-    ValueError naming ``activation`` unless it is one of :data:`ACTIVATIONS`.
+    ValueError naming ``activation`` unless it is one of :data:`ACTIVATIONS` (registered ones included).
     """
     # Validate before the cache: an unhashable argument (a list) would otherwise raise "unhashable type" from it.
     return _derivative_bound(get_activation(activation).name)

@@ -44,7 +44,8 @@ class RNN(nn.Module):
     Args:
         input_size: I, the size of each input x_t.
         hidden_size: H, the size of the state.
-        activation: one of ``tanh``, ``sigmoid``, ``relu``, ``gelu``, ``silu``.
+        activation: one of ``tanh``, ``sigmoid``, ``relu``, ``gelu``, ``silu``, or the name of one of your own
+            (:func:`~theorylab.rnn.register_activation`).
         form: ``"h"`` or ``"g"``; the parameters (``W`` (H, H), ``U`` (H, I), ``b`` (H,)) are the same for both.
 
     The parameters are initialised as torch.nn.RNN's: uniform on [−1/√H, 1/√H].

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -203,6 +204,19 @@ def test_a_real_ctrl_c_while_torch_loads_exits_130(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 130, (delay, err[-2000:])
         assert "Traceback" not in err, (delay, err[-2000:])
+
+
+def test_a_ctrl_c_while_the_command_line_loads_exits_130(tmp_path):
+    """A SIGINT before the Ctrl-C handling is set up (``python -m theorylab`` importing argparse and gettext, the
+    first 20-50 ms, longer on a loaded machine) ended in a KeyboardInterrupt traceback. Stood for here by an
+    argparse whose import is interrupted."""
+    (tmp_path / "argparse.py").write_text("raise KeyboardInterrupt\n")
+    src = str(Path(__import__("theorylab").__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
+    proc = subprocess.run([sys.executable, "-m", "theorylab", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "theorylab: interrupted"
 
 
 def test_an_out_folder_whose_name_is_not_utf8_is_written_and_reported(claim_21, tmp_path, capsys):

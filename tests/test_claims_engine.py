@@ -330,3 +330,34 @@ def test_a_results_json_without_why_takes_the_reason_from_its_record():
     assert why({**base, "notes": "too short. More."}) == "too short"
     assert why({**base, "checks": {"a (needs 1)": False, "b": True}}) == "failed: a (needs 1)"
     assert why({**base, "verdict": "confirmed", "checks": {"a": False}}) == ""
+
+
+def test_only_selects_extra_sections_built_in_or_registered(tmp_path):
+    """``--only`` took claim IDs alone: a section registered with @extra could run only with --extras, which also
+    trains every built-in extra (minutes), and ``--only charlm`` was an unknown ID."""
+    import json
+
+    import torch
+
+    from theorylab.claims import base, extra
+    from theorylab.cli import main
+
+    assert [s.id for s in select_sections(["charlm", "1.1"], extras=False)] == ["1.1", "charlm"]
+    assert {s.id for s in select_sections(["charlm"], extras=True)} == {"charlm", "rnn-tasks"}
+    with pytest.raises(UnknownClaimError, match="and the extra sections .*charlm"):
+        select_sections(["my-check"], extras=False)
+
+    @extra("my-check", "What I measured", "The statement it tests")
+    def my_check(seed: int, quick: bool) -> Evidence:  # the docstring's example of @extra
+        error = float(torch.rand((), generator=torch.Generator().manual_seed(seed))) * 1e-7
+        return Evidence(error < 1e-6, {"error": error}, "How it was measured.",
+                        checks={f"error {error:.1e} (needs < 1e-6)": error < 1e-6})
+
+    try:
+        assert main(["verify", "--only", "my-check", "--out", str(tmp_path)]) == 0
+    finally:
+        base._EXTRAS.pop("my-check")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["claims"] == [] and [r["id"] for r in results["extras"]] == ["my-check"]
+    assert results["extras"][0]["verdict"] == "confirmed"
+    assert "What I measured" in (tmp_path / "report.html").read_text()

@@ -123,7 +123,8 @@ _EXTRAS: dict[str, Section] = {}
 def claim(claim_id: str) -> Callable[[ClaimFn], ClaimFn]:
     """Register the function that measures claim ``claim_id`` (one of the catalogue's IDs)."""
     if claim_id not in BY_ID:
-        raise KeyError(f"unknown claim ID {claim_id!r}; valid IDs: {', '.join(CLAIM_IDS)}")
+        raise KeyError(f"unknown claim ID {claim_id!r}; valid IDs: {', '.join(CLAIM_IDS)} (a section of your own is "
+                       "registered with @extra)")
 
     def register(fn: ClaimFn) -> ClaimFn:
         _CLAIMS[claim_id] = fn
@@ -133,7 +134,20 @@ def claim(claim_id: str) -> Callable[[ClaimFn], ClaimFn]:
 
 
 def extra(section_id: str, title: str, statement: str = "") -> Callable[[ClaimFn], ClaimFn]:
-    """Register an extra report section, run only with ``--extras``."""
+    """Register an extra report section, run with ``--extras`` or when ``--only`` names ``section_id``. A section of
+    your own is registered so in a script that then runs the command line in the same process::
+
+        from theorylab.claims import Evidence, extra
+        from theorylab.cli import main
+
+        @extra("my-check", "What I measured", "The statement it tests")
+        def my_check(seed: int, quick: bool) -> Evidence:
+            error = ...  # measured, from seed
+            return Evidence(error < 1e-6, {"error": error}, "How it was measured.",
+                            checks={f"error {error:.1e} (needs < 1e-6)": error < 1e-6})
+
+        raise SystemExit(main(["verify", "--only", "my-check", "--out", "my-report"]))
+    """
 
     def register(fn: ClaimFn) -> ClaimFn:
         _EXTRAS[section_id] = Section(section_id, title, statement, "extra", fn)

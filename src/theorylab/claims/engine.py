@@ -39,19 +39,22 @@ class ClaimsInterrupted(KeyboardInterrupt):
 
 
 def select_sections(only: Sequence[str] | None, extras: bool) -> list[Section]:
-    """The claims to run (all, or those in ``only``, in catalogue order) followed by the extras if asked."""
+    """The claims to run (all, or those in ``only``, in catalogue order) followed by the extras: all of them with
+    ``extras``, else those that ``only`` names (built-in or registered with ``@extra``), in its order."""
     sections = claim_sections()
-    if only:
-        # "1.1 2.2" (a quoted shell variable) or "1.1,2.2" is two IDs; a blank one is named, not skipped
-        only = [part for given in only for part in (given.replace(",", " ").split() or [given])]
-        unknown = [i for i in only if i not in CLAIM_IDS]
-        if unknown:
-            raise UnknownClaimError(
-                f"unknown claim ID(s): {', '.join(map(repr, unknown))}; valid IDs: {', '.join(CLAIM_IDS)}")
-        sections = [s for s in sections if s.id in set(only)]
+    available = {s.id: s for s in extra_sections()}
+    if not only:
+        return sections + (list(available.values()) if extras else [])
+    # "1.1 2.2" (a quoted shell variable) or "1.1,2.2" is two IDs; a blank one is named, not skipped
+    only = [part for given in only for part in (given.replace(",", " ").split() or [given])]
+    unknown = [i for i in only if i not in CLAIM_IDS and i not in available]
+    if unknown:
+        raise UnknownClaimError(f"unknown claim ID(s): {', '.join(map(repr, unknown))}; valid IDs: "
+                                f"{', '.join(CLAIM_IDS)}, and the extra sections {', '.join(available)}")
+    sections = [s for s in sections if s.id in set(only)]
     if extras:
-        sections += extra_sections()
-    return sections
+        return sections + list(available.values())
+    return sections + [available[i] for i in dict.fromkeys(only) if i in available]
 
 
 def json_number(x: Any) -> Any:

@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extras", action="store_true",
                    help="also run the extra sections that train models (minutes)")
     p.add_argument("--only", nargs="+", action="extend", metavar="ID",
-                   help=f"claim IDs to run ({' '.join(CLAIM_IDS)}); may be given more than once")
+                   help=f"claim IDs to run ({' '.join(CLAIM_IDS)}), or IDs of extra sections (rnn-tasks, "
+                        "charlm, or one registered with theorylab.claims.extra) to run without the other extras; "
+                        "may be given more than once")
     p.add_argument("--out", type=folder, default="theorylab-report", metavar="DIR",
                    help="output folder (default: ./theorylab-report)")
     p.add_argument("--seed", type=seed, default=0, help=f"seed of every experiment, 0..{MAX_SEED} (default: 0)")

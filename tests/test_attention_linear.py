@@ -431,3 +431,34 @@ def test_importing_and_eager_causal_calls_do_not_load_dynamo():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+@needs_cxx_compiler
+def test_compiling_two_models_in_one_process_hits_no_recompile_limit():
+    """Every compiler_disabled function shares one wrapper code object, and dynamo compiled that wrapper once per
+    function on its first call: compiling a FAVOR+ model, then a separable one, warned "torch._dynamo hit
+    config.recompile_limit (8)" (a user's journey, twenty-fifth session). The wrapper's frames are now skipped."""
+    import logging
+
+    from theorylab.attention import MultiheadAttention
+
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    handler = Catch()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        torch._dynamo.reset()
+        for kind in ("favor", "separable"):
+            model = torch.nn.Sequential(*[MultiheadAttention(32, 4, kind=kind, causal=True, seed=i) for i in range(2)])
+            x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                torch.compile(model).eval()(x)
+            torch.compile(model).train()(x).sum().backward()
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._dynamo.reset()
+    assert not [c for c in caught if "recompile_limit" in c]

@@ -9,7 +9,7 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from typing import Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -110,9 +110,20 @@ def compiler_disabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             if not torch.compiler.is_compiling() and "torch._dynamo" not in sys.modules:
                 return fn(*args, **kwargs)
             disabled = torch.compiler.disable(fn)
+            _never_compile(wrapper)
         return disabled(*args, **kwargs)
 
     return wrapper
+
+
+def _never_compile(wrapper: Callable[..., Any]) -> None:
+    """Tell dynamo never to compile a frame of ``wrapper``'s code, which every :func:`compiler_disabled` function
+    shares: it compiled that frame once per wrapped function, on its first call, and after eight (two models
+    compiled in one process) warned that it "hit config.recompile_limit". Its calls still break the graph, as a
+    disabled function's do. ``skip_code`` is private (torch 2.4 to 2.14 have it); without it nothing changes."""
+    skip_code = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+    if skip_code is not None:
+        skip_code(wrapper.__code__)
 
 
 def readable(x: Tensor) -> Tensor:

@@ -221,3 +221,33 @@ def test_the_nonfinite_policy_is_a_constructor_argument_as_the_error_message_say
         cls([p], lr=0.1, **kwargs).step()
     with pytest.raises(ValueError, match="Invalid nonfinite policy: 'x'"):
         cls([p], lr=0.1, nonfinite="x", **kwargs)
+
+
+def test_under_a_schedule_the_twin_of_the_running_average_is_torchs_form():
+    """What the docs now say: SGDMomentum (lr inside the buffer) parts from RunningAverageSGD under a StepLR, and
+    SGD(lr=δ(1−β), momentum=β) (lr outside) stays its twin under any schedule."""
+    from theorylab.optim import SGD
+
+    beta, delta = 0.9, 0.2
+    a, b, noise = quadratic_problem(3)
+
+    def scheduled(make):
+        theta = torch.zeros(a.shape[0], dtype=torch.float64, requires_grad=True)
+        opt = make([theta])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        out = []
+        for t in range(60):
+            opt.zero_grad()
+            (0.5 * theta @ a @ theta - b @ theta + noise[t] @ theta).backward()
+            opt.step()
+            sched.step()
+            out.append(theta.detach().clone())
+        return torch.stack(out)
+
+    ra = scheduled(lambda p: RunningAverageSGD(p, lr=delta, beta=beta))
+    alpha, eps = momentum_from_running_average(beta, delta)
+    mom = scheduled(lambda p: SGDMomentum(p, lr=eps, momentum=alpha))
+    torch_form = scheduled(lambda p: SGD(p, lr=eps, momentum=beta))
+    scale = ra.abs().max().clamp(min=1.0)
+    assert torch.allclose(ra, torch_form, rtol=0, atol=1e-12 * scale)
+    assert (ra - mom).abs().max() > 1e-3 * scale

@@ -117,6 +117,12 @@ def momentum_from_running_average(beta: float, lr: float) -> tuple[float, float]
     From :math:`\Delta\theta_t = \beta\Delta\theta_{t-1} - \delta(1-\beta) g_t` against
     :math:`\Delta\theta_t = \alpha\Delta\theta_{t-1} - \varepsilon g_t`: α = β and ε = δ(1-β).
 
+    At a constant lr only: :class:`SGDMomentum` keeps the lr inside its buffer (v ← αv + ε_t g), the running
+    average outside (θ ← θ − δ_t v), so under a schedule the two part (10% apart after a StepLR halving). The twin
+    under any schedule is torch's form, ``SGD(lr=δ(1-β), momentum=β)`` (buffer b ← βb + g = v/(1−β), θ ← θ − lr_t b),
+    whose scheduler scales lr like δ. A running-average state moves to SGDMomentum as
+    ``momentum_buffer = δ·running_average`` (state_dicts of the two are refused by each other: their buffers differ).
+
     Raises ValueError naming the value for β outside (0, 1) or lr < 0 (TypeError if lr is not a number).
     """
     beta, lr = check_beta(beta, "beta"), check_lr(lr)

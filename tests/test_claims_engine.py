@@ -361,3 +361,16 @@ def test_only_selects_extra_sections_built_in_or_registered(tmp_path):
     assert results["claims"] == [] and [r["id"] for r in results["extras"]] == ["my-check"]
     assert results["extras"][0]["verdict"] == "confirmed"
     assert "What I measured" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("section_id", "what"), [("1.1", "the ID of claim 1.1"),
+                                                  ("charlm", "theorylab's own extra section")])
+def test_a_section_of_ones_own_cannot_take_a_built_in_id(section_id, what):
+    """A user's @extra("charlm") was replaced by the built-in section when its module loaded (``--only charlm``
+    then trained the char-LM), and @extra("1.1") ran beside claim 1.1 under the same ID."""
+    from theorylab.claims import base, extra
+
+    before = dict(base._EXTRAS)
+    with pytest.raises(ValueError, match=what):
+        extra(section_id, "Mine")(lambda seed, quick: None)
+    assert base._EXTRAS == before

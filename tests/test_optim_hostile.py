@@ -905,3 +905,57 @@ def test_a_state_saved_under_a_subclass_name_still_loads_into_it():
     assert state_dict[STATE_KIND_KEY] == "SGD"
     state_dict[STATE_KIND_KEY] = "_DocumentedSGD"
     _DocumentedSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1).load_state_dict(state_dict)
+
+
+class _Clip:  # a mixin that changes the chain of whatever optimizer it is mixed into
+    def transforms(self, group):
+        return list(super().transforms(group))
+
+
+class _ClipSGD(_Clip, SGD):
+    pass
+
+
+class _ClipSGDMomentum(_Clip, SGDMomentum):
+    pass
+
+
+class _SubClipSGD(_ClipSGD):
+    pass
+
+
+class _AscentAdam(Adam):
+    def transforms(self, group):  # another chain under Adam's name
+        return super().transforms(group)
+
+
+def test_a_mixin_s_chain_is_the_kind_of_the_class_it_makes():
+    """The first version of the subclass rule took the first class defining ``transforms``: a mixin's name, shared
+    by every optimizer it was mixed into, so ClipSGD's state (gradient units) loaded into ClipSGDMomentum (lr units)
+    and stepped 0.92 instead of 0.029 (the review of the twenty-fifth session)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    clip_sgd = _ClipSGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    clip_sgd.step()
+    with pytest.raises(ValueError, match="saved by _ClipSGD, "):
+        _ClipSGDMomentum([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9).load_state_dict(
+            clip_sgd.state_dict())
+    with pytest.raises(ValueError, match="saved by _ClipSGD, "):
+        SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9).load_state_dict(clip_sgd.state_dict())
+    _SubClipSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9).load_state_dict(
+        copy.deepcopy(clip_sgd.state_dict()))  # keeps ClipSGD's chain: its kind
+
+
+def test_an_adam_subclass_with_its_own_chain_refuses_adams_state_and_adamw_still_loads_it():
+    """Adam's ``state_kind = "Adam"`` (so that AdamW loaded Adam's state) was inherited by subclasses that change
+    the chain: AscentAdam loaded Adam's state and Adam AscentAdam's. AdamW now shares Adam's kind by the rule."""
+    p = torch.nn.Parameter(torch.ones(3))
+    adam = Adam([p], lr=0.1, decay="decoupled_lr")
+    p.grad = torch.ones(3)
+    adam.step()
+    with pytest.raises(ValueError, match="saved by Adam, "):
+        _AscentAdam([torch.nn.Parameter(torch.ones(3))], lr=0.1, decay="decoupled_lr").load_state_dict(
+            adam.state_dict())
+    AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1).load_state_dict(copy.deepcopy(adam.state_dict()))
+    assert adam.state_dict()[STATE_KIND_KEY] == AdamW([torch.nn.Parameter(torch.ones(1))]).state_dict()[
+        STATE_KIND_KEY] == "Adam"

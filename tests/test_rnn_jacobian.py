@@ -367,9 +367,32 @@ def test_activations_of_ones_own_are_registered_by_name(softplus):
         get_activation(other)
     with pytest.raises(ValueError, match="'softplus_test' is taken by another activation"):
         register_activation(replace(softplus))
-    with pytest.raises(ValueError, match="'tanh' is taken"):
+    with pytest.raises(ValueError, match="'tanh' is a built-in activation"):
         register_activation(replace(softplus, name="tanh"))
     with pytest.raises(TypeError, match="expected an Activation; got builtin_function_or_method"):
         register_activation(torch.tanh)
     with pytest.raises(ValueError, match="deriv_at_infinity must be two finite numbers"):
         register_activation(replace(softplus, name="bad", deriv_at_infinity=(0.0, math.inf)))
+
+
+def test_a_registration_is_checked_field_by_field_and_a_corrected_one_replaces_it(softplus):
+    """The review found a non-callable ``fn`` accepted (the forward pass then failed with "'Tensor' object is not
+    callable"), deriv_at_infinity=1.0 failing with "cannot unpack", and no way to register a corrected activation
+    under the same name without restarting the process."""
+    from dataclasses import replace
+
+    from theorylab.rnn import ACTIVATIONS, derivative_bound, register_activation
+
+    with pytest.raises(TypeError, match="'softplus_test2': fn must be callable; got Tensor"):
+        register_activation(replace(softplus, name="softplus_test2", fn=torch.ones(1)))
+    with pytest.raises(TypeError, match="deriv_at_infinity must be a tuple of two real numbers"):
+        register_activation(replace(softplus, name="softplus_test2", deriv_at_infinity=1.0))
+    with pytest.raises(TypeError, match="deriv_at_infinity must be a tuple of two real numbers"):
+        register_activation(replace(softplus, name="softplus_test2", deriv_at_infinity=("0", "1")))
+    assert "softplus_test2" not in ACTIVATIONS
+    assert derivative_bound(softplus.name) == 1.0
+    halved = replace(softplus, deriv_float=lambda x: 0.5 / (1 + math.exp(-x)), deriv_at_infinity=(0.0, 0.5))
+    register_activation(halved, replace=True)
+    assert ACTIVATIONS[softplus.name] is halved and derivative_bound(softplus.name) == 0.5  # γ computed again
+    with pytest.raises(ValueError, match="'tanh' is a built-in activation"):
+        register_activation(replace(softplus, name="tanh"), replace=True)

@@ -150,6 +150,13 @@ def extra(section_id: str, title: str, statement: str = "") -> Callable[[ClaimFn
     """
 
     def register(fn: ClaimFn) -> ClaimFn:
+        # theorylab's own IDs are refused: a section of your own called "charlm" was replaced by the built-in one
+        # when its module loaded, and one called "1.1" ran beside claim 1.1 under the same ID
+        if not getattr(fn, "__module__", "").startswith("theorylab.claims."):
+            if section_id in BY_ID:
+                raise ValueError(f"extra: {section_id!r} is the ID of claim {section_id}; choose another")
+            if section_id in EXTRA_MODULES.values():
+                raise ValueError(f"extra: {section_id!r} is the ID of theorylab's own extra section; choose another")
         _EXTRAS[section_id] = Section(section_id, title, statement, "extra", fn)
         return fn
 

@@ -197,7 +197,6 @@ class Adam(ChainOptimizer):
         kernel, blind to strides, gets silently wrong).
     """
 
-    state_kind = "Adam"  # AdamW is Adam with another default: their state_dicts load into each other
     later_switches = ("amsgrad", "maximize")
     torch_switches = ADAM_TORCH_OPTIONS
 

@@ -192,8 +192,10 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     skipped_steps: int = 0
     #: what the state means: a state_dict loads only into an optimizer of the same kind (or of the class that saved
-    #: it). None means the name of the class that defines :meth:`transforms`: a subclass that keeps its base's chain
-    #: (one that adds a docstring, a default or a hook) loads its base's state_dicts, and its own load into the base
+    #: it). None means the name of the least derived optimizer class with this class's :meth:`transforms`: a
+    #: subclass that keeps its base's chain (a docstring, another default, a hook: AdamW of Adam) loads its base's
+    #: state_dicts and its own load into the base; one that changes the chain, itself or through a mixin, is a kind
+    #: of its own
     state_kind: str | None = None
     #: the :data:`LATER_SWITCHES` this optimizer has; off where a saved group or a pickled optimizer lacks them
     later_switches: tuple[str, ...] = ()
@@ -227,7 +229,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     def _state_kind(self) -> str:
         if self.state_kind:
             return self.state_kind
-        return next(c.__name__ for c in type(self).__mro__ if "transforms" in vars(c))
+        chain = type(self).transforms
+        same = [c for c in type(self).__mro__ if issubclass(c, ChainOptimizer) and c.transforms is chain]
+        return same[-1].__name__
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's __setstate__ (run by load_state_dict, deepcopy and unpickling) adds "differentiable" to

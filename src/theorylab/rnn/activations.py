@@ -19,6 +19,7 @@ bracketing on a grid and Brent's method) and :math:`|\sigma'|` at :math:`\pm\inf
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -139,6 +140,10 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+#: the activations theorylab defines, which :func:`register_activation` never replaces
+BUILT_IN = frozenset(ACTIVATIONS)
+
+
 def get_activation(name: str) -> Activation:
     """The :class:`Activation` called ``name``; ValueError naming it if unknown."""
     if isinstance(name, Activation):  # the object, not its name: say how to pass it
@@ -150,7 +155,7 @@ def get_activation(name: str) -> Activation:
     return ACTIVATIONS[name]
 
 
-def register_activation(activation: Activation) -> None:
+def register_activation(activation: Activation, *, replace: bool = False) -> None:
     r"""Make ``activation`` available by its name to :class:`~theorylab.rnn.RNN`, the diagnostics and
     :func:`derivative_bound`, for the rest of the process (a model saved with it needs it registered again
     before it is built). The diagnostics are exact only as far as its ``deriv`` and ``log_deriv`` are σ' and
@@ -162,20 +167,37 @@ def register_activation(activation: Activation) -> None:
                                        lambda h: (F.logsigmoid(h), torch.ones_like(h))))
         RNN(4, 32, activation="softplus")
 
-    TypeError unless an :class:`Activation`; ValueError if its name is taken by another one (registering the same
+    ``replace=True`` puts a corrected activation of your own in place of the one registered under its name (the
+    models built with that name use the new one from their next call); the built-in five cannot be replaced.
+
+    TypeError unless an :class:`Activation` whose functions are callables (``second`` may be None) and whose
+    ``deriv_at_infinity`` is two real numbers; ValueError if its name is taken by another one (registering the same
     object twice does nothing)."""
     if not isinstance(activation, Activation):
         raise TypeError(f"register_activation: expected an Activation; got {type(activation).__name__}")
     name = activation.name
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_activation: the activation's name must be a non-empty string; got {name!r}")
-    if name in ACTIVATIONS and ACTIVATIONS[name] is not activation:
-        raise ValueError(f"register_activation: the name {name!r} is taken by another activation; choose another")
-    lo, hi = activation.deriv_at_infinity
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"register_activation: deriv_at_infinity must be two finite numbers; got "
-                         f"{activation.deriv_at_infinity!r}")
+    for field in ("fn", "deriv", "deriv_float", "log_deriv", "second"):
+        value = getattr(activation, field)
+        if not callable(value) and not (field == "second" and value is None):
+            raise TypeError(f"register_activation: {name!r}: {field} must be callable; got {type(value).__name__}")
+    ends = activation.deriv_at_infinity
+    if not (isinstance(ends, tuple) and len(ends) == 2
+            and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in ends)):
+        raise TypeError(f"register_activation: {name!r}: deriv_at_infinity must be a tuple of two real numbers "
+                        f"(σ'(−∞), σ'(+∞)); got {ends!r}")
+    if not all(math.isfinite(x) for x in ends):
+        raise ValueError(f"register_activation: deriv_at_infinity must be two finite numbers; got {ends!r}")
+    taken = ACTIVATIONS.get(name)
+    if taken is not None and taken is not activation:
+        if name in BUILT_IN:
+            raise ValueError(f"register_activation: {name!r} is a built-in activation; choose another name")
+        if not replace:
+            raise ValueError(f"register_activation: the name {name!r} is taken by another activation; choose another,"
+                             " or pass replace=True")
     ACTIVATIONS[name] = activation
+    _derivative_bound.cache_clear()  # γ of a replaced activation is computed again
 
 
 def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 2401) -> list[float]:

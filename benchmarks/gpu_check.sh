@@ -2,7 +2,8 @@
 # The checks a session lent a CUDA GPU runs (CI has none), in order of value, each under its own time limit:
 #   cuda    tests/test_cuda.py: the public API on the GPU against the float64 CPU references and torch.optim
 #   bench   benchmarks/gpu_attention.py: FAVOR+ and separable attention against SDPA on the GPU
-#   optim   benchmarks/gpu_optim.py: our AdamW (chain, fused, torch.compile; NaN check on and off) against torch's
+#   optim   benchmarks/gpu_optim.py: our AdamW (chain, fused, torch.compile; NaN check on and off) against torch's;
+#           with each step's host time, kernel launches and kernel time
 #   suite   the whole test suite on that machine (where `--device auto` trains on the GPU)
 #   verify  the full `theorylab verify` on that machine (only results.json comes back)
 #   ddp     torchrun with 1 and 2 processes per machine, `--device auto` and `cuda` (more processes than GPUs)
@@ -31,7 +32,7 @@ for step in $steps; do
             | tail -15 ;;
     bench) timeout 200 $py benchmarks/gpu_attention.py --json "$out/gpu_attention.json" 2>&1 \
              | tee "$out/gpu_attention.log" | tail -40 ;;
-    optim) timeout 240 $py benchmarks/gpu_optim.py --compile --json "$out/gpu_optim.json" 2>&1 | tee "$out/gpu_optim.log" ;;
+    optim) timeout 240 $py benchmarks/gpu_optim.py --compile --profile --json "$out/gpu_optim.json" 2>&1 | tee "$out/gpu_optim.log" ;;
     suite) timeout 200 $py -m pytest -q -p no:cacheprovider -n 12 --ignore tests/test_cuda.py 2>&1 \
              | tee "$out/suite.log" | tail -25 ;;
     verify) report=$(mktemp -d)

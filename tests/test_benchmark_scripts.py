@@ -7,9 +7,11 @@ import importlib.util
 import json
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from attention_helpers import _CXX
 
 from theorylab.claims import q4_weight_decay as q4
@@ -160,3 +162,23 @@ def test_gpu_optim_compiles_our_chain_on_request():
     rows = {r["optimizer"]: r for r in result["rows"]}
     assert set(gpu_optim.COMPILED) <= set(rows) and all(rows[n]["median_ms_per_step"] > 0 for n in gpu_optim.COMPILED)
     assert "torch.compile(step)" in gpu_optim.format_table(result)
+
+
+def test_gpu_optim_profile_adds_the_host_share_and_no_kernel_counts_off_a_gpu(capsys):
+    """--profile: each row gets the host's ms per step (queueing the steps, before the synchronize), and the
+    kernel launches and kernel time, which only a GPU has (None on the CPU, "n/a" in the table)."""
+    gpu_optim = _load("gpu_optim")
+    result = gpu_optim.main(["--device", "cpu", "--quick", "--steps", "2", "--rounds", "1", "--profile"])
+    for row in result["rows"]:
+        assert row["host_ms_per_step"] > 0
+        assert row["kernel_launches_per_step"] is None and row["kernel_ms_per_step"] is None
+    table = capsys.readouterr().out
+    assert "host ms" in table and "kernel ms" in table and "n/a" in table
+
+
+def test_gpu_optim_host_time_is_per_step_and_excludes_the_synchronize(monkeypatch):
+    """host_ms_per_step divides each call's time by its steps and takes the median of the calls."""
+    gpu_optim = _load("gpu_optim")
+    clock = iter([0.0, 0.004, 1.0, 1.010, 2.0, 2.006])  # calls of 4, 10 and 6 ms over 2 steps each
+    monkeypatch.setattr(gpu_optim, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert gpu_optim.host_ms_per_step(lambda: None, 2, torch.device("cpu"), calls=3) == pytest.approx(3.0)

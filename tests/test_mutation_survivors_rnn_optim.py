@@ -13,7 +13,6 @@ from optim_helpers import single_thread  # noqa: F401 (an autouse fixture)
 from torch import nn
 
 from theorylab.optim import SGD, Adam, AdamW, decay_param_groups, decayed_names
-from theorylab.optim import decay as decay_module
 from theorylab.optim.adam import _dense
 from theorylab.optim.decay import check_decay_rate
 from theorylab.rnn import RNN, certificate, lyapunov_spectrum
@@ -226,10 +225,9 @@ def test_decoupled_rate_exactly_one_raises():
             check_decay_rate(group)
 
 
-def test_no_rising_lr_warning_without_weight_decay(monkeypatch):
+def test_no_rising_lr_warning_without_weight_decay():
     """With weight_decay = 0 a rising lr under decay='decoupled' decays nothing, so it does not warn."""
     # kills E6: the early return for lam == 0 dropped
-    monkeypatch.setattr(decay_module, "_warned_rising_lr", False)
     group = {"decay": "decoupled", "weight_decay": 0.0, "lr": 5.0, "initial_lr": 1.0, "nonfinite": "raise"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -393,10 +391,9 @@ def test_fused_adam_rejects_a_meta_parameter():
         Adam([p], fused=True)
 
 
-def test_no_rising_lr_warning_for_decoupled_lr(monkeypatch):
+def test_no_rising_lr_warning_for_decoupled_lr():
     """The rising-lr warning is about decay='decoupled' only: 'decoupled_lr' (lr·λ) does not warn."""
     # kills E13: the decay == 'decoupled' condition of the warning dropped
-    monkeypatch.setattr(decay_module, "_warned_rising_lr", False)
     group = {"decay": "decoupled_lr", "weight_decay": 0.01, "lr": 5.0, "initial_lr": 1.0, "nonfinite": "raise"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")

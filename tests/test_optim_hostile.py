@@ -644,10 +644,7 @@ def test_a_scheduler_created_after_a_hand_set_lr_starts_from_it_as_with_torch():
         assert opt.param_groups[0]["initial_lr"] == 0.05
 
 
-def test_cyclic_lr_decoupled_multiplier_is_lr_over_base_lr(monkeypatch):
-    from theorylab.optim import decay
-
-    monkeypatch.setattr(decay, "_warned_rising_lr", False)  # shown once per process
+def test_cyclic_lr_decoupled_multiplier_is_lr_over_base_lr():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = Adam([p], lr=0.1, weight_decay=0.01, decay="decoupled")
     sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.001, max_lr=0.01, step_size_up=5,

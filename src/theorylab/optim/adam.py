@@ -219,7 +219,7 @@ class Adam(ChainOptimizer):
         group["eps"] = check_positive(group["eps"], "eps")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
         check_decay(group["decay"])
-        check_decay_rate(group)
+        check_decay_rate(group, self)
         for key in ("amsgrad", "maximize"):  # absent in groups pickled before they existed
             group[key] = check_flag(group.get(key, False), key)
         if "fused" in group and group["fused"] is None:  # torch.optim's default: not fused

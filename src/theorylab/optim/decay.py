@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 from .transforms import AddDecayedWeights, ScaleByLearningRate, Transform, reference_lr, schedule_multiplier
 
 DECAY_MODES = ("l2", "decoupled", "decoupled_lr")
 
-#: shown once per process (a flag, not Python's warning registry, which any change of the filters clears)
+#: shown once per optimizer (a set of the optimizers warned, not Python's warning registry, which any change of the
+#: filters clears and which would keep the second optimizer of a sweep silent)
 RISING_LR_WARNING = (
     "decay='decoupled': the lr is above the group's initial_lr, so the decay per step, weight_decay * lr / "
     "initial_lr, is above weight_decay (the schedule multiplier of Loshchilov & Hutter's Algorithm 2). Schedules "
@@ -27,17 +29,19 @@ def check_decay(decay: str) -> None:
         raise ValueError(f"Invalid decay mode: {decay!r} (must be one of {', '.join(map(repr, DECAY_MODES))})")
 
 
-_warned_rising_lr = False
+_warned_rising_lr: weakref.WeakSet[object] = weakref.WeakSet()
 
 
-def check_decay_rate(group: dict[str, Any]) -> None:
+def check_decay_rate(group: dict[str, Any], owner: object | None = None) -> None:
     r"""The decoupled decays multiply θ by :math:`1 - s` per step; :math:`s \ge 1` zeroes θ or flips its sign (and
     from :math:`s > 2` on, grows it), so :math:`s < 1` is required. Raise ValueError naming the values otherwise.
 
     * ``"decoupled"``: :math:`s = \lambda\,\text{lr}/\text{lr}_0`; λ itself (s at the initial lr) must be < 1;
     * ``"decoupled_lr"``: :math:`s = \text{lr}\cdot\lambda`.
 
-    Checked with the group's current lr, so at every step under a schedule. With ``nonfinite="propagate"``
+    Checked with the group's current lr, so at every step under a schedule. Under ``"decoupled"``, an lr above
+    the group's initial lr (a schedule that rises: OneCycleLR, CyclicLR, a warm-up) gives a UserWarning, once per
+    ``owner`` (the optimizer whose group it is; every time when None). With ``nonfinite="propagate"``
     (torch.optim's behaviour; torch checks neither) only λ < 1 for ``"decoupled"`` is checked, not the rate at
     the current lr: a grid search over (lr, λ) may then let its cells with lr·λ ≥ 1 diverge to inf/NaN and
     count them as diverged, as it would with torch.optim.AdamW. ``"l2"`` is left alone: its decay goes through
@@ -51,10 +55,10 @@ def check_decay_rate(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {lam} for decay='decoupled' (must be < 1: the weights are "
                          f"multiplied by 1 - weight_decay per step, and weight_decay >= 1 zeroes them or flips "
                          f"their sign)")
-    global _warned_rising_lr
     # 1e-6: schedules that update the lr from its last value (LinearLR) end a rounding error above initial_lr
-    if decay == "decoupled" and schedule_multiplier(group) > 1 + 1e-6 and not _warned_rising_lr:
-        _warned_rising_lr = True
+    if decay == "decoupled" and schedule_multiplier(group) > 1 + 1e-6 and owner not in _warned_rising_lr:
+        if owner is not None:
+            _warned_rising_lr.add(owner)
         warnings.warn(RISING_LR_WARNING, UserWarning, stacklevel=2)
     if group.get("nonfinite", "raise") == "propagate":
         return

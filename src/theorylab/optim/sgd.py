@@ -99,7 +99,7 @@ class SGD(ChainOptimizer):
         group["nesterov"] = check_flag(group["nesterov"], "nesterov")
         group["maximize"] = check_flag(group.get("maximize", False), "maximize")  # absent in older pickles
         check_decay(group["decay"])
-        check_decay_rate(group)
+        check_decay_rate(group, self)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"Nesterov momentum requires momentum > 0 and zero dampening, got momentum="
                              f"{group['momentum']}, dampening={group['dampening']}")

@@ -374,3 +374,37 @@ def test_a_section_of_ones_own_cannot_take_a_built_in_id(section_id, what):
     with pytest.raises(ValueError, match=what):
         extra(section_id, "Mine")(lambda seed, quick: None)
     assert base._EXTRAS == before
+
+
+def test_the_callers_random_streams_go_on_where_they_were(tmp_path):
+    """Every claim is seeded, but a script that calls verify between its own draws must not find Python's, numpy's
+    and torch's generators reset to the run's seed (they were: a user's journey found the streams equal to a fresh
+    manual_seed(0) afterwards)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    def draws(seed, quick):
+        return Evidence(confirmed=True, numbers={"t": torch.rand(()).item(), "n": float(np.random.rand()),
+                                                 "p": random.random()}, method="m")
+
+    random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)
+    expected = (random.random(), float(np.random.rand()), torch.rand(()).item())
+    random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)
+    payload = run_claims(sections(draws, draws), out_dir=tmp_path, seed=0, progress=False)
+    assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == expected
+    first, second = (r["evidence"] for r in payload["claims"])
+    assert first == second  # and each claim still starts from the run's seed
+
+
+def test_evidence_that_is_not_a_number_names_its_key_and_an_error_record_has_string_notes(tmp_path):
+    def texty(seed, quick):
+        return Evidence(confirmed=True, numbers={"error": 1e-8, "device": "cpu"}, method="m")
+
+    payload = run_claims(sections(texty, ok_claim), out_dir=tmp_path, progress=False)
+    record = payload["claims"][0]
+    assert record["verdict"] == "error" and payload["claims"][1]["verdict"] == "confirmed"
+    assert "Evidence.numbers['device'] is 'cpu', not a number" in record["why"]
+    assert "put text in notes or method" in record["why"]
+    assert record["notes"] == ""

@@ -109,6 +109,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def _global_rng_restored() -> Iterator[None]:
+    """The caller's random streams (Python's, numpy's, torch's, and CUDA's where it was started) go on afterwards
+    where they were: every claim is run from its seed, and a script that calls
+    ``theorylab.cli.main(["verify", ...])`` between its own draws must not find them reset to the run's seed."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[list[str], list[str]]:
     """(the PNG files written, a note per figure that could not be drawn): a figure that fails to render (a
     mathtext typo, a full disk) must not cost the claim its measured numbers and verdict."""
@@ -180,14 +197,14 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
                 reason = f"its module failed to import: {err}"
             record.update(_error_fields(reason, record))
         else:
-            _seed_everything(seed)
-            with _torch_state_restored():
+            with _global_rng_restored(), _torch_state_restored():
+                _seed_everything(seed)
                 evidence = section.fn(seed, quick)
             if not isinstance(evidence, Evidence):
                 raise TypeError(f"claim {section.id} returned {type(evidence).__name__}, not Evidence")
-            numbers = {str(k): json_number(v) for k, v in evidence.numbers.items()}
+            numbers = _evidence_numbers(section.id, evidence.numbers)
             key = evidence.key if evidence.key is not None else list(numbers)[:3]
-            notes = None if evidence.notes is None else str(evidence.notes)
+            notes = "" if evidence.notes is None else str(evidence.notes)
             checks = {" ".join(str(k).split()): bool(v) for k, v in (evidence.checks or {}).items()}
             if checks and bool(evidence.confirmed) != all(checks.values()):
                 raise ValueError(f"claim {section.id} returned confirmed={evidence.confirmed!r}, but its checks "
@@ -214,12 +231,24 @@ def run_section(section: Section, *, seed: int, quick: bool, out_dir: Path) -> d
     return record
 
 
+def _evidence_numbers(claim_id: str, numbers: dict[str, Any]) -> dict[str, Any]:
+    """``Evidence.numbers`` as results.json holds them; a value that is not a number is an error naming its key."""
+    out = {}
+    for k, v in numbers.items():
+        try:
+            out[str(k)] = json_number(v)
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a tensor of more than one element
+            raise TypeError(f"claim {claim_id}: Evidence.numbers[{str(k)!r}] is {v!r:.80}, not a number "
+                            f"({type(e).__name__}: {e}); numbers hold floats: put text in notes or method") from None
+    return out
+
+
 def _error_fields(error: str, record: dict[str, Any]) -> dict[str, Any]:
     """A claim that raised: verdict "error", its traceback (or reason) in ``error``, and every key a record has,
     ``summary`` and ``why`` being the exception's own line (a consumer reading ``why`` must not meet a KeyError)."""
     line = error_line(error)
     return {"verdict": "error", "evidence": record.get("evidence", {}), "key": record.get("key", []), "figures": [],
-            "error": error, "method": record.get("method", ""), "notes": record.get("notes"), "summary": line,
+            "error": error, "method": record.get("method", ""), "notes": record.get("notes") or "", "summary": line,
             "checks": {}, "why": line}
 
 

@@ -183,3 +183,43 @@ def test_a_json_pipe_closed_by_its_reader_is_not_an_error(tmp_path, monkeypatch,
     assert main(["bench", "optim", "--quick", "--json", str(tmp_path / "x.json")]) == 0
     captured = capsys.readouterr()
     assert "results follow" not in captured.err and "wrote" not in captured.out
+
+
+def test_a_closed_stderr_is_not_a_crash(tmp_path):
+    """`theorylab verify ... 2>&-` exited 1 at once with nothing written: with fd 2 closed Python sets sys.stderr
+    to None, and the progress bar's check called None.isatty()."""
+    script = 'exec "$0" -m theorylab verify --only 2.2 --out "$1" 2>&-'
+    proc = subprocess.run(["sh", "-c", script, sys.executable, str(tmp_path)], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode()
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
+def test_stdout_and_stderr_both_on_a_full_disk_keep_the_exit_status(monkeypatch):
+    """`theorylab env >log 2>&1` on a full disk exited 1: the notice that stdout failed could not be written
+    to stderr either, and that failure escaped main."""
+    out, err = _Failing(errno.ENOSPC), _Failing(errno.ENOSPC)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["env"]) == 0
+    assert sys.stdout is out and sys.stderr is err
+
+
+def test_main_leaves_the_streams_error_handlers_and_matplotlib_backend_as_it_found_them(tmp_path, monkeypatch):
+    """Called from a script or a notebook, main() had set both streams' errors to "replace" and matplotlib's
+    backend to Agg for good (a notebook's inline plots stopped showing)."""
+    import io
+
+    import matplotlib
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg", force=True)
+    try:
+        assert main(["verify", "--only", "2.2", "--out", str(tmp_path)]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous, force=True)
+    assert out.errors == "strict"
+    out.seek(0)
+    assert "2.2" in out.buffer.getvalue().decode("ascii")  # "≡" and the like were written as "?"

@@ -110,6 +110,21 @@ def _seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
+def _matplotlib_backend_restored() -> Iterator[None]:
+    """The figures are drawn with Agg (:func:`run_section`); afterwards the caller's backend is back, so that a
+    notebook that ran ``theorylab.cli.main(["verify", ...])`` still shows its own plots inline."""
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    try:
+        yield
+    finally:
+        if matplotlib.get_backend() != previous:
+            with contextlib.suppress(ImportError, ValueError):  # it was usable before; if not now, Agg stays
+                matplotlib.use(previous, force=True)
+
+
+@contextlib.contextmanager
 def _global_rng_restored() -> Iterator[None]:
     """The caller's random streams (Python's, numpy's, torch's, and CUDA's where it was started) go on afterwards
     where they were: every claim is run from its seed, and a script that calls
@@ -288,26 +303,27 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
     written = False
     bar = _progress(show_progress() if progress is None else progress)
     task = None
-    try:
-        write_json_atomic(results_path, payload)
-        written = True
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("verifying", total=len(sections))
-        for section in sections:
-            if bar is not None:
-                bar.update(task, description=f"{section.kind} {section.id}")
-            record = run_section(section, seed=seed, quick=quick, out_dir=out_dir)
-            payload["claims" if section.kind == "claim" else "extras"].append(record)
+    with _matplotlib_backend_restored():
+        try:
             write_json_atomic(results_path, payload)
+            written = True
             if bar is not None:
-                bar.advance(task)
-        payload["complete"] = True
-        payload["total_seconds"] = round(sum(r["seconds"] for r in payload["claims"] + payload["extras"]), 3)
-        write_json_atomic(results_path, payload)
-    except KeyboardInterrupt:
-        raise ClaimsInterrupted(payload if written else None) from None
-    finally:
-        if bar is not None:
-            bar.stop()
+                bar.start()
+                task = bar.add_task("verifying", total=len(sections))
+            for section in sections:
+                if bar is not None:
+                    bar.update(task, description=f"{section.kind} {section.id}")
+                record = run_section(section, seed=seed, quick=quick, out_dir=out_dir)
+                payload["claims" if section.kind == "claim" else "extras"].append(record)
+                write_json_atomic(results_path, payload)
+                if bar is not None:
+                    bar.advance(task)
+            payload["complete"] = True
+            payload["total_seconds"] = round(sum(r["seconds"] for r in payload["claims"] + payload["extras"]), 3)
+            write_json_atomic(results_path, payload)
+        except KeyboardInterrupt:
+            raise ClaimsInterrupted(payload if written else None) from None
+        finally:
+            if bar is not None:
+                bar.stop()
     return payload

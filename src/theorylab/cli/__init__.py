@@ -90,12 +90,13 @@ def _owner(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return parser if extras and extras[0] in argv[:command] else args.command_parser
 
 
-class _GuardedStdout:
-    """``sys.stdout`` that survives its reader: a closed pipe (``theorylab verify | head -1``) or a full disk ends
-    the printed output, not the run, whose results are in files and whose exit status stays the verdicts'.
+class _GuardedStream:
+    """``sys.stdout`` or ``sys.stderr`` that survives its reader: a closed pipe (``theorylab verify | head -1``) or
+    a full disk ends the printed output, not the run, whose results are in files and whose exit status stays the
+    verdicts'.
 
-    After the first failure, writes are dropped and file descriptor 1 is pointed at /dev/null, so that the
-    interpreter's own flush at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
+    After the first failure, writes are dropped and the stream's file descriptor is pointed at /dev/null, so that
+    the interpreter's own flush at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -130,21 +131,32 @@ class _GuardedStdout:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # a stdout that cannot encode "≡" gets "?", not a traceback at the end
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit status. Called from a script
+    or a notebook, it leaves the process as it found it: its streams, their error handlers, and (see verify)
+    the random generators and matplotlib's backend."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if sys.stdout is None:  # no stdout at all (closed, pythonw): print() drops its output, as before
-        return _main(argv)
-    guarded = _GuardedStdout(sys.stdout)
-    sys.stdout = guarded
+    stdout, stderr = sys.stdout, sys.stderr
+    # a stream that cannot encode "≡" gets "?", not a traceback at the end
+    handlers = [(s, s.errors) for s in (stdout, stderr) if hasattr(s, "reconfigure") and hasattr(s, "errors")]
+    for stream, _ in handlers:
+        stream.reconfigure(errors="replace")
+    # no stderr at all (fd 2 closed, pythonw): Python sets it to None, and writing a progress bar or a warning
+    # there would fail; a closed stdout (also None) needs nothing: print() drops its output
+    devnull = open(os.devnull, "w", encoding="utf-8") if stderr is None else None  # noqa: SIM115 - closed below
+    guarded_out = None if stdout is None else _GuardedStream(stdout)
+    guarded_err = _GuardedStream(stderr if stderr is not None else devnull)
+    sys.stdout, sys.stderr = guarded_out, guarded_err  # type: ignore[assignment]
     try:
         code = _main(argv)
+        failure = None if guarded_out is None else guarded_out.failure
+        if failure is not None and failure.errno != errno.EPIPE:  # a closed pipe is the reader's choice
+            print(f"theorylab: could not write the output: {failure.strerror or failure}", file=sys.stderr)
     finally:
-        sys.stdout = guarded.stream
-    failure = guarded.failure
-    if failure is not None and failure.errno != errno.EPIPE:  # a closed pipe is the reader's choice; the rest is news
-        print(f"theorylab: could not write the output: {failure.strerror or failure}", file=sys.stderr)
+        sys.stdout, sys.stderr = stdout, stderr
+        for stream, errors in handlers:
+            stream.reconfigure(errors=errors)
+        if devnull is not None:
+            devnull.close()
     return code
 
 

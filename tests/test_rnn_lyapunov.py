@@ -141,3 +141,15 @@ def test_exponents_beyond_a_dead_units_rank_are_minus_inf():
     h0 = torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64)
     three = lyapunov_spectrum(rnn3, torch.zeros(1, 20, 1, dtype=torch.float64), h0, k=3)
     assert three[0, 2] == -math.inf and bool(torch.isfinite(three[0, :2]).all())
+
+
+def test_exponents_beyond_the_rank_of_w_are_minus_infinity():
+    """W = [[1, 1], [1, 1]] has rank 1, so every product does: its second exponent is −inf, as the docstring says.
+    It was rounding (−74 at T = 1000, falling as T grew; found by a user's journey)."""
+    rnn = RNN(2, 2, activation="tanh")
+    with torch.no_grad():
+        rnn.W.copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+        rnn.U.zero_()
+        rnn.b.zero_()
+    spectrum = lyapunov_spectrum(rnn, torch.zeros(1, 1000, 2), torch.zeros(1, 2), 2)[0]
+    assert spectrum[0].item() == pytest.approx(math.log(2), abs=1e-3) and spectrum[1].item() == -math.inf

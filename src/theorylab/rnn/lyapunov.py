@@ -135,8 +135,9 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     picks them). For finite T the QR estimates need not be ordered, so each row is sorted in descending order
     (see the module docstring for what that means for λ₁ at a very short T).
     Exponents beyond the product's rank are −inf: a direction whose |R_ii| is exactly 0, and every direction
-    beyond the fewest units with σ' ≠ 0 at any one step (a dead relu unit makes that step's Jacobian, and so the
-    product, exactly rank-deficient, where the QR's rounding would give a finite ≈ log(eps) per step).
+    beyond the rank of W (``numpy.linalg.matrix_rank``) or beyond the fewest units with σ' ≠ 0 at any one step (a
+    dead relu unit makes that step's Jacobian, and so the product, exactly rank-deficient), where the QR's
+    rounding would give a finite ≈ log(eps) per step.
     """
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
     seed = _check_int("seed", seed, 0)
@@ -175,8 +176,10 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
             Q = Q_next
     # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
     exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
-    rank = torch.from_numpy(_rank(d))
-    exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf  # the j-volume of a rank-r product, j > r, is 0
+    # the j-volume of a rank-r product, j > r, is 0; W's own rank counts too (numerical, as numpy measures it: a W
+    # of rank 1 such as [[1, 1], [1, 1]] gave a second exponent of rounding, -74 at T = 1000, falling with T)
+    rank = torch.from_numpy(np.minimum(_rank(d), np.linalg.matrix_rank(A)))
+    exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf
     return exponents.to(device)
 
 

@@ -1,5 +1,6 @@
 """The linters as tests: ruff over the sources, tests and benchmarks, and mypy over the package, whose type hints
-are part of its API (it ships ``py.typed``). Settings come from pyproject.toml."""
+are part of its API (it ships ``py.typed``; ``typed_usage.py`` is what a typed caller writes). Settings come from
+pyproject.toml."""
 
 from __future__ import annotations
 
@@ -24,5 +25,5 @@ def test_ruff_passes() -> None:
 
 
 def test_mypy_passes() -> None:
-    result = _run("mypy", "src/theorylab")
+    result = _run("mypy", "src/theorylab", "tests/typed_usage.py")
     assert result.returncode == 0, f"mypy failed:\n{result.stdout}\n{result.stderr}"

@@ -18,7 +18,7 @@ import contextlib
 import copy
 import numbers
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -302,6 +302,17 @@ def _layer_seeds(seed: object, n: int) -> list[int] | None:
     return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator)]
 
 
+#: a model's own type, which swap_attention and unswap_attention keep (they change it in place and return it)
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+@overload
+def swap_attention(model: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAttention: ...
+@overload
+def swap_attention(model: nn.MultiheadAttention | DropInMultiheadAttention, kind: str,  # type: ignore[overload-overlap]
+                   **kwargs: Any) -> DropInMultiheadAttention: ...
+@overload
+def swap_attention(model: _Model, kind: str, **kwargs: Any) -> _Model: ...
 def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`DropInMultiheadAttention` of ``kind``.
 
@@ -406,6 +417,10 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+@overload
+def unswap_attention(model: DropInMultiheadAttention) -> nn.MultiheadAttention: ...  # type: ignore[overload-overlap]
+@overload
+def unswap_attention(model: _Model) -> _Model: ...
 def unswap_attention(model: nn.Module) -> nn.Module:
     """Replace every :class:`DropInMultiheadAttention` in ``model`` by an ``nn.MultiheadAttention`` with its
     projections (:meth:`DropInMultiheadAttention.to_torch`): the inverse of :func:`swap_attention` for

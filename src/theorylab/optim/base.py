@@ -7,7 +7,7 @@ import numbers
 import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -145,6 +145,8 @@ _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-ho
 
 #: one bucket of a step: (group index, step count t, parameters, powers for :meth:`StepContext.power` or None)
 Bucket: TypeAlias = tuple[int, int, list[Tensor], "dict[str, Tensor] | None"]
+#: what a closure returns and step() passes on: a Tensor, or a float (``return loss.item()``), as torch.optim types it
+_Loss = TypeVar("_Loss")
 
 
 class ChainOptimizer(torch.optim.Optimizer):
@@ -358,8 +360,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             groups.append(group)
         return {**state_dict, "param_groups": groups}
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], _Loss]) -> _Loss: ...
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], _Loss] | None = None) -> _Loss | None:
         r"""One optimizer step of every parameter group (``closure``, if given, re-evaluates the loss first).
 
         ``torch.compile(opt.step)`` works as for torch.optim's optimizers: the checks, the non-finite policy, the

@@ -11,6 +11,7 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.adamw import adamw as torch_adamw
 
 from .base import (
+    STATE_KIND_KEY,
     ChainOptimizer,
     as_param_list,
     check_beta,
@@ -278,6 +279,25 @@ class Adam(ChainOptimizer):
         torch_only = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
         return {**{k: v for k, v in saved.items() if k not in torch_only}, "decay": current["decay"],
                 CONSTRUCTION_LR_KEY: current.get(CONSTRUCTION_LR_KEY, saved.get("lr"))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, plus torch's ``decoupled_weight_decay`` in each group whose decay torch has
+        (``"l2"``: False, ``"decoupled_lr"``: True): torch.optim.Adam (>= 2.6) loads its groups' settings from the
+        saved ones, and without the flag a ``"decoupled_lr"`` run went on with L2 there, silently. ``"decoupled"``
+        (λ times lr/lr₀) has no torch equivalent and gets no flag. Loaded here, the flag is dropped again."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            if group.get("decay") in ("l2", "decoupled_lr"):
+                group["decoupled_weight_decay"] = group["decay"] == "decoupled_lr"
+        return state_dict
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        checked = super()._checked_state_dict(state_dict)
+        groups = checked.get("param_groups")
+        if checked.get(STATE_KIND_KEY) is not None and isinstance(groups, list):  # ours: the flag is torch's only
+            checked["param_groups"] = [{k: v for k, v in g.items() if k != "decoupled_weight_decay"}
+                                       if isinstance(g, dict) else g for g in groups]
+        return checked
 
     def check_torch_keys(self, group: dict[str, Any]) -> None:
         super().check_torch_keys(group)

@@ -113,3 +113,18 @@ def test_recompute_changes_neither_outputs_nor_parameter_gradients(monkeypatch, 
     assert "recompute=True" in repr(mha)
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_device_and_dtype_keywords_as_torch_modules_take_them():
+    """nn.MultiheadAttention(..., device=, dtype=) had no counterpart here (a user's journey): the module built with
+    them equals the one built and then moved, and a non-floating dtype is a TypeError naming it."""
+    torch.manual_seed(0)
+    built = MultiheadAttention(8, 2, kind="favor", seed=0, dtype=torch.float64)
+    torch.manual_seed(0)
+    moved = MultiheadAttention(8, 2, kind="favor", seed=0).double()
+    assert built.q_proj.weight.dtype == torch.float64
+    for (name, a), b in zip(built.state_dict().items(), moved.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert MultiheadAttention(8, 2, kind="linear", device="meta").k_proj.weight.is_meta
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype.*torch.int64"):
+        MultiheadAttention(8, 2, dtype=torch.int64)

@@ -160,3 +160,11 @@ def test_bad_inputs_name_the_shape():
         rnn(torch.randn(2, 5, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="activation"):
         derivative_bound("softplus")
+
+
+def test_device_and_dtype_keywords_as_torch_nn_rnn_takes_them():
+    rnn = RNN(2, 3, device="meta", dtype=torch.float64)
+    assert all(p.is_meta and p.dtype == torch.float64 for p in rnn.parameters())
+    assert RNN(2, 3, dtype=torch.float64).W.dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype.*'float32'"):
+        RNN(2, 3, dtype="float32")

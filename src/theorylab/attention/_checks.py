@@ -27,6 +27,12 @@ def lowest(dtype: torch.dtype) -> float:
     return -torch.finfo(dtype).max
 
 
+def check_factory_dtype(dtype: object, name: str) -> None:
+    """A module's ``dtype=`` keyword: None or a floating torch.dtype (its parameters must carry gradients)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name}: dtype must be a floating torch.dtype (as torch's modules take it); got {dtype!r}")
+
+
 def positive_int(value: object, *, what: str, name: str) -> int:
     """``value`` as an int; TypeError naming it unless it is an integer (bool excluded), ValueError unless > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal, cast, overload
 
+import torch
 from torch import Tensor, nn
 
-from ._checks import positive_int
+from ._checks import check_factory_dtype, positive_int
 from .exact import cached_softmax_attention, softmax_attention
 from .features import EluFeatures, PositiveRandomFeatures
 from .linear import check_feature_map, linear_attention
@@ -52,10 +53,13 @@ class MultiheadAttention(nn.Module):
             every head's queries and keys (default ``EluFeatures(D)``; what a map may provide: see
             :func:`~theorylab.attention.linear_attention`). It becomes a submodule: its parameters train with the
             model's.
+        device, dtype: as torch's modules take them: where the parameters and buffers go, and their floating
+            dtype (default: torch's defaults). The module is built on the CPU and then moved (``.to``), so a seed
+            gives the same weights and features on every device.
 
     Raises:
         TypeError: embed_dim, num_heads, num_features or chunk_size is not an integer, dropout not a real number,
-            causal or recompute not a bool.
+            causal or recompute not a bool, dtype not a floating torch.dtype.
         ValueError: an unknown kind; num_heads not positive or not dividing embed_dim; num_features or
             chunk_size <= 0; dropout outside [0, 1); recompute with a kind other than "linear" or "favor";
             a feature_map with a kind other than "linear", or whose ``head_dim`` is not D. TypeError: a
@@ -79,8 +83,10 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "softmax", causal: bool = False,
                  num_features: int = 256, dropout: float = 0.0, bias: bool = True, seed: int | None = None,
                  chunk_size: int | None = None, recompute: bool = False,
-                 feature_map: nn.Module | None = None) -> None:
+                 feature_map: nn.Module | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_factory_dtype(dtype, "MultiheadAttention")
         if kind not in KINDS:
             raise ValueError(f"MultiheadAttention: kind must be one of {KINDS}; got {kind!r}")
         for what, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_features", num_features)):
@@ -120,6 +126,8 @@ class MultiheadAttention(nn.Module):
         elif kind == "favor":
             self.feature_map = PositiveRandomFeatures(self.head_dim, num_features, seed=seed)
         self._reset_parameters()
+        if device is not None or dtype is not None:  # built, then moved: the same weights and features anywhere
+            self.to(device=device, dtype=dtype)
 
     def _reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):

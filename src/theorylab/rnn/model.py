@@ -47,16 +47,22 @@ class RNN(nn.Module):
         activation: one of ``tanh``, ``sigmoid``, ``relu``, ``gelu``, ``silu``, or the name of one of your own
             (:func:`~theorylab.rnn.register_activation`).
         form: ``"h"`` or ``"g"``; the parameters (``W`` (H, H), ``U`` (H, I), ``b`` (H,)) are the same for both.
+        device, dtype: where the parameters are made, and their floating dtype (as torch.nn.RNN's; default:
+            torch's defaults).
 
     The parameters are initialised as torch.nn.RNN's: uniform on [−1/√H, 1/√H].
 
     Raises:
         ValueError: hidden_size not a positive int, input_size not a non-negative int (a float or bool is a
             ValueError here too), an unknown activation or form.
+        TypeError: dtype not a floating torch.dtype.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, *, activation: str = "tanh", form: str = "h") -> None:
+    def __init__(self, input_size: int, hidden_size: int, *, activation: str = "tanh", form: str = "h",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"RNN: dtype must be a floating torch.dtype (as torch.nn.RNN's); got {dtype!r}")
         if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 0:
@@ -67,9 +73,9 @@ class RNN(nn.Module):
         self.form = form
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.W = nn.Parameter(torch.empty(hidden_size, hidden_size))
-        self.U = nn.Parameter(torch.empty(hidden_size, input_size))
-        self.b = nn.Parameter(torch.empty(hidden_size))
+        self.W = nn.Parameter(torch.empty(hidden_size, hidden_size, device=device, dtype=dtype))
+        self.U = nn.Parameter(torch.empty(hidden_size, input_size, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -154,6 +154,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """The number of cached positions (the keys' sequence length)."""
         return self.keys.shape[2]
 
     def detach(self) -> KVCache:

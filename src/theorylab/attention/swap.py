@@ -68,30 +68,37 @@ class DropInMultiheadAttention(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """E, the model dimension (torch's name)."""
         return self.attention.embed_dim
 
     @property
     def num_heads(self) -> int:
+        """The number of heads."""
         return self.attention.num_heads
 
     @property
     def head_dim(self) -> int:
+        """E / num_heads, each head's dimension."""
         return self.attention.head_dim
 
     @property
     def kdim(self) -> int:
+        """The keys' input dimension: E (separate key and value sizes are not supported)."""
         return self.attention.embed_dim
 
     @property
     def vdim(self) -> int:
+        """The values' input dimension: E."""
         return self.attention.embed_dim
 
     @property
     def dropout(self) -> float:
+        """The dropout probability of the attention output (torch's float attribute)."""
         return self.attention.dropout.p
 
     @property
     def out_proj(self) -> nn.Linear:
+        """The output projection (an ``nn.Linear``), torch's attribute."""
         return self.attention.out_proj
 
     def to_torch(self) -> nn.MultiheadAttention:

@@ -175,6 +175,9 @@ EXTRA_MODULES = {"extras_rnn": "rnn-tasks", "extras_charlm": "charlm"}
 
 
 def extra_sections() -> list[Section]:
+    """The extra sections (``verify --extras``): the built-in ones (RNN tasks, the char-level LM), then those
+    registered with :func:`extra`. A built-in module that fails to import is still listed, as a section without
+    a function, which the run reports as an error naming the import error."""
     _load_modules()
     failed = [Section(sid, f"{sid} (theorylab.claims.{module} did not register it)", "", "extra", None)
               for module, sid in EXTRA_MODULES.items() if sid not in _EXTRAS]

@@ -26,7 +26,8 @@ RESULTS_FILE = "results.json"
 
 
 class UnknownClaimError(ValueError):
-    pass
+    """An ID given to :func:`select_sections` (``verify --only``) that names no claim or extra section; the
+    message lists the valid ones."""
 
 
 class ClaimsInterrupted(KeyboardInterrupt):

@@ -101,10 +101,12 @@ class CharLMConfig:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (JSON-able), as checkpoints and ``metrics.json`` record them."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharLMConfig:
+        """The config of a dict from :meth:`to_dict`; keys it does not know (from a later version) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -168,6 +170,7 @@ class CharTransformer(nn.Module):
 
     @property
     def max_len(self) -> int:
+        """The longest context the model takes (its position embeddings' count)."""
         return self.position_embedding.num_embeddings
 
     @property

@@ -126,6 +126,7 @@ class CharVocab:
 
     @classmethod
     def from_text(cls, text: str) -> CharVocab:
+        """The vocabulary of the distinct characters of ``text``, sorted (ids follow that order)."""
         return cls("".join(sorted(set(text))))
 
     @functools.cached_property
@@ -187,6 +188,7 @@ class CharCorpus:
     python: str  # the Python whose pydoc_data this is (the text differs between versions)
 
     def describe(self) -> dict:
+        """What the corpus is, for metrics.json: its source, the Python whose docs it is, its SHA-256, sizes."""
         return {"source": SOURCE, "python": self.python, "sha256": self.sha256,
                 "train_chars": int(self.train.numel()), "heldout_chars": int(self.heldout.numel()),
                 "vocab_size": len(self.vocab)}

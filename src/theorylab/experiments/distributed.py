@@ -37,10 +37,12 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0, the one that writes files and prints."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether a process group was started (a backend is set), i.e. gradients are all-reduced."""
         return self.backend is not None
 
 

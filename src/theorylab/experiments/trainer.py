@@ -88,6 +88,8 @@ def evaluate_bpc(model: CharTransformer, tokens: torch.Tensor, seq_len: int, *, 
         tokens: a 1-D tensor of character ids (e.g. ``load_corpus().heldout``).
         seq_len: the context of each window, at most the model's (``config.seq_len``): every character after the
             first is predicted once, from up to ``seq_len`` characters before it.
+        checkpoint_every: write ``checkpoint.pt`` into ``out_dir`` every this many steps, and at the end (default
+            100; 0: at the end only). A run interrupted between two resumes from the last one.
         env: the distributed environment (None: one process).
         max_chars: only the first ``max_chars`` (>= 2) characters (None: all).
         batch_size: windows per forward pass (memory, not the result).

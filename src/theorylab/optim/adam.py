@@ -216,6 +216,8 @@ class Adam(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's betas, eps, weight_decay, decay (and its rate), amsgrad, maximize and fused
+        (ValueError naming the value), storing numbers back as floats."""
         group["betas"] = check_betas(group["betas"])
         group["eps"] = check_positive(group["eps"], "eps")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
@@ -228,6 +230,7 @@ class Adam(ChainOptimizer):
         check_flag(group.get("fused", False), "fused")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`ChainOptimizer.add_param_group`; torch's ``decoupled_weight_decay`` in the group sets its decay."""
         if "decoupled_weight_decay" in param_group:  # torch.optim.Adam(W)'s per group (torch >= 2.6): it had been
             # kept as an unknown key, and the group ran L2. Translated on a copy: the caller's dict keeps its
             # meaning (for a torch.optim twin built from it, or a retry after an error)
@@ -300,6 +303,7 @@ class Adam(ChainOptimizer):
         return checked
 
     def check_torch_keys(self, group: dict[str, Any]) -> None:
+        """Also refuse a ``decoupled_weight_decay`` (written into a group by hand) that contradicts its decay."""
         super().check_torch_keys(group)
         if "decoupled_weight_decay" in group:  # written into param_groups by hand, or loaded
             wanted = "decoupled_lr" if check_flag(group["decoupled_weight_decay"], "decoupled_weight_decay") else "l2"
@@ -309,6 +313,8 @@ class Adam(ChainOptimizer):
                                  f"decay={group['decay']!r}: set decay instead")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        """The chain: Adam's scaling (``amsgrad`` as the group says), the decay part where ``decay`` puts it
+        (:func:`~theorylab.optim.decay.with_decay`), the lr; led by a negation when ``maximize``."""
         return [*([Negate()] if group["maximize"] else []),
                 *with_decay([ScaleByAdam(amsgrad=group["amsgrad"])], group["decay"])]
 

@@ -250,6 +250,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, with the group checked first (a ValueError names the value and leaves the optimizer as it
+        was)."""
         # torch.optim's switches in a group are checked as the constructor's keywords are (on: ValueError), then
         # dropped, on a copy (the caller's dict keeps them): kept, a switch that is on had changed nothing, and a
         # group holding two of them read as torch.optim's
@@ -267,6 +269,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
 
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, plus which optimizer saved it (its kind) and ``skipped_steps``."""
         state_dict = super().state_dict()
         state_dict[STATE_KIND_KEY] = self._state_kind()
         state_dict[SKIPPED_STEPS_KEY] = self.skipped_steps  # part of the run, as GradScaler's counts are
@@ -276,6 +279,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, after the user's load pre-hooks, with the state checked first (see the class docstring):
+        a state of another kind or with invalid values raises ValueError before anything is loaded."""
         # The validation runs as the last load pre-hook: after the user's hooks (a hook that adapts an old
         # checkpoint must do so before it is checked), each of which torch runs once. It sits in torch's own dict
         # only for this call, so hooks registered meanwhile keep their order (prepend) and their handles.

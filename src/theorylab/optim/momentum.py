@@ -67,10 +67,12 @@ class SGDMomentum(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's momentum (ValueError naming it); weight decay is refused (see the class)."""
         group["momentum"] = check_nonnegative(group["momentum"], "momentum")
         check_no_weight_decay(group, "SGDMomentum")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        """The chain: the lr, then the momentum trace (the buffer holds lr-scaled gradients)."""
         return [ScaleByLearningRate(), Trace(key="momentum", state_key="momentum_buffer")]
 
 
@@ -102,11 +104,13 @@ class RunningAverageSGD(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's beta and debias (ValueError naming them); weight decay is refused."""
         group["beta"] = check_beta(group["beta"], "beta")
         group["debias"] = check_flag(group["debias"], "debias")
         check_no_weight_decay(group, "RunningAverageSGD")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        """The chain: the running average (debiased when ``debias``), then the lr."""
         return [RunningAverage(key="beta", state_key="running_average", debias_key="debias"),
                 ScaleByLearningRate()]
 

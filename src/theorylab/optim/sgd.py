@@ -93,6 +93,8 @@ class SGD(ChainOptimizer):
         super().__init__(as_param_list(params), defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's momentum, dampening, weight_decay, nesterov, maximize and decay (ValueError naming
+        the value), storing numbers back as floats."""
         group["momentum"] = check_nonnegative(group["momentum"], "momentum")
         group["dampening"] = check_nonnegative(group["dampening"], "dampening")
         group["weight_decay"] = check_nonnegative(group["weight_decay"], "weight_decay")
@@ -105,6 +107,8 @@ class SGD(ChainOptimizer):
                              f"{group['momentum']}, dampening={group['dampening']}")
 
     def transforms(self, group: dict[str, Any]) -> list[Transform]:
+        """The chain: heavy-ball (or Nesterov) momentum with torch's first-step copy, the decay part where ``decay``
+        puts it (:func:`~theorylab.optim.decay.with_decay`), the lr; led by a negation when ``maximize``."""
         momentum = Trace(key="momentum", state_key="momentum_buffer", dampening_key="dampening",
                          first_step_copies=True, nesterov_key="nesterov")
         return [*([Negate()] if group["maximize"] else []), *with_decay([momentum], group["decay"])]

@@ -280,6 +280,7 @@ class ScaleByLearningRate:
     r"""``u <- lr * u`` with ``lr = group["lr"]`` read at every step (so lr schedulers apply). Deferred: free."""
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Multiply the updates' scale by the group's lr (deferred: see :class:`StepContext`)."""
         lr = ctx.group["lr"]
         ctx.scale *= lr
         ctx.decay *= lr
@@ -298,6 +299,7 @@ class Negate:
     """
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Negate the updates (``maximize``: ascend)."""
         ctx.scale = -ctx.scale
         ctx.decay = -ctx.decay
         return updates
@@ -319,6 +321,7 @@ class Trace:
     nesterov_key: str | None = None
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Accumulate the updates into the momentum buffer and return it (or the Nesterov look-ahead)."""
         mu = ctx.group[self.key]
         if mu == 0:
             return updates
@@ -380,6 +383,7 @@ class RunningAverage:
         return {self.state_key: self.beta(group)} if self.debiased(group) else {}
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Update the running average with the updates and return it (debiased when asked)."""
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
@@ -445,6 +449,7 @@ class ScaleByAdam:
         return {"exp_avg": beta1, "exp_avg_sq": beta2}
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Update both moments with the updates and return Adam's direction (the denominator deferred)."""
         beta1, beta2 = ctx.group["betas"]
         eps = ctx.group["eps"]
         grads = scaled(updates, ctx)
@@ -526,6 +531,7 @@ class AddDecayedWeights:
     into_gradient: bool = False
 
     def update(self, updates: TensorList, ctx: StepContext) -> TensorList:
+        """Add λθ (times the schedule multiplier where asked) to the updates, or to the gradient."""
         lam = ctx.group[self.key]
         if self.schedule:
             lam = lam * schedule_multiplier(ctx.group)

@@ -153,3 +153,24 @@ def test_exponents_beyond_the_rank_of_w_are_minus_infinity():
         rnn.b.zero_()
     spectrum = lyapunov_spectrum(rnn, torch.zeros(1, 1000, 2), torch.zeros(1, 2), 2)[0]
     assert spectrum[0].item() == pytest.approx(math.log(2), abs=1e-3) and spectrum[1].item() == -math.inf
+
+
+def test_a_direction_beyond_a_steps_rank_does_not_outgrow_the_top_one():
+    """relu, W = diag(1, 1e-20): the strong unit is off at step 4 of 5, where the product has rank 1. The second
+    QR direction's |R_22| there was rounding (2.6e-36), and when the unit came back it outgrew the true one: the
+    top exponent read −43.69, above (1/T) log σ₁(P_T) = −46.05, which no direction can exceed (a user's journey)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        rnn = RNN(2, 2, activation="relu")
+        with torch.no_grad():
+            rnn.W.copy_(torch.diag(torch.tensor([1.0, 1e-20])))
+            rnn.U.copy_(torch.eye(2))
+            rnn.b.zero_()
+        x = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [-10.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+        h0 = torch.ones(1, 2)
+        bound = math.log(1e-100) / 5  # P_5 = diag(0, 1e-100): (1/5) log σ₁
+        for every in (1, 5):
+            top, second = lyapunov_spectrum(rnn, x, h0, 2, reorthonormalize_every=every)[0].tolist()
+            assert top <= bound + 1e-12 and top == pytest.approx(bound, abs=0.01) and second == -math.inf
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -76,6 +76,12 @@ class _Product:
 
     def __init__(self, A: np.ndarray, d: np.ndarray, scale: np.ndarray, diag_right: bool) -> None:
         self.A, self.d, self.scale, self.diag_right = A, d, scale, diag_right
+        self.rank_A = np.broadcast_to(np.linalg.matrix_rank(A), d.shape[:1])  # (B,), numerical, as numpy measures
+
+    def rank(self, t0: int, t1: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(B,) or (len(rows),): a bound on the rank of the product of steps t0..t1 (see :func:`_rank`)."""
+        d, rank_A = (self.d, self.rank_A) if rows is None else (self.d[rows], self.rank_A[rows])
+        return np.minimum(_rank(d[:, t0:t1]), rank_A)
 
     def apply(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray | None = None, *,
               normalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +109,9 @@ class _Product:
         for t in range(t0, t1):
             Y, pending = self.apply(Q, t, t + 1, rows)
             Q, R = np.linalg.qr(Y)
+            r = _beyond_rank_to_zero(np.abs(np.diagonal(R, axis1=-2, axis2=-1)), Y, self.rank(t, t + 1, rows))
             with np.errstate(divide="ignore"):
-                grown += np.log(np.abs(np.diagonal(R, axis1=-2, axis2=-1))) + pending
+                grown += np.log(r) + pending
         return Q, grown
 
 
@@ -116,6 +123,17 @@ def _rank(d: np.ndarray) -> np.ndarray:
 #: a direction whose part orthogonal to the ones before it is below this fraction of the largest direction after
 #: an interval keeps fewer than half of float64's digits (Householder QR's error is ~eps times the largest column)
 LOST_FRACTION = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+def _beyond_rank_to_zero(r: np.ndarray, Y: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """``r`` (the |R_ii| of Y = QR) with the entries at i >= rank that are rounding (below LOST_FRACTION of Y's
+    largest column) made exactly 0: Y has rank <= ``rank``, so its volume beyond it is 0, and such a direction's
+    growth is −inf from then on. Left at its rounding (~eps per step), a direction beyond the rank could outgrow
+    the true one when its units came back to life: relu, W = diag(1, 1e-20), the strong unit off at one step of
+    five, gave λ₁ = −43.69 where (1/T) log σ₁ of the product, which no direction exceeds, is −46.05."""
+    biggest = np.linalg.norm(Y, axis=-2).max(axis=-1)  # (B,)
+    beyond = (np.arange(r.shape[-1])[None, :] >= rank[:, None]) & (r < LOST_FRACTION * biggest[:, None])
+    return np.where(beyond, 0.0, r)
 
 
 def _lost_directions(r: np.ndarray, Y: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -137,7 +155,9 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     Exponents beyond the product's rank are −inf: a direction whose |R_ii| is exactly 0, and every direction
     beyond the rank of W (``numpy.linalg.matrix_rank``) or beyond the fewest units with σ' ≠ 0 at any one step (a
     dead relu unit makes that step's Jacobian, and so the product, exactly rank-deficient), where the QR's
-    rounding would give a finite ≈ log(eps) per step.
+    rounding would give a finite ≈ log(eps) per step. The same holds step by step: at a step (or interval) of
+    rank r, a direction i > r whose |R_ii| is rounding grows by −inf there, so that it cannot outgrow the true
+    ones once the dead units come back.
     """
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
     seed = _check_int("seed", seed, 0)
@@ -163,7 +183,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
                 rows = None if fast.size == bsz else fast
                 Y, pending = product.apply(Q if rows is None else Q[rows], t0, t1, rows, normalise=every > 1)
                 Q_fast, R = np.linalg.qr(Y)
-                r = np.abs(np.diagonal(R, axis1=-2, axis2=-1))
+                r = _beyond_rank_to_zero(np.abs(np.diagonal(R, axis1=-2, axis2=-1)), Y, product.rank(t0, t1, rows))
                 with np.errstate(divide="ignore"):
                     grown_fast = np.log(r) + pending
                 lost = _lost_directions(r, Y, d[fast, t0:t1]) if t1 - t0 > 1 else np.zeros(fast.size, dtype=bool)
@@ -178,7 +198,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
     # the j-volume of a rank-r product, j > r, is 0; W's own rank counts too (numerical, as numpy measures it: a W
     # of rank 1 such as [[1, 1], [1, 1]] gave a second exponent of rounding, -74 at T = 1000, falling with T)
-    rank = torch.from_numpy(np.minimum(_rank(d), np.linalg.matrix_rank(A)))
+    rank = torch.from_numpy(product.rank(0, steps))
     exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf
     return exponents.to(device)
 

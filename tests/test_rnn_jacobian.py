@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -125,7 +126,8 @@ def test_stats_count_one_call_only():
     stats: dict = {}
     log_norms_of_products(factors, method="iterative", stats=stats)
     first = dict(stats)
-    assert set(first) == {"extensions", "cholesky", "fallbacks", "rescaled"}
+    assert set(first) == {"extensions", "cholesky", "fallbacks", "rescaled", "graded"}
+    assert first["graded"] == 0  # a dense product: no weak entries, no second pass
     assert first["cholesky"] > 0  # this product needs the proof: the count is not vacuous
     log_norms_of_products(factors, method="iterative", stats=stats)
     assert stats == first
@@ -396,3 +398,60 @@ def test_a_registration_is_checked_field_by_field_and_a_corrected_one_replaces_i
     assert ACTIVATIONS[softplus.name] is halved and derivative_bound(softplus.name) == 0.5  # γ computed again
     with pytest.raises(ValueError, match="'tanh' is a built-in activation"):
         register_activation(replace(softplus, name="tanh"), replace=True)
+
+
+def _set(rnn, W, U=None, b=None):
+    with torch.no_grad():
+        rnn.W.copy_(W)
+        rnn.U.copy_(torch.zeros_like(rnn.U) if U is None else U)
+        rnn.b.copy_(torch.zeros_like(rnn.b) if b is None else b)
+    return rnn
+
+
+def test_a_weak_direction_that_outlives_the_strong_one_is_not_lost():
+    """relu, W = diag(1, 0.5): unit 2 is always on, unit 1 is switched off by its input at step 1100. The product is
+    diag(0, 0.5^T), never zero, but in one scale the weak unit's entry had underflowed by then (0.5^1075): the
+    norm read −inf, and log_jacobian_profile's column 0 disagreed with it (a user's journey)."""
+    T, K = 1200, 1100
+    rnn = _set(RNN(2, 2, activation="relu").double(), torch.diag(torch.tensor([1.0, 0.5], dtype=F64)),
+               U=torch.eye(2, dtype=F64))
+    x = torch.zeros(1, T, 2, dtype=F64)
+    x[0, :, 1] = 1.0
+    x[0, K - 1, 0] = -10.0
+    h0 = torch.ones(1, 2, dtype=F64)
+    stats: dict = {}
+    norms = log_norms_of_products(jacobian_factors(rnn, x, h0), stats=stats)[0]
+    assert stats["graded"] == 1
+    assert norms[-1].item() == pytest.approx(T * math.log(0.5), rel=1e-12)
+    assert norms[K].item() == pytest.approx((K + 1) * math.log(0.5), rel=1e-12)  # the first step after the switch
+    assert log_jacobian_profile(rnn, x, h0)[0, 0].item() == pytest.approx(T * math.log(0.5), rel=1e-12)
+
+
+@pytest.mark.parametrize("m", [1e160, 1e200, 1e300])
+def test_entries_far_apart_do_not_lose_their_cross_terms(m):
+    """W = [[1, m], [0, 1]] at a zero state (J_t = W): ‖W^t‖ = (x + √(x² + 4))/2 with x = t·m. In one scale the
+    product's entries 1/m apart gave products below float64's range (1/m² = 0): log 2 where log t was due at
+    m = 1e200, and 9e-5 off at 1e160. The profile sweeps Wᵀ, lower triangular."""
+    T = 6
+    rnn = _set(RNN(1, 2, activation="tanh").double(), torch.tensor([[1.0, m], [0.0, 1.0]], dtype=F64))
+    x = torch.zeros(1, T, 1, dtype=F64)
+    exact = torch.tensor([math.log(t * m) + math.log((1 + math.sqrt(1 + (2 / (t * m)) ** 2)) / 2)
+                          for t in range(1, T + 1)], dtype=F64)
+    torch.testing.assert_close(log_jacobian_norms(rnn, x)[0], exact, rtol=1e-13, atol=0)
+    torch.testing.assert_close(log_jacobian_profile(rnn, x)[0], exact.flip(0), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("form", ["h", "g"])
+def test_the_graded_form_matches_the_reference_on_ordinary_products(form):
+    """The graded pass (taken where entries are far apart) gives the reference's numbers on products that do not
+    need it, in both forms: every step of it is exercised, not only the cases above."""
+    from theorylab.rnn.jacobian import _graded_log_norms
+
+    rnn = make_rnn("tanh", form, hidden=5, scale=1.3)
+    factors = jacobian_factors(rnn, torch.randn(2, 30, 3, dtype=F64, generator=torch.Generator().manual_seed(1)),
+                               None)
+    A = factors.A.numpy()
+    d = factors.d.numpy()
+    graded = _graded_log_norms(np.broadcast_to(A, (2, 5, 5)), d, factors.log_scale().numpy(), factors.diag_right)
+    torch.testing.assert_close(torch.from_numpy(graded), log_norms_of_products_reference(factors), rtol=1e-12,
+                               atol=1e-12)

@@ -10,8 +10,13 @@ and the chain rule gives :math:`\partial s_t/\partial s_0 = P_t = J_t J_{t-1}\cd
 :math:`P_t = e^{c_t} M_t` with :math:`\|M_t\|_2 = 1`: each step multiplies :math:`M` by :math:`J_t` (one H×H matmul,
 with A and d_t pre-scaled to max-abs 1 and their logs added to :math:`c`), measures :math:`\|M\|_2` exactly
 and divides it out (a step that shrinks M below :data:`TINY_NORM` first scales it back to max-abs 1, the log again
-going to :math:`c`). Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent W, a
-dead relu layer) gives :math:`-\infty`.
+going to :math:`c`). In one scale, though, entries far below the product's largest lose digits and then
+underflow: a weak direction kept in them (decoupled units decaying at different rates, W = diag(1, 0.5) for
+1100 steps) was flushed to 0 and read −inf once the strong units died, and a W with entries 1e200 apart lost its
+cross terms (1/m² = 0). So a sequence whose product (or A, or a d_t) holds a nonzero entry below
+:data:`GRADED_BELOW` of its largest is measured again with every row of the product in a scale of its own
+(:func:`_graded_log_norms`). Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent
+W, a dead relu layer) gives :math:`-\infty`.
 One limit remains: within one step, a unit whose σ' lies more than float64's range (~e^-745) below the step's
 largest is flushed to 0. That loses nothing unless every larger direction later dies while that one survives, as
 with decoupled units (W diagonal) where a tanh unit sits at a pre-activation of 1000 while another sits at 0:
@@ -295,10 +300,73 @@ def _certified_top(M: np.ndarray, theta: np.ndarray, tol: float) -> np.ndarray:
 #: near float64's underflow loses digits, then reads as an exact 0 (−inf)
 TINY_NORM = 1e-100
 
+#: a product with a nonzero entry below this fraction of its largest (after each step's renormalisation), or a
+#: step whose prescaled A or d_t has one, is measured again in the graded form (:func:`_graded_log_norms`). In one
+#: scale a weak direction held in small entries underflows to 0 as it keeps shrinking, and a step multiplies three
+#: numbers (an entry of A, of d_t, of the product): above 2^-340 each, their product stays above float64's
+#: smallest normal number (2^-1022), so the step after the last check loses nothing
+GRADED_BELOW = 2.0**-340
+
 #: ``method="auto"`` takes the SVD per step up to this B·H³ (H ≤ 64 for one sequence, H ≤ 40 for four): there
 #: the Ritz iteration's per-step Python work costs more than a LAPACK SVD (measured at T = 1000: 0.09 s against
 #: 0.26 s at H = 32, B = 1; 0.49 s against 0.40 s at H = 48, B = 4)
 SVD_MAX_WORK = 2**18
+
+
+def _has_small_entries(X: np.ndarray) -> np.ndarray:
+    """(B,) bool: whether each (..., H, H) or (..., H) block holds a nonzero entry below :data:`GRADED_BELOW`."""
+    small = (X != 0) & (np.abs(X) < GRADED_BELOW)
+    return small.reshape(small.shape[0], -1).any(axis=-1)
+
+
+def _graded_log_norms(A: np.ndarray, d: np.ndarray, step_log: np.ndarray, diag_right: bool) -> np.ndarray:
+    r"""log‖P_t‖₂ for t = 1..T, (B, T), with every row of the product in a scale of its own.
+
+    The product is kept as :math:`P_t = e^{c_t}\,\mathrm{diag}(e^{
+ho})\,	ilde M_t`, each row of
+    :math:`	ilde M_t` of max-abs 1 and its scale :math:`
+ho_i` a log (−inf for a zero row). A step
+    :math:`J = A\,\mathrm{diag}(d)` (h-form) makes row i of the new product
+    :math:`\sum_k A_{ik} d_k e^{
+ho_k} 	ilde M_k`, summed relative to its largest term (the g-form's
+    :math:`\mathrm{diag}(d) A` puts :math:`d_i` outside the sum), so a weak row is never flushed by a strong one and
+    a product of two small numbers is a sum of logs. Then
+    :math:`\|P_t\| = e^{c_t}\|\mathrm{diag}(e^{
+ho})	ilde M_t\|`, from an SVD of the rows scaled relative to the
+    largest (rows more than float64's range below it add nothing at that precision). What this form cannot hold
+    is a range within one row (its entries share a scale), which matters only where a combination of rows
+    cancels their large entries exactly. A, d and step_log are the prescaled factors of
+    :func:`log_norms_of_products`; about its SVD path's work per step, and taken only for the sequences that
+    need it. (A QR form, as for Lyapunov exponents, does not do: Householder's Q holds its small entries to
+    eps absolute, which lost the sum of paths of W = [[ε, 0], [1, ε]]: log t too small at ε = 1e-60.)"""
+    bsz, steps, hidden = d.shape
+    M = np.broadcast_to(np.eye(hidden), (bsz, hidden, hidden)).copy()
+    rho = np.zeros((bsz, hidden))
+    c = np.zeros(bsz)
+    out = np.empty((bsz, steps))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_A, sign_A = np.log(np.abs(A)), np.sign(A)
+        for t in range(steps):
+            log_d, sign_d = np.log(np.abs(d[:, t])), np.sign(d[:, t])  # (B, H)
+            c = c + step_log[:, t]
+            if diag_right:  # row i: Σ_k A_ik d_k e^{ρ_k} M̃_k
+                terms = log_A + (log_d + rho)[:, None, :]
+                signs = sign_A * sign_d[:, None, :]
+            else:  # row i: d_i Σ_k A_ik e^{ρ_k} M̃_k
+                terms = log_A + rho[:, None, :] + log_d[:, :, None]
+                signs = sign_A * sign_d[:, :, None]
+            top = terms.max(axis=-1)  # (B, H): each new row's largest term, −inf for a zero row
+            top_safe = np.where(np.isfinite(top), top, 0.0)
+            M = (signs * np.exp(terms - top_safe[..., None])) @ M
+            m_max = np.abs(M).max(axis=-1)
+            alive = (m_max > 0) & np.isfinite(top)
+            rho = np.where(alive, top_safe + np.log(np.where(alive, m_max, 1.0)), -np.inf)
+            M = M / np.where(alive, m_max, 1.0)[..., None]
+            rho_max = rho.max(axis=-1)
+            scaled = np.exp(rho - np.where(np.isfinite(rho_max), rho_max, 0.0)[:, None])[..., None] * M
+            sigma = np.linalg.svd(scaled, compute_uv=False)[:, 0]
+            out[:, t] = np.where(np.isfinite(rho_max) & (sigma > 0), c + rho_max + np.log(sigma), -np.inf)
+    return out
 
 
 def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol: float = 1e-10, block: int = 4,
@@ -316,7 +384,8 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
         seed: seeds the random directions (the result does not depend on it beyond ~tol).
         stats: if given, its counts of this call are set: ``extensions`` (search-space extensions in all),
             ``cholesky`` (Ritz values proved the top one by a Cholesky factorisation), ``fallbacks`` (SVDs) and
-            ``rescaled`` (products renormalised below :data:`TINY_NORM`).
+            ``rescaled`` (products renormalised below :data:`TINY_NORM`) and ``graded`` (sequences measured
+            again in the graded form, see :data:`GRADED_BELOW`).
     """
     if method not in ("auto", "iterative", "svd"):
         raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
@@ -345,7 +414,8 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     V = np.linalg.qr(rng.standard_normal((bsz, hidden, block)))[0]
     c = np.zeros(bsz)
     out = np.empty((bsz, steps))
-    stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0)  # this call's counts, not a running total
+    stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0, graded=0)  # this call's, not a running total
+    graded = _has_small_entries(A) | _has_small_entries(d)  # sequences to measure again (see GRADED_BELOW)
     # Small kernels run on one BLAS thread; only a large H×H product per step is worth more (see _threads), and
     # then as many as torch may use: torch.set_num_threads(1), the cure on a busy machine, limits numpy's too
     # (on 2 shared cores with one busy, H = 256 took 2.9 s on one BLAS thread and 5.8-7.2 s on two; idle, 1.3×
@@ -387,6 +457,12 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
             out[:, t] = np.where(zero, -np.inf, c + np.log(safe))
             M /= safe[:, None, None]
             c = np.where(zero, -np.inf, c + np.log(safe))
+            graded |= zero | _has_small_entries(M)  # a zero may be a weak direction that underflowed
+    if graded.any():
+        rows = np.flatnonzero(graded)
+        stats["graded"] = rows.size
+        with numpy_blas_threads(1):
+            out[rows] = _graded_log_norms(A[rows], d[rows], step_log[rows], factors.diag_right)
     return torch.from_numpy(out).to(device)
 
 

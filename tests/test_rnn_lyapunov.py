@@ -159,6 +159,7 @@ def test_a_direction_beyond_a_steps_rank_does_not_outgrow_the_top_one():
     """relu, W = diag(1, 1e-20): the strong unit is off at step 4 of 5, where the product has rank 1. The second
     QR direction's |R_22| there was rounding (2.6e-36), and when the unit came back it outgrew the true one: the
     top exponent read −43.69, above (1/T) log σ₁(P_T) = −46.05, which no direction can exceed (a user's journey)."""
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         rnn = RNN(2, 2, activation="relu")
@@ -173,4 +174,4 @@ def test_a_direction_beyond_a_steps_rank_does_not_outgrow_the_top_one():
             top, second = lyapunov_spectrum(rnn, x, h0, 2, reorthonormalize_every=every)[0].tolist()
             assert top <= bound + 1e-12 and top == pytest.approx(bound, abs=0.01) and second == -math.inf
     finally:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(previous)

@@ -168,3 +168,13 @@ def test_device_and_dtype_keywords_as_torch_nn_rnn_takes_them():
     assert RNN(2, 3, dtype=torch.float64).W.dtype == torch.float64
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype.*'float32'"):
         RNN(2, 3, dtype="float32")
+
+
+def test_an_input_on_another_device_is_named():
+    """x on the CPU and the parameters on meta gave torch's "Tensor on device cpu is not on the expected device
+    meta!", which names neither."""
+    rnn = RNN(2, 3, device="meta")
+    with pytest.raises(ValueError, match="x is on cpu but the RNN's parameters are on meta"):
+        rnn(torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="h0 is on cpu but the RNN's parameters are on meta"):
+        rnn(torch.zeros(1, 4, 2, device="meta"), torch.zeros(1, 3))

@@ -137,7 +137,9 @@ class RNN(nn.Module):
         self.check_parameters()
         self._check_x_h0(x, h0)
 
-    def _check_x_h0(self, x: Tensor, h0: Tensor | None) -> None:
+    def _check_x_h0(self, x: Tensor, h0: Tensor | None, device: torch.device | None = None) -> None:
+        """As :meth:`check_inputs` (without the parameters); with ``device`` (the parameters'), x and h0 must be
+        there too."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, T, {self.input_size}), got {shape}")
@@ -147,6 +149,10 @@ class RNN(nn.Module):
             raise ValueError(f"h0 must have shape (B, H) = ({x.shape[0]}, {self.hidden_size}), got {shape}")
         if h0 is not None:
             _check_real_floating("h0", h0)
+        for name, value in (("x", x), ("h0", h0)):  # torch's own error names neither ("expected device meta")
+            if device is not None and value is not None and value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the RNN's parameters are on {device}: "
+                                 f"move one of them (rnn.to({str(value.device)!r}) or {name}.to(...))")
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the recurrence over x (B, T, I) from h0 (B, H) (h_0 for form h, g_0 for form g; None -> zeros).
@@ -169,7 +175,7 @@ class RNN(nn.Module):
             RuntimeError: called inside a torch.func transform (``vmap``, ``grad``, ``jacrev``, ...).
         """
         W, U, b = self._checked_parameters()
-        self._check_x_h0(x, h0)
+        self._check_x_h0(x, h0, W.device)
         if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
             raise RuntimeError("RNN.forward cannot run inside a torch.func transform (vmap, grad, jacrev, ...): its "
                                "backward through time is hand-written. Use RNN.forward_reference, the plain "
@@ -188,7 +194,7 @@ class RNN(nn.Module):
     def forward_reference(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The same recurrence as a plain Python loop of torch ops (autograd records every step)."""
         W, U, b = self._checked_parameters()
-        self._check_x_h0(x, h0)
+        self._check_x_h0(x, h0, W.device)
         bsz, steps, _ = x.shape
         dtype = _compute_dtype(x, W)  # autocast's inside autocast, as forward's (and for T = 0 too)
         s = torch.zeros(bsz, self.hidden_size, dtype=dtype, device=x.device) if h0 is None else h0.to(dtype)

@@ -455,3 +455,23 @@ def test_the_graded_form_matches_the_reference_on_ordinary_products(form):
     graded = _graded_log_norms(np.broadcast_to(A, (2, 5, 5)), d, factors.log_scale().numpy(), factors.diag_right)
     torch.testing.assert_close(torch.from_numpy(graded), log_norms_of_products_reference(factors), rtol=1e-12,
                                atol=1e-12)
+
+
+def test_the_graded_pass_is_not_taken_where_one_scale_loses_nothing():
+    """It is taken where a step's products may leave float64's normal range, not wherever some σ' is small: a
+    dense tanh product with one unit saturated at one step (σ' ≈ 1e-130) and relu products that are exactly 0
+    from the first step (h0 = 0) had been measured twice, 2-3× the time, with the same numbers (a review)."""
+    gen = torch.Generator().manual_seed(0)
+    rnn = RNN(8, 64, activation="tanh").double()
+    with torch.no_grad():
+        rnn.W.copy_(3 * torch.randn(64, 64, generator=gen, dtype=F64) / 8)
+        rnn.U.zero_()
+        rnn.U[0, 0] = 1.0
+    x = torch.randn(2, 300, 8, generator=gen, dtype=F64)
+    x[0, 150, 0] = 150.0  # one unit's pre-activation ≈ 150 at one step
+    stats: dict = {}
+    norms = log_norms_of_products(jacobian_factors(rnn, x, None), stats=stats)
+    assert stats["graded"] == 0 and torch.isfinite(norms).all()
+    relu = RNN(3, 16, activation="relu").double()
+    zero = log_norms_of_products(jacobian_factors(relu, torch.randn(2, 50, 3, dtype=F64), None), stats=stats)
+    assert stats["graded"] == 0 and bool(torch.isneginf(zero).all())  # σ'(0) = 0: J_1 = 0

@@ -13,14 +13,17 @@ and divides it out (a step that shrinks M below :data:`TINY_NORM` first scales i
 going to :math:`c`). In one scale, though, entries far below the product's largest lose digits and then
 underflow: a weak direction kept in them (decoupled units decaying at different rates, W = diag(1, 0.5) for
 1100 steps) was flushed to 0 and read −inf once the strong units died, and a W with entries 1e200 apart lost its
-cross terms (1/m² = 0). So a sequence whose product (or A, or a d_t) holds a nonzero entry below
-:data:`GRADED_BELOW` of its largest is measured again with every row of the product in a scale of its own
+cross terms (1/m² = 0). So a sequence in which a step's products may fall below float64's normal range
+(:data:`NORMAL_LOG2`) is measured again with every row of the product in a scale of its own
 (:func:`_graded_log_norms`). Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent
 W, a dead relu layer) gives :math:`-\infty`.
-One limit remains: within one step, a unit whose σ' lies more than float64's range (~e^-745) below the step's
-largest is flushed to 0. That loses nothing unless every larger direction later dies while that one survives, as
-with decoupled units (W diagonal) where a tanh unit sits at a pre-activation of 1000 while another sits at 0:
-such a product is reported as :math:`-\infty` though it is ~e^-1600.
+Two limits remain. Within a row of the graded product, entries more than float64's range apart share one scale,
+so the small ones are flushed (a relu product whose later steps then cancel the large ones exactly reads −inf;
+one with W's entries 1e-200 apart was found); and within one step, a unit whose σ' lies more than float64's
+range (~e^-745) below the step's largest is flushed to 0, as is an entry of W that far below its largest. That
+loses nothing unless every larger direction later dies while that one survives, as with decoupled units (W
+diagonal) where a tanh unit sits at a pre-activation of 1000 while another sits at 0: such a product is reported
+as :math:`-\infty` though it is ~e^-1600.
 
 The norm :math:`\|M\|_2 = \sqrt{\lambda_1(M^\top M)}` comes from a block Rayleigh–Ritz iteration on
 :math:`M^\top M` (never formed), warm-started from the previous step's top-k right singular vectors plus one random
@@ -300,12 +303,10 @@ def _certified_top(M: np.ndarray, theta: np.ndarray, tol: float) -> np.ndarray:
 #: near float64's underflow loses digits, then reads as an exact 0 (−inf)
 TINY_NORM = 1e-100
 
-#: a product with a nonzero entry below this fraction of its largest (after each step's renormalisation), or a
-#: step whose prescaled A or d_t has one, is measured again in the graded form (:func:`_graded_log_norms`). In one
-#: scale a weak direction held in small entries underflows to 0 as it keeps shrinking, and a step multiplies three
-#: numbers (an entry of A, of d_t, of the product): above 2^-340 each, their product stays above float64's
-#: smallest normal number (2^-1022), so the step after the last check loses nothing
-GRADED_BELOW = 2.0**-340
+#: log2 of float64's smallest normal number (2^-1022): a step whose smallest possible product of an entry of A, of
+#: d_t and of the running product falls below it may lose a weak direction to underflow, and its sequence is
+#: measured again in the graded form (:func:`_graded_log_norms`)
+NORMAL_LOG2 = float(np.finfo(np.float64).minexp)
 
 #: ``method="auto"`` takes the SVD per step up to this B·H³ (H ≤ 64 for one sequence, H ≤ 40 for four): there
 #: the Ritz iteration's per-step Python work costs more than a LAPACK SVD (measured at T = 1000: 0.09 s against
@@ -313,32 +314,32 @@ GRADED_BELOW = 2.0**-340
 SVD_MAX_WORK = 2**18
 
 
-def _has_small_entries(X: np.ndarray) -> np.ndarray:
-    """(B,) bool: whether each (..., H, H) or (..., H) block holds a nonzero entry below :data:`GRADED_BELOW`."""
-    small = (X != 0) & (np.abs(X) < GRADED_BELOW)
-    return small.reshape(small.shape[0], -1).any(axis=-1)
+def _log2_smallest(X: np.ndarray) -> np.ndarray:
+    """log2 of the smallest nonzero |entry| over the last axis (+inf where all are 0)."""
+    magnitude = np.abs(X)
+    with np.errstate(divide="ignore"):
+        return np.log2(np.where(magnitude > 0, magnitude, np.inf).min(axis=-1))
 
 
 def _graded_log_norms(A: np.ndarray, d: np.ndarray, step_log: np.ndarray, diag_right: bool) -> np.ndarray:
     r"""log‖P_t‖₂ for t = 1..T, (B, T), with every row of the product in a scale of its own.
 
-    The product is kept as :math:`P_t = e^{c_t}\,\mathrm{diag}(e^{
-ho})\,	ilde M_t`, each row of
-    :math:`	ilde M_t` of max-abs 1 and its scale :math:`
-ho_i` a log (−inf for a zero row). A step
+    The product is kept as :math:`P_t = e^{c_t}\,\mathrm{diag}(e^{\rho})\,\tilde M_t`, each row of
+    :math:`\tilde M_t` of max-abs 1 and its scale :math:`\rho_i` a log (−inf for a zero row). A step
     :math:`J = A\,\mathrm{diag}(d)` (h-form) makes row i of the new product
-    :math:`\sum_k A_{ik} d_k e^{
-ho_k} 	ilde M_k`, summed relative to its largest term (the g-form's
-    :math:`\mathrm{diag}(d) A` puts :math:`d_i` outside the sum), so a weak row is never flushed by a strong one and
-    a product of two small numbers is a sum of logs. Then
-    :math:`\|P_t\| = e^{c_t}\|\mathrm{diag}(e^{
-ho})	ilde M_t\|`, from an SVD of the rows scaled relative to the
-    largest (rows more than float64's range below it add nothing at that precision). What this form cannot hold
-    is a range within one row (its entries share a scale), which matters only where a combination of rows
-    cancels their large entries exactly. A, d and step_log are the prescaled factors of
-    :func:`log_norms_of_products`; about its SVD path's work per step, and taken only for the sequences that
-    need it. (A QR form, as for Lyapunov exponents, does not do: Householder's Q holds its small entries to
-    eps absolute, which lost the sum of paths of W = [[ε, 0], [1, ε]]: log t too small at ε = 1e-60.)"""
+    :math:`\sum_k A_{ik} d_k e^{\rho_k} \tilde M_k`, summed relative to its largest term (the g-form's
+    :math:`\mathrm{diag}(d) A` puts :math:`d_i` outside the sum), so a weak row is never flushed by a strong one
+    and a product of two small numbers is a sum of logs. Then
+    :math:`\|P_t\| = e^{c_t}\|\mathrm{diag}(e^{\rho})\tilde M_t\|`, from an SVD of the rows scaled relative to
+    the largest (rows more than float64's range below it add nothing at that precision).
+
+    What this form cannot hold is a range within one row: its entries share a scale, so an entry more than
+    float64's range below its row's largest is flushed, which matters where later steps cancel the large entries
+    exactly (relu units switching W's rows off; a user's review found one with entries 1e-200 apart). A, d and
+    step_log are the prescaled factors of :func:`log_norms_of_products`. About its SVD path's work per step, and
+    taken only for the sequences that need it. (A QR form, as for Lyapunov exponents, does not do: Householder's
+    Q holds its small entries to eps absolute, which lost the sum of paths of W = [[ε, 0], [1, ε]]: log t too
+    small at ε = 1e-60.)"""
     bsz, steps, hidden = d.shape
     M = np.broadcast_to(np.eye(hidden), (bsz, hidden, hidden)).copy()
     rho = np.zeros((bsz, hidden))
@@ -385,7 +386,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
         stats: if given, its counts of this call are set: ``extensions`` (search-space extensions in all),
             ``cholesky`` (Ritz values proved the top one by a Cholesky factorisation), ``fallbacks`` (SVDs) and
             ``rescaled`` (products renormalised below :data:`TINY_NORM`) and ``graded`` (sequences measured
-            again in the graded form, see :data:`GRADED_BELOW`).
+            again in the graded form, see :data:`NORMAL_LOG2`).
     """
     if method not in ("auto", "iterative", "svd"):
         raise ValueError(f"unknown method {method!r}; expected 'auto', 'iterative' or 'svd'")
@@ -415,7 +416,13 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     c = np.zeros(bsz)
     out = np.empty((bsz, steps))
     stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0, graded=0)  # this call's, not a running total
-    graded = _has_small_entries(A) | _has_small_entries(d)  # sequences to measure again (see GRADED_BELOW)
+    # sequences to measure again (see NORMAL_LOG2): a step's products are at least A's, d_t's and M's smallest
+    # nonzero entries multiplied; as long as that stays a normal number, nothing underflows in the step (a
+    # saturated unit's σ' of 1e-130 in a dense product is not flagged: its products stay far above it)
+    graded = np.zeros(bsz, dtype=bool)
+    smallest_a = _log2_smallest(A.reshape(bsz, -1))
+    smallest_d = _log2_smallest(d)  # (B, T)
+    smallest_m = np.zeros(bsz)  # M = I
     # Small kernels run on one BLAS thread; only a large H×H product per step is worth more (see _threads), and
     # then as many as torch may use: torch.set_num_threads(1), the cure on a busy machine, limits numpy's too
     # (on 2 shared cores with one busy, H = 256 took 2.9 s on one BLAS thread and 5.8-7.2 s on two; idle, 1.3×
@@ -425,6 +432,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     with numpy_blas_threads(torch.get_num_threads() if big else 1):
         for t in range(steps):
             dt = d[:, t, :, None]  # (B, H, 1)
+            graded |= smallest_a + smallest_d[:, t] + smallest_m < NORMAL_LOG2
             M = A @ (dt * M) if factors.diag_right else dt * (A @ M)  # (B, H, H)
             c = c + step_log[:, t]
             if use_svd:
@@ -457,7 +465,7 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
             out[:, t] = np.where(zero, -np.inf, c + np.log(safe))
             M /= safe[:, None, None]
             c = np.where(zero, -np.inf, c + np.log(safe))
-            graded |= zero | _has_small_entries(M)  # a zero may be a weak direction that underflowed
+            smallest_m = _log2_smallest(M.reshape(bsz, -1))
     if graded.any():
         rows = np.flatnonzero(graded)
         stats["graded"] = rows.size

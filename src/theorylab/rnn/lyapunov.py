@@ -76,12 +76,14 @@ class _Product:
 
     def __init__(self, A: np.ndarray, d: np.ndarray, scale: np.ndarray, diag_right: bool) -> None:
         self.A, self.d, self.scale, self.diag_right = A, d, scale, diag_right
-        self.rank_A = np.broadcast_to(np.linalg.matrix_rank(A), d.shape[:1])  # (B,), numerical, as numpy measures
 
     def rank(self, t0: int, t1: int, rows: np.ndarray | None = None) -> np.ndarray:
-        """(B,) or (len(rows),): a bound on the rank of the product of steps t0..t1 (see :func:`_rank`)."""
-        d, rank_A = (self.d, self.rank_A) if rows is None else (self.d[rows], self.rank_A[rows])
-        return np.minimum(_rank(d[:, t0:t1]), rank_A)
+        """(B,) or (len(rows),): a bound on the rank of the product of steps t0..t1 from its dead units (see
+        :func:`_rank`). W's own rank is not counted: in floating point a singular W ([[1, 1], [1, 1]]: σ₂/σ₁ =
+        1.7e-17 from LAPACK) cannot be told from a full-rank one with a singular value that small (diag(1, 1e-16),
+        whose second exponent is log 1e-16), and numpy's numerical rank took the latter's as −inf."""
+        d = self.d if rows is None else self.d[rows]
+        return _rank(d[:, t0:t1])
 
     def apply(self, Q: np.ndarray, t0: int, t1: int, rows: np.ndarray | None = None, *,
               normalise: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +155,12 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     picks them). For finite T the QR estimates need not be ordered, so each row is sorted in descending order
     (see the module docstring for what that means for λ₁ at a very short T).
     Exponents beyond the product's rank are −inf: a direction whose |R_ii| is exactly 0, and every direction
-    beyond the rank of W (``numpy.linalg.matrix_rank``) or beyond the fewest units with σ' ≠ 0 at any one step (a
-    dead relu unit makes that step's Jacobian, and so the product, exactly rank-deficient), where the QR's
-    rounding would give a finite ≈ log(eps) per step. The same holds step by step: at a step (or interval) of
-    rank r, a direction i > r whose |R_ii| is rounding grows by −inf there, so that it cannot outgrow the true
-    ones once the dead units come back.
+    beyond the fewest units with σ' ≠ 0 at any one step (a dead relu unit makes that step's Jacobian, and so the
+    product, exactly rank-deficient), where the QR's rounding would give a finite ≈ log(eps) per step. The same
+    holds step by step: at a step (or interval) of rank r, a direction i > r whose |R_ii| is rounding grows by
+    −inf there, so that it cannot outgrow the true ones once the dead units come back. W's own rank is not
+    inferred (see :meth:`_Product.rank`): the extra exponents of a singular W come out as rounding, about
+    log(eps) per step or below, where a W with a singular value of 1e-16 has its true log 1e-16.
     """
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
     seed = _check_int("seed", seed, 0)
@@ -196,9 +199,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
             Q = Q_next
     # Sorted: the i-th QR estimate is the growth rate of the i-th direction, ordered only as T → ∞.
     exponents = torch.from_numpy(logs / steps).sort(dim=-1, descending=True).values
-    # the j-volume of a rank-r product, j > r, is 0; W's own rank counts too (numerical, as numpy measures it: a W
-    # of rank 1 such as [[1, 1], [1, 1]] gave a second exponent of rounding, -74 at T = 1000, falling with T)
-    rank = torch.from_numpy(product.rank(0, steps))
+    rank = torch.from_numpy(product.rank(0, steps))  # the j-volume of a rank-r product, j > r, is 0
     exponents[torch.arange(k)[None, :] >= rank[:, None]] = -math.inf
     return exponents.to(device)
 

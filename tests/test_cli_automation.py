@@ -223,3 +223,20 @@ def test_main_leaves_the_streams_error_handlers_and_matplotlib_backend_as_it_fou
     assert out.errors == "strict"
     out.seek(0)
     assert "2.2" in out.buffer.getvalue().decode("ascii")  # "≡" and the like were written as "?"
+
+
+def test_the_first_verify_in_a_process_leaves_pythons_random_stream_alone(tmp_path):
+    """rich, imported during the first run, draws from Python's global generator (its style ids): a script's
+    `random` stream moved on the first call of main() only (a review). A fresh process, since rich is imported
+    here already."""
+    script = (
+        "import random, sys\n"
+        "from theorylab.cli import main\n"
+        "random.seed(7); expected = [random.random() for _ in range(3)]\n"
+        "random.seed(7)\n"
+        "assert main(['verify', '--only', '2.2', '--out', sys.argv[1]]) == 0\n"
+        "print([random.random() for _ in range(3)] == expected)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "True"

@@ -9,6 +9,7 @@ import errno
 import importlib
 import io
 import os
+import random
 import signal
 import sys
 import threading
@@ -130,10 +131,27 @@ class _GuardedStream:
         return getattr(self.stream, name)
 
 
+@contextlib.contextmanager
+def _caller_random_streams() -> Iterator[None]:
+    """Python's, numpy's and torch's global random streams (those the caller has imported) as they were: a
+    claim reseeds them, and so does a library imported during the run (rich draws from Python's at import)."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    saved = (random.getstate(), numpy.random.get_state() if numpy is not None else None,
+             torch.get_rng_state() if torch is not None else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if saved[1] is not None:
+            numpy.random.set_state(saved[1])  # type: ignore[union-attr]
+        if saved[2] is not None:
+            torch.set_rng_state(saved[2])  # type: ignore[union-attr]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit status. Called from a script
-    or a notebook, it leaves the process as it found it: its streams, their error handlers, and (see verify)
-    the random generators and matplotlib's backend."""
+    or a notebook, it leaves the process as it found it: its streams, their error handlers, the random
+    generators the caller has imported, and (see verify) matplotlib's backend."""
     argv = list(sys.argv[1:] if argv is None else argv)
     stdout, stderr = sys.stdout, sys.stderr
     # a stream that cannot encode "≡" gets "?", not a traceback at the end
@@ -147,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     guarded_err = _GuardedStream(stderr if stderr is not None else devnull)
     sys.stdout, sys.stderr = guarded_out, guarded_err  # type: ignore[assignment]
     try:
-        code = _main(argv)
+        with _caller_random_streams():
+            code = _main(argv)
         failure = None if guarded_out is None else guarded_out.failure
         if failure is not None and failure.errno != errno.EPIPE:  # a closed pipe is the reader's choice
             print(f"theorylab: could not write the output: {failure.strerror or failure}", file=sys.stderr)

@@ -145,6 +145,7 @@ def test_a_figure_missing_beside_the_report_is_said_to_be_missing(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(payload))
     page = write_report(tmp_path).read_text()
     assert '<img src="here.png"' in page and '<img src="gone.png"' not in page
+    assert '<a href="here.png" title="open at full size"><img src="here.png"' in page  # shrunk figures open
     assert "Figure gone.png is missing" in page
 
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy.special import expit, ndtr
 
 from ..rnn import (
@@ -236,12 +237,12 @@ def vanishing_gradients(seed: int, quick: bool) -> Evidence:
     tight_dev = float(np.abs(excess[tight]).max())
     # −inf is an exactly zero Jacobian (e.g. every ReLU unit off at some step), which satisfies the bound; NaN or
     # +inf would be a numerical failure
+    not_finite = int(np.isnan(lognorm).sum() + np.isposinf(lognorm).sum())
     checks = {
         f"log‖∂h_T/∂h_0‖ − T log δ at most {max_excess:.1e} (needs ≤ log(1 + 1e-10))": max_excess <= math.log1p(1e-10),
         f"tight cases {tight_dev:.1e} from the bound (needs ≤ 1e-9)": tight_dev <= 1e-9,
         f"vs autograd's Jacobian {autograd_diff:.1e} (needs ≤ 1e-8)": autograd_diff <= 1e-8,
-        f"{int(np.isnan(lognorm).sum() + np.isposinf(lognorm).sum())} log-norms NaN or +inf (needs 0)":
-            not np.isnan(lognorm).any() and not np.isposinf(lognorm).any(),
+        f"{not_finite} log-norms NaN or +inf (needs 0)": not_finite == 0,
     }
     confirmed = all(checks.values())
 
@@ -264,7 +265,7 @@ def vanishing_gradients(seed: int, quick: bool) -> Evidence:
         checks=checks,
         numbers={"max_log_norm_minus_log_bound": max_excess, "tight_case_max_abs_log_ratio": tight_dev,
                  "min_log10_norm": float(lognorm.min() / ln10), "units": len(parts) - int(tight.sum()),
-                 "max_rel_diff_vs_autograd_jacobian": autograd_diff,
+                 "max_rel_diff_vs_autograd_jacobian": autograd_diff, "log_norms_nan_or_plus_inf": not_finite,
                  "T": steps},
         key=["max_log_norm_minus_log_bound", "tight_case_max_abs_log_ratio", "min_log10_norm"],
         summary=(f"max over T and units of log‖∂h_T/∂h_0‖ − T log δ = {max_excess:.1e} (needs ≤ 1e-10, "
@@ -408,8 +409,8 @@ def exploding_gradients(seed: int, quick: bool) -> Evidence:
     floor = -400.0
     env = ln_a.max(axis=0) / ln10
     ax1.plot(np.arange(1, steps_a + 1), env, color="C7", lw=2, label=f"(a) max over {n_samples} W, σ_max·γ ≤ 1")
-    for i, n in enumerate(names):
-        y = lognorm[rows[n]][0] / ln10
+    for i, n in enumerate(names):  # the sequence whose log-norm at T the summary and the checks quote (the largest)
+        y = lognorm[rows[n]][int(np.argmax(lognorm[rows[n], -1]))] / ln10
         lab = f"{n}: σ_max·γ = {delta[n]:.3g}, λ₁ = {lam1[n]:+.3g}"
         ax1.plot(t, np.where(np.isneginf(y), np.nan, y), color=f"C{i}", lw=1.3, label=lab)
         if n == "strictly upper-triangular W":
@@ -418,20 +419,32 @@ def exploding_gradients(seed: int, quick: bool) -> Evidence:
                          fontsize=7, arrowprops={"arrowstyle": "->", "lw": 0.6})
     ax1.set(ylim=(floor, max(150.0, final["W = 3Q (explodes)"] / ln10 + 20)),
             xlabel="t (steps)", ylabel="log₁₀ ‖∂h_t/∂h_0‖₂", title="Gradient norms (tanh unless stated)")
-    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=2)
-    y = np.arange(len(names))
+    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=2,
+               title="each case: its sequence with the largest log-norm at T", title_fontsize=7)
+    # symlog: λ₁ spans −36 (saturating bias) to +0.2 (W = 3Q), the certificate's rates up to log 19; −inf (the
+    # triangular W's exactly zero product) is a hatched bar to the axis' end, labelled as such
+    y, far = np.arange(len(names)), -100.0
+    ax2.set_xscale("symlog", linthresh=1.0)
     ax2.barh(y - 0.2, [math.log(delta[n]) for n in names], height=0.4, color="C7",
              label="log(σ_max(W)·γ): the certificate's per-step rate")
-    lam_plot = [max(lam1[n], -25.0) for n in names]
-    ax2.barh(y + 0.2, lam_plot, height=0.4, color=[f"C{i}" for i in range(len(names))],
-             label="λ₁ measured (QR method; −inf clipped)")
-    for yi, n in zip(y, names, strict=True):
-        ax2.annotate(f"λ₁ = {lam1[n]:+.3g}", (min(lam1[n], 0.0) if lam1[n] > -25 else -25.0, yi + 0.2),
-                     xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    bars = ax2.barh(y + 0.2, [lam1[n] if math.isfinite(lam1[n]) else far for n in names], height=0.4,
+                    color=[f"C{i}" for i in range(len(names))], label="λ₁ measured (QR method)")
+    for bar, n in zip(bars, names, strict=True):
+        if not math.isfinite(lam1[n]):
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
+    for yi, n in zip(y, names, strict=True):  # the values in a column right of the axes: never on a bar
+        value = f"{lam1[n]:+.3g}" if math.isfinite(lam1[n]) else "−∞"
+        ax2.text(1.02, yi + 0.2, f"λ₁ = {value}", transform=ax2.get_yaxis_transform(), va="center", fontsize=7)
     ax2.axvline(0, color="k", lw=0.8)
+    ax2.set_xlim(far, 10.0)
     ax2.set_yticks(y, [n.replace(", ", ",\n") for n in names], fontsize=7)
-    ax2.set(xlabel="nats per step", title="σ_max·γ > 1 is not enough: Lyapunov exponents")
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.set(xlabel="nats per step (symmetric log scale; −∞ hatched)",
+            title="σ_max·γ > 1 is not enough: Lyapunov exponents")
+    handles = [Patch(color="C7", label="log(σ_max(W)·γ): the certificate's per-step rate"),
+               Patch(facecolor="white", edgecolor="k", label="λ₁ measured (QR method), in each case's colour"),
+               Patch(facecolor="white", edgecolor="k", hatch="//", label="λ₁ = −∞: the product is exactly 0")]
+    ax2.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16))
     fig.tight_layout()
 
     numbers = {
@@ -440,6 +453,8 @@ def exploding_gradients(seed: int, quick: bool) -> Evidence:
         "lyapunov_1_2I": lam1["W = 2I"], "lyapunov_1_2I_fixed_point": lam_2i_theory,
         "lyapunov_1_saturating": lam1["saturating bias"], "lyapunov_1_random_1p8": lam1["random W"],
         "lyapunov_1_3Q": lam1["W = 3Q (explodes)"], "log_norm_T_3Q": final["W = 3Q (explodes)"],
+        "log_norm_T_saturating": final["saturating bias"], "log_norm_T_random_1p8": final["random W"],
+        "log_norm_T_2I": final["W = 2I"], "b_smallest_sigma_max_gamma": min(delta.values()),
         "slope_log_norm_3Q": slope_3q, "max_abs_state_3Q": float(states_3q.abs().max()),
         "relu_2I_state_overflow_step": relu_overflow, "T": steps,
         **{f"check_{k}": float(v) for k, v in checks.items()},

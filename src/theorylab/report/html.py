@@ -143,13 +143,15 @@ def _normalised(rec: Any) -> dict[str, Any]:
 
 
 def _figure(name: str, present: set[str] | None) -> str:
-    """The figure's <img>; a figure missing beside the report (``present`` given and without it) is said to be
-    missing, instead of a broken image."""
+    """The figure's <img>, linked to its file; a figure missing beside the report (``present`` given and without
+    it) is said to be missing, instead of a broken image."""
     if present is not None and name not in present:
         return f'<p class="missing"><b>Figure {_e(name)} is missing</b> (not found beside the report).</p>'
     # quoted: a '#', '?' or '%' in a file name would make the browser read another URL than the file's
     # surrogateescape: a name that is not UTF-8 (its bytes kept as lone surrogates) becomes %XX of those bytes
-    return f'<p><img src="{_e(quote(name, errors="surrogateescape"))}" alt="figure {_e(name)}"></p>'
+    # a link to the file: a figure wider than the page is shown shrunk, and opens at its full size
+    url = _e(quote(name, errors="surrogateescape"))
+    return f'<p><a href="{url}" title="open at full size"><img src="{url}" alt="figure {_e(name)}"></a></p>'
 
 
 def _section(rec: dict[str, Any], present: set[str] | None = None) -> str:

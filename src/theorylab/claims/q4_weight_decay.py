@@ -780,9 +780,11 @@ def _rotation_figure(grids: Grids, stats: dict, cfg: GridConfig) -> Figure:
         ax.scatter(rotations[scheme.name].ravel(), 100 * stats[scheme.name][0].ravel(), marker=marker, s=18,
                    label=scheme.label, alpha=0.8)
     ax.set_xscale("log")
-    ax.set_ylim(top=min(ax.get_ylim()[1], 100 * min(float(v[0].min()) for v in stats.values()) + 10))
+    top = min(ax.get_ylim()[1], 100 * min(float(v[0].min()) for v in stats.values()) + 10)
+    ax.set_ylim(top=top)
     ax.set(xlabel="rotation of the 2nd hidden layer per step (rad)", ylabel="test error (%), mean of replicates",
-           title="does the test error follow the rotation?\n(one point per cell; diverged cells off the chart)")
+           title=f"does the test error follow the rotation?\n(one point per cell; cells above {top:.0f}%, the "
+                 "diverged among them, are off the chart)")
     ax.legend(fontsize=7)
     fig.suptitle("The mechanism: the decay sets how fast the scale-invariant hidden layers rotate (mean angle between "
                  "consecutive weights over the run). Decoupled: set by λ alone (rows). Coupled: by lr·wd "

@@ -17,7 +17,12 @@ cross terms (1/m² = 0). So a sequence in which a step's products may fall below
 (:data:`NORMAL_LOG2`) is measured again with every row of the product in a scale of its own
 (:func:`_graded_log_norms`). Nothing overflows or underflows at any horizon; an exactly zero product (a nilpotent
 W, a dead relu layer) gives :math:`-\infty`.
-Two limits remain. Within a row of the graded product, entries more than float64's range apart share one scale,
+Limits remain. The norms are exact to rounding relative to the product's largest direction, as any float64 product
+is: a part of the product that is below eps of it at some step (a σ' of 1e-20 beside 1 in a dense W) is lost to
+rounding, and if a later step annihilates everything else (the strong unit dead, W's rows cancelling exactly)
+the result is rounding or −inf: A = [[1, −1], [1, 1]] with d = (1, 1e-20) at one step and (1, 0) at another reads
+−inf where the norm is e^−44.7, as :func:`log_norms_of_products_reference` (the explicit float64 product) does.
+Within a row of the graded product, entries more than float64's range apart share one scale,
 so the small ones are flushed (a relu product whose later steps then cancel the large ones exactly reads −inf;
 one with W's entries 1e-200 apart was found); and within one step, a unit whose σ' lies more than float64's
 range (~e^-745) below the step's largest is flushed to 0, as is an entry of W that far below its largest. That

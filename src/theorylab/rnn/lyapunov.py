@@ -160,7 +160,11 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     holds step by step: at a step (or interval) of rank r, a direction i > r whose |R_ii| is rounding grows by
     −inf there, so that it cannot outgrow the true ones once the dead units come back. W's own rank is not
     inferred (see :meth:`_Product.rank`): the extra exponents of a singular W come out as rounding, about
-    log(eps) per step or below, where a W with a singular value of 1e-16 has its true log 1e-16.
+    log(eps) per step or below, where a W with a singular value of 1e-16 has its true log 1e-16. Nor is the rank
+    of W's columns of the live units: where those are singular though W is not (relu, a singular 2×2 block of a
+    full-rank 3×3 W), the product's rank is below the live units' count, and a rounding direction can then
+    outgrow the true one (a review found λ₁ = −0.68 where (1/T) log σ₁(P_T) is −3.93; ``log_jacobian_norms``
+    gives the latter).
     """
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)
     seed = _check_int("seed", seed, 0)

@@ -84,6 +84,8 @@ def test_bad_arguments():
         MultiheadAttention(8, 2, kind="flash")
     with pytest.raises(ValueError, match="divide embed_dim"):
         MultiheadAttention(10, 3)
+    with pytest.raises(ValueError, match="embed_dim must be positive; got 0"):
+        MultiheadAttention(0, 4)  # had blamed num_heads, which divides 0
     with pytest.raises(ValueError, match="num_features"):
         MultiheadAttention(8, 2, kind="favor", num_features=0)
     with pytest.raises(ValueError, match=r"\(B, N, 8\)"):

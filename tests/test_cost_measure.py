@@ -1,10 +1,11 @@
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from theorylab.cost import PeakMemory, count_flops, fit_power_law, median_time, peak_memory
+from theorylab.cost import PeakMemory, count_flops, fit_power_law, interleaved_times, median_time, peak_memory
 
 
 def test_count_flops_of_a_matmul():
@@ -215,3 +216,40 @@ def test_peak_memory_does_not_count_memory_torch_did_not_allocate():
     assert peak_memory(lambda: torch.from_numpy(x.numpy())) == 0
     assert peak_memory(torch.tensor, a) == 4_000_000
     assert peak_memory(torch.tensor, [0.0] * 1000) == 4000
+
+
+def test_interleaved_budget_without_max_rounds_runs_more_rounds():
+    # budget_s had been ignored unless max_rounds was given too: exactly `rounds` rounds ran
+    times = interleaved_times({"a": lambda: time.sleep(0.005), "b": lambda: time.sleep(0.005)},
+                              rounds=2, warmup=0, budget_s=0.1)
+    assert len(times["a"]) == len(times["b"]) >= 5  # 0.1 s of 10 ms rounds
+    capped = interleaved_times({"a": lambda: time.sleep(0.005)}, rounds=2, warmup=0, max_rounds=3, budget_s=10.0)
+    assert len(capped["a"]) == 3
+
+
+@pytest.mark.parametrize("budget", [float("nan"), -1.0, 0.0, float("inf"), "1", True])
+def test_bad_budgets_are_named(budget):
+    with pytest.raises(ValueError, match="budget_s must be a positive finite number"):
+        median_time(lambda: None, budget_s=budget)
+    with pytest.raises(ValueError, match="budget_s must be a positive finite number"):
+        interleaved_times({"a": lambda: None}, budget_s=budget)
+
+
+def test_interleaved_times_wants_a_mapping():
+    with pytest.raises(TypeError, match="fns must be a mapping of names to callables"):
+        interleaved_times([lambda: None])  # type: ignore[arg-type]
+
+
+def test_count_flops_warns_about_fused_kernels_it_cannot_count():
+    # torch's inference fast path of nn.MultiheadAttention counted 0 FLOPs without a word (1,179,648 in training)
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    x = torch.randn(2, 16, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_flops(mha, x, x, x) == 1_179_648  # training mode: counted, no warning
+    mha.eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"aten\._native_multi_head_attention ×1 \(torch's "
+                                                         r"inference fast path of nn\.MultiheadAttention"):
+        assert count_flops(mha, x, x, x) == 0
+    with pytest.warns(UserWarning, match=r"aten\._trilinear ×1 \(nn\.Bilinear"):
+        count_flops(torch.nn.Bilinear(6, 4, 3), torch.randn(5, 6), torch.randn(5, 4))

@@ -50,8 +50,8 @@ def _run(block: str) -> dict:
 
 def test_every_python_block_is_covered_below():
     """A new example must get a test of its comments here, not only be run."""
-    covered = ("log_jacobian_norms", "momentum_from_running_average", "PositiveRandomFeatures", "swap_attention",
-               "decay_param_groups")
+    covered = ("log_jacobian_norms", "momentum_from_running_average", "separable_attention", "swap_attention",
+               "decay_param_groups", "count_flops")
     assert len(_blocks("python")) == len(covered)
     for name in covered:
         _block_importing(name)
@@ -95,7 +95,7 @@ def test_momentum_example_the_two_optimizers_step_alike():
 
 
 def test_attention_example():
-    ns = _run(_block_importing("PositiveRandomFeatures"))
+    ns = _run(_block_importing("separable_attention"))
     for name in ("exact", "approx", "mix"):
         assert ns[name].shape == (2, 8, 4096, 64), name
         assert torch.isfinite(ns[name]).all(), name
@@ -169,6 +169,14 @@ def _argv(command: str) -> list[str]:
     tokens = shlex.split(command)
     start = max(i for i, t in enumerate(tokens) if t.endswith("theorylab")) + 1
     return [PLACEHOLDERS.get(t, t) for t in tokens[start:]]
+
+
+def test_cost_example():
+    ns = _run(_block_importing("count_flops"))
+    assert abs(ns["shown"]["fit_power_law"] - 1.0) < 1e-9  # "1.0: linear in n"
+    assert ns["shown"]["peak_memory"] == 21295104
+    out_bytes = 1 * 8 * 4096 * 64 * 4
+    assert out_bytes == 8 * 2**20 < ns["shown"]["peak_memory"]  # "the output's 8 MiB included"
 
 
 def test_the_readme_shows_commands_of_every_subcommand():

@@ -94,7 +94,9 @@ class MultiheadAttention(nn.Module):
                 raise TypeError(f"MultiheadAttention: {what} must be a positive integer; got {value!r}")
         if chunk_size is not None:
             chunk_size = positive_int(chunk_size, what="chunk_size", name="MultiheadAttention")
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+        if embed_dim <= 0:  # 0 is divisible by every num_heads: name it before the divisibility check
+            raise ValueError(f"MultiheadAttention: embed_dim must be positive; got {embed_dim}")
+        if num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"MultiheadAttention: num_heads ({num_heads}) must be positive and divide embed_dim "
                              f"({embed_dim})")
         if num_features <= 0:

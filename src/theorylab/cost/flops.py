@@ -11,15 +11,40 @@ included, when Dv = D). It also adds the matrix-vector and dot products that tor
 (``mv``, ``addmv``, ``dot``, ``vdot``; ``nn.Linear`` on a vector was counted, ``A @ x`` was not), and the
 matrix products it also left at 0: the in-place ``addmv_``, ``addmm_`` and ``baddbmm_`` (whose out-of-place and
 ``out=`` forms it counts) and the batch-summed ``addbmm`` and ``addbmm_`` (in every form).
+
+Some fused kernels do matrix products that the counter has no formula for, and :func:`count_flops` has none
+either: torch's inference fast path of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (eval mode
+without autograd), the oneDNN kernel of ``nn.LSTM`` on the CPU, the cuDNN/MIOpen kernels of the recurrent layers on a
+GPU, and ``nn.Bilinear``'s ``_trilinear``. A call that runs one counts it as 0 FLOPs, so :func:`count_flops` warns,
+naming the kernels and how to avoid them: the same module in training mode counted in full while its eval-mode
+count read 0.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+#: the fused kernels above that no formula counts, each with how a caller can count its work instead
+_UNCOUNTED = {
+    "_native_multi_head_attention": "torch's inference fast path of nn.MultiheadAttention; count in training mode "
+                                    "or after torch.backends.mha.set_fastpath_enabled(False)",
+    "_transformer_encoder_layer_fwd": "torch's inference fast path of nn.TransformerEncoderLayer; count in "
+                                      "training mode or after torch.backends.mha.set_fastpath_enabled(False)",
+    "mkldnn_rnn_layer": "the oneDNN kernel of nn.LSTM on the CPU",
+    "mkldnn_rnn_layer_backward": "the oneDNN kernel of nn.LSTM on the CPU",
+    "_cudnn_rnn": "the cuDNN kernel of nn.RNN/GRU/LSTM",
+    "_cudnn_rnn_backward": "the cuDNN kernel of nn.RNN/GRU/LSTM",
+    "miopen_rnn": "the MIOpen kernel of nn.RNN/GRU/LSTM",
+    "miopen_rnn_backward": "the MIOpen kernel of nn.RNN/GRU/LSTM",
+    "_trilinear": "nn.Bilinear (torch.bilinear); torch.einsum of the same product is counted",
+}
 
 
 def _cpu_flash(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -61,8 +86,30 @@ def _missing_formulas() -> dict[Any, Callable[..., int]]:
     return {getattr(aten, name): fn for name, fn in pairs if hasattr(aten, name)}
 
 
+class _UncountedKernels(TorchDispatchMode):
+    """Counts the calls of the kernels in ``_UNCOUNTED`` (by name), passing every call on unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in _UNCOUNTED:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """Total FLOPs of ``fn(*args, **kwargs)`` (a multiply-add counts 2)."""
-    with FlopCounterMode(display=False, custom_mapping=_missing_formulas()) as counter:
+    """Total FLOPs of ``fn(*args, **kwargs)`` (a multiply-add counts 2).
+
+    Warns (``UserWarning``) when the call ran a fused kernel whose matrix products no formula counts (see the
+    module's docstring): the total then leaves them out."""
+    uncounted = _UncountedKernels()
+    with FlopCounterMode(display=False, custom_mapping=_missing_formulas()) as counter, uncounted:
         fn(*args, **kwargs)
+    if uncounted.calls:
+        kernels = "; ".join(f"aten.{name} ×{n} ({_UNCOUNTED[name]})" for name, n in uncounted.calls.items())
+        warnings.warn(f"count_flops: the call ran kernels whose matrix products torch's FlopCounterMode has no "
+                      f"formula for, so the count leaves them out: {kernels}", UserWarning, stacklevel=2)
     return int(counter.get_total_flops())

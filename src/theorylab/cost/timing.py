@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import statistics
 import time
@@ -20,10 +21,21 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _check_budget(budget_s: object) -> float | None:
+    """``budget_s`` as a positive finite float, or None (no budget); else a ValueError naming it (a NaN budget had
+    never ended the repeats, a negative one ended them after one)."""
+    if budget_s is None:
+        return None
+    if isinstance(budget_s, bool) or not isinstance(budget_s, numbers.Real) or not 0 < float(budget_s) < math.inf:
+        raise ValueError(f"budget_s must be a positive finite number of seconds or None, got {budget_s!r}")
+    return float(budget_s)
+
+
 def median_time(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, budget_s: float | None = None) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; stops early (>= 1 timed run)
     once ``budget_s`` seconds of timed runs have passed."""
     repeats, warmup = _check_count("repeats", repeats, 1), _check_count("warmup", warmup, 0)
+    budget_s = _check_budget(budget_s)
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -45,13 +57,16 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
     order that rotates by one per round, so that load which comes and goes on a shared machine falls on every
     contender alike (timing one contender's repeats, then the next's, lets it fall on one of them).
 
-    ``warmup`` untimed rounds come first. After ``rounds`` timed rounds, more run (up to ``max_rounds``) while the
-    timed seconds so far are below ``budget_s``. ``before()``, if given, runs untimed before every timed call (to
-    flush caches, so that no call inherits what the previous contender left in them). Compare medians of the
-    returned lists."""
+    ``warmup`` untimed rounds come first. After ``rounds`` timed rounds, more run while the timed seconds so far
+    are below ``budget_s`` (if given), up to ``max_rounds`` rounds in all (no cap when None). ``before()``, if
+    given, runs untimed before every timed call (to flush caches, so that no call inherits what the previous
+    contender left in them). Compare medians of the returned lists."""
+    if not isinstance(fns, Mapping):
+        raise TypeError(f"fns must be a mapping of names to callables (a dict), got {type(fns).__name__}")
     rounds, warmup = _check_count("rounds", rounds, 1), _check_count("warmup", warmup, 0)
     if max_rounds is not None:
         max_rounds = _check_count("max_rounds", max_rounds, rounds)
+    budget_s = _check_budget(budget_s)
     names = list(fns)
     if not names:
         return {}
@@ -60,7 +75,8 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 3, 
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     spent, r = 0.0, 0
-    while r < rounds or (r < (max_rounds or rounds) and budget_s is not None and spent < budget_s):
+    # budget_s without max_rounds had been ignored (no round past ``rounds``)
+    while r < rounds or (budget_s is not None and spent < budget_s and (max_rounds is None or r < max_rounds)):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if before is not None:
                 before()

@@ -28,6 +28,7 @@ from .transforms import (
     ScaleByAdam,
     Transform,
     reference_lr,
+    state_buffer,
     warn_float16_second_moment,
 )
 
@@ -347,9 +348,8 @@ class Adam(ChainOptimizer):
             if state["step"].device != p.device:  # the CUDA kernel reads the count on the parameter's device
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
             for key, tensors in zip(keys, buffers, strict=True):
-                if key not in state:  # max_exp_avg_sq too, as the chain makes it: zeros, max(0, r) = r
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tensors.append(state[key])
+                # max_exp_avg_sq too, as the chain makes it: zeros, max(0, r) = r
+                tensors.append(state_buffer(state, key, p))
             steps.append(state["step"])
         if has_complex:  # the kernel takes real tensors: complex ones go in as (..., 2) views, as torch.optim's do
             params, grads, *buffers = (

@@ -265,14 +265,27 @@ def writable(updates: TensorList, ctx: StepContext) -> TensorList:
     return updates
 
 
+def state_buffer(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
+    """The per-parameter state tensor ``state[key]``, shaped, typed and placed as ``like`` (the parameter or its
+    update): made as zeros on first use; cast and moved to follow a model that was cast or moved after the
+    optimizer stepped (``model.double()``, ``.to(device)``), as torch.optim's ``load_state_dict`` casts a loaded
+    state to its parameters (the step had failed in a foreach op, or ran on in mixed precision). A buffer of another
+    shape raises a ValueError that names it (it had failed later in a broadcast)."""
+    buf = state.get(key)
+    if buf is None:
+        buf = state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    elif buf.shape != like.shape:
+        raise ValueError(f"optimizer state {key!r} has shape {tuple(buf.shape)} where its parameter has "
+                         f"{tuple(like.shape)}: a state from another model, or a parameter replaced by one of another "
+                         "shape (build a new optimizer, or delete that parameter's entry of optimizer.state)")
+    elif buf.dtype != like.dtype or buf.device != like.device:
+        buf = state[key] = buf.to(device=like.device, dtype=like.dtype)
+    return buf
+
+
 def _buffers(ctx: StepContext, key: str, like: Sequence[Tensor]) -> list[Tensor]:
-    """Per-parameter state tensors under ``key``, created as zeros on first use."""
-    out = []
-    for state, u in zip(ctx.states, like, strict=True):
-        if key not in state:
-            state[key] = torch.zeros_like(u, memory_format=torch.preserve_format)
-        out.append(state[key])
-    return out
+    """Per-parameter state tensors under ``key`` (see :func:`state_buffer`)."""
+    return [state_buffer(state, key, u) for state, u in zip(ctx.states, like, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -110,10 +110,38 @@ def test_a_usage_error_on_another_rank_waits_for_rank_0_to_report_it(tmp_path, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, delays in (("1", [train.NON_MAIN_EXIT_DELAY_S]), ("0", [])):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)  # one machine: rank 0 alone says it
         slept.clear()
         assert main(["train", "charlm", "--seq-len", "0", "--out", str(tmp_path / "x")]) == 2
         assert slept == delays
         assert capsys.readouterr().err.count("seq-len must be positive") == (rank == "0")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_usage_error_on_another_machine_is_reported_there(tmp_path, monkeypatch, capsys):
+    """Rank 1 as the first process of a second machine ("the same command on each node", one with fewer cores):
+    its refusal had been printed nowhere, and torchrun showed only "exitcode: 2"."""
+    from theorylab.cli import main, train
+
+    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", "charlm", "--seq-len", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("theorylab train charlm (rank 1): error: ") == 1 and "seq-len must be positive" in err
+
+
+def test_threads_beyond_the_share_of_the_cpus_under_torchrun_are_refused(tmp_path, monkeypatch, capsys):
+    """--threads 2 with two processes on 2 CPUs had been accepted: 4 threads on 2 CPUs, 3.5x slower."""
+    from theorylab.cli import main
+    from theorylab.experiments import distributed
+
+    monkeypatch.setattr(distributed, "available_cores", lambda: 2)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", "charlm", "--threads", "2", "--out", str(tmp_path / "x")]) == 2
+    assert ("--threads must lie in [1, 1] (the 2 CPUs this process may use, shared by the 2 processes on this "
+            "machine), got 2") in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -177,3 +205,18 @@ def test_auto_takes_one_gpu_per_process_when_there_are_enough(monkeypatch):
     _as_rank(monkeypatch, 1, 2, gpus=2)
     env = init_distributed("auto")
     assert (env.device, env.backend) == (torch.device("cuda", 1), "nccl")
+
+
+def test_an_interrupt_at_start_up_is_reported_once_under_torchrun(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (while the subcommands import) printed "theorylab: interrupted" from every rank."""
+    from theorylab import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["train", "charlm"]) == 130
+        assert capsys.readouterr().err.count("theorylab: interrupted") == (rank == "0")

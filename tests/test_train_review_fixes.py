@@ -5,6 +5,9 @@ an extended run, sizes that overflowed, and the metrics of an extended run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -108,6 +111,47 @@ def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypa
     capsys.readouterr()
     assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "8", "--threads", "1"]) == 130
     assert "--resume --steps 8" in capsys.readouterr().err
+
+
+def test_an_interrupted_extension_leaves_no_metrics_of_an_older_model(tmp_path, monkeypatch):
+    """'--resume --steps 8' interrupted at step 4 left metrics.json of the 2-step run beside a later checkpoint."""
+    from theorylab.experiments import trainer
+
+    assert charlm(tmp_path, "--steps", "2", "--checkpoint-every", "1") == 0
+    assert (tmp_path / "metrics.json").exists()
+    real_sample = trainer.sample_batch
+
+    def interrupt_at_step_4(*args, step, **kw):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_sample(*args, step=step, **kw)
+
+    monkeypatch.setattr(trainer, "sample_batch", interrupt_at_step_4)
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "8", "--threads", "1"]) == 130
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] > 2
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_sigterm_stops_training_with_the_resume_hint_and_exit_143(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM had ended a run with exit 143 and no word; Ctrl-C gave the resume command."""
+    from theorylab.experiments import trainer
+
+    real_sample = trainer.sample_batch
+
+    def terminated_at_step_3(*args, step, **kw):
+        if step == 3:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):  # would kill the runner
+                raise AssertionError("train installed no SIGTERM handler")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("SIGTERM was not delivered")
+        return real_sample(*args, step=step, **kw)
+
+    monkeypatch.setattr(trainer, "sample_batch", terminated_at_step_3)
+    before = signal.getsignal(signal.SIGTERM)
+    assert charlm(tmp_path, "--steps", "6", "--checkpoint-every", "1") == 143
+    assert f"--out {tmp_path} --resume --steps 6" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--width", "99999999999999999999"), ("--layers", "1000000000"),

@@ -6,10 +6,13 @@ Notation as in the problem set: γ is the L2 coefficient of the loss term γ‖�
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import multiprocessing.context
 import numbers
+import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -629,6 +632,31 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+#: prctl's option that sends a signal to this process when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker ends when the process that started it dies. A ``verify`` killed with SIGKILL (an
+    out-of-memory kill, a CI job's hard stop) had left its workers asleep forever, holding the ``--out`` folder's
+    lock (a forked worker inherits its descriptor), so that the next run was refused. Linux: ``PR_SET_PDEATHSIG``;
+    elsewhere only the check that the parent is still there when the worker starts."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no libc to ask (a static build): the check below only
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def grid_pool(workers: int) -> ProcessPoolExecutor:
+    """The process pool that trains the grids' rows: started as :func:`_pool_context` says, each worker ending
+    with this process (:func:`_die_with_parent`)."""
+    return ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
+
+
 def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Grids:
     """Every scheme's grids; rows (one lr each) run in ``workers`` parallel processes (default: one per CPU this
     process may use; never more than the rows), each on one thread, so the results do not depend on ``workers``.
@@ -644,7 +672,7 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Gr
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
     if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+        with grid_pool(workers) as pool:
             try:
                 rows = list(pool.map(_train_row_task, tasks))
             except BaseException:  # an interrupt (SIGTERM to this process alone, which the workers do not get):

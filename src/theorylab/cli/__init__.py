@@ -192,5 +192,6 @@ def _main(argv: list[str]) -> int:
             return int(e.code or 0)
         return int(args.run(args, argv))
     except KeyboardInterrupt:  # during start-up or a benchmark; verify and train handle their own first
-        print("theorylab: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun once, from rank 0 (it had come from each)
+            print("theorylab: interrupted", file=sys.stderr)
         return 130

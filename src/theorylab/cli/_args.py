@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +137,30 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
             (folder / name).unlink()
             removed.append(name)
     return removed
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (a CI job's timeout or cancel, a scheduler's stop) taken as Ctrl-C is (``verify``: the finished
+    claims get their report; ``train``: the resume hint), for an exit status of 143. Yields a list that holds the
+    signal once it came. A process forked from this one (claim 4.4's workers) dies of it as before. Main thread only
+    (signal handlers can be set nowhere else)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked worker: the default action, death
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -20,7 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
+from ._args import (
+    MAX_SEED,
+    OutputBusyError,
+    check_files,
+    check_writable,
+    exclusive_output,
+    folder,
+    seed,
+    sigterm_as_interrupt,
+)
 
 DEFAULT_STEPS = 300
 # Options that make up the run's config (CharLMConfig field names); None = not given on the command line.
@@ -87,17 +96,21 @@ class UsageError(ValueError):
     pass
 
 
+def _local_processes() -> int:
+    """The processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    from ..experiments.distributed import launched_by_torchrun
+
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if launched_by_torchrun() else 1
+
+
 def _resumed_threads(given: int | None, saved: int | None, cpus: int, main: bool) -> int | None:
     """The thread count of a run: ``--threads``, else the checkpoint's (a resumed run equals an uninterrupted one
     only on as many threads: another count rounds differently) where it fits in this process's share of the cores
     (under torchrun, the cores over the processes on this machine), else None (the default share). Where the count
     changes, rank 0 says so."""
-    from ..experiments.distributed import launched_by_torchrun
-
     if saved is None or given == saved:
         return given
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
-    share = max(1, cpus // max(1, local))
+    share = max(1, cpus // _local_processes())
     if given is None and saved <= share:
         return saved
     threads = given if given is not None else share
@@ -142,12 +155,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     main = rank == 0  # under torchrun only rank 0 talks
     try:
-        with contextlib.ExitStack() as held:  # the output folder's lock, from the checks to the last write
-            return _run_charlm(args, main, world, held)
+        # SIGTERM (a scheduler's stop) as Ctrl-C: the resume hint, then exit 143 (it had ended the run silently)
+        with sigterm_as_interrupt() as terminated, contextlib.ExitStack() as held:  # held: the folder's lock
+            code = _run_charlm(args, main, world, held)
+            return 143 if code == 130 and terminated else code
     except UsageError as e:
         if main:
             print(f"theorylab train charlm: error: {e}", file=sys.stderr)
         elif world > 1:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                # the first process on another machine: rank 0's message is in rank 0's machine's log, and the
+                # error may be this machine's alone (its cores, its files), which had been reported nowhere
+                print(f"theorylab train charlm (rank {rank}): error: {e}", file=sys.stderr)
             # torchrun stops every rank once one has exited with an error: had this rank exited first, rank 0
             # could be stopped before printing why. Under torchrun rank 0's exit ends this wait at once.
             time.sleep(NON_MAIN_EXIT_DELAY_S)
@@ -166,8 +185,12 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
     if args.eval_chars is not None and args.eval_chars < 2:
         raise UsageError(f"--eval-chars must be >= 2, got {args.eval_chars}")
     cpus = available_cores()  # the CPUs this process may run on (its affinity mask), not all the machine's
-    if args.threads is not None and not 1 <= args.threads <= cpus:  # more threads than CPUs only oversubscribes
-        raise UsageError(f"--threads must lie in [1, {cpus}] (the CPUs this process may use), got {args.threads}")
+    local = _local_processes()
+    share = max(1, cpus // local)  # more threads than that only oversubscribes (3.5x slower: 4 threads on 2 CPUs)
+    if args.threads is not None and not 1 <= args.threads <= share:
+        where = ("the CPUs this process may use" if local == 1 else
+                 f"the {cpus} CPUs this process may use, shared by the {local} processes on this machine")
+        raise UsageError(f"--threads must lie in [1, {share}] ({where}), got {args.threads}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     try:  # before the output folder is made: a refused device (no CUDA, too few GPUs) must leave none behind

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..claims import CLAIM_IDS, UnknownClaimError, run_claims, select_sections
 from ..claims.base import PASSING
 from ..report import write_report
 from ..report.html import why
-from ._args import MAX_SEED, OutputBusyError, check_files, check_writable, exclusive_output, folder, seed
+from ._args import (
+    MAX_SEED,
+    OutputBusyError,
+    check_files,
+    check_writable,
+    exclusive_output,
+    folder,
+    seed,
+    sigterm_as_interrupt,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"theorylab verify: error: {err}", file=sys.stderr)
         return 2
     try:
-        with exclusive_output(out), _sigterm_as_interrupt() as terminated:
+        with exclusive_output(out), sigterm_as_interrupt() as terminated:
             try:
                 payload = run_claims(sections, out_dir=out, seed=args.seed, quick=args.quick,
                                      argv=["theorylab", *argv])
@@ -81,32 +85,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{counts['confirmed']}/{len(records)} confirmed{f' ({others})' if others else ''} in "
           f"{payload['total_seconds']:.1f} s; report: {report}")
     return 0 if all(r["verdict"] in PASSING for r in records) else 1
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[int]]:
-    """SIGTERM (a CI job's timeout or cancel) taken as Ctrl-C is: the finished claims get their report, and the
-    exit status is 143. Yields a list that holds the signal once it came. A process forked from this one (claim
-    4.4's workers) dies of it as before. Main thread only (signal handlers can be set nowhere else)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    pid = os.getpid()
-
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != pid:  # a forked worker: the default action, death
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(records: list[dict]) -> None:

@@ -294,10 +294,12 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
             and metrics first). Unlike ``theorylab train charlm``, this function does not lock the folder: two
             processes training into one folder overwrite each other.
         resume_from: a checkpoint from :func:`read_resume_checkpoint`; training continues from its step, the
-            model, optimizer, losses and evaluations bit for bit. Its config must equal ``config``. The options
-            below are this call's: to continue the run as it was (as ``theorylab train charlm --resume`` does),
-            pass the checkpoint's again, ``**{k: v for k, v in ckpt["options"].items() if k != "threads"}``
-            (an ``eval_chars`` of its own otherwise mixes curves measured on other held-out characters).
+            model, optimizer, losses and evaluations bit for bit (the run's old ``metrics.json`` is removed first
+            when there are steps to train: an interruption must not leave it beside a newer checkpoint). Its
+            config must equal ``config``. The options below are this call's: to continue the run as it was (as
+            ``theorylab train charlm --resume`` does), pass the checkpoint's again,
+            ``**{k: v for k, v in ckpt["options"].items() if k != "threads"}`` (an ``eval_chars`` of its own
+            otherwise mixes curves measured on other held-out characters).
         env: the distributed environment (:func:`theorylab.experiments.distributed.init_distributed`); None is a
             single process on the CPU.
         eval_every: also measure held-out bits/char before training and every this many steps (0: only at the
@@ -335,6 +337,10 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if overwrite:
             raise ValueError("resume_from and overwrite=True contradict each other: resume continues the run that "
                              "overwrite would remove")
+        if out_dir is not None and start < steps and env.is_main:
+            # the metrics of the run so far would describe an older model than the checkpoints written from now
+            # on, were this run interrupted (an extension by --resume --steps N had left them so)
+            (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
     elif out_dir is not None and overwrite:  # on every rank, whatever each sees: the barriers must pair up
         barrier(env)  # every rank has looked before rank 0 removes: an interrupted new run must not leave the old
         if env.is_main:  # run to be resumed, nor its metrics beside the new checkpoint

@@ -132,6 +132,25 @@ def test_an_interrupted_extension_leaves_no_metrics_of_an_older_model(tmp_path, 
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_lost_peer_is_said_in_a_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+    """A rank killed mid-run made rank 0 print gloo's RuntimeError as a Python traceback, with no way on."""
+    from theorylab.experiments import trainer
+
+    assert charlm(tmp_path, "--steps", "2") == 0
+    gloo = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6830: Connection "
+            "reset by peer. This is typically caused by a remote worker hanging")
+
+    def peer_killed(*args, **kwargs):
+        raise RuntimeError(gloo)
+
+    monkeypatch.setattr(trainer, "train_charlm", peer_killed)
+    capsys.readouterr()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "4", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "another process of the job failed or was killed ([/pytorch/third_party/gloo" in err
+    assert f"--out {tmp_path} --resume --steps 4" in err and "Traceback" not in err
+
+
 def test_sigterm_stops_training_with_the_resume_hint_and_exit_143(tmp_path, capsys, monkeypatch):
     """A scheduler's SIGTERM had ended a run with exit 143 and no word; Ctrl-C gave the resume command."""
     from theorylab.experiments import trainer

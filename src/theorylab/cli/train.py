@@ -270,19 +270,19 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
             result = train_charlm(config, steps, out_dir=out, resume_from=saved, env=env,
                                   on_step=on_step, overwrite=args.overwrite, **options)
     except KeyboardInterrupt:
-        if main and (out / CHECKPOINT_FILE).exists():
-            # --steps: a run extended with --resume --steps M and interrupted before its first checkpoint still
-            # has the old target in its checkpoint
-            print(f"interrupted; continue from the last checkpoint with: theorylab train charlm --out "
-                  f"{shlex.quote(str(out))} --resume --steps {steps}", file=sys.stderr)
-        elif main:
-            print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
+        if main:
+            print(f"interrupted{_resume_hint(out, steps)}", file=sys.stderr)
         return 130
     except CheckpointError as e:
         if main:
             print(f"theorylab train charlm: error: cannot resume: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:  # out of memory: say so, no traceback
+    except (MemoryError, RuntimeError) as e:  # out of memory, or another process lost: say so, no traceback
+        if _peer_lost(e):
+            if main:
+                print(f"theorylab train charlm: another process of the job failed or was killed "
+                      f"({str(e).strip().splitlines()[0][:200]}){_resume_hint(out, steps)}", file=sys.stderr)
+            return 1
         if not isinstance(e, MemoryError) and "allocate" not in str(e):
             raise
         if main:
@@ -304,6 +304,29 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
               f"(unigram {m['unigram_bpc']:.2f}), {m['tokens_per_second']:,.0f} tokens/s on {m['world_size']} "
               f"process(es); wrote {out / 'metrics.json'} and {out / CHECKPOINT_FILE}")
     return 0
+
+
+def _resume_hint(out: Path, steps: int) -> str:
+    """How to go on after a stopped run: from its last checkpoint (with --steps: a run extended with --resume
+    --steps M and stopped before its first checkpoint still has the old target in its checkpoint), or nothing."""
+    from ..experiments.trainer import CHECKPOINT_FILE
+
+    if (out / CHECKPOINT_FILE).exists():
+        return (f"; continue from the last checkpoint with: theorylab train charlm --out {shlex.quote(str(out))} "
+                f"--resume --steps {steps}")
+    return " before the first checkpoint: nothing to resume"
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the job went away (killed, crashed):
+    torch's distributed errors, and gloo's transport errors, which reach Python as a plain RuntimeError (rank 0 had
+    printed that as a traceback)."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    text = str(e)
+    return ((dist_error is not None and isinstance(e, dist_error)) or "gloo/transport" in text
+            or "Connection reset by peer" in text or "Connection closed by peer" in text)
 
 
 def _finished(out: Path, steps: int, config: dict) -> bool:

@@ -227,11 +227,11 @@ def test_interleaved_budget_without_max_rounds_runs_more_rounds():
     assert len(capped["a"]) == 3
 
 
-@pytest.mark.parametrize("budget", [float("nan"), -1.0, 0.0, float("inf"), "1", True])
+@pytest.mark.parametrize("budget", [float("nan"), -1.0, float("inf"), "1", True])
 def test_bad_budgets_are_named(budget):
-    with pytest.raises(ValueError, match="budget_s must be a positive finite number"):
+    with pytest.raises(ValueError, match="budget_s must be a finite number of seconds >= 0"):
         median_time(lambda: None, budget_s=budget)
-    with pytest.raises(ValueError, match="budget_s must be a positive finite number"):
+    with pytest.raises(ValueError, match="budget_s must be a finite number of seconds >= 0"):
         interleaved_times({"a": lambda: None}, budget_s=budget)
 
 

@@ -22,12 +22,12 @@ def _check_count(name: str, value: object, minimum: int) -> int:
 
 
 def _check_budget(budget_s: object) -> float | None:
-    """``budget_s`` as a positive finite float, or None (no budget); else a ValueError naming it (a NaN budget had
+    """``budget_s`` as a finite float >= 0, or None (no budget); else a ValueError naming it (a NaN budget had
     never ended the repeats, a negative one ended them after one)."""
     if budget_s is None:
         return None
-    if isinstance(budget_s, bool) or not isinstance(budget_s, numbers.Real) or not 0 < float(budget_s) < math.inf:
-        raise ValueError(f"budget_s must be a positive finite number of seconds or None, got {budget_s!r}")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, numbers.Real) or not 0 <= float(budget_s) < math.inf:
+        raise ValueError(f"budget_s must be a finite number of seconds >= 0 or None, got {budget_s!r}")
     return float(budget_s)
 
 

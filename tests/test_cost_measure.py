@@ -253,3 +253,10 @@ def test_count_flops_warns_about_fused_kernels_it_cannot_count():
         assert count_flops(mha, x, x, x) == 0
     with pytest.warns(UserWarning, match=r"aten\._trilinear ×1 \(nn\.Bilinear"):
         count_flops(torch.nn.Bilinear(6, 4, 3), torch.randn(5, 6), torch.randn(5, 4))
+
+
+@pytest.mark.skipif(not hasattr(torch, "cond"), reason="torch.cond is torch >= 2.5's")
+def test_count_flops_counts_through_torch_cond():
+    # a second dispatch mode that watched for the uncounted kernels had made torch.cond raise NotImplementedError
+    x = torch.randn(64, 64)
+    assert count_flops(lambda x: torch.cond(x.sum() > 0, lambda x: x @ x, lambda x: x @ x.T, (x,)), x) >= 2 * 64**3

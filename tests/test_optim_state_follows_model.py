@@ -1,8 +1,9 @@
-"""Optimizer state after the model is cast or moved mid-run, and a state buffer of the wrong shape.
+"""Optimizer state after the model is cast mid-run, state kept in another precision, and a buffer of the wrong shape.
 
 A model cast after the optimizer stepped (``model.double()``) had crashed ``RunningAverageSGD``, ``Adam`` and
-``AdamW`` in a foreach op ("expected dtype float for `end` but got dtype double"), with the step count advanced;
-torch.optim.SGD ran on. The state now follows its parameter, as torch's ``load_state_dict`` casts a loaded state.
+``AdamW`` in a foreach op ("expected dtype float for `end` but got dtype double"), with the step count advanced,
+where torch.optim.SGD runs on with its momentum buffer in the old precision. Every part now does as torch's SGD:
+the state keeps its dtype, and the parts cast their inputs to it.
 """
 
 import copy
@@ -12,47 +13,99 @@ import torch
 
 from theorylab.optim import SGD, Adam, AdamW, RunningAverageSGD, SGDMomentum
 
-OPTIMIZERS = [
-    (RunningAverageSGD, {"lr": 0.1, "beta": 0.9, "debias": True}),
-    (SGDMomentum, {"lr": 0.1, "momentum": 0.9}),
-    (SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
-    (Adam, {"lr": 0.1, "weight_decay": 0.01}),
-    (AdamW, {"lr": 0.1, "fused": True}),
-    (AdamW, {"lr": 0.1, "amsgrad": True}),
-]
 
-
-def _steps(model, opt, dtype, n, seed):
+def _batches(dtype, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(n):
+    return [torch.randn(4, 3, generator=gen).to(dtype) for _ in range(n)]
+
+
+def _steps(model, opt, batches):
+    for x in batches:
         opt.zero_grad()
-        model(torch.randn(4, 3, generator=gen).to(dtype)).square().sum().backward()
+        model(x).square().sum().backward()
         opt.step()
 
 
-@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=lambda x: getattr(x, "__name__", str(x)))
-def test_state_follows_a_model_cast_mid_run(cls, kwargs):
+@pytest.mark.parametrize(("cast", "after"), [(torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16)])
+def test_sgd_stays_torchs_after_a_model_cast(cast, after):
+    torch.manual_seed(0)
+    ours_model = torch.nn.Linear(3, 2)
+    torch_model = copy.deepcopy(ours_model)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "dampening": 0.1}
+    ours, theirs = SGD(ours_model.parameters(), **kwargs), torch.optim.SGD(torch_model.parameters(), **kwargs)
+    for model, opt in ((ours_model, ours), (torch_model, theirs)):
+        _steps(model, opt, _batches(torch.float32, 2, seed=1))
+        model.to(cast)
+        _steps(model, opt, _batches(after, 3, seed=2))
+    for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
+        assert torch.equal(p, q)  # a cast of the buffer to the parameter's dtype had broken this
+        assert ours.state[p]["momentum_buffer"].dtype == torch.float32
+
+
+def test_a_float32_momentum_buffer_of_bfloat16_parameters_stays_float32_as_in_torch():
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.bfloat16, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    for opt in (ours, theirs):
+        opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"] = torch.full((5,), 0.3)
+    for g in torch.randn(4, 5).to(torch.bfloat16):
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(p, q) and ours.state[p]["momentum_buffer"].dtype == torch.float32
+
+
+def _reference_running_average(p, grads, lr, beta):
+    """RunningAverageSGD with debias by hand, its average kept in float32 while p is float64."""
+    v, p = torch.zeros(p.shape), p.clone()
+    for t, g in enumerate(grads, start=1):
+        v = v + (g.float() - v) * (1 - beta)
+        p = p - lr * v.double() / (1 - beta**t)
+    return p
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    (RunningAverageSGD, {"lr": 0.1, "beta": 0.9, "debias": True}),
+    (SGDMomentum, {"lr": 0.1, "momentum": 0.9}),
+    (Adam, {"lr": 0.1, "weight_decay": 0.01}),
+    (AdamW, {"lr": 0.1, "fused": True}),
+    (AdamW, {"lr": 0.1, "amsgrad": True}),
+], ids=["RunningAverageSGD", "SGDMomentum", "Adam", "AdamW-fused", "AdamW-amsgrad"])
+def test_the_state_keeps_its_precision_after_a_model_cast(cls, kwargs):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = cls(model.parameters(), **kwargs)
-    _steps(model, opt, torch.float32, 2, seed=1)
-    twin = copy.deepcopy(model).double()  # the documented workaround: a state loaded after the cast is cast
-    twin_opt = cls(twin.parameters(), **kwargs)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: torch aliases the step counts
+    _steps(model, opt, _batches(torch.float32, 2, seed=1))
     model.double()
-    _steps(model, opt, torch.float64, 3, seed=2)
-    _steps(twin, twin_opt, torch.float64, 3, seed=2)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _steps(model, opt, _batches(torch.float64, 3, seed=2))
+    for p in model.parameters():
+        assert torch.isfinite(p).all() and p.dtype == torch.float64
         state = opt.state[p]
         assert state["step"].item() == 5
-        assert all(v.dtype == torch.float64 for k, v in state.items() if k != "step")
+        assert all(v.dtype == torch.float32 for k, v in state.items() if k != "step")
+
+
+def test_running_average_after_a_cast_is_computed_in_its_states_precision():
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4, generator=gen) for _ in range(5)]
+    p = torch.zeros(4, requires_grad=True)
+    opt = RunningAverageSGD([p], lr=0.1, beta=0.9, debias=True)
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    p.data = p.data.double()  # what model.double() does to each parameter
+    for g in grads[2:]:
+        p.grad = g.double()
+        opt.step()
+    reference = _reference_running_average(torch.zeros(4, dtype=torch.float64), grads, 0.1, 0.9)
+    torch.testing.assert_close(p.detach(), reference, rtol=1e-6, atol=1e-7)
 
 
 def test_a_buffer_of_another_shape_is_named():
     model = torch.nn.Linear(3, 2)
     opt = RunningAverageSGD(model.parameters(), lr=0.1, beta=0.9)
-    _steps(model, opt, torch.float32, 1, seed=1)
+    _steps(model, opt, _batches(torch.float32, 1, seed=1))
     saved = opt.state_dict()
     saved["state"][0]["running_average"] = torch.zeros(3)  # the weight is (2, 3)
     opt.load_state_dict(saved)

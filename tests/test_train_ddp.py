@@ -220,3 +220,37 @@ def test_an_interrupt_at_start_up_is_reported_once_under_torchrun(monkeypatch, c
         monkeypatch.setenv("RANK", rank)
         assert cli.main(["train", "charlm"]) == 130
         assert capsys.readouterr().err.count("theorylab: interrupted") == (rank == "0")
+    monkeypatch.delenv("WORLD_SIZE")  # RANK alone (left by another tool) is a single process, as job_rank_world says
+    assert cli.main(["train", "charlm"]) == 130
+    assert "theorylab: interrupted" in capsys.readouterr().err
+
+
+def test_sigterm_keeps_its_default_action_while_the_process_group_forms(tmp_path, monkeypatch, capsys):
+    """A Python SIGTERM handler runs only once the C++ call it interrupts returns: installed before
+    init_distributed, it left rank 0 waiting (up to torch's 30-minute timeout) for a rank that never came, where
+    SIGTERM had ended it at once."""
+    import signal
+
+    from theorylab.cli import main
+    from theorylab.experiments import distributed
+
+    seen = []
+
+    def init_distributed(device, threads):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(distributed, "init_distributed", init_distributed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "charlm", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert seen == [before] and "stop here" in capsys.readouterr().err
+
+
+def test_a_malformed_local_world_size_is_named(tmp_path, monkeypatch, capsys):
+    from theorylab.cli import main
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", "charlm", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got ''" in err and "Traceback" not in err

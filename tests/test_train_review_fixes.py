@@ -132,6 +132,20 @@ def test_an_interrupted_extension_leaves_no_metrics_of_an_older_model(tmp_path, 
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_checkpoint_that_does_not_fit_leaves_the_metrics_in_place(tmp_path, capsys):
+    """The removal of an extended run's old metrics.json came before the checkpoint was loaded into the model: a
+    refused checkpoint (exit 2, "nothing is overwritten then") lost the metrics."""
+    assert charlm(tmp_path, "--steps", "2") == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = torch.zeros(3)  # unpickles, but does not fit the model
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "metrics.json").read_bytes()
+    assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "4", "--threads", "1"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").read_bytes() == before
+
+
 def test_a_lost_peer_is_said_in_a_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
     """A rank killed mid-run made rank 0 print gloo's RuntimeError as a Python traceback, with no way on."""
     from theorylab.experiments import trainer

@@ -636,25 +636,28 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: a worker ends when the process that started it dies. A ``verify`` killed with SIGKILL (an
-    out-of-memory kill, a CI job's hard stop) had left its workers asleep forever, holding the ``--out`` folder's
-    lock (a forked worker inherits its descriptor), so that the next run was refused. Linux: ``PR_SET_PDEATHSIG``;
-    elsewhere only the check that the parent is still there when the worker starts."""
+def _die_with_parent(parent: int | None) -> None:
+    """Pool initializer: a worker ends when the thread that started it does (Linux's ``PR_SET_PDEATHSIG``), so when
+    its process dies: :func:`run_grids` makes, uses and closes its pool within one call, on one thread. A ``verify``
+    killed with SIGKILL (an out-of-memory kill, a CI job's hard stop) had left its workers asleep forever, holding
+    the ``--out`` folder's lock (a forked worker inherits its descriptor), so that the next run was refused.
+    ``parent``: the pid the worker's parent must have (None: not checked, as under ``forkserver``, whose server
+    starts the workers), checked after the signal is asked for, in case the parent died before."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):  # no libc to ask (a static build): the check below only
             pass
-    if os.getppid() != parent:  # the parent died before the signal was asked for
+    if parent is not None and os.getppid() != parent:
         os._exit(1)
 
 
 def grid_pool(workers: int) -> ProcessPoolExecutor:
     """The process pool that trains the grids' rows: started as :func:`_pool_context` says, each worker ending
-    with this process (:func:`_die_with_parent`)."""
-    return ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_die_with_parent,
-                               initargs=(os.getpid(),))
+    with the thread that made the pool (:func:`_die_with_parent`): use it on that thread, and close it there."""
+    context = _pool_context()
+    parent = None if context.get_start_method() == "forkserver" else os.getpid()
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(parent,))
 
 
 def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Grids:

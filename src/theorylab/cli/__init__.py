@@ -192,6 +192,7 @@ def _main(argv: list[str]) -> int:
             return int(e.code or 0)
         return int(args.run(args, argv))
     except KeyboardInterrupt:  # during start-up or a benchmark; verify and train handle their own first
-        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun once, from rank 0 (it had come from each)
+        # under torchrun (RANK and WORLD_SIZE, as job_rank_world reads them) once, from rank 0 (it came from each)
+        if "WORLD_SIZE" not in os.environ or os.environ.get("RANK", "0") in ("", "0"):
             print("theorylab: interrupted", file=sys.stderr)
         return 130

@@ -97,10 +97,17 @@ class UsageError(ValueError):
 
 
 def _local_processes() -> int:
-    """The processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    """The processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1; a UsageError naming a value that
+    is not a count (it had ended in a traceback)."""
     from ..experiments.distributed import launched_by_torchrun
 
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if launched_by_torchrun() else 1
+    if not launched_by_torchrun():
+        return 1
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise UsageError(f"LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got {value!r}") from None
 
 
 def _resumed_threads(given: int | None, saved: int | None, cpus: int, main: bool) -> int | None:
@@ -155,10 +162,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     main = rank == 0  # under torchrun only rank 0 talks
     try:
-        # SIGTERM (a scheduler's stop) as Ctrl-C: the resume hint, then exit 143 (it had ended the run silently)
-        with sigterm_as_interrupt() as terminated, contextlib.ExitStack() as held:  # held: the folder's lock
-            code = _run_charlm(args, main, world, held)
-            return 143 if code == 130 and terminated else code
+        with contextlib.ExitStack() as held:  # the output folder's lock, from the checks to the last write
+            return _run_charlm(args, main, world, held)
     except UsageError as e:
         if main:
             print(f"theorylab train charlm: error: {e}", file=sys.stderr)
@@ -254,6 +259,10 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
             print(f"charlm {config.attention}: the run in {str(out)!r} is already at step {steps}; nothing to "
                   f"train (extend it with --resume --steps N, N > {steps})")
         return 0
+    # SIGTERM (a scheduler's stop) as Ctrl-C from here on: the resume hint, exit 143 (it had ended the run
+    # silently). Not before: a Python handler waits for the C++ call it interrupts, and init_distributed can wait
+    # for a missing rank up to torch's process-group timeout, where SIGTERM's default action ends the process at once
+    terminated = held.enter_context(sigterm_as_interrupt())
     progress = _progress_bar(main)
     try:
         with progress or contextlib.nullcontext():
@@ -271,8 +280,8 @@ def _run_charlm(args: argparse.Namespace, main: bool, world: int, held: contextl
                                   on_step=on_step, overwrite=args.overwrite, **options)
     except KeyboardInterrupt:
         if main:
-            print(f"interrupted{_resume_hint(out, steps)}", file=sys.stderr)
-        return 130
+            print(f"{'terminated' if terminated else 'interrupted'}{_resume_hint(out, steps)}", file=sys.stderr)
+        return 143 if terminated else 130
     except CheckpointError as e:
         if main:
             print(f"theorylab train charlm: error: cannot resume: {e}", file=sys.stderr)

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 #: the fused kernels above that no formula counts, each with how a caller can count its work instead
@@ -86,18 +85,18 @@ def _missing_formulas() -> dict[Any, Callable[..., int]]:
     return {getattr(aten, name): fn for name, fn in pairs if hasattr(aten, name)}
 
 
-class _UncountedKernels(TorchDispatchMode):
-    """Counts the calls of the kernels in ``_UNCOUNTED`` (by name), passing every call on unchanged."""
+def _noting(calls: Counter[str]) -> dict[Any, Callable[..., int]]:
+    """Formulas for the kernels in ``_UNCOUNTED`` that count 0 FLOPs and note each call in ``calls``: the counter
+    itself sees every kernel (a second dispatch mode to watch them broke ``torch.cond`` and the other higher-order
+    operators, which a mode must declare it supports)."""
+    def noting(name: str) -> Callable[..., int]:
+        def formula(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            calls[name] += 1
+            return 0
+        return formula
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        if name in _UNCOUNTED:
-            self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
+    aten = torch.ops.aten
+    return {getattr(aten, name): noting(name) for name in _UNCOUNTED if hasattr(aten, name)}
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -105,11 +104,11 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
     Warns (``UserWarning``) when the call ran a fused kernel whose matrix products no formula counts (see the
     module's docstring): the total then leaves them out."""
-    uncounted = _UncountedKernels()
-    with FlopCounterMode(display=False, custom_mapping=_missing_formulas()) as counter, uncounted:
+    uncounted: Counter[str] = Counter()
+    with FlopCounterMode(display=False, custom_mapping={**_missing_formulas(), **_noting(uncounted)}) as counter:
         fn(*args, **kwargs)
-    if uncounted.calls:
-        kernels = "; ".join(f"aten.{name} ×{n} ({_UNCOUNTED[name]})" for name, n in uncounted.calls.items())
+    if uncounted:
+        kernels = "; ".join(f"aten.{name} ×{n} ({_UNCOUNTED[name]})" for name, n in uncounted.items())
         warnings.warn(f"count_flops: the call ran kernels whose matrix products torch's FlopCounterMode has no "
                       f"formula for, so the count leaves them out: {kernels}", UserWarning, stacklevel=2)
     return int(counter.get_total_flops())

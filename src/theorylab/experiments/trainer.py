@@ -337,10 +337,6 @@ def train_charlm(config: CharLMConfig, steps: int, *, out_dir: str | Path | None
         if overwrite:
             raise ValueError("resume_from and overwrite=True contradict each other: resume continues the run that "
                              "overwrite would remove")
-        if out_dir is not None and start < steps and env.is_main:
-            # the metrics of the run so far would describe an older model than the checkpoints written from now
-            # on, were this run interrupted (an extension by --resume --steps N had left them so)
-            (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
     elif out_dir is not None and overwrite:  # on every rank, whatever each sees: the barriers must pair up
         barrier(env)  # every rank has looked before rank 0 removes: an interrupted new run must not leave the old
         if env.is_main:  # run to be resumed, nor its metrics beside the new checkpoint
@@ -397,6 +393,11 @@ def _train(config: CharLMConfig, steps: int, corpus: CharCorpus, start: int, out
         ddp = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_FILE if out is not None else None
+    if out is not None and resume_from is not None and start < steps and env.is_main:
+        # once the checkpoint is known to fit (a refused one must leave every file as it was): the run's metrics
+        # would describe an older model than the checkpoints written from now on, were this run interrupted (an
+        # extension by --resume --steps N had left them so)
+        (out / METRICS_FILE).unlink(missing_ok=True)
 
     def checkpoint(step: int, wait: bool = True) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # keep the last good checkpoint

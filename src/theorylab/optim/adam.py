@@ -356,6 +356,8 @@ class Adam(ChainOptimizer):
                 [torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in (params, grads, *buffers))
         if not all(_kernel_safe(*ts) for ts in zip(params, grads, *buffers, strict=True)):
             return False
+        if any(b.dtype != p.dtype for tensors in buffers for b, p in zip(tensors, params, strict=True)):
+            return False  # a state kept in another precision than its parameter (state_buffer): the kernel takes one
         exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = buffers
         beta1, beta2 = group["betas"]
         # adamw, not adam(decoupled_weight_decay=True): torch 2.4 (which we support) lacks that keyword

@@ -266,11 +266,13 @@ def writable(updates: TensorList, ctx: StepContext) -> TensorList:
 
 
 def state_buffer(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
-    """The per-parameter state tensor ``state[key]``, shaped, typed and placed as ``like`` (the parameter or its
-    update): made as zeros on first use; cast and moved to follow a model that was cast or moved after the
-    optimizer stepped (``model.double()``, ``.to(device)``), as torch.optim's ``load_state_dict`` casts a loaded
-    state to its parameters (the step had failed in a foreach op, or ran on in mixed precision). A buffer of another
-    shape raises a ValueError that names it (it had failed later in a broadcast)."""
+    """The per-parameter state tensor ``state[key]`` for a parameter shaped and placed as ``like`` (the parameter or
+    its update): made as zeros like it on first use. An existing buffer keeps its dtype, as torch.optim.SGD's
+    momentum buffer does (a model cast after the optimizer stepped goes on with its state in the old precision; a
+    float32 state kept for bfloat16 parameters stays float32; the parts cast their inputs to it); it follows a
+    model moved to another device. A buffer of another shape raises a ValueError that names it (it had failed
+    later in a broadcast). To cast the state with the model: ``opt.load_state_dict(opt.state_dict())``, as in
+    torch."""
     buf = state.get(key)
     if buf is None:
         buf = state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
@@ -278,9 +280,18 @@ def state_buffer(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
         raise ValueError(f"optimizer state {key!r} has shape {tuple(buf.shape)} where its parameter has "
                          f"{tuple(like.shape)}: a state from another model, or a parameter replaced by one of another "
                          "shape (build a new optimizer, or delete that parameter's entry of optimizer.state)")
-    elif buf.dtype != like.dtype or buf.device != like.device:
-        buf = state[key] = buf.to(device=like.device, dtype=like.dtype)
+    elif buf.device != like.device:
+        buf = state[key] = buf.to(like.device)
     return buf
+
+
+def _in_dtypes_of(xs: TensorList, buffers: TensorList) -> TensorList:
+    """``xs``, each cast to its buffer's dtype where they differ (a state kept in another precision than its
+    parameter: see :func:`state_buffer`): lerp and addcmul take one dtype (a model cast after the optimizer stepped
+    had failed in them with "expected dtype float for `end` but got dtype double")."""
+    if all(x.dtype == b.dtype for x, b in zip(xs, buffers, strict=True)):
+        return xs
+    return [x if x.dtype == b.dtype else x.to(b.dtype) for x, b in zip(xs, buffers, strict=True)]
 
 
 def _buffers(ctx: StepContext, key: str, like: Sequence[Tensor]) -> list[Tensor]:
@@ -400,7 +411,7 @@ class RunningAverage:
         beta = self.beta(ctx.group)
         updates = scaled(updates, ctx)
         bufs = _buffers(ctx, self.state_key, updates)
-        _lerp_(bufs, updates, ctx.complement(beta), ctx.compiling)  # v <- v + (1-β)(u - v) = βv + (1-β)u
+        _lerp_(bufs, _in_dtypes_of(updates, bufs), ctx.complement(beta), ctx.compiling)  # v <- βv + (1-β)u
         ctx.owned = False
         if self.debiased(ctx.group):
             ctx.scale = ctx.scale / (1.0 - ctx.power(beta, self.state_key))
@@ -468,16 +479,19 @@ class ScaleByAdam:
         grads = scaled(updates, ctx)
         m = _buffers(ctx, "exp_avg", grads)
         r = _buffers(ctx, "exp_avg_sq", grads)
-        _lerp_(m, grads, ctx.complement(beta1), ctx.compiling)
+        _lerp_(m, _in_dtypes_of(grads, m), ctx.complement(beta1), ctx.compiling)
         _mul_(r, beta2, ctx.compiling)
-        _addcmul_(r, grads, grads, ctx.complement(beta2), ctx.compiling)
+        grads_r = _in_dtypes_of(grads, r)
+        _addcmul_(r, grads_r, grads_r, ctx.complement(beta2), ctx.compiling)
         if self.amsgrad:
             r_max = _buffers(ctx, "max_exp_avg_sq", grads)
-            torch._foreach_maximum_(r_max, r)
+            torch._foreach_maximum_(r_max, _in_dtypes_of(r, r_max))
             r = r_max
         bc1, bc2_sqrt = 1.0 - ctx.power(beta1, "exp_avg"), _sqrt(1.0 - ctx.power(beta2, "exp_avg_sq"))
         denom: TensorList
-        if ctx.scratch is not None:  # a reused buffer: a fresh one costs page faults every step on CPU
+        # a reused buffer (a fresh one costs page faults every step on CPU), shaped and typed as the parameter: not
+        # for a second moment kept in another precision, whose square root would be rounded to the parameter's
+        if ctx.scratch is not None and all(r_i.dtype == p.dtype for r_i, p in zip(r, ctx.params, strict=True)):
             denom = ctx.scratch(ctx.params)
             for r_i, d_i in zip(r, denom, strict=True):
                 torch.sqrt(r_i, out=d_i)

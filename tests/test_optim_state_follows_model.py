@@ -26,27 +26,33 @@ def _steps(model, opt, batches):
         opt.step()
 
 
-@pytest.mark.parametrize(("cast", "after"), [(torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16)])
-def test_sgd_stays_torchs_after_a_model_cast(cast, after):
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize(("start", "cast"), [(torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+                                             (torch.float64, torch.float32)])
+def test_sgd_stays_torchs_after_a_model_cast(start, cast, nesterov):
     torch.manual_seed(0)
-    ours_model = torch.nn.Linear(3, 2)
+    ours_model = torch.nn.Linear(3, 2).to(start)
     torch_model = copy.deepcopy(ours_model)
-    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "dampening": 0.1}
+    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": nesterov,
+              "dampening": 0.0 if nesterov else 0.1}
     ours, theirs = SGD(ours_model.parameters(), **kwargs), torch.optim.SGD(torch_model.parameters(), **kwargs)
     for model, opt in ((ours_model, ours), (torch_model, theirs)):
-        _steps(model, opt, _batches(torch.float32, 2, seed=1))
+        _steps(model, opt, _batches(start, 2, seed=1))
         model.to(cast)
-        _steps(model, opt, _batches(after, 3, seed=2))
+        _steps(model, opt, _batches(cast, 3, seed=2))
     for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
-        assert torch.equal(p, q)  # a cast of the buffer to the parameter's dtype had broken this
-        assert ours.state[p]["momentum_buffer"].dtype == torch.float32
+        # a cast of the buffer to the parameter's dtype had broken this; Nesterov's u + μv rounded to the parameter's
+        assert torch.equal(p, q)
+        assert ours.state[p]["momentum_buffer"].dtype == start
 
 
-def test_a_float32_momentum_buffer_of_bfloat16_parameters_stays_float32_as_in_torch():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_float32_momentum_buffer_of_bfloat16_parameters_stays_float32_as_in_torch(nesterov):
     torch.manual_seed(0)
     p = torch.randn(5, dtype=torch.bfloat16, requires_grad=True)
     q = p.detach().clone().requires_grad_()
-    ours, theirs = SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    ours = SGD([p], lr=0.1, momentum=0.9, nesterov=nesterov)
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9, nesterov=nesterov)
     for opt in (ours, theirs):
         opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"] = torch.full((5,), 0.3)
     for g in torch.randn(4, 5).to(torch.bfloat16):
@@ -69,9 +75,8 @@ def _reference_running_average(p, grads, lr, beta):
     (RunningAverageSGD, {"lr": 0.1, "beta": 0.9, "debias": True}),
     (SGDMomentum, {"lr": 0.1, "momentum": 0.9}),
     (Adam, {"lr": 0.1, "weight_decay": 0.01}),
-    (AdamW, {"lr": 0.1, "fused": True}),
     (AdamW, {"lr": 0.1, "amsgrad": True}),
-], ids=["RunningAverageSGD", "SGDMomentum", "Adam", "AdamW-fused", "AdamW-amsgrad"])
+], ids=["RunningAverageSGD", "SGDMomentum", "Adam", "AdamW-amsgrad"])
 def test_the_state_keeps_its_precision_after_a_model_cast(cls, kwargs):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -84,6 +89,25 @@ def test_the_state_keeps_its_precision_after_a_model_cast(cls, kwargs):
         state = opt.state[p]
         assert state["step"].item() == 5
         assert all(v.dtype == torch.float32 for k, v in state.items() if k != "step")
+
+
+def test_a_fused_group_whose_state_has_another_dtype_is_refused_before_anything_changes():
+    """It had gone to the chain without a word, at a fraction of the kernel's speed (70 ms against 40 per step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = AdamW(model.parameters(), lr=0.1, fused=True)
+    _steps(model, opt, _batches(torch.float32, 2, seed=1))
+    model.double()
+    model(_batches(torch.float64, 1, seed=2)[0]).square().sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"AdamW\(fused=True\): parameter group 0, parameter 0: its state "
+                                         r"'exp_avg' is torch.float32 where the parameter is torch.float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(opt.state[p]["step"].item() == 2 for p in model.parameters())
+    opt.load_state_dict(opt.state_dict())  # the advice: cast the state, as torch does
+    opt.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float64 for p in model.parameters())
 
 
 def test_running_average_after_a_cast_is_computed_in_its_states_precision():

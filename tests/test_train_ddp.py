@@ -246,11 +246,13 @@ def test_sigterm_keeps_its_default_action_while_the_process_group_forms(tmp_path
     assert seen == [before] and "stop here" in capsys.readouterr().err
 
 
-def test_a_malformed_local_world_size_is_named(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("value", ["", "1.5", "0", "-3"])
+def test_a_malformed_local_world_size_is_named(tmp_path, monkeypatch, capsys, value):
     from theorylab.cli import main
 
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "")):
-        monkeypatch.setenv(name, value)
+    for name, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", value)):
+        monkeypatch.setenv(name, v)
     assert main(["train", "charlm", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got ''" in err and "Traceback" not in err
+    assert f"LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got {value!r}" in err
+    assert "Traceback" not in err

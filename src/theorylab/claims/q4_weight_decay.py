@@ -641,8 +641,9 @@ def _die_with_parent(parent: int | None) -> None:
     its process dies: :func:`run_grids` makes, uses and closes its pool within one call, on one thread. A ``verify``
     killed with SIGKILL (an out-of-memory kill, a CI job's hard stop) had left its workers asleep forever, holding
     the ``--out`` folder's lock (a forked worker inherits its descriptor), so that the next run was refused.
-    ``parent``: the pid the worker's parent must have (None: not checked, as under ``forkserver``, whose server
-    starts the workers), checked after the signal is asked for, in case the parent died before."""
+    ``parent``: the pid the worker's parent must have, checked after the signal is asked for, in case the parent
+    died before; None: not checked (``forkserver``, which :func:`_pool_context` never picks: its server starts the
+    workers, and it lives as long as they do, so they would not end with the pool's maker)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -105,9 +105,12 @@ def _local_processes() -> int:
         return 1
     value = os.environ.get("LOCAL_WORLD_SIZE", "1")
     try:
-        return max(1, int(value))
+        count = int(value)
     except ValueError:
-        raise UsageError(f"LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got {value!r}") from None
+        count = 0
+    if count < 1:
+        raise UsageError(f"LOCAL_WORLD_SIZE must be a positive integer (torchrun sets it), got {value!r}")
+    return count
 
 
 def _resumed_threads(given: int | None, saved: int | None, cpus: int, main: bool) -> int | None:

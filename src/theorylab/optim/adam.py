@@ -196,7 +196,9 @@ class Adam(ChainOptimizer):
         the kernel as their float32/float64 real views), else ValueError (at construction and at step). A group runs the
         chain instead when its ``"decoupled"`` schedule multiplier is out of the kernel's reach (``initial_lr == 0``
         with λ > 0), or when a parameter's gradient or state is laid out differently from it in memory (which the
-        kernel, blind to strides, gets silently wrong).
+        kernel, blind to strides, gets silently wrong). A state of another dtype than its parameter (a model cast
+        after the optimizer stepped) is a ValueError at the step, before anything changes: cast the state with
+        ``opt.load_state_dict(opt.state_dict())``, or step that group with ``fused=False``.
     """
 
     later_switches = ("amsgrad", "maximize")
@@ -319,6 +321,24 @@ class Adam(ChainOptimizer):
         return [*([Negate()] if group["maximize"] else []),
                 *with_decay([ScaleByAdam(amsgrad=group["amsgrad"])], group["decay"])]
 
+    def _check_state(self, group_index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """A fused group's state must have its parameters' dtypes, the kernel's one dtype: a state kept in another
+        precision (a model cast after the optimizer stepped; see
+        :func:`~theorylab.optim.transforms.state_buffer`) is refused, as ``fused=True`` refuses what the kernel
+        cannot take, rather than stepped by the chain at a fraction of the speed without a word."""
+        if not group.get("fused", False):
+            return
+        for p in params:
+            for key, value in self.state.get(p, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.dtype != p.dtype:
+                    index = next(i for i, q in enumerate(group["params"]) if q is p)  # identity: == compares values
+                    raise ValueError(
+                        f"{type(self).__name__}(fused=True): parameter group {group_index}, parameter {index}: its "
+                        f"state {key!r} is {value.dtype} where the parameter is {p.dtype}, and torch's fused kernel "
+                        "takes one dtype (was the model cast after the optimizer stepped?). Cast the state with "
+                        "opt.load_state_dict(opt.state_dict()), as in torch, or set the group's fused to False to "
+                        "keep the state in its precision")
+
     def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if not group.get("fused", False):
             return False
@@ -356,8 +376,6 @@ class Adam(ChainOptimizer):
                 [torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in (params, grads, *buffers))
         if not all(_kernel_safe(*ts) for ts in zip(params, grads, *buffers, strict=True)):
             return False
-        if any(b.dtype != p.dtype for tensors in buffers for b, p in zip(tensors, params, strict=True)):
-            return False  # a state kept in another precision than its parameter (state_buffer): the kernel takes one
         exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = buffers
         beta1, beta2 = group["betas"]
         # adamw, not adam(decoupled_weight_decay=True): torch 2.4 (which we support) lacks that keyword

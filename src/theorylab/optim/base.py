@@ -426,6 +426,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             _check_steppable(type(self).__name__, group_index, group["params"])
+            self._check_state(group_index, group, params)
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (nn.Embedding(sparse="
                                    "True) gives them): make them dense, or step those parameters with an optimizer "
@@ -461,6 +462,11 @@ class ChainOptimizer(torch.optim.Optimizer):
                 powers = {key: torch.tensor(b**t, dtype=torch.float64) for key, b in bases.items()} or None
                 buckets.append((group_index, t, bucket, powers))
         return buckets
+
+    def _check_state(self, group_index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Raise (ValueError) where the state of ``params`` (the group's parameters with a gradient) cannot be
+        stepped as it is; called with the other checks, before anything changes. Nothing here; Adam refuses a
+        fused group whose state has another dtype than its parameter."""
 
     def _fused_group_step(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         """Step ``params`` (the group's parameters with a gradient) with a fused kernel instead of the chain.

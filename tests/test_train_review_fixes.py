@@ -95,11 +95,10 @@ def test_tampered_checkpoint_fields_exit_2(tmp_path, capsys, tamper):
     assert path.read_bytes() == before
 
 
-def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypatch):
-    """'--resume --steps 8', interrupted before its first checkpoint, hinted '--resume', which trained 0 steps."""
+def _interrupt_at_step_4(monkeypatch) -> None:
+    """Ctrl-C as the training reaches step 4."""
     from theorylab.experiments import trainer
 
-    assert charlm(tmp_path, "--steps", "2") == 0
     real_sample = trainer.sample_batch
 
     def interrupt_at_step_4(*args, step, **kw):
@@ -108,6 +107,12 @@ def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypa
         return real_sample(*args, step=step, **kw)
 
     monkeypatch.setattr(trainer, "sample_batch", interrupt_at_step_4)
+
+
+def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypatch):
+    """'--resume --steps 8', interrupted before its first checkpoint, hinted '--resume', which trained 0 steps."""
+    assert charlm(tmp_path, "--steps", "2") == 0
+    _interrupt_at_step_4(monkeypatch)
     capsys.readouterr()
     assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "8", "--threads", "1"]) == 130
     assert "--resume --steps 8" in capsys.readouterr().err
@@ -115,18 +120,9 @@ def test_the_interrupt_hint_continues_an_extended_run(tmp_path, capsys, monkeypa
 
 def test_an_interrupted_extension_leaves_no_metrics_of_an_older_model(tmp_path, monkeypatch):
     """'--resume --steps 8' interrupted at step 4 left metrics.json of the 2-step run beside a later checkpoint."""
-    from theorylab.experiments import trainer
-
     assert charlm(tmp_path, "--steps", "2", "--checkpoint-every", "1") == 0
     assert (tmp_path / "metrics.json").exists()
-    real_sample = trainer.sample_batch
-
-    def interrupt_at_step_4(*args, step, **kw):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_sample(*args, step=step, **kw)
-
-    monkeypatch.setattr(trainer, "sample_batch", interrupt_at_step_4)
+    _interrupt_at_step_4(monkeypatch)
     assert main(["train", "charlm", "--out", str(tmp_path), "--resume", "--steps", "8", "--threads", "1"]) == 130
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] > 2
     assert not (tmp_path / "metrics.json").exists()

@@ -160,7 +160,10 @@ def register_activation(activation: Activation, *, replace: bool = False) -> Non
     :func:`derivative_bound`, for the rest of the process (a model saved with it needs it registered again
     before it is built). The diagnostics are exact only as far as its ``deriv`` and ``log_deriv`` are σ' and
     :math:`(\log|\sigma'|, \operatorname{sign}\sigma')`, and γ as far as the roots of ``second`` within [−12, 12] and
-    ``deriv_at_infinity`` hold σ''s extrema. Softplus, :math:`\sigma' = \operatorname{sigmoid}`::
+    ``deriv_at_infinity`` hold σ''s extrema. Without ``second`` (σ' piecewise constant, hardtanh's say), γ is the
+    largest |σ'| on a grid of [−12, 12] in steps of 0.01 and at ±∞: a piece narrower than a step is missed, and a
+    smooth σ' may peak between grid points, so give ``second`` for a smooth σ'.
+    Softplus, :math:`\sigma' = \operatorname{sigmoid}`::
 
         register_activation(Activation("softplus", F.softplus, torch.sigmoid, lambda x: 1 / (1 + math.exp(-x)),
                                        lambda x: math.exp(-x) / (1 + math.exp(-x)) ** 2, (0.0, 1.0),
@@ -200,12 +203,19 @@ def register_activation(activation: Activation, *, replace: bool = False) -> Non
     _derivative_bound.cache_clear()  # γ of a replaced activation is computed again
 
 
-def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 2401) -> list[float]:
+_LO, _HI, _GRID = -12.0, 12.0, 2401  # where γ is looked for: [−12, 12] in steps of 0.01
+
+
+def _grid(lo: float, hi: float, points: int) -> list[float]:
+    return [lo + (hi - lo) * i / (points - 1) for i in range(points)]
+
+
+def critical_points(name: str, lo: float = _LO, hi: float = _HI, grid: int = _GRID) -> list[float]:
     """Roots of σ'' in [lo, hi]: sign changes on a uniform grid, refined by Brent's method to machine precision."""
     act = get_activation(name)
     if act.second is None:
         return []
-    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
+    xs = _grid(lo, hi, grid)
     vals = [act.second(x) for x in xs]
     roots = []
     for x0, x1, v0, v1 in zip(xs, xs[1:], vals, vals[1:], strict=False):
@@ -219,8 +229,10 @@ def critical_points(name: str, lo: float = -12.0, hi: float = 12.0, grid: int = 
 def derivative_bound(activation: str) -> float:
     r"""γ = sup_x |σ'(x)|, computed: the maximum of |σ'| over the roots of σ'' and the limits at ±∞.
 
-    relu has σ' ∈ {0, 1} (piecewise constant), so γ = 1. For tanh and sigmoid the root of σ'' is 0 (γ = 1, 1/4);
-    for GELU it is √2 (γ = Φ(√2) + √2 φ(√2) ≈ 1.1289); for SiLU the root of 2 + x(1 − 2σ(x)) ≈ 2.3994 (γ ≈ 1.0998).
+    relu has σ' ∈ {0, 1} (piecewise constant), so γ = 1; a registered activation without ``second`` gets the
+    largest |σ'| on a grid of [−12, 12] (steps of 0.01) and at ±∞. For tanh and sigmoid the root of σ'' is 0
+    (γ = 1, 1/4); for GELU it is √2 (γ = Φ(√2) + √2 φ(√2) ≈ 1.1289); for SiLU the root of 2 + x(1 − 2σ(x))
+    ≈ 2.3994 (γ ≈ 1.0998).
     ValueError naming ``activation`` unless it is one of :data:`ACTIVATIONS` (registered ones included).
     """
     # Validate before the cache: an unhashable argument (a list) would otherwise raise "unhashable type" from it.
@@ -231,8 +243,9 @@ def derivative_bound(activation: str) -> float:
 def _derivative_bound(activation: str) -> float:
     """:func:`derivative_bound` for a valid name, computed once per activation."""
     act = get_activation(activation)
-    if act.second is None:
-        return max(abs(act.deriv_float(-1.0)), abs(act.deriv_float(1.0)))
     candidates = [abs(v) for v in act.deriv_at_infinity]
-    candidates += [abs(act.deriv_float(x)) for x in critical_points(activation)]
+    if act.second is None:  # piecewise constant σ': its values on the grid (pieces narrower than a step are missed)
+        candidates += [abs(act.deriv_float(x)) for x in _grid(_LO, _HI, _GRID)]
+    else:
+        candidates += [abs(act.deriv_float(x)) for x in critical_points(activation)]
     return max(candidates)

@@ -404,6 +404,9 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     A = factors.A.detach().to(device="cpu", dtype=F64).numpy()
     d = factors.d.detach().to(device="cpu", dtype=F64).numpy()
     bsz, steps, hidden = d.shape
+    stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0, graded=0)  # this call's, not a running total
+    if bsz == 0:  # an empty batch measures nothing (numpy cannot reshape it to (0, -1) below)
+        return torch.empty(0, steps, dtype=F64, device=device)
     A = np.broadcast_to(A, (bsz, hidden, hidden)) if A.ndim == 2 else A
     # Pre-scale A and each d_t to max-abs 1; their logs go to the running log-scale c.
     with np.errstate(divide="ignore"):
@@ -420,7 +423,6 @@ def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol
     V = np.linalg.qr(rng.standard_normal((bsz, hidden, block)))[0]
     c = np.zeros(bsz)
     out = np.empty((bsz, steps))
-    stats.update(extensions=0, cholesky=0, fallbacks=0, rescaled=0, graded=0)  # this call's, not a running total
     # sequences to measure again (see NORMAL_LOG2): a step's products are at least A's, d_t's and M's smallest
     # nonzero entries multiplied; as long as that stays a normal number, nothing underflows in the step (a
     # saturated unit's σ' of 1e-130 in a dense product is not flagged: its products stay far above it)
@@ -503,11 +505,13 @@ def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
 
     Exact spectral norms (relative error ~1e-11, tested ≤ 1e-8 against an SVD; an SVD is the fallback),
     overflow-free at any T; an exactly zero product gives −inf. x: (B, T, I); h0: (B, H) or None (zeros).
+    A measurement, not a differentiable function: the result carries no autograd graph.
 
     Raises:
         ValueError: rnn is not a theorylab.rnn.RNN, x or h0 has the wrong shape, a parameter is not finite, or
             the trajectory overflows to inf/NaN.
         TypeError: x is not floating point.
+        RuntimeError: called inside a torch.func transform (batch W in :func:`trajectory_derivatives` instead).
     """
     return log_norms_of_products(jacobian_factors(rnn, x, h0))
 

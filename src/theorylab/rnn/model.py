@@ -248,6 +248,11 @@ def read_for_diagnostics(rnn: RNN) -> Iterator[None]:
     """The parameters as a diagnostic reads them: each parametrization computed once (``parametrize.cached``) and
     in eval mode, so that reading does not change the model (spectral_norm's power iteration would advance at
     every read in training mode, and training after a diagnostic would differ from training without it)."""
+    if torch._C._are_functorch_transforms_active():  # they would fail in numpy, naming a missing storage
+        raise RuntimeError("the RNN diagnostics cannot run inside a torch.func transform (vmap, grad, jacrev, ...):"
+                           " they are float64 measurements, not differentiable (their results carry no autograd "
+                           "graph). For many parameter sets at once, pass batched W, U, b to "
+                           "trajectory_derivatives and measure the JacobianFactors with log_norms_of_products")
     modes = [(m, m.training) for m in rnn.modules()]
     cache = getattr(parametrize, "_cache", None)  # inside a cached() block of the caller's, what is computed here
     before = set(cache) if isinstance(cache, dict) else None  # in eval mode must not stay for the caller's reads

@@ -1,0 +1,152 @@
+"""What an RNN user's journey found (session 28): γ of an activation registered without σ'', an empty batch in
+the norms, and the diagnostics inside torch.func transforms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from theorylab.rnn import (
+    ACTIVATIONS,
+    RNN,
+    Activation,
+    certificate,
+    derivative_bound,
+    jacobian_factors,
+    log_jacobian_norms,
+    log_jacobian_profile,
+    log_norms_of_products,
+    lyapunov_spectrum,
+    register_activation,
+    trajectory_derivatives,
+)
+
+F64 = torch.float64
+
+
+def _hardtanh_deriv(h):
+    return ((h > -1) & (h < 1)).to(h.dtype)  # torch's convention: 0 at the kinks
+
+
+def _hardtanh_log_deriv(h):
+    on = (h > -1) & (h < 1)
+    return torch.where(on, 0.0, -math.inf).to(h.dtype), on.to(h.dtype)
+
+
+@pytest.fixture
+def registered():
+    """Activations registered for one test, removed after it (the registry is the process's)."""
+    names = []
+
+    def add(act):
+        register_activation(act)
+        names.append(act.name)
+        return act.name
+
+    yield add
+    for name in names:
+        ACTIVATIONS.pop(name)
+
+
+def _constant_input_rnn(activation, W, b):
+    rnn = RNN(1, W.shape[0], activation=activation, dtype=F64)
+    with torch.no_grad():
+        rnn.W.copy_(W)
+        rnn.U.zero_()
+        rnn.b.fill_(b)
+    return rnn
+
+
+def test_gamma_without_second_derivative_reads_the_limits_at_infinity(registered):
+    """Without σ'' the bound was max |σ'(±1)|: softplus registered so read γ = sigmoid(1) = 0.73 where
+    sup σ' = 1 (at +∞, given in deriv_at_infinity), and the certificate promised vanishing while the norm grew
+    as 1.2^T."""
+    name = registered(Activation("softplus_no_second", F.softplus, torch.sigmoid, lambda x: 1 / (1 + math.exp(-x)),
+                                 None, (0.0, 1.0), lambda h: (F.logsigmoid(h), torch.ones_like(h))))
+    assert derivative_bound(name) == 1.0
+    rnn = _constant_input_rnn(name, 1.2 * torch.eye(4, dtype=F64), 10.0)
+    cert = certificate(rnn)
+    assert not cert.vanishing_guaranteed
+    T = 50
+    measured = log_jacobian_norms(rnn, torch.zeros(1, T, 1, dtype=F64))[0, -1].item()
+    assert measured > 0  # it grows: any certificate of vanishing would have been wrong
+    assert measured <= cert.log_bound(T) + 1e-9  # and the bound δ^T holds
+
+
+def test_gamma_of_a_piecewise_constant_derivative_is_its_largest_value(registered):
+    """hardtanh (σ' = 1 on (−1, 1), 0 outside and at the kinks) read γ = 0 from σ'(±1): δ = 0 and
+    'vanishing guaranteed' for W = 2I, whose Jacobian norm is 2^T at the origin."""
+    name = registered(Activation("hardtanh_test", F.hardtanh, _hardtanh_deriv,
+                                 lambda x: 1.0 if -1 < x < 1 else 0.0, None, (0.0, 0.0), _hardtanh_log_deriv))
+    assert derivative_bound(name) == 1.0
+    rnn = _constant_input_rnn(name, 2 * torch.eye(3, dtype=F64), 0.0)
+    cert = certificate(rnn)
+    assert cert.gamma == 1.0 and cert.delta == pytest.approx(2.0) and not cert.vanishing_guaranteed
+    norms = log_jacobian_norms(rnn, torch.zeros(1, 10, 1, dtype=F64))[0]
+    torch.testing.assert_close(norms, torch.arange(1, 11, dtype=F64) * math.log(2.0))
+
+
+def test_relu_keeps_its_bound():
+    assert derivative_bound("relu") == 1.0
+
+
+@pytest.mark.parametrize("form", ["h", "g"])
+def test_an_empty_batch_gives_empty_norms(form):
+    """B = 0 failed in numpy ("cannot reshape array of size 0 into shape (0,newaxis)") where the forward pass and
+    lyapunov_spectrum return empty results."""
+    rnn = RNN(3, 8, form=form)
+    x = torch.randn(0, 5, 3)
+    stats = {}
+    for out in (log_jacobian_norms(rnn, x), log_jacobian_profile(rnn, x),
+                log_norms_of_products(jacobian_factors(rnn, x, None), stats=stats)):
+        assert out.shape == (0, 5) and out.dtype == F64
+    assert stats == dict(extensions=0, cholesky=0, fallbacks=0, rescaled=0, graded=0)
+    assert lyapunov_spectrum(rnn, x, None, 2).shape == (0, 2)
+
+
+class _Diagnose(torch.nn.Module):
+    def __init__(self, rnn, measure):
+        super().__init__()
+        self.rnn, self.measure = rnn, measure
+
+    def forward(self, x):
+        return self.measure(self.rnn, x)
+
+
+@pytest.mark.parametrize("measure", [log_jacobian_norms, log_jacobian_profile,
+                                     lambda rnn, x: lyapunov_spectrum(rnn, x, None, 2),
+                                     lambda rnn, x: torch.tensor(certificate(rnn).delta)])
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_the_diagnostics_say_they_are_measurements_inside_torch_func(measure, transform):
+    """Inside grad or vmap they failed deep in torch ("Cannot access data pointer of Tensor that doesn't have
+    storage", "data-dependent control flow"); they now say what they are and where to go instead."""
+    torch.manual_seed(0)
+    rnn, x = RNN(3, 8), torch.randn(2, 6, 3)
+    model = _Diagnose(rnn, measure)
+
+    def f(W):
+        return functional_call(model, {"rnn.W": W}, (x,), strict=False).sum()
+
+    run = grad(f) if transform == "grad" else vmap(f)
+    arg = rnn.W.detach() if transform == "grad" else torch.randn(3, 8, 8)
+    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform.*trajectory_derivatives"):
+        run(arg)
+    assert not log_jacobian_norms(rnn, x).requires_grad  # outside: a measurement, no graph, as documented
+
+
+def test_the_documented_route_for_many_weights_matches_a_loop():
+    """What the error points to: batched W in trajectory_derivatives, then log_norms_of_products."""
+    from theorylab.rnn import JacobianFactors
+
+    torch.manual_seed(1)
+    rnn = RNN(3, 5, dtype=F64)
+    Ws = torch.randn(4, 5, 5, dtype=F64) * 0.6
+    x = torch.randn(1, 7, 3, dtype=F64).expand(4, 7, 3)
+    d, log_scale = trajectory_derivatives(Ws, rnn.U.detach(), rnn.b.detach(), "tanh", x, None, "h", scaled=True)
+    batched = log_norms_of_products(JacobianFactors(Ws, d, True, log_scale))
+    for i, W in enumerate(Ws):
+        with torch.no_grad():
+            rnn.W.copy_(W)
+        torch.testing.assert_close(batched[i], log_jacobian_norms(rnn, x[:1])[0], rtol=1e-9, atol=1e-9)

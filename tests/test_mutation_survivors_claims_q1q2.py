@@ -482,6 +482,15 @@ def test_2_3_refutes_estimates_2_percent_too_large(monkeypatch, debias):
     assert not ev.confirmed
 
 
+def test_2_3_needs_the_first_step_below_mu_not_just_far_from_it(monkeypatch):
+    """The method says v_1's mean sits > 10 s.e. *below* μ (a bias toward 0); the check was |z| > 10, which a v_1
+    far above μ also passed (a docstring audit). Steps 20× too long put v_1 at 2μ: that check now fails."""
+    ev = _running_average_off_by(monkeypatch, 20.0, False)
+    assert ev.numbers["z_v1_vs_mu"] > 10
+    (v1_check,) = [ok for text, ok in ev.checks.items() if text.startswith("v_1 is")]
+    assert v1_check is False and not ev.confirmed
+
+
 def test_2_3_reports_the_mean_of_v_1_itself_and_draws_its_streams_from_the_seed():
     """mean_v1 is the Monte-Carlo mean of v_1 (not of v̂_1 = v_1/(1−β)): close to (1−β)μ = 0.15; and the streams come
     from the claim's seed (seeds 0 and 1 give different means)."""

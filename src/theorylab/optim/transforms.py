@@ -432,7 +432,8 @@ def warn_float16_second_moment(params: Sequence[Tensor], beta2: float) -> None:
     :math:`(1-\beta_2)g^2` below 2⁻²⁵ rounds to 0, so gradient entries below :math:`\sqrt{2^{-25}/(1-\beta_2)}`
     (5.5e-3 at β₂ = 0.999) get steps of ±inf or NaN (eps below float16's 6e-8, the default 1e-8 included) or far
     too long ones (2.5·10⁴× at eps = 1e-7; ``fused=True`` computes the first step in float32, then 1.4×, 9.8× and
-    31× at steps 2, 100 and 1000, since the stored moment stays 0). torch.optim.Adam does the same."""
+    25× at steps 2, 100 and 1000, √((1 − β₂ᵗ)/(1 − β₂)) since the stored moment stays 0). torch.optim.Adam does
+    the same."""
     global _warned_float16_adam
     if _warned_float16_adam or not any(p.dtype == torch.float16 for p in params):
         return

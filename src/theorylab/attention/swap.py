@@ -43,7 +43,9 @@ class DropInMultiheadAttention(nn.Module):
     attributes of ``nn.MultiheadAttention`` read as they would there (``embed_dim``, ``num_heads``, ``head_dim``,
     ``kdim``, ``vdim``, ``dropout``, ``batch_first``, ``out_proj``; ``bias_k``, ``bias_v`` and the separate
     ``q_proj_weight``... are None, ``add_zero_attn`` False); the projections are ``attention.q_proj`` (``k_proj``,
-    ``v_proj``), and :meth:`to_torch` gives back an ``nn.MultiheadAttention`` with them.
+    ``v_proj``), and :meth:`to_torch` gives back an ``nn.MultiheadAttention`` with them. Nested tensors (batch
+    first), which ``nn.TransformerEncoder`` passes in eval without autograd when its ``use_nested_tensor`` is on,
+    are run padded with a key padding mask, and the output is nested as the query.
 
     Args:
         attention: the :class:`MultiheadAttention` to run (its ``causal`` makes every call causal).
@@ -118,9 +120,10 @@ class DropInMultiheadAttention(nn.Module):
                              "pass the causal mask at the call (attn_mask=..., is_causal=True)")
         projections = (inner.q_proj, inner.k_proj, inner.v_proj)
         weight = inner.q_proj.weight
-        mha = nn.MultiheadAttention(inner.embed_dim, inner.num_heads, dropout=inner.dropout.p,
-                                    bias=inner.q_proj.bias is not None, batch_first=self.batch_first,
-                                    device=weight.device, dtype=weight.dtype)
+        with _weights_to_be_copied():
+            mha = nn.MultiheadAttention(inner.embed_dim, inner.num_heads, dropout=inner.dropout.p,
+                                        bias=inner.q_proj.bias is not None, batch_first=self.batch_first,
+                                        device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             mha.in_proj_weight.copy_(torch.cat([proj.weight for proj in projections]))
             mha.out_proj.weight.copy_(inner.out_proj.weight)
@@ -176,8 +179,10 @@ class DropInMultiheadAttention(nn.Module):
             raise ValueError(f"from_torch: nn.MultiheadAttention with {', '.join(unsupported)} is not supported")
         kwargs.setdefault("dropout", mha.dropout)
         weight = mha.in_proj_weight
-        new = MultiheadAttention(mha.embed_dim, mha.num_heads, kind=kind, bias=mha.in_proj_bias is not None,
-                                 **kwargs).to(device=weight.device, dtype=weight.dtype)  # before copying: no rounding
+        with _weights_to_be_copied():
+            new = MultiheadAttention(mha.embed_dim, mha.num_heads, kind=kind, bias=mha.in_proj_bias is not None,
+                                     **kwargs).to(device=weight.device, dtype=weight.dtype)  # before copying
+        _draw_unseeded_features(new)
         with torch.no_grad():
             for proj, w in zip((new.q_proj, new.k_proj, new.v_proj), weight.chunk(3), strict=True):
                 proj.weight.copy_(w)
@@ -197,6 +202,9 @@ class DropInMultiheadAttention(nn.Module):
             raise ValueError(f"DropInMultiheadAttention: need_weights=True is not supported (kind "
                              f"{self.attention.kind!r}; the linear kinds never form attention weights); pass "
                              f"need_weights=False")
+        if query.is_nested:  # nn.TransformerEncoder's nested-tensor path (in eval, without autograd), taken by an
+            # encoder built before this module was put in: run padded, give the nested result it expects
+            return self._nested_forward(query, key, value, attn_mask, is_causal), None
         unbatched = query.dim() == 2
         if unbatched:  # torch's unbatched form: (N, E), mask (Nk,); made a batch of one, batch first
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -210,6 +218,23 @@ class DropInMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _nested_forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+                        is_causal: bool) -> Tensor:
+        """A batch-first nested query, key and value (sequences of their own lengths) as padded tensors with a
+        key padding mask; the output nested again, each sequence at its query's length."""
+        if not (self.batch_first and key.is_nested and value.is_nested):
+            raise ValueError("DropInMultiheadAttention: nested tensors are taken batch first (batch_first=True), "
+                             "for query, key and value alike")
+        q_lengths = [t.shape[0] for t in query.unbind()]
+        k_lengths = torch.tensor([t.shape[0] for t in key.unbind()], device=key.device)
+        padded = [torch.nested.to_padded_tensor(t, 0.0) for t in (query, key, value)]
+        padding = torch.arange(padded[1].shape[1], device=key.device) >= k_lengths[:, None]  # True: padded
+        causal = self.attention.causal or bool(is_causal)
+        if attn_mask is not None:
+            causal = _causal_or_none(attn_mask, padded[0].shape[1], padded[1].shape[1]) or causal
+        out = self.attention(*padded, padding, causal=causal)
+        return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, q_lengths, strict=True)])
 
 
 def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAttention:
@@ -225,10 +250,11 @@ def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAtten
     own_map = kwargs.get("feature_map") is old.feature_map is not None  # kept as it is, in its own dtype
     if own_map:
         kwargs.pop("feature_map")
-    with torch.random.fork_rng(devices=[], enabled=keep_features):  # features about to be replaced: a
-        # draw from torch's global generator would shift the user's later draws (dropout, initialisation)
+    with _weights_to_be_copied():
         new = MultiheadAttention(old.embed_dim, old.num_heads, kind=kind, bias=old.q_proj.bias is not None,
                                  **kwargs).to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+    if not keep_features:
+        _draw_unseeded_features(new)
     if own_map:
         new.feature_map = old.feature_map
     kept = {k: v for k, v in old.state_dict().items() if keep_features or not k.startswith("feature_map.")}
@@ -238,6 +264,20 @@ def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAtten
         if name in trainable:  # frozen stays frozen, weights and biases each as they were
             p.requires_grad_(trainable[name])
     return new.train(old.training)
+
+
+def _weights_to_be_copied() -> contextlib.AbstractContextManager[object]:
+    """Around building a module whose weights (and kept features) are about to be overwritten: its initialisation
+    must not draw from torch's global generator, which would shift the user's later draws (data order, dropout),
+    so that a swapped model, softmax above all, trains as the original under the same seed."""
+    return torch.random.fork_rng(devices=[])
+
+
+def _draw_unseeded_features(module: MultiheadAttention) -> None:
+    """Random features without a seed come from torch's global generator, as at construction: drawn again outside
+    :func:`_weights_to_be_copied` (else every layer swapped from one generator state would get the same ones)."""
+    if module.kind == "favor" and getattr(module.feature_map, "seed", None) is None:
+        module.redraw_features()
 
 
 def _is_cross_attention(model: nn.Module, name: str) -> bool:
@@ -329,7 +369,8 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     (its :class:`DropInMultiheadAttention` modules are rebuilt with their projections), and so do the package's
     own :class:`MultiheadAttention` modules (a :class:`~theorylab.experiments.CharTransformer`'s blocks: each is
     replaced by one of ``kind``, a :class:`MultiheadAttention` still). ``nn.TransformerEncoder``'s
-    nested-tensor fast path is switched off (``use_nested_tensor = False``): it cannot run through this module.
+    nested-tensor fast path is switched off (``use_nested_tensor = False``), so that padded positions get the
+    outputs they get in training (that path gives them zeros); a drop-in put into an encoder by hand runs it.
     Returns ``model``, or the replacement when ``model`` is itself an attention module. With a ``seed``, each
     replacement's feature map gets its own seed drawn from it (layer by layer in module order), so the layers'
     random features differ and the same ``seed`` gives the same model; a single module is given ``seed`` itself.

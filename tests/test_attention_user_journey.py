@@ -1,0 +1,88 @@
+"""What session 28's attention journey found: a drop-in placed by hand in an encoder that takes torch's
+nested-tensor path, and swaps that drew from torch's global generator."""
+
+import pytest
+import torch
+from torch import nn
+
+from theorylab.attention import DropInMultiheadAttention, MultiheadAttention, swap_attention, unswap_attention
+
+
+def _encoder(nested: bool) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+
+
+def _padded_batch():
+    x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1))
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    pad[2, 3:] = True
+    return x, pad
+
+
+@pytest.mark.parametrize("kind", ["softmax", "favor", "linear"])
+def test_a_drop_in_put_in_by_hand_runs_torchs_nested_path(kind):
+    """Layers given a drop-in one by one (not swap_attention on the whole encoder) kept the encoder's
+    nested-tensor path, which failed in eval without autograd: "NestedTensorImpl doesn't support sizes"."""
+    enc, x, pad = _encoder(nested=True), *_padded_batch()
+    torch_out = None
+    if kind == "softmax":
+        with torch.no_grad():
+            torch_out = enc(x, src_key_padding_mask=pad)
+    for layer in enc.layers:
+        layer.self_attn = swap_attention(layer.self_attn, kind, seed=0)
+    assert enc.use_nested_tensor
+    with torch.no_grad():
+        nested = enc(x, src_key_padding_mask=pad)
+        enc.use_nested_tensor = False
+        padded = enc(x, src_key_padding_mask=pad)
+    keep = ~pad
+    torch.testing.assert_close(nested[keep], padded[keep], atol=1e-5, rtol=1e-5)
+    assert (nested[pad] == 0).all()  # torch's nested path gives zeros at padded positions
+    if torch_out is not None:
+        torch.testing.assert_close(nested, torch_out, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_inputs_are_taken_batch_first_only():
+    drop_in = DropInMultiheadAttention(MultiheadAttention(8, 2), batch_first=False)
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="nested tensors are taken batch first"):
+        drop_in(x, x, x)
+    drop_in.batch_first = True
+    out, _ = drop_in(x, x, x)
+    assert [t.shape[0] for t in out.unbind()] == [3, 2]
+    alone = drop_in.attention(x.unbind()[1][None], x.unbind()[1][None], x.unbind()[1][None])[0]
+    torch.testing.assert_close(out.unbind()[1], alone)
+
+
+def _next_draw_after(change) -> float:
+    model = _encoder(nested=False)
+    torch.manual_seed(0)
+    change(model)
+    return torch.rand(()).item()
+
+
+@pytest.mark.parametrize("change", [lambda m: swap_attention(m, "softmax"),
+                                    lambda m: unswap_attention(swap_attention(m, "softmax")),
+                                    lambda m: swap_attention(m, "favor", seed=1),
+                                    lambda m: swap_attention(swap_attention(m, "favor", seed=1), "linear"),
+                                    lambda m: swap_attention(m.layers[0].self_attn, "separable")])
+def test_swapping_leaves_torchs_generator_alone(change):
+    """Each replacement's initialisation (overwritten at once by the copied weights) drew from torch's global
+    generator, so a seeded run that swapped got other data orders and dropout masks than the run it copies."""
+    assert _next_draw_after(change) == _next_draw_after(lambda m: None)
+
+
+def test_unseeded_random_features_still_come_from_the_global_generator():
+    """Without a seed, FAVOR+'s features are torch's global generator's draws, as at construction: reproducible
+    under torch.manual_seed, and different from layer to layer."""
+    features = []
+    for _ in range(2):
+        model = _encoder(nested=False)
+        torch.manual_seed(5)
+        swap_attention(model, "favor")
+        features.append([layer.self_attn.attention.feature_map.projection for layer in model.layers])
+    torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
+    assert not torch.equal(*features[0])

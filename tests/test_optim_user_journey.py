@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from theorylab.optim import Adam
+from theorylab.optim import SGD, Adam
 
 
 def test_fused_float16_adam_steps_are_too_long_by_the_documented_factor():
@@ -30,3 +30,37 @@ def test_fused_float16_adam_steps_are_too_long_by_the_documented_factor():
         expected = math.sqrt((1 - beta2**t) / (1 - beta2))
         assert factors[t] == pytest.approx(expected, rel=1e-2)  # the first moment, kept in float16, rounds too
         assert round(expected, 1) == pytest.approx(documented, abs=0.15)
+
+
+@pytest.mark.parametrize("make", [lambda p: Adam([p], lr=0.1, decay="decoupled_lr", nonfinite="skip"),
+                                  lambda p: SGD([p], lr=0.1, nonfinite="skip")])
+def test_state_dict_post_hooks_see_the_whole_state(make):
+    """The post-hooks of state_dict and load_state_dict ran before theorylab's own additions: a hook saw no
+    theorylab_optimizer / theorylab_skipped_steps keys (nor Adam's decoupled_weight_decay flag) and could not
+    change them, and a load post-hook read the old skipped_steps (0 where 1 was loaded)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = make(p)
+    p.grad = torch.tensor([float("nan"), 1.0])
+    opt.step()
+    assert opt.skipped_steps == 1
+    seen = {}
+
+    def post(optimizer, state_dict):
+        seen["keys"] = set(state_dict)
+        seen["flag"] = state_dict["param_groups"][0].get("decoupled_weight_decay")
+        state_dict["param_groups"][0]["lr"] = 0.05  # a hook may change what is saved
+        return state_dict
+
+    opt.register_state_dict_post_hook(post)
+    saved = opt.state_dict()
+    assert {"theorylab_optimizer", "theorylab_skipped_steps"} <= seen["keys"] and saved["theorylab_skipped_steps"] == 1
+    assert seen["flag"] == (True if isinstance(opt, Adam) else None)
+    other = make(torch.nn.Parameter(torch.ones(2)))
+    loaded = {}
+    other.register_load_state_dict_post_hook(
+        lambda o: loaded.update(skipped=o.skipped_steps, lr=o.param_groups[0]["lr"]))
+    other.load_state_dict(saved)
+    assert loaded == {"skipped": 1, "lr": 0.05} and other.skipped_steps == 1
+    assert "decoupled_weight_decay" not in other.param_groups[0]
+    opt.register_state_dict_post_hook(lambda o, sd: None)  # a hook that returns nothing keeps the dict
+    assert opt.state_dict()["theorylab_skipped_steps"] == 1

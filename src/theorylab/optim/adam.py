@@ -286,12 +286,12 @@ class Adam(ChainOptimizer):
         return {**{k: v for k, v in saved.items() if k not in torch_only}, "decay": current["decay"],
                 CONSTRUCTION_LR_KEY: current.get(CONSTRUCTION_LR_KEY, saved.get("lr"))}
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's ``state_dict``, plus torch's ``decoupled_weight_decay`` in each group whose decay torch has
-        (``"l2"``: False, ``"decoupled_lr"``: True): torch.optim.Adam (>= 2.6) loads its groups' settings from the
-        saved ones, and without the flag a ``"decoupled_lr"`` run went on with L2 there, silently. ``"decoupled"``
-        (λ times lr/lr₀) has no torch equivalent and gets no flag. Loaded here, the flag is dropped again."""
-        state_dict = super().state_dict()
+    def _complete_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Also torch's ``decoupled_weight_decay`` in each group whose decay torch has (``"l2"``: False,
+        ``"decoupled_lr"``: True): torch.optim.Adam (>= 2.6) loads its groups' settings from the saved ones, and
+        without the flag a ``"decoupled_lr"`` run went on with L2 there, silently. ``"decoupled"`` (λ times
+        lr/lr₀) has no torch equivalent and gets no flag. Loaded here, the flag is dropped again."""
+        state_dict = super()._complete_state_dict(state_dict)
         for group in state_dict["param_groups"]:
             if group.get("decay") in ("l2", "decoupled_lr"):
                 group["decoupled_weight_decay"] = group["decay"] == "decoupled_lr"

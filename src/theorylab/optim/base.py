@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias, TypeVar, cast, overload
 
 import numpy as np
@@ -141,6 +142,21 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-hook (torch's keys are ints)
+_COMPLETE = "theorylab: complete the state"  # of our first post-hook of state_dict and load_state_dict
+
+
+@contextlib.contextmanager
+def _hook_for_this_call(hooks: Any, key: str, hook: Callable[..., Any], *, last: bool) -> Iterator[None]:
+    """``hook`` in torch's hook dict ``hooks`` for one call, first or last among the user's. Only for the call, so
+    that hooks registered meanwhile keep their order (prepend) and their handles; torch types the dict by its own
+    integer handle ids, and a str key cannot clash with them."""
+    ordered = cast("OrderedDict[int | str, Callable[..., Any]]", hooks)
+    ordered[key] = hook
+    ordered.move_to_end(key, last=last)
+    try:
+        yield
+    finally:
+        ordered.pop(key, None)
 
 
 #: one bucket of a step: (group index, step count t, parameters, powers for :meth:`StepContext.power` or None)
@@ -269,8 +285,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         group.setdefault(CONSTRUCTION_LR_KEY, group["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's ``state_dict``, plus which optimizer saved it (its kind) and ``skipped_steps``."""
-        state_dict = super().state_dict()
+        """torch.optim's ``state_dict``, plus which optimizer saved it (its kind) and ``skipped_steps``, added
+        before the user's post-hooks run (they see, and may change, the whole state_dict, as in torch)."""
+        with _hook_for_this_call(self._optimizer_state_dict_post_hooks, _COMPLETE,
+                                 lambda optimizer, state_dict: self._complete_state_dict(state_dict), last=False):
+            return super().state_dict()
+
+    def _complete_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """What theorylab adds to torch's ``state_dict``; a subclass adds its own after these."""
         state_dict[STATE_KIND_KEY] = self._state_kind()
         state_dict[SKIPPED_STEPS_KEY] = self.skipped_steps  # part of the run, as GradScaler's counts are
         return state_dict
@@ -282,23 +304,20 @@ class ChainOptimizer(torch.optim.Optimizer):
         """torch.optim's, after the user's load pre-hooks, with the state checked first (see the class docstring):
         a state of another kind or with invalid values raises ValueError before anything is loaded."""
         # The validation runs as the last load pre-hook: after the user's hooks (a hook that adapts an old
-        # checkpoint must do so before it is checked), each of which torch runs once. It sits in torch's own dict
-        # only for this call, so hooks registered meanwhile keep their order (prepend) and their handles.
-        # torch types the hooks' dict by its own integer handle ids; this one key is a str, which cannot clash
-        hooks = cast("OrderedDict[int | str, Callable[..., Any]]", self._optimizer_load_state_dict_pre_hooks)
+        # checkpoint must do so before it is checked), each of which torch runs once; skipped_steps is set by the
+        # first post-hook, so that the user's post-hooks see the whole loaded state.
         checked: dict[str, Any] = {}
 
         def validate(optimizer: Any, loaded: dict[str, Any]) -> dict[str, Any]:
             checked.update(self._checked_state_dict(loaded))
             return checked
 
-        hooks[_VALIDATE] = validate
-        hooks.move_to_end(_VALIDATE)
-        try:
+        def complete(optimizer: Any) -> None:
+            self.skipped_steps = checked[SKIPPED_STEPS_KEY]  # as validated, after the user's pre-hooks
+
+        with (_hook_for_this_call(self._optimizer_load_state_dict_pre_hooks, _VALIDATE, validate, last=True),
+              _hook_for_this_call(self._optimizer_load_state_dict_post_hooks, _COMPLETE, complete, last=False)):
             super().load_state_dict(state_dict)
-        finally:
-            hooks.pop(_VALIDATE, None)
-        self.skipped_steps = checked[SKIPPED_STEPS_KEY]  # as validated, after the user's hooks
 
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with validated groups, or a ValueError saying where it came from or what it lacks.

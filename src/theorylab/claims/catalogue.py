@@ -64,7 +64,7 @@ CATALOGUE: tuple[ClaimInfo, ...] = (
               "with small gradients shrink faster relative to their size."),
     ClaimInfo("4.3b", "Q4", "Decoupled decay regularises evenly",
               "With Δθ = −(ε ŝ/(√r̂ + δ) + λθ) every weight decays at the same rate λ, whatever its gradient."),
-    ClaimInfo("4.4", "Q4", "Why decoupled decay",
+    ClaimInfo("4.4", "Q4", "The best decay decoupled from the lr",
               "With adaptive optimizers decoupled decay regularises every weight at the same relative rate and "
               "decouples the best weight decay from the learning rate (axis-aligned basins; "
               "Loshchilov & Hutter 2019)."),

@@ -115,25 +115,51 @@ class _Diagnose(torch.nn.Module):
         return self.measure(self.rnn, x)
 
 
-@pytest.mark.parametrize("measure", [log_jacobian_norms, log_jacobian_profile,
-                                     lambda rnn, x: lyapunov_spectrum(rnn, x, None, 2),
-                                     lambda rnn, x: torch.tensor(certificate(rnn).delta)])
+_MEASURES = {"norms": log_jacobian_norms, "profile": log_jacobian_profile,
+             "lyapunov": lambda rnn, x: lyapunov_spectrum(rnn, x, None, 2),
+             "certificate": lambda rnn, x: torch.tensor(certificate(rnn).delta)}
+
+
+@pytest.mark.parametrize("measure", list(_MEASURES))
 @pytest.mark.parametrize("transform", ["grad", "vmap"])
 def test_the_diagnostics_say_they_are_measurements_inside_torch_func(measure, transform):
-    """Inside grad or vmap they failed deep in torch ("Cannot access data pointer of Tensor that doesn't have
-    storage", "data-dependent control flow"); they now say what they are and where to go instead."""
+    """Given W from inside grad or vmap they failed deep in torch ("Cannot access data pointer of Tensor that
+    doesn't have storage", "data-dependent control flow"); they now say what they are and where to go instead.
+    The certificate under grad reads δ as a number, as before."""
     torch.manual_seed(0)
     rnn, x = RNN(3, 8), torch.randn(2, 6, 3)
-    model = _Diagnose(rnn, measure)
+    model = _Diagnose(rnn, _MEASURES[measure])
 
     def f(W):
         return functional_call(model, {"rnn.W": W}, (x,), strict=False).sum()
 
     run = grad(f) if transform == "grad" else vmap(f)
     arg = rnn.W.detach() if transform == "grad" else torch.randn(3, 8, 8)
-    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform.*trajectory_derivatives"):
+    if (measure, transform) == ("certificate", "grad"):
+        assert torch.equal(run(arg), torch.zeros(8, 8))  # a number: no gradient flows through it
+        return
+    with pytest.raises(RuntimeError, match="cannot take W from inside a torch.func transform.*trajectory_deriv"):
         run(arg)
     assert not log_jacobian_norms(rnn, x).requires_grad  # outside: a measurement, no graph, as documented
+
+
+@pytest.mark.parametrize("measure", list(_MEASURES))
+def test_an_untouched_model_is_measured_inside_a_transform_over_other_data(measure):
+    """The first version refused any call while a transform was active: logging δ or a norm of a model that the
+    transform does not touch, inside a torch.func training step, broke (the review)."""
+    torch.manual_seed(0)
+    rnn, x = RNN(3, 8), torch.randn(2, 6, 3)
+    expected = float(_MEASURES[measure](rnn, x).reshape(-1)[-1])
+    seen = []
+
+    def step(w):
+        seen.append(float(_MEASURES[measure](rnn, x).reshape(-1)[-1]))
+        return (w * w).sum()
+
+    grad(step)(torch.ones(3))
+    assert seen == [expected]
+    with pytest.raises(RuntimeError, match="cannot take x from inside"):
+        vmap(lambda xs: log_jacobian_norms(rnn, xs))(x[None])
 
 
 def test_the_documented_route_for_many_weights_matches_a_loop():

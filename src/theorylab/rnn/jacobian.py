@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads, threads_for
 from .activations import get_activation
-from .model import FORMS, RNN, as_rnn, read_for_diagnostics
+from .model import FORMS, RNN, as_rnn, outside_transforms, read_for_diagnostics, refuse_transformed
 
 F64 = torch.float64
 
@@ -176,10 +176,12 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     return d, log_scale
 
 
+@outside_transforms
 def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
     """The one-step Jacobians of ``rnn`` along the trajectory from h0 driven by x, in float64."""
     rnn = as_rnn(rnn)
     with read_for_diagnostics(rnn):
+        refuse_transformed({"W": rnn.W, "U": rnn.U, "b": rnn.b, "x": x, "h0": h0})
         rnn.check_inputs(x, h0)
         rnn.check_finite_parameters()  # a NaN in W reached LAPACK as "eigenvalues did not converge"
         W, U, b = _as_float64_params(rnn)
@@ -375,6 +377,7 @@ def _graded_log_norms(A: np.ndarray, d: np.ndarray, step_log: np.ndarray, diag_r
     return out
 
 
+@outside_transforms
 def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol: float = 1e-10, block: int = 4,
                           max_dim: int = 96, seed: int = 0, stats: dict | None = None) -> Tensor:
     r"""log‖J_t ⋯ J_1‖₂ for t = 1..T: (B, T) float64 (see the module docstring for the method).
@@ -511,7 +514,8 @@ def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
         ValueError: rnn is not a theorylab.rnn.RNN, x or h0 has the wrong shape, a parameter is not finite, or
             the trajectory overflows to inf/NaN.
         TypeError: x is not floating point.
-        RuntimeError: called inside a torch.func transform (batch W in :func:`trajectory_derivatives` instead).
+        RuntimeError: a parameter, x or h0 comes from inside a torch.func transform (batch W in
+            :func:`trajectory_derivatives` instead).
     """
     return log_norms_of_products(jacobian_factors(rnn, x, h0))
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from ._threads import numpy_blas_threads
 from .activations import derivative_bound
 from .jacobian import F64, JacobianFactors, check_factors_finite, jacobian_factors
-from .model import RNN, as_rnn, read_for_diagnostics
+from .model import RNN, as_rnn, outside_transforms, read_for_diagnostics, refuse_transformed
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, *, hi_label: str = "") -> int:
@@ -147,6 +147,7 @@ def _lost_directions(r: np.ndarray, Y: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (small & (np.arange(r.shape[-1])[None, :] < rank[:, None])).any(axis=-1)
 
 
+@outside_transforms
 def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_every: int = 1,
                           seed: int = 0) -> Tensor:
     """Top-k Lyapunov exponents (nats per step) of the products J_t ⋯ J_1: (B, k) float64, sorted descending.
@@ -227,6 +228,7 @@ def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1,
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)  # fail before the trajectory is run
     seed = _check_int("seed", seed, 0)
     with read_for_diagnostics(rnn):
+        refuse_transformed({"W": rnn.W, "U": rnn.U, "b": rnn.b, "x": x, "h0": h0})
         rnn.check_finite_parameters()  # W, U and b all shape the trajectory
         factors = jacobian_factors(rnn, x, h0)
     return lyapunov_from_factors(factors, k, reorthonormalize_every=every, seed=seed)
@@ -274,6 +276,7 @@ def _check_steps(steps: object) -> float:
     return float(steps)
 
 
+@outside_transforms
 def certificate(rnn: RNN) -> Certificate:
     """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1.
 
@@ -296,6 +299,7 @@ def certificate(rnn: RNN) -> Certificate:
     """
     rnn = as_rnn(rnn)
     with read_for_diagnostics(rnn):
+        refuse_transformed({"W": rnn.W}, batched_only=True)  # under grad, δ is read as a number (not differentiated)
         rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan
         sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
     gamma = derivative_bound(rnn.activation)

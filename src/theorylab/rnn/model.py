@@ -18,9 +18,10 @@ for g.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -243,16 +244,45 @@ def as_rnn(rnn: object) -> RNN:
     return rnn
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def outside_transforms(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a diagnostic with torch.func's transforms switched off: it computes in float64 numpy, on tensors that
+    are not a transform's (:func:`refuse_transformed` names one that is), so the diagnostics of a model that a
+    transform does not touch can be logged inside it (inside ``grad`` even the factors of an untouched model
+    failed in numpy, "Cannot access data pointer of Tensor that doesn't have storage")."""
+
+    @functools.wraps(function)
+    def measured(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch._C._DisableFuncTorch():
+            return function(*args, **kwargs)
+
+    return measured
+
+
+def refuse_transformed(tensors: dict[str, Tensor | None], *, batched_only: bool = False) -> None:
+    """RuntimeError naming the first of ``tensors`` that a torch.func transform wraps (``batched_only``: vmap's
+    only). The diagnostics compute in float64 numpy: such a tensor failed there, naming a missing storage or
+    data-dependent control flow. A transform over other data (the diagnostics of an untouched model logged inside
+    it) is fine."""
+    functorch = torch._C._functorch
+    wrapped = functorch.is_batchedtensor if batched_only else functorch.is_functorch_wrapped_tensor
+    for name, tensor in tensors.items():
+        if tensor is not None and wrapped(tensor):
+            raise RuntimeError(f"the RNN diagnostics cannot take {name} from inside a torch.func transform (vmap, "
+                               "grad, jacrev, ...): they are float64 measurements, not differentiable (their "
+                               "results carry no autograd graph). For many parameter sets at once, pass batched W, "
+                               "U, b to trajectory_derivatives and measure the JacobianFactors with "
+                               "log_norms_of_products")
+
+
 @contextlib.contextmanager
 def read_for_diagnostics(rnn: RNN) -> Iterator[None]:
     """The parameters as a diagnostic reads them: each parametrization computed once (``parametrize.cached``) and
     in eval mode, so that reading does not change the model (spectral_norm's power iteration would advance at
     every read in training mode, and training after a diagnostic would differ from training without it)."""
-    if torch._C._are_functorch_transforms_active():  # they would fail in numpy, naming a missing storage
-        raise RuntimeError("the RNN diagnostics cannot run inside a torch.func transform (vmap, grad, jacrev, ...):"
-                           " they are float64 measurements, not differentiable (their results carry no autograd "
-                           "graph). For many parameter sets at once, pass batched W, U, b to "
-                           "trajectory_derivatives and measure the JacobianFactors with log_norms_of_products")
     modes = [(m, m.training) for m in rnn.modules()]
     cache = getattr(parametrize, "_cache", None)  # inside a cached() block of the caller's, what is computed here
     before = set(cache) if isinstance(cache, dict) else None  # in eval mode must not stay for the caller's reads

@@ -227,8 +227,9 @@ def test_a_switch_on_that_the_loading_optimizer_lacks_is_refused():
     target = SGDMomentum([p], lr=0.1, momentum=0.0)
     with pytest.raises(ValueError, match="parameter group 0 has maximize=True, which SGDMomentum does not"):
         target.load_state_dict(unmarked)
-    unmarked["param_groups"][0]["maximize"] = False  # off, the key is harmless: the old behaviour
-    target.load_state_dict(unmarked)
+    unmarked["param_groups"][0]["maximize"] = False  # off, the group is still SGD's (dampening, nesterov, ...)
+    with pytest.raises(ValueError, match="has 'dampening', 'nesterov', 'weight_decay', 'decay', which SGDMomentum"):
+        target.load_state_dict(unmarked)
 
 
 def test_an_optimizer_pickled_before_the_switches_existed_runs_with_them_off():

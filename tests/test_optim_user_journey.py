@@ -64,3 +64,67 @@ def test_state_dict_post_hooks_see_the_whole_state(make):
     assert "decoupled_weight_decay" not in other.param_groups[0]
     opt.register_state_dict_post_hook(lambda o, sd: None)  # a hook that returns nothing keeps the dict
     assert opt.state_dict()["theorylab_skipped_steps"] == 1
+
+
+def _dcp_form(opt):
+    """The state as torch.distributed.checkpoint hands it back: without theorylab's top-level keys."""
+    saved = opt.state_dict()
+    return {"state": saved["state"], "param_groups": saved["param_groups"]}
+
+
+def test_an_sgd_state_without_its_kind_is_refused_by_sgd_momentum():
+    """Saved through torch.distributed.checkpoint (which drops the kind key), momentum SGD's state loaded into
+    SGDMomentum without a word, and its next step was 1/lr times too long (its buffer is in gradient units,
+    SGDMomentum's in lr·gradient units). Its groups' hyperparameters now say whose it is."""
+    from theorylab.optim import RunningAverageSGD, SGDMomentum
+
+    def trained(make):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = make([p])
+        for _ in range(3):
+            p.grad = torch.tensor([1.0, -2.0, 0.5])
+            opt.step()
+        return opt
+
+    sgd = trained(lambda ps: SGD(ps, lr=0.01, momentum=0.9))
+    with pytest.raises(ValueError, match="has 'dampening', 'nesterov', 'weight_decay', 'decay', which SGDMomentum"):
+        SGDMomentum([torch.nn.Parameter(torch.ones(3))], lr=0.01, momentum=0.9).load_state_dict(_dcp_form(sgd))
+    # each optimizer still takes its own state in that form
+    for make in (lambda ps: SGD(ps, lr=0.01, momentum=0.9), lambda ps: SGDMomentum(ps, lr=0.01, momentum=0.9),
+                 lambda ps: RunningAverageSGD(ps, lr=0.01, beta=0.9), lambda ps: Adam(ps, lr=0.01)):
+        source = trained(make)
+        target = make([torch.nn.Parameter(torch.ones(3))])
+        target.load_state_dict(_dcp_form(source))
+        assert torch.equal(next(iter(target.state.values()))["step"], next(iter(source.state.values()))["step"])
+
+
+def test_state_dict_called_inside_a_hook_keeps_the_outer_call_whole():
+    """The first version installed its hook under one key per optimizer: state_dict() called inside a pre-hook
+    removed the outer call's hook, whose dict then lacked theorylab's keys (and Adam's decoupled_weight_decay,
+    which torch.optim.Adam needs to load a "decoupled_lr" run as such) and loaded without a word (the review)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = Adam([p], lr=0.1, decay="decoupled_lr", nonfinite="skip")
+    p.grad = torch.tensor([float("nan"), 1.0])
+    opt.step()
+    inner, calls = [], []
+
+    def pre(o):
+        if not calls:  # once: the inner call runs this hook too
+            calls.append("state_dict")
+            inner.append(o.state_dict())
+
+    def load_pre(o, state_dict):
+        if len(calls) == 1:
+            calls.append("load_state_dict")
+            inner.append(o.state_dict())
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    outer = opt.state_dict()
+    for saved in (outer, inner[0]):
+        assert saved["theorylab_skipped_steps"] == 1 and saved["param_groups"][0]["decoupled_weight_decay"] is True
+    opt.load_state_dict(outer)
+    assert opt.skipped_steps == 1 and inner[1]["theorylab_skipped_steps"] == 1
+    assert not any(isinstance(k, str) for hooks in (opt._optimizer_state_dict_post_hooks,
+                                                   opt._optimizer_load_state_dict_pre_hooks,
+                                                   opt._optimizer_load_state_dict_post_hooks) for k in hooks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import sys
@@ -34,6 +35,12 @@ EXECUTION_KEYS = ("nonfinite", "fused")
 #: switches added after the first release (torch.optim's, off by default): a saved group or a pickled optimizer
 #: that lacks one ran with it off. Each optimizer lists its own in ``ChainOptimizer.later_switches``
 LATER_SWITCHES = ("maximize", "amsgrad")
+#: the hyperparameters of theorylab's optimizers: a saved group (without its kind key, as
+#: torch.distributed.checkpoint saves it) holding one that the loading optimizer's group lacks is another
+#: optimizer's (SGD's ``dampening``, ``nesterov`` and ``decay`` in a state loaded into SGDMomentum, whose
+#: ``momentum_buffer`` is in other units)
+HYPERPARAMETER_KEYS = ("momentum", "dampening", "nesterov", "weight_decay", "decay", "betas", "eps", "beta",
+                       "debias")
 # keys torch.optim.Optimizer itself adds to ``defaults`` (``__setstate__``: after a load_state_dict, deepcopy or
 # unpickling) or that only its subclasses' groups hold; not hyperparameters of ours, so a saved group need not
 # carry them
@@ -143,6 +150,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 _VALIDATE = "theorylab: validate the loaded state"  # the key of our load pre-hook (torch's keys are ints)
 _COMPLETE = "theorylab: complete the state"  # of our first post-hook of state_dict and load_state_dict
+_HOOK_CALLS = itertools.count()
 
 
 @contextlib.contextmanager
@@ -151,6 +159,7 @@ def _hook_for_this_call(hooks: Any, key: str, hook: Callable[..., Any], *, last:
     that hooks registered meanwhile keep their order (prepend) and their handles; torch types the dict by its own
     integer handle ids, and a str key cannot clash with them."""
     ordered = cast("OrderedDict[int | str, Callable[..., Any]]", hooks)
+    key = f"{key} #{next(_HOOK_CALLS)}"  # a call made inside a hook (state_dict in a pre-hook) has a key of its own
     ordered[key] = hook
     ordered.move_to_end(key, last=last)
     try:
@@ -375,6 +384,12 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"cannot load this state_dict into {name}: its parameter group {i} has "
                                  f"{', '.join(f'{k}={saved[k]!r}' for k in foreign)}, which {name} does not "
                                  "implement")
+            alien = [k for k in HYPERPARAMETER_KEYS if k in saved and k not in current] if saved_kind is None else []
+            if alien:
+                raise ValueError(f"cannot load this state_dict into {name}: its parameter group {i} has "
+                                 f"{', '.join(map(repr, alien))}, which {name}'s groups do not: it is another "
+                                 "optimizer's state, saved without its kind (as torch.distributed.checkpoint saves "
+                                 "it), whose buffers may mean something else here")
             try:
                 check_common_keys(group)
                 self.check_group(group)

@@ -86,3 +86,32 @@ def test_unseeded_random_features_still_come_from_the_global_generator():
         features.append([layer.self_attn.attention.feature_map.projection for layer in model.layers])
     torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
     assert not torch.equal(*features[0])
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_drop_in_put_in_by_hand_runs_in_eval_with_autograd_on(frozen):
+    """nn.TransformerEncoder reads in_proj_weight.requires_grad to pick its nested path: None failed there
+    ("'NoneType' object has no attribute 'requires_grad'"), in eval with autograd on (a validation loss, input
+    gradients), frozen or not (the review). With autograd on the encoder now takes its padded path."""
+    enc, x, pad = _encoder(nested=True), *_padded_batch()
+    for layer in enc.layers:
+        layer.self_attn = swap_attention(layer.self_attn, "favor", seed=0)
+    enc.requires_grad_(not frozen)
+    x.requires_grad_(not frozen)
+    out = enc(x, src_key_padding_mask=pad)
+    enc.use_nested_tensor = False
+    expected = enc(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(out[~pad], expected[~pad], atol=1e-5, rtol=1e-5)
+    if not frozen:
+        out.sum().backward()
+        assert x.grad is not None and enc.layers[0].self_attn.attention.q_proj.weight.grad is not None
+    drop_in = enc.layers[0].self_attn
+    assert drop_in.in_proj_weight.numel() == 0 and drop_in.in_proj_bias is None and drop_in._qkv_same_embed_dim
+
+
+def test_nested_inputs_take_no_key_padding_mask():
+    """The mask was dropped without a word; torch's module refuses the two together, and so does this one."""
+    drop_in = DropInMultiheadAttention(MultiheadAttention(8, 2), batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="nested inputs take no key_padding_mask"):
+        drop_in(x, x, x, key_padding_mask=torch.tensor([[False, False, True], [False, False, False]]))

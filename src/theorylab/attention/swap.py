@@ -39,7 +39,8 @@ class DropInMultiheadAttention(nn.Module):
     softmax forms weights; asking for them raises.
 
     The attributes torch's layers read to pick their fused fast paths are set so that those paths are declined
-    (``in_proj_weight`` and ``in_proj_bias`` are None): the layers then call this module's ``forward``. The other
+    (``in_proj_bias`` is None, ``in_proj_weight`` an empty tensor): the layers then call this module's
+    ``forward``. The other
     attributes of ``nn.MultiheadAttention`` read as they would there (``embed_dim``, ``num_heads``, ``head_dim``,
     ``kdim``, ``vdim``, ``dropout``, ``batch_first``, ``out_proj``; ``bias_k``, ``bias_v`` and the separate
     ``q_proj_weight``... are None, ``add_zero_attn`` False); the projections are ``attention.q_proj`` (``k_proj``,
@@ -52,8 +53,7 @@ class DropInMultiheadAttention(nn.Module):
         batch_first: inputs are ``(B, N, E)`` (True) or ``(N, B, E)`` (False, torch's default).
     """
 
-    in_proj_weight = None  # read by torch's fast-path checks; None declines them
-    in_proj_bias = None
+    in_proj_bias = None  # read by torch's layers' fast-path checks: None declines them
     _qkv_same_embed_dim = True
     q_proj_weight = k_proj_weight = v_proj_weight = bias_k = bias_v = None  # as torch's MHA has them here
     add_zero_attn = False
@@ -67,6 +67,14 @@ class DropInMultiheadAttention(nn.Module):
             raise TypeError(f"DropInMultiheadAttention: batch_first must be a bool; got {batch_first!r}")
         self.attention = attention
         self.batch_first = batch_first
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """An empty tensor that requires grad (not a parameter): ``nn.TransformerEncoder``, picking its
+        nested-tensor path with autograd on, reads ``requires_grad`` of this, then of ``in_proj_bias`` (None: it
+        failed there); this one stops it first, so the encoder takes its padded path. Without autograd it takes
+        the nested path, which :meth:`forward` runs."""
+        return self.attention.q_proj.weight.new_empty(0).requires_grad_()
 
     @property
     def embed_dim(self) -> int:
@@ -204,6 +212,9 @@ class DropInMultiheadAttention(nn.Module):
                              f"need_weights=False")
         if query.is_nested:  # nn.TransformerEncoder's nested-tensor path (in eval, without autograd), taken by an
             # encoder built before this module was put in: run padded, give the nested result it expects
+            if key_padding_mask is not None:  # as torch's module: the lengths are the padding
+                raise ValueError("DropInMultiheadAttention: nested inputs take no key_padding_mask (their sequences' "
+                                 "lengths are the padding); pass padded tensors to use a mask")
             return self._nested_forward(query, key, value, attn_mask, is_causal), None
         unbatched = query.dim() == 2
         if unbatched:  # torch's unbatched form: (N, E), mask (Nk,); made a batch of one, batch first
@@ -268,8 +279,9 @@ def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAtten
 
 def _weights_to_be_copied() -> contextlib.AbstractContextManager[object]:
     """Around building a module whose weights (and kept features) are about to be overwritten: its initialisation
-    must not draw from torch's global generator, which would shift the user's later draws (data order, dropout),
-    so that a swapped model, softmax above all, trains as the original under the same seed."""
+    must not draw from torch's global generator, which would shift the user's later draws (data order,
+    initialisation). (Training draws other dropout masks than the original's where attention dropout is on: the
+    drop-in zeroes output entries, torch's module attention weights.)"""
     return torch.random.fork_rng(devices=[])
 
 

@@ -115,3 +115,69 @@ def test_nested_inputs_take_no_key_padding_mask():
     x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(3, 8)])
     with pytest.raises(ValueError, match="nested inputs take no key_padding_mask"):
         drop_in(x, x, x, key_padding_mask=torch.tensor([[False, False, True], [False, False, False]]))
+
+
+# ---------------------------------------------------------------------------------- a model's life cycle
+
+
+def test_a_seeded_swap_runs_inside_a_meta_device_context():
+    """The layers' seeds were drawn with a CPU generator into a tensor the context put on meta:
+    "Tensor.item() cannot be called on meta tensors"."""
+    with torch.device("meta"):
+        model = swap_attention(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2),
+                               "favor", seed=0)
+    seeds = [layer.self_attn.attention.feature_map.seed for layer in model.layers]
+    assert seeds[0] != seeds[1] and model.layers[0].self_attn.attention.q_proj.weight.is_meta
+
+
+def test_an_explicit_device_wins_over_a_device_context():
+    """MultiheadAttention(device="cpu") inside torch.device("meta") was built on meta and then failed to copy
+    ("Cannot copy out of meta tensor"); torch's modules take the explicit device."""
+    with torch.device("meta"):
+        mha = MultiheadAttention(16, 2, kind="favor", seed=0, device="cpu")
+        on_meta = MultiheadAttention(16, 2, kind="favor", seed=0)
+    reference = MultiheadAttention(16, 2, kind="favor", seed=0)
+    assert not mha.q_proj.weight.is_meta and on_meta.q_proj.weight.is_meta
+    torch.testing.assert_close(mha.feature_map.projection, reference.feature_map.projection, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "linear", "favor"])
+def test_reset_parameters_after_to_empty_gives_the_constructed_module(kind):
+    """docs/attention.md says to call reset_parameters() after to_empty(), as for torch's modules; the module had
+    none (its _reset_parameters left FAVOR+'s features uninitialised). A seeded one is then the module as
+    constructed: the features exactly, the projections' initialisation (Xavier weights, zero biases)."""
+    reference = MultiheadAttention(16, 2, kind=kind, seed=0)
+    with torch.device("meta"):
+        mha = MultiheadAttention(16, 2, kind=kind, seed=0)
+    mha.to_empty(device="cpu")
+    mha.reset_parameters()
+    if kind == "favor":
+        torch.testing.assert_close(mha.feature_map.projection, reference.feature_map.projection, rtol=0, atol=0)
+    bound = (6 / (16 + 16)) ** 0.5  # Xavier-uniform
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        proj = getattr(mha, name)
+        assert proj.weight.abs().max() <= bound and proj.weight.std() > bound / 3 and (proj.bias == 0).all()
+    assert MultiheadAttention._reset_parameters is MultiheadAttention.reset_parameters  # torch's name too
+
+
+def test_parametrized_attention_weights_are_refused_not_dropped():
+    """swap_attention, unswap_attention and a change of kind copied a spectral_norm'd weight's current value into a
+    plain parameter: the constraint was gone (σ_max 2.4e5 after three SGD steps at lr 1) without a word."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    enc = _encoder(nested=False)
+    spectral_norm(enc.layers[1].self_attn.out_proj)
+    with pytest.raises(ValueError, match=r"'layers.1.self_attn': the attention module's out_proj.weight is "
+                                         r"parametrized .*remove_parametrizations"):
+        swap_attention(enc, "softmax")
+    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention  # nothing swapped
+    mha = nn.MultiheadAttention(16, 2)
+    spectral_norm(mha, "in_proj_weight")
+    with pytest.raises(ValueError, match="in_proj_weight is parametrized"):
+        swap_attention(mha, "favor")
+    swapped = swap_attention(nn.MultiheadAttention(16, 2), "linear")
+    spectral_norm(swapped.attention.q_proj)
+    for change in (lambda: swap_attention(swapped, "favor"), lambda: unswap_attention(swapped),
+                   lambda: swap_attention(swapped.attention, "softmax")):
+        with pytest.raises(ValueError, match=r"q_proj.weight is parametrized"):
+            change()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, Literal, cast, overload
 
@@ -117,25 +118,41 @@ class MultiheadAttention(nn.Module):
         if feature_map is not None:
             check_feature_map(feature_map, self.head_dim, "MultiheadAttention")
         self.kind, self.causal, self.chunk_size, self.recompute = kind, causal, chunk_size, recompute
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.feature_map = None
-        if kind == "linear":
-            self.feature_map = EluFeatures(self.head_dim) if feature_map is None else feature_map
-        elif kind == "favor":
-            self.feature_map = PositiveRandomFeatures(self.head_dim, num_features, seed=seed)
-        self._reset_parameters()
-        if device is not None or dtype is not None:  # built, then moved: the same weights and features anywhere
+        # built on the CPU, then moved: the same weights and features on any device (a device given inside a
+        # torch.device("meta") context is built there, as torch's modules are, not on meta)
+        with torch.device("cpu") if device is not None else contextlib.nullcontext():
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.dropout = nn.Dropout(dropout)
+            self.feature_map = None
+            if kind == "linear":
+                self.feature_map = EluFeatures(self.head_dim) if feature_map is None else feature_map
+            elif kind == "favor":
+                self.feature_map = PositiveRandomFeatures(self.head_dim, num_features, seed=seed)
+            self._init_projections()
+        if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def _reset_parameters(self) -> None:
+    def _init_projections(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(proj.weight)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+
+    def reset_parameters(self) -> None:
+        """Initialise as at construction: the projections (Xavier-uniform weights, zero biases) and the feature
+        map (its ``reset_parameters``: a seeded FAVOR+ map draws its seed's first features again, an unseeded one
+        draws from torch's global generator). What a module built on the meta device needs after ``to_empty()``,
+        as torch's own modules do. (Calling ``reset_parameters`` of every submodule instead would give the
+        projections ``nn.Linear``'s own initialisation.)"""
+        self._init_projections()
+        reset = getattr(self.feature_map, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+    _reset_parameters = reset_parameters  # nn.MultiheadAttention's name for it
 
     def redraw_features(self) -> None:
         """Draw new random features (``kind="favor"``); a no-op for the other kinds."""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast, overload
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._checks import readable
 from .features import EluFeatures
@@ -122,6 +123,7 @@ class DropInMultiheadAttention(nn.Module):
                 swap with ``causal=False`` first and pass the causal mask at the call.
         """
         inner = self.attention
+        _refuse_parametrized(inner)
         if inner.causal:
             raise ValueError("to_torch: this module was built causal (swap_attention(..., causal=True)), which "
                              "nn.MultiheadAttention cannot be; swap_attention(model, kind, causal=False) first, and "
@@ -161,6 +163,7 @@ class DropInMultiheadAttention(nn.Module):
             ValueError: ``mha`` has key/value widths other than ``embed_dim`` (``kdim``/``vdim``), ``add_bias_kv``
                 or ``add_zero_attn``, which the package's attention does not implement.
         """
+        _refuse_parametrized(mha)
         if isinstance(mha, DropInMultiheadAttention):
             new = rebuilt(mha.attention, kind, **kwargs)
         elif isinstance(mha, nn.MultiheadAttention):
@@ -253,6 +256,7 @@ def rebuilt(old: MultiheadAttention, kind: str, **kwargs: Any) -> MultiheadAtten
     ``requires_grad``; ``old``'s ``causal``, dropout and chunk size (and ``recompute`` and ``num_features`` where the
     new kind has them) unless given in ``kwargs``; from "favor" to "favor" its drawn features and seed, from
     "linear" to "linear" a feature map of its own (see :func:`swap_attention`)."""
+    _refuse_parametrized(old)
     for key, value in _settings_of(old, kind).items():
         kwargs.setdefault(key, value)
     keep_features = _keeps_features(old, kind, kwargs)
@@ -290,6 +294,20 @@ def _draw_unseeded_features(module: MultiheadAttention) -> None:
     :func:`_weights_to_be_copied` (else every layer swapped from one generator state would get the same ones)."""
     if module.kind == "favor" and getattr(module.feature_map, "seed", None) is None:
         module.redraw_features()
+
+
+def _refuse_parametrized(module: nn.Module) -> None:
+    """ValueError naming the parametrized tensors of ``module`` (spectral_norm, weight_norm, orthogonal, ...): the
+    replacement copies their current values into plain parameters, so the constraint would be dropped without a
+    word (and the state_dict's ``parametrizations.*`` keys with it)."""
+    tensors = [f"{name}.{tensor}" if name else tensor for name, m in module.named_modules()
+               if parametrize.is_parametrized(m) for tensor in cast(Any, m).parametrizations]
+    if tensors:
+        raise ValueError(f"the attention module's {', '.join(tensors)} {'is' if len(tensors) == 1 else 'are'} "
+                         "parametrized "
+                         "(spectral_norm, weight_norm, ...), which the replacement would drop: remove the "
+                         "parametrizations (torch.nn.utils.parametrize.remove_parametrizations), swap, then register "
+                         "them on the new module")
 
 
 def _is_cross_attention(model: nn.Module, name: str) -> bool:
@@ -357,8 +375,8 @@ def _layer_seeds(seed: object, n: int) -> list[int] | None:
     One seed for every layer had given every layer the same random features, redrawn in lockstep."""
     if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         return None
-    generator = torch.Generator().manual_seed(int(seed))
-    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+    generator = torch.Generator().manual_seed(int(seed))  # a CPU generator, on the CPU inside any device context
+    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=generator, device="cpu")]
 
 
 #: a model's own type, which swap_attention and unswap_attention keep (they change it in place and return it)
@@ -420,7 +438,8 @@ def swap_attention(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
         ValueError: an unknown ``kind``; ``causal=True`` with a decoder layer's cross-attention; a keyword value
             :class:`MultiheadAttention` refuses (dropout outside [0, 1), ``recompute`` with a kind other than
             "linear" or "favor", ...); an ``nn.MultiheadAttention`` with ``kdim``/``vdim`` other than
-            ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
+            ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``; an attention module with parametrized weights
+            (``spectral_norm``, ``weight_norm``, ...), which the copy would drop.
         TypeError: a keyword :class:`MultiheadAttention` does not take (``bias`` included), or a value of the wrong
             type (``causal`` not a bool, a non-integer ``seed`` with ``kind="favor"``, ...). An unknown ``kind`` is
             refused first, whatever the model holds; the keyword values only where there is a module to replace
@@ -498,7 +517,8 @@ def unswap_attention(model: nn.Module) -> nn.Module:
         torch.save(serving.state_dict(), "model.pt")
 
     Raises:
-        ValueError: a module was built causal (``swap_attention(..., causal=True)``), naming it.
+        ValueError: a module was built causal (``swap_attention(..., causal=True)``), naming it; a module has
+            parametrized weights (the copy would drop them).
     """
     if isinstance(model, DropInMultiheadAttention):
         return model.to_torch()

@@ -176,3 +176,41 @@ def test_the_documented_route_for_many_weights_matches_a_loop():
         with torch.no_grad():
             rnn.W.copy_(W)
         torch.testing.assert_close(batched[i], log_jacobian_norms(rnn, x[:1])[0], rtol=1e-9, atol=1e-9)
+
+
+def test_a_parametrized_weight_from_a_transform_is_refused_not_read_as_a_number():
+    """With the transforms switched off for the whole diagnostic, an orthogonal W whose original came from grad
+    was computed there as a plain tensor: log_jacobian_norms returned its value and grad a derivative of 0, where
+    a plain W was refused (the second review)."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    torch.manual_seed(0)
+    rnn, x = RNN(3, 8), torch.randn(2, 6, 3)
+    orthogonal(rnn, "W")
+    model = _Diagnose(rnn, log_jacobian_norms)
+    original = rnn.parametrizations.W.original.detach()
+
+    def f(w):
+        return functional_call(model, {"rnn.parametrizations.W.original": w}, (x,), strict=False)[:, -1].sum()
+
+    for run, arg in ((grad(f), original), (vmap(f), original.expand(2, 8, 8))):
+        with pytest.raises(RuntimeError, match="cannot take W from inside a torch.func transform"):
+            run(arg)
+
+
+def test_factors_from_a_transform_are_refused_not_read_as_numbers():
+    """log_norms_of_products and lyapunov_from_factors under grad gave derivatives of 0 (the second review)."""
+    from torch.func import jacrev
+
+    from theorylab.rnn import JacobianFactors, lyapunov_from_factors
+
+    torch.manual_seed(0)
+    A, d = torch.randn(4, 4, dtype=F64), torch.rand(2, 5, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match="cannot take factors.A from inside"):
+        grad(lambda a: log_norms_of_products(JacobianFactors(a, d, True))[:, -1].sum())(A)
+    with pytest.raises(RuntimeError, match="cannot take factors.d from inside"):
+        jacrev(lambda dd: lyapunov_from_factors(JacobianFactors(A, dd, True), 1))(d)
+    expected = log_norms_of_products(JacobianFactors(A, d, True))
+    seen = []
+    grad(lambda w: seen.append(log_norms_of_products(JacobianFactors(A, d, True))) or (w * w).sum())(torch.ones(2))
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)  # plain factors inside a transform: measured

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads, threads_for
 from .activations import get_activation
-from .model import FORMS, RNN, as_rnn, outside_transforms, read_for_diagnostics, refuse_transformed
+from .model import FORMS, RNN, as_rnn, outside_transforms, parameters_of, read_for_diagnostics
 
 F64 = torch.float64
 
@@ -176,12 +176,23 @@ def trajectory_derivatives(W: Tensor, U: Tensor, b: Tensor, activation: str, x: 
     return d, log_scale
 
 
-@outside_transforms
+def factor_tensors(factors: object, *args: object, **kwargs: object) -> dict[str, object]:
+    """The tensors of a :class:`JacobianFactors` argument, for :func:`~theorylab.rnn.model.outside_transforms`."""
+    if not isinstance(factors, JacobianFactors):
+        return {}
+    return {"factors.A": factors.A, "factors.d": factors.d, "factors.d_log_scale": factors.d_log_scale}
+
+
+def rnn_inputs(rnn: object, x: object, h0: object = None, *args: object, **kwargs: object) -> dict[str, object]:
+    """The tensors a diagnostic of ``rnn`` on x from h0 reads, for :func:`~theorylab.rnn.model.outside_transforms`."""
+    return {**parameters_of(rnn), "x": x, "h0": h0}
+
+
+@outside_transforms(rnn_inputs)
 def jacobian_factors(rnn: RNN, x: Tensor, h0: Tensor | None) -> JacobianFactors:
     """The one-step Jacobians of ``rnn`` along the trajectory from h0 driven by x, in float64."""
     rnn = as_rnn(rnn)
     with read_for_diagnostics(rnn):
-        refuse_transformed({"W": rnn.W, "U": rnn.U, "b": rnn.b, "x": x, "h0": h0})
         rnn.check_inputs(x, h0)
         rnn.check_finite_parameters()  # a NaN in W reached LAPACK as "eigenvalues did not converge"
         W, U, b = _as_float64_params(rnn)
@@ -377,7 +388,7 @@ def _graded_log_norms(A: np.ndarray, d: np.ndarray, step_log: np.ndarray, diag_r
     return out
 
 
-@outside_transforms
+@outside_transforms(factor_tensors)
 def log_norms_of_products(factors: JacobianFactors, *, method: str = "auto", tol: float = 1e-10, block: int = 4,
                           max_dim: int = 96, seed: int = 0, stats: dict | None = None) -> Tensor:
     r"""log‖J_t ⋯ J_1‖₂ for t = 1..T: (B, T) float64 (see the module docstring for the method).
@@ -503,6 +514,7 @@ def check_factors_finite(factors: JacobianFactors) -> None:
             raise ValueError("factors.d_log_scale contains NaN or +inf (only −inf, an exactly zero step, is allowed)")
 
 
+@outside_transforms(rnn_inputs)
 def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
     r"""log‖∂s_t/∂s_0‖₂ for t = 1..T: (B, T) float64, s the model's state (h or g).
 
@@ -520,6 +532,7 @@ def log_jacobian_norms(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
     return log_norms_of_products(jacobian_factors(rnn, x, h0))
 
 
+@outside_transforms(rnn_inputs)
 def log_jacobian_profile(rnn: RNN, x: Tensor, h0: Tensor | None = None) -> Tensor:
     r"""log‖∂s_T/∂s_t‖₂ for t = 0..T−1: (B, T) float64, from one backward sweep.
 

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from ._threads import numpy_blas_threads
 from .activations import derivative_bound
-from .jacobian import F64, JacobianFactors, check_factors_finite, jacobian_factors
-from .model import RNN, as_rnn, outside_transforms, read_for_diagnostics, refuse_transformed
+from .jacobian import F64, JacobianFactors, check_factors_finite, factor_tensors, jacobian_factors, rnn_inputs
+from .model import RNN, as_rnn, outside_transforms, parameters_of, read_for_diagnostics
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, *, hi_label: str = "") -> int:
@@ -147,7 +147,7 @@ def _lost_directions(r: np.ndarray, Y: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (small & (np.arange(r.shape[-1])[None, :] < rank[:, None])).any(axis=-1)
 
 
-@outside_transforms
+@outside_transforms(factor_tensors)
 def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_every: int = 1,
                           seed: int = 0) -> Tensor:
     """Top-k Lyapunov exponents (nats per step) of the products J_t ⋯ J_1: (B, k) float64, sorted descending.
@@ -209,6 +209,7 @@ def lyapunov_from_factors(factors: JacobianFactors, k: int, *, reorthonormalize_
     return exponents.to(device)
 
 
+@outside_transforms(rnn_inputs)
 def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1, *,
                       reorthonormalize_every: int = 1, seed: int = 0) -> Tensor:
     r"""Top-k Lyapunov exponents of ``rnn`` along the trajectory from h0 driven by x: (B, k) float64, nats/step.
@@ -228,7 +229,6 @@ def lyapunov_spectrum(rnn: RNN, x: Tensor, h0: Tensor | None = None, k: int = 1,
     every = _check_int("reorthonormalize_every", reorthonormalize_every, 1)  # fail before the trajectory is run
     seed = _check_int("seed", seed, 0)
     with read_for_diagnostics(rnn):
-        refuse_transformed({"W": rnn.W, "U": rnn.U, "b": rnn.b, "x": x, "h0": h0})
         rnn.check_finite_parameters()  # W, U and b all shape the trajectory
         factors = jacobian_factors(rnn, x, h0)
     return lyapunov_from_factors(factors, k, reorthonormalize_every=every, seed=seed)
@@ -276,7 +276,7 @@ def _check_steps(steps: object) -> float:
     return float(steps)
 
 
-@outside_transforms
+@outside_transforms(lambda rnn: {"W": parameters_of(rnn).get("W")}, batched_only=True)  # under grad: δ a number
 def certificate(rnn: RNN) -> Certificate:
     """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1.
 
@@ -299,7 +299,6 @@ def certificate(rnn: RNN) -> Certificate:
     """
     rnn = as_rnn(rnn)
     with read_for_diagnostics(rnn):
-        refuse_transformed({"W": rnn.W}, batched_only=True)  # under grad, δ is read as a number (not differentiated)
         rnn.check_finite_parameters("W")  # the certificate reads W alone; NaN/inf would fail in the SVD or give nan
         sigma_max = float(torch.linalg.matrix_norm(rnn.W.detach().to(F64), ord=2))
     gamma = derivative_bound(rnn.activation)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar, cast
 
@@ -248,29 +249,62 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def outside_transforms(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run a diagnostic with torch.func's transforms switched off: it computes in float64 numpy, on tensors that
-    are not a transform's (:func:`refuse_transformed` names one that is), so the diagnostics of a model that a
-    transform does not touch can be logged inside it (inside ``grad`` even the factors of an untouched model
-    failed in numpy, "Cannot access data pointer of Tensor that doesn't have storage")."""
-
-    @functools.wraps(function)
-    def measured(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with torch._C._DisableFuncTorch():
-            return function(*args, **kwargs)
-
-    return measured
+class _Measuring(threading.local):
+    active = False  # inside a diagnostic that outside_transforms has checked (per thread)
 
 
-def refuse_transformed(tensors: dict[str, Tensor | None], *, batched_only: bool = False) -> None:
+_measuring = _Measuring()
+
+
+def outside_transforms(inputs: Callable[..., dict[str, object]], *, batched_only: bool = False
+                       ) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Make a diagnostic a measurement that torch.func's transforms do not enter: ``inputs`` (called with the
+    diagnostic's arguments) names the tensors it reads, and one that a transform wraps is refused
+    (:func:`refuse_transformed`), before anything is read with the transforms switched off. Switched off, the
+    numpy code runs on plain tensors, so the diagnostics of a model that a transform does not touch can be logged
+    inside it (inside ``grad`` even an untouched model's factors failed in numpy: "Cannot access data pointer of
+    Tensor that doesn't have storage"); and a wrapped input must be refused first, as it would be read there as a
+    plain number (a derivative of 0, silently)."""
+
+    def decorate(function: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(function)
+        def measured(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            # outside any transform, or inside a measurement already checked: nothing to refuse, and a
+            # parametrized W is computed once per call (the check computes it once more)
+            if _measuring.active or not torch._C._are_functorch_transforms_active():
+                return function(*args, **kwargs)
+            refuse_transformed(inputs(*args, **kwargs), batched_only=batched_only)
+            _measuring.active = True
+            try:
+                with torch._C._DisableFuncTorch():
+                    return function(*args, **kwargs)
+            finally:
+                _measuring.active = False
+
+        return measured
+
+    return decorate
+
+
+def parameters_of(rnn: object) -> dict[str, object]:
+    """W, U and b as a diagnostic reads them (:func:`read_for_diagnostics`: a parametrized W computed in eval
+    mode); nothing for what is not an RNN (the diagnostic then names it)."""
+    try:
+        model = as_rnn(rnn)
+    except ValueError:
+        return {}
+    with read_for_diagnostics(model):
+        return {"W": model.W, "U": model.U, "b": model.b}
+
+
+def refuse_transformed(tensors: dict[str, object], *, batched_only: bool = False) -> None:
     """RuntimeError naming the first of ``tensors`` that a torch.func transform wraps (``batched_only``: vmap's
-    only). The diagnostics compute in float64 numpy: such a tensor failed there, naming a missing storage or
-    data-dependent control flow. A transform over other data (the diagnostics of an untouched model logged inside
-    it) is fine."""
+    only; under ``grad`` the certificate reads δ as a number). The diagnostics compute in float64 numpy, where such
+    a tensor failed, naming a missing storage or data-dependent control flow."""
     functorch = torch._C._functorch
     wrapped = functorch.is_batchedtensor if batched_only else functorch.is_functorch_wrapped_tensor
     for name, tensor in tensors.items():
-        if tensor is not None and wrapped(tensor):
+        if isinstance(tensor, Tensor) and wrapped(tensor):
             raise RuntimeError(f"the RNN diagnostics cannot take {name} from inside a torch.func transform (vmap, "
                                "grad, jacrev, ...): they are float64 measurements, not differentiable (their "
                                "results carry no autograd graph). For many parameter sets at once, pass batched W, "

@@ -181,3 +181,68 @@ def test_parametrized_attention_weights_are_refused_not_dropped():
                    lambda: swap_attention(swapped.attention, "softmax")):
         with pytest.raises(ValueError, match=r"q_proj.weight is parametrized"):
             change()
+
+
+def test_a_drop_in_with_quantized_projections_runs_the_encoders_nested_path():
+    """in_proj_weight was made from q_proj.weight, which a dynamically quantized Linear has as a method: the
+    encoder's read failed, reported as "no attribute 'in_proj_weight'" (the second review)."""
+    import warnings
+
+    enc, x, pad = _encoder(nested=True), *_padded_batch()
+    for layer in enc.layers:
+        layer.self_attn = swap_attention(layer.self_attn, "favor", seed=0)
+    names = {n for n, _ in enc.named_modules() if n.endswith("_proj") and ".attention." in n}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(enc, names, dtype=torch.qint8)
+        with torch.no_grad():
+            out = quantized(x, src_key_padding_mask=pad)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all()) and (out[pad] == 0).all()
+
+
+class _LearnedMap(nn.Module):
+    """A feature map of one's own, elu(Px) + 1, with no reset_parameters of its own."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return nn.functional.elu(self.proj(x)) + 1
+
+
+def test_a_parametrized_feature_map_of_ones_own_is_kept_not_refused():
+    """The refusal walked into the feature map, which a re-swap keeps as it is and an unswap drops anyway: both were
+    refused (the second review). Only the copied projections are refused."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    learned = _LearnedMap(8)
+    orthogonal(learned.proj)
+    enc = swap_attention(_encoder(nested=False), "linear", feature_map=learned)
+    kept = enc.layers[0].self_attn.attention.feature_map
+    swap_attention(enc, "linear", recompute=True)
+    assert enc.layers[0].self_attn.attention.feature_map is kept
+    unswap_attention(enc)
+    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention
+
+
+def test_device_meta_builds_on_meta_and_draws_nothing():
+    """device="meta" inside a meta context was built on the CPU (the full module, and draws from the global
+    generator) before moving to meta (the second review); torch's modules draw nothing there."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with torch.device("meta"):
+        mha = MultiheadAttention(64, 4, kind="favor", device="meta")
+    assert mha.q_proj.weight.is_meta and mha.feature_map.projection.is_meta
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_reset_parameters_initialises_a_feature_map_without_its_own():
+    """A map of one's own with an nn.Linear but no reset_parameters kept to_empty()'s uninitialised memory (NaN)."""
+    with torch.device("meta"):
+        mha = MultiheadAttention(16, 2, kind="linear", feature_map=_LearnedMap(8))
+    mha.to_empty(device="cpu")
+    with torch.no_grad():
+        mha.feature_map.proj.weight.fill_(float("nan"))
+    mha.reset_parameters()
+    assert bool(torch.isfinite(mha.feature_map.proj.weight).all())

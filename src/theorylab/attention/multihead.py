@@ -119,8 +119,10 @@ class MultiheadAttention(nn.Module):
             check_feature_map(feature_map, self.head_dim, "MultiheadAttention")
         self.kind, self.causal, self.chunk_size, self.recompute = kind, causal, chunk_size, recompute
         # built on the CPU, then moved: the same weights and features on any device (a device given inside a
-        # torch.device("meta") context is built there, as torch's modules are, not on meta)
-        with torch.device("cpu") if device is not None else contextlib.nullcontext():
+        # torch.device("meta") context is built there, as torch's modules are, not on meta); on meta directly,
+        # drawing nothing, as torch's modules do
+        on_meta = device is not None and torch.device(device).type == "meta"
+        with torch.device("meta" if on_meta else "cpu") if device is not None else contextlib.nullcontext():
             self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
             self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
             self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -144,13 +146,22 @@ class MultiheadAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise as at construction: the projections (Xavier-uniform weights, zero biases) and the feature
         map (its ``reset_parameters``: a seeded FAVOR+ map draws its seed's first features again, an unseeded one
-        draws from torch's global generator). What a module built on the meta device needs after ``to_empty()``,
-        as torch's own modules do. (Calling ``reset_parameters`` of every submodule instead would give the
-        projections ``nn.Linear``'s own initialisation.)"""
+        draws from torch's global generator; a map of one's own without one, each of its submodules'
+        ``reset_parameters``, which is its construction only if it was built so). What a module built on the
+        meta device needs after ``to_empty()``, as torch's own modules do. (Calling ``reset_parameters`` of every
+        submodule instead would give the projections ``nn.Linear``'s own initialisation.)"""
         self._init_projections()
-        reset = getattr(self.feature_map, "reset_parameters", None)
+        feature_map = self.feature_map
+        if feature_map is None:
+            return
+        reset = getattr(feature_map, "reset_parameters", None)
         if callable(reset):
             reset()
+            return
+        for m in feature_map.modules():  # a map of one's own without one: its submodules' (an nn.Linear's)
+            reset = getattr(m, "reset_parameters", None)
+            if m is not feature_map and callable(reset):
+                reset()
 
     _reset_parameters = reset_parameters  # nn.MultiheadAttention's name for it
 

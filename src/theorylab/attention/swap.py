@@ -75,7 +75,7 @@ class DropInMultiheadAttention(nn.Module):
         nested-tensor path with autograd on, reads ``requires_grad`` of this, then of ``in_proj_bias`` (None: it
         failed there); this one stops it first, so the encoder takes its padded path. Without autograd it takes
         the nested path, which :meth:`forward` runs."""
-        return self.attention.q_proj.weight.new_empty(0).requires_grad_()
+        return torch.empty(0, device="cpu", requires_grad=True)  # on no module's weight: a quantized q_proj has none
 
     @property
     def embed_dim(self) -> int:
@@ -300,7 +300,13 @@ def _refuse_parametrized(module: nn.Module) -> None:
     """ValueError naming the parametrized tensors of ``module`` (spectral_norm, weight_norm, orthogonal, ...): the
     replacement copies their current values into plain parameters, so the constraint would be dropped without a
     word (and the state_dict's ``parametrizations.*`` keys with it)."""
-    tensors = [f"{name}.{tensor}" if name else tensor for name, m in module.named_modules()
+    inner = module.attention if isinstance(module, DropInMultiheadAttention) else module
+    prefix = "attention." if inner is not module else ""
+    # the projections alone are copied into new parameters (a feature map of one's own is kept as it is)
+    copied = [("", inner)] if isinstance(inner, nn.MultiheadAttention) else []
+    copied += [(name, getattr(inner, name)) for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+               if isinstance(getattr(inner, name, None), nn.Module)]
+    tensors = [f"{prefix}{name + '.' if name else ''}{tensor}" for name, m in copied
                if parametrize.is_parametrized(m) for tensor in cast(Any, m).parametrizations]
     if tensors:
         raise ValueError(f"the attention module's {', '.join(tensors)} {'is' if len(tensors) == 1 else 'are'} "

@@ -194,8 +194,40 @@ def test_a_parametrized_weight_from_a_transform_is_refused_not_read_as_a_number(
         return functional_call(model, {"rnn.parametrizations.W.original": w}, (x,), strict=False)[:, -1].sum()
 
     for run, arg in ((grad(f), original), (vmap(f), original.expand(2, 8, 8))):
-        with pytest.raises(RuntimeError, match="cannot take W from inside a torch.func transform"):
+        with pytest.raises(RuntimeError, match="cannot take parametrizations.W.original from inside a torch.func"):
             run(arg)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap"])
+def test_an_untouched_parametrized_model_is_measured_inside_a_transform(transform):
+    """grad wraps every op's result at its level, so a parametrized W computed for the check looked wrapped: an
+    untouched spectral_norm'd model was refused inside grad (the third review). The check reads the tensors the
+    model holds instead."""
+    from torch.func import jacrev
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    rnn, x = RNN(3, 8), torch.randn(2, 6, 3)
+    spectral_norm(rnn, "W")
+    expected = log_jacobian_norms(rnn, x)
+    seen = []
+
+    def step(w):
+        seen.append(log_jacobian_norms(rnn, x))
+        return (w * w).sum()
+
+    {"grad": grad, "jacrev": jacrev, "vmap": vmap}[transform](step)(torch.ones(2))
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+
+
+def test_a_bad_call_inside_a_transform_is_named_as_outside():
+    """The check's helpers were called first and named themselves ("rnn_inputs() missing 1 required positional
+    argument"; the third review)."""
+    rnn = RNN(3, 8)
+    for call, name in ((lambda: log_jacobian_norms(rnn), "log_jacobian_norms"),
+                       (lambda: certificate(rnn, 5), "certificate")):
+        with pytest.raises(TypeError, match=rf"^{name}\(\)"):
+            grad(lambda w, call=call: call() or (w * w).sum())(torch.ones(2))
 
 
 def test_factors_from_a_transform_are_refused_not_read_as_numbers():

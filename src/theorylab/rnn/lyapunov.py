@@ -276,7 +276,7 @@ def _check_steps(steps: object) -> float:
     return float(steps)
 
 
-@outside_transforms(lambda rnn: {"W": parameters_of(rnn).get("W")}, batched_only=True)  # under grad: δ a number
+@outside_transforms(parameters_of, batched_only=True)  # under grad, δ is read as a number
 def certificate(rnn: RNN) -> Certificate:
     """The vanishing-gradient certificate of ``rnn``: δ = σ_max(W)·γ and whether δ < 1.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -273,7 +274,11 @@ def outside_transforms(inputs: Callable[..., dict[str, object]], *, batched_only
             # parametrized W is computed once per call (the check computes it once more)
             if _measuring.active or not torch._C._are_functorch_transforms_active():
                 return function(*args, **kwargs)
-            refuse_transformed(inputs(*args, **kwargs), batched_only=batched_only)
+            try:
+                tensors = inputs(*args, **kwargs)
+            except TypeError:  # a call with the wrong arguments: the diagnostic's own message names it
+                return function(*args, **kwargs)
+            refuse_transformed(tensors, batched_only=batched_only)
             _measuring.active = True
             try:
                 with torch._C._DisableFuncTorch():
@@ -287,14 +292,14 @@ def outside_transforms(inputs: Callable[..., dict[str, object]], *, batched_only
 
 
 def parameters_of(rnn: object) -> dict[str, object]:
-    """W, U and b as a diagnostic reads them (:func:`read_for_diagnostics`: a parametrized W computed in eval
-    mode); nothing for what is not an RNN (the diagnostic then names it)."""
+    """The tensors ``rnn`` holds, by name (a parametrized W's ``parametrizations.W.original``: not W computed,
+    which ``grad`` would wrap even for a model it does not touch); nothing for what is not an RNN (the diagnostic
+    then names it)."""
     try:
         model = as_rnn(rnn)
     except ValueError:
         return {}
-    with read_for_diagnostics(model):
-        return {"W": model.W, "U": model.U, "b": model.b}
+    return dict(itertools.chain(model.named_parameters(), model.named_buffers()))
 
 
 def refuse_transformed(tensors: dict[str, object], *, batched_only: bool = False) -> None:

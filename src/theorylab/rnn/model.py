@@ -270,8 +270,8 @@ def outside_transforms(inputs: Callable[..., dict[str, object]], *, batched_only
     def decorate(function: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(function)
         def measured(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            # outside any transform, or inside a measurement already checked: nothing to refuse, and a
-            # parametrized W is computed once per call (the check computes it once more)
+            # outside any transform, or inside a measurement already checked (a diagnostic calling another):
+            # nothing to refuse
             if _measuring.active or not torch._C._are_functorch_transforms_active():
                 return function(*args, **kwargs)
             try:

@@ -9,6 +9,7 @@ same way with ``@extra("name", "Title")`` and return the same :class:`Evidence`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,16 @@ def extra(section_id: str, title: str, statement: str = "") -> Callable[[ClaimFn
         raise SystemExit(main(["verify", "--only", "my-check", "--out", "my-report"]))
     """
 
+    for name, value in (("section_id", section_id), ("title", title), ("statement", statement)):
+        if not isinstance(value, str):  # the summary table failed on it after the run, losing the exit status
+            raise TypeError(f"extra: {name} must be a str; got {type(value).__name__} {value!r}")
+    # an ID --only cannot select (it splits at whitespace and commas, and reads "-..." as an option); " 2.1" ran
+    # claim 2.1 in its place
+    if not section_id or section_id != section_id.strip() or any(c.isspace() or c == "," for c in section_id) \
+            or section_id.startswith("-"):
+        raise ValueError(f"extra: section_id {section_id!r} cannot be given to --only: use letters, digits, '.', "
+                         "'-' or '_', without spaces or commas, not starting with '-'")
+
     def register(fn: ClaimFn) -> ClaimFn:
         # theorylab's own IDs are refused: a section of your own called "charlm" was replaced by the built-in one
         # when its module loaded, and one called "1.1" ran beside claim 1.1 under the same ID
@@ -157,10 +168,19 @@ def extra(section_id: str, title: str, statement: str = "") -> Callable[[ClaimFn
                 raise ValueError(f"extra: {section_id!r} is the ID of claim {section_id}; choose another")
             if section_id in EXTRA_MODULES.values():
                 raise ValueError(f"extra: {section_id!r} is the ID of theorylab's own extra section; choose another")
+        taken = _EXTRAS.get(section_id)
+        if taken is not None and taken.fn is not None and _qualified(taken.fn) != _qualified(fn):
+            warnings.warn(f"extra: the section {section_id!r} ({_qualified(taken.fn)}) is replaced by "
+                          f"{_qualified(fn)}", UserWarning, stacklevel=2)
         _EXTRAS[section_id] = Section(section_id, title, statement, "extra", fn)
         return fn
 
     return register
+
+
+def _qualified(fn: Callable[..., object]) -> str:
+    """A function's module and name: registering the same one again (a notebook cell run twice) is no mistake."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def claim_sections() -> list[Section]:

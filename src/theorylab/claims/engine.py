@@ -172,12 +172,15 @@ def _save_figures(section: Section, evidence: Evidence, out_dir: Path) -> tuple[
 def _torch_state_restored() -> Iterator[None]:
     """Each claim starts from the same global torch state: one that sets the default dtype or device, turns
     gradients off, anomaly detection on or changes the thread count (and then raises) must not change the claims
-    after it."""
+    after it. The working directory too: a section of one's own that changed it sent the later writes of a
+    relative ``--out`` elsewhere (a traceback, and the finished sections lost)."""
     dtype, grad, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
-    device, anomaly = _default_device(), torch.is_anomaly_enabled()
+    device, anomaly, cwd = _default_device(), torch.is_anomaly_enabled(), os.getcwd()
     try:
         yield
     finally:
+        if os.getcwd() != cwd:
+            os.chdir(cwd)
         torch.set_default_dtype(dtype)
         if _default_device() != device:  # only then: a default-device context intercepts every factory
             torch.set_default_device(None if device == torch.device("cpu") else device)
@@ -293,6 +296,7 @@ def run_claims(sections: Sequence[Section], *, out_dir: Path, seed: int = 0, qui
     An interrupted run (Ctrl-C, a killed process) leaves a valid results.json holding every finished claim; Ctrl-C
     raises :class:`ClaimsInterrupted` carrying that payload.
     """
+    out_dir = out_dir.absolute()  # the run's own writes do not depend on the working directory
     out_dir.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "claims": [], "extras": [],

@@ -119,6 +119,21 @@ def test_bench_json_to_stdout_gets_the_json_alone(tmp_path, monkeypatch, capsys)
     assert "the table" in capsys.readouterr().err
 
 
+def test_bench_json_to_a_stdout_appending_to_a_log_keeps_the_log(tmp_path, monkeypatch, capsys):
+    """`--json /dev/stdout >> log` reopened the log file to replace it: its earlier lines were lost (a user's
+    journey). The JSON now goes into the stream itself."""
+    monkeypatch.setattr(bench_optim, "run", lambda quick: {"suite": "optim", "quick": True, "targets": []})
+    monkeypatch.setattr(bench_optim, "format_table", lambda result: "the table")
+    log = tmp_path / "log.txt"
+    log.write_text("an earlier line\n")
+    with open(log, "a") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["bench", "optim", "--quick", "--json", f"/proc/self/fd/{stdout.fileno()}"]) == 0
+    monkeypatch.undo()
+    first, rest = log.read_text().split("\n", 1)
+    assert first == "an earlier line" and json.loads(rest)["suite"] == "optim"
+
+
 def _fake_results(module):
     """Measured results of each suite as its targets read them (a full run: judged)."""
     if module is bench_attention:

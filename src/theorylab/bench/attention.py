@@ -256,7 +256,7 @@ def format_table(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}x"
         status = ("not measured" if t["measured"] is None else
-                  "not judged (--quick: the targets are for n=16384)" if result.get("quick") else
+                  "not judged (--quick: the targets are for the full sizes)" if result.get("quick") else
                   "goal met" if t["goal_met"] else "must met, goal not" if t["must_met"] else
                   "NOT met" if t["must_met"] is False else "goal not met")
         lines.append(f"{t['target']:58s} {value:>9s} {t['must']:>7s} {t['goal']:>7s}  {status}")

@@ -52,7 +52,7 @@ def _check_json_target(name: str) -> str | None:
             return f"--json {name!r} is a folder; give a file name"
         if path.exists() and not os.access(path, os.W_OK):  # replacing it would overwrite a read-only file
             return f"--json {name!r} exists and is not writable"
-        if _in_place(name):  # a pipe or a device (/dev/stdout): written into, its folder is not ours to probe
+        if _in_place(name) or _is_stdout(name):  # a pipe, a device, stdout: written into, not replaced
             return None
         path = _target(name)  # a link to a file that does not exist yet: that file, created in its folder
     except (OSError, ValueError) as e:  # Python 3.11's pathlib lets "file name too long" and NUL bytes through
@@ -97,9 +97,15 @@ def _write_json(name: str, payload: dict) -> None:
     where a rename would not do (:func:`_in_place`)."""
     from ..claims.engine import write_json_atomic
 
+    text = json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    if _is_stdout(name):  # into the stream itself: reopening the file that `>> log` appends to truncated it
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", errors="backslashreplace"))  # as the file would hold it
+        sys.stdout.buffer.flush()
+        return
     if _in_place(name):
         with open(name, "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+            f.write(text)
         return
     target = _target(name)
     try:

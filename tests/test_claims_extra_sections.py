@@ -72,3 +72,33 @@ def test_registering_another_function_under_a_taken_id_warns(registry):
     with pytest.warns(UserWarning, match=r"'my-check' \(.*_confirmed\) is replaced by .*other"):
         extra("my-check", "Second")(other)
     assert base._EXTRAS["my-check"].fn is other
+
+
+def test_a_section_that_leaves_a_deleted_temporary_folder_as_its_directory(registry, tmp_path):
+    """Working in a TemporaryDirectory left a working directory that no longer exists: the first restoring version
+    failed there (os.getcwd), made that section and every later one errors, and left torch's default dtype
+    changed for the caller (the review)."""
+    import tempfile
+
+    import torch
+
+    @extra("tmp-cd", "A section that works in a temporary folder")
+    def tmp_cd(seed: int, quick: bool) -> Evidence:
+        torch.set_default_dtype(torch.float64)
+        with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)
+        return Evidence(True, {"x": 1.0}, "m")
+
+    extra("after", "A section after it")(_confirmed)
+    here = os.getcwd()
+    out = tmp_path / "out"
+    assert main(["verify", "--only", "tmp-cd", "after", "--out", str(out)]) == 0
+    verdicts = [(r["id"], r["verdict"]) for r in json.loads((out / "results.json").read_text())["extras"]]
+    assert verdicts == [("tmp-cd", "confirmed"), ("after", "confirmed")]
+    assert os.getcwd() == here and torch.get_default_dtype() == torch.float32
+
+
+def test_a_section_without_a_statement_registers(registry, tmp_path):
+    """None is the usual way to say "no statement", and the report skips it (the review)."""
+    extra("no-statement", "A title", None)(_confirmed)
+    assert main(["verify", "--only", "no-statement", "--out", str(tmp_path)]) == 0

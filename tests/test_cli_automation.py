@@ -134,6 +134,33 @@ def test_bench_json_to_a_stdout_appending_to_a_log_keeps_the_log(tmp_path, monke
     assert first == "an earlier line" and json.loads(rest)["suite"] == "optim"
 
 
+def test_bench_json_to_a_stdout_wrapper_without_a_buffer(tmp_path, monkeypatch, capsys):
+    """A tee of one's own with write, flush and fileno but no buffer: the JSON failed after the benchmark with an
+    AttributeError (the review)."""
+    monkeypatch.setattr(bench_optim, "run", lambda quick: {"suite": "optim", "quick": True, "targets": []})
+    monkeypatch.setattr(bench_optim, "format_table", lambda result: "the table")
+
+    class Tee:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text):
+            return self.stream.write(text)
+
+        def flush(self):
+            self.stream.flush()
+
+        def fileno(self):
+            return self.stream.fileno()
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", Tee(stdout))
+        assert main(["bench", "optim", "--quick", "--json", f"/proc/self/fd/{stdout.fileno()}"]) == 0
+    monkeypatch.undo()
+    assert json.loads(log.read_text())["suite"] == "optim"
+
+
 def _fake_results(module):
     """Measured results of each suite as its targets read them (a full run: judged)."""
     if module is bench_attention:

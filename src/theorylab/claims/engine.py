@@ -175,12 +175,13 @@ def _torch_state_restored() -> Iterator[None]:
     after it. The working directory too: a section of one's own that changed it sent the later writes of a
     relative ``--out`` elsewhere (a traceback, and the finished sections lost)."""
     dtype, grad, threads = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()
-    device, anomaly, cwd = _default_device(), torch.is_anomaly_enabled(), os.getcwd()
+    device, anomaly, cwd = _default_device(), torch.is_anomaly_enabled(), _working_directory()
     try:
         yield
     finally:
-        if os.getcwd() != cwd:
-            os.chdir(cwd)
+        if cwd is not None:  # first, and it cannot raise: a section that left a deleted temporary folder as the
+            with contextlib.suppress(OSError):  # working directory made itself and the later ones errors
+                os.chdir(cwd)
         torch.set_default_dtype(dtype)
         if _default_device() != device:  # only then: a default-device context intercepts every factory
             torch.set_default_device(None if device == torch.device("cpu") else device)
@@ -188,6 +189,14 @@ def _torch_state_restored() -> Iterator[None]:
         torch.set_anomaly_enabled(anomaly)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def _working_directory() -> str | None:
+    """``os.getcwd()``, or None where the working directory no longer exists (nothing to go back to)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def _default_device() -> torch.device:

@@ -100,8 +100,13 @@ def _write_json(name: str, payload: dict) -> None:
     text = json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
     if _is_stdout(name):  # into the stream itself: reopening the file that `>> log` appends to truncated it
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8", errors="backslashreplace"))  # as the file would hold it
-        sys.stdout.buffer.flush()
+        buffer = getattr(sys.stdout, "buffer", None)  # a wrapper of one's own (a tee to a log) may have none
+        if buffer is not None:
+            buffer.write(text.encode("utf-8", errors="backslashreplace"))  # as the file would hold it
+            buffer.flush()
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
         return
     if _in_place(name):
         with open(name, "w", encoding="utf-8", errors="backslashreplace") as f:

@@ -32,6 +32,35 @@ def test_stacked_grid_training_equals_separate_runs():
     np.testing.assert_allclose(both_rotation[1], single_rotation[0], rtol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", [q4.SCHEMES[1], q4.SCHEMES[2]], ids=lambda s: s.name)
+def test_cells_trained_together_equal_each_cell_trained_alone_bit_for_bit(scheme):
+    """train_cells trains L·K·S models as one batch (the learning rates too, which halved the grid's time): every
+    cell must give exactly what it gives alone, so batching more or less cannot move the claim's numbers."""
+    cfg = q4.GridConfig(n_lr=2, n_wd=2, seeds=2, steps=6, hidden=8, n_train=60)
+    lrs, wds = (1e-2, 3e-2), (1e-3, 1e-1)
+    errors, rotation = q4.train_cells(scheme, lrs, wds, cfg, data_seed=0)
+    assert errors.shape == rotation.shape == (2, 2, 2)
+    for i, lr in enumerate(lrs):
+        for j, wd in enumerate(wds):
+            alone_errors, alone_rotation = q4.train_row(scheme, lr, (wd,), cfg, data_seed=0)
+            np.testing.assert_array_equal(errors[i, j], alone_errors[0])
+            np.testing.assert_array_equal(rotation[i, j], alone_rotation[0])
+
+
+def test_run_grids_splits_the_learning_rates_among_many_workers_and_puts_them_back_in_order():
+    """Six workers: each scheme's three learning rates run as two tasks; the grids must be each
+    scheme's cells trained in one call, in the grid's order."""
+    cfg = q4.GridConfig(n_lr=3, n_wd=1, seeds=2, steps=3, hidden=4, n_train=40)
+    one, six = q4.run_grids(cfg, data_seed=0, workers=1), q4.run_grids(cfg, data_seed=0, workers=6)
+    for scheme in q4.SCHEMES:
+        lrs = tuple(float(lr) for lr in q4.grid_axis(scheme.log10_lr, cfg.n_lr))
+        wds = tuple(float(wd) for wd in q4.grid_axis(scheme.log10_wd, cfg.n_wd))
+        errors, rotation = q4.train_cells(scheme, lrs, wds, cfg, data_seed=0)
+        for grids in (one, six):
+            np.testing.assert_array_equal(grids.errors[scheme.name], errors)
+            np.testing.assert_array_equal(grids.rotation[scheme.name], rotation)
+
+
 def test_run_grids_shapes_in_process():
     cfg = q4.GridConfig(n_lr=2, n_wd=2, seeds=2, steps=2, hidden=4, n_train=40)
     grids = q4.run_grids(cfg, data_seed=0, workers=1)

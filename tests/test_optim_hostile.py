@@ -956,3 +956,39 @@ def test_an_adam_subclass_with_its_own_chain_refuses_adams_state_and_adamw_still
     AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1).load_state_dict(copy.deepcopy(adam.state_dict()))
     assert adam.state_dict()[STATE_KIND_KEY] == AdamW([torch.nn.Parameter(torch.ones(1))]).state_dict()[
         STATE_KIND_KEY] == "Adam"
+
+
+def test_the_nan_check_reads_every_groups_gradients_at_once(monkeypatch):
+    """One check (one read-back per device) per step, not one per group: with 30 small groups the per-group
+    read-backs made the default step 1.6× slower than nonfinite="propagate" (5.8 against 2.9 ms)."""
+    from theorylab.optim import base
+
+    calls = []
+    real = base._all_finite
+    monkeypatch.setattr(base, "_all_finite", lambda tensors: calls.append(len(tensors)) or real(tensors))
+    params = [torch.nn.Parameter(torch.randn(2)) for _ in range(30)]
+    opt = Adam([{"params": [p]} for p in params], lr=0.1)
+    for p in params:
+        p.grad = torch.ones(2)
+    opt.step()
+    assert calls == [30]
+
+
+@pytest.mark.parametrize("policies, nan_in, expected", [
+    (("propagate", "skip", "raise"), (0, 1, 2), "group 2"),  # group 0's NaN would propagate; the raise wins
+    (("skip", "propagate", "skip"), (0, 1, 2), "skip"),
+    (("raise", "raise", "skip"), (1, 2), "group 1"),
+])
+def test_mixed_policies_find_the_group_with_the_nonfinite_gradient(policies, nan_in, expected):
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in policies]
+    opt = SGD([{"params": [p], "nonfinite": policy} for p, policy in zip(params, policies, strict=True)], lr=0.1)
+    for i, p in enumerate(params):
+        p.grad = torch.tensor([1.0, math.nan]) if i in nan_in else torch.ones(2)
+    if expected == "skip":
+        opt.step()
+        assert opt.skipped_steps == 1
+    else:
+        with pytest.raises(NonFiniteGradientError, match=f"parameter {expected},"):
+            opt.step()
+        assert opt.skipped_steps == 0
+    assert all(torch.equal(p.detach(), torch.zeros(2)) for p in params)

@@ -454,11 +454,21 @@ def _replicate_data(cfg: GridConfig, data_seed: int):
 
 def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig, data_seed: int
               ) -> tuple[np.ndarray, np.ndarray]:
-    r"""Test error (K, S) of the MLP trained at one learning rate for every weight decay in ``wds`` and every
-    seed, and the mechanism behind it: the mean angular step (K, S) of the second hidden layer's weights,
-    :math:`\frac1T\sum_t \angle(W_2^{(t)}, W_2^{(t+1)})` in radians per step (NaN if the model diverged). The K·S
-    networks are trained at once as a batch of independent models (one parameter group per weight decay, seeds
-    stacked along dim 0): optimizers act elementwise, so this equals K·S separate runs."""
+    """One row of a grid: :func:`train_cells` at the single learning rate ``lr``, (K, S) arrays."""
+    errors, rotation = train_cells(scheme, (lr,), wds, cfg, data_seed)
+    return errors[0], rotation[0]
+
+
+def train_cells(scheme: Scheme, lrs: tuple[float, ...], wds: tuple[float, ...], cfg: GridConfig, data_seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    r"""Test error (L, K, S) of the MLP trained at every learning rate in ``lrs``, weight decay in ``wds`` and
+    seed, and the mechanism behind it: the mean angular step (L, K, S) of the second hidden layer's weights,
+    :math:`\frac1T\sum_t \angle(W_2^{(t)}, W_2^{(t+1)})` in radians per step (NaN if the model diverged). The L·K·S
+    networks are trained at once as a batch of independent models (one parameter group per (lr, weight decay) for
+    the decayed layers and one per lr for the classifier, seeds stacked along dim 0): optimizers act elementwise
+    and every model's matrix products are its own, so this gives, bit for bit, what L·K·S separate runs give (a
+    test trains a cell alone). A step of this small MLP costs mostly per-op overhead, not arithmetic: batching the
+    learning rates too took the full grids from 64 s to 46-54 s on 2 cores."""
     torch.set_num_threads(1)
     x, y, x_test, y_test = _replicate_data(cfg, data_seed)  # (S, N, 64), (S, N), (S, M, 64), (S, M)
     n_in, h, n_cls = x.shape[-1], cfg.hidden, 10
@@ -468,58 +478,63 @@ def train_row(scheme: Scheme, lr: float, wds: tuple[float, ...], cfg: GridConfig
         inits.append((torch.randn(n_in, h, generator=g) / math.sqrt(n_in),
                       torch.randn(h, h, generator=g) / math.sqrt(h),
                       torch.randn(h, n_cls, generator=g) / math.sqrt(h), torch.zeros(1, n_cls)))
-    per_wd, groups = [], []
-    for wd in wds:
-        w1, w2, w3, b3 = (torch.stack([init[j] for init in inits]).requires_grad_() for j in range(4))  # (S, ...)
-        per_wd.append((w1, w2, w3, b3))
+    models, groups = [], []  # models: per (lr, wd), the (S, ...) stacked layers
+    for lr in lrs:
+        classifiers = []
+        for wd in wds:
+            w1, w2, w3, b3 = (torch.stack([init[j] for init in inits]).requires_grad_() for j in range(4))
+            models.append((w1, w2, w3, b3))
+            classifiers += [w3, b3]
+            groups.append({"params": [w1, w2], "lr": lr, "weight_decay": wd})
         # decay on the scale-invariant hidden layers only (see CLASSIFIER_NOT_DECAYED): classifier and bias free
-        groups += [{"params": [w1, w2], "weight_decay": wd}, {"params": [w3, b3], "weight_decay": 0.0}]
+        groups.append({"params": classifiers, "lr": lr, "weight_decay": 0.0})
     opt: ChainOptimizer
     if scheme.optimizer == "adam":
-        opt = Adam(groups, lr=lr, decay=scheme.decay, nonfinite="propagate")
+        opt = Adam(groups, lr=lrs[0], decay=scheme.decay, nonfinite="propagate")
     else:
-        opt = SGD(groups, lr=lr, momentum=cfg.momentum, decay=scheme.decay, nonfinite="propagate")
+        opt = SGD(groups, lr=lrs[0], momentum=cfg.momentum, decay=scheme.decay, nonfinite="propagate")
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        w1, w2, w3, b3 = (torch.cat([p[j] for p in per_wd]) for j in range(4))  # (K·S, ...)
-        z = torch.relu(F.layer_norm(inputs @ w1, (h,)))  # (K·S, N, H): the first two layers are scale-invariant
+        w1, w2, w3, b3 = (torch.cat([p[j] for p in models]) for j in range(4))  # (L·K·S, ...)
+        z = torch.relu(F.layer_norm(inputs @ w1, (h,)))  # (L·K·S, N, H): the first two layers are scale-invariant
         z = torch.relu(F.layer_norm(z @ w2, (h,)))
-        return z @ w3 + b3  # (K·S, N, 10)
+        return z @ w3 + b3  # (L·K·S, N, 10)
 
-    k, n = len(wds), x.shape[1]
-    x_test, y_test = x_test.repeat(k, 1, 1), y_test.repeat(k, 1)  # (K·S, ...): model (wd i, replicate s)
+    cells, n = len(models), x.shape[1]
+    x_test, y_test = x_test.repeat(cells, 1, 1), y_test.repeat(cells, 1)  # (L·K·S, ...): model (lr, wd, replicate)
     replicate = torch.arange(cfg.seeds)[:, None]
     # the same minibatch stream in every cell of the grid (common random numbers), its own per replicate
     batches = torch.Generator().manual_seed(10_000 * data_seed + 9_999)
     # cosine annealing to 0 (as Loshchilov & Hutter): "decoupled" decay follows it through lr / initial_lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.steps)))
-    rotation = torch.zeros(k, cfg.seeds, dtype=torch.float64)
+    rotation = torch.zeros(cells, cfg.seeds, dtype=torch.float64)
     for _ in range(cfg.steps):
         # float64 copies: arccos of a float32 cosine cannot resolve angles below ~5e-4 rad (late cosine steps)
-        w2_before = torch.stack([p[1].detach() for p in per_wd]).flatten(2).double()  # (K, S, H·H)
+        w2_before = torch.stack([p[1].detach() for p in models]).flatten(2).double()  # (L·K, S, H·H)
         if cfg.batch_size is None:
             xb, yb = x, y
         else:
             idx = torch.randint(0, n, (cfg.seeds, cfg.batch_size), generator=batches)
             xb, yb = x[replicate, idx], y[replicate, idx]  # (S, B, 64), (S, B)
         opt.zero_grad(set_to_none=True)
-        logits = forward(xb.repeat(k, 1, 1))
+        logits = forward(xb.repeat(cells, 1, 1))
         # a sum over models of each model's mean loss: every model gets its own gradient
-        loss = F.cross_entropy(logits.reshape(-1, n_cls), yb.repeat(k, 1).reshape(-1), reduction="sum") / xb.shape[1]
-        loss.backward()
+        loss = F.cross_entropy(logits.reshape(-1, n_cls), yb.repeat(cells, 1).reshape(-1), reduction="sum")
+        (loss / xb.shape[1]).backward()
         opt.step()
         sched.step()
-        w2_after = torch.stack([p[1].detach() for p in per_wd]).flatten(2).double()
+        w2_after = torch.stack([p[1].detach() for p in models]).flatten(2).double()
         rotation += torch.arccos(F.cosine_similarity(w2_before, w2_after, dim=-1).clamp(-1, 1))
     with torch.no_grad():
         logits = forward(x_test)
         err = (logits.argmax(-1) != y_test).float().mean(-1)
         err = torch.where(torch.isfinite(logits).all(-1).all(-1), err, torch.tensor(0.9))  # diverged: chance
-    return err.reshape(k, cfg.seeds).numpy(), (rotation / cfg.steps).numpy()
+    shape = (len(lrs), len(wds), cfg.seeds)
+    return err.reshape(shape).numpy(), (rotation / cfg.steps).reshape(shape).numpy()
 
 
-def _train_row_task(args: tuple) -> tuple[np.ndarray, np.ndarray]:
-    return train_row(*args)
+def _train_cells_task(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    return train_cells(*args)
 
 
 def basin_orientation(mean_error: np.ndarray, fraction: float = 0.2) -> tuple[float, np.ndarray]:
@@ -662,37 +677,41 @@ def grid_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Grids:
-    """Every scheme's grids; rows (one lr each) run in ``workers`` parallel processes (default: one per CPU this
-    process may use; never more than the rows), each on one thread, so the results do not depend on ``workers``.
-    Where the processes start with ``spawn`` (see :func:`_pool_context`: a GPU machine, macOS, Windows), a script
-    that calls this must do so under ``if __name__ == "__main__":``, as with any multiprocessing code."""
-    tasks = [(scheme, float(lr), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)), cfg, data_seed)
-             for scheme in SCHEMES for lr in grid_axis(scheme.log10_lr, cfg.n_lr)]
+    """Every scheme's grids, in ``workers`` parallel processes (default: one per CPU this process may use), each on
+    one thread, so the results do not depend on ``workers``. A task trains a scheme's learning rates at once
+    (:func:`train_cells`; the fewer the tasks, the less per-step overhead), split into as many chunks of learning
+    rates as it takes to give every worker a task. Where the processes start with ``spawn`` (see
+    :func:`_pool_context`: a GPU machine, macOS, Windows), a script that calls this must do so under
+    ``if __name__ == "__main__":``, as with any multiprocessing code."""
     if workers is None:
         workers = available_cores()
     elif isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    workers = min(int(workers), len(tasks))  # a worker without a row would only start and stop
+    chunks = min(cfg.n_lr, -(-int(workers) // len(SCHEMES)))  # per scheme: ceil(workers / schemes)
+    tasks = [(scheme, tuple(float(lr) for lr in lrs), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)),
+              cfg, data_seed)
+             for scheme in SCHEMES for lrs in np.array_split(grid_axis(scheme.log10_lr, cfg.n_lr), chunks)]
+    workers = min(int(workers), len(tasks))  # a worker without a task would only start and stop
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
     if workers > 1:
         with grid_pool(workers) as pool:
             try:
-                rows = list(pool.map(_train_row_task, tasks))
+                cells = list(pool.map(_train_cells_task, tasks))
             except BaseException:  # an interrupt (SIGTERM to this process alone, which the workers do not get):
-                # stop the rows running too, or a full row (~26 s) outlasts a CI job's grace period before SIGKILL
+                # stop the tasks running too, or a scheme's (~20 s) outlasts a CI job's grace period before SIGKILL
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
                     process.terminate()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     else:
         with torch_threads(1):
-            rows = [_train_row_task(t) for t in tasks]
-    errors, rotation, k = {}, {}, 0
-    for scheme in SCHEMES:
-        errors[scheme.name] = np.stack([err for err, _ in rows[k:k + cfg.n_lr]])
-        rotation[scheme.name] = np.stack([rot for _, rot in rows[k:k + cfg.n_lr]])
-        k += cfg.n_lr
+            cells = [_train_cells_task(t) for t in tasks]
+    errors, rotation = {}, {}
+    for i, scheme in enumerate(SCHEMES):
+        mine = cells[i * chunks:(i + 1) * chunks]
+        errors[scheme.name] = np.concatenate([err for err, _ in mine])
+        rotation[scheme.name] = np.concatenate([rot for _, rot in mine])
     return Grids(errors, rotation)
 
 

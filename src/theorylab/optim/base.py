@@ -447,7 +447,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         ``powers`` is None, or when ``compiling`` the step-th powers that the chain's bias corrections take
         (:meth:`StepContext.power`), made here as 0-dim float64 tensors, for the reasons given at :meth:`step`."""
-        todo, skip = [], False  # every group is checked before any is stepped: an error leaves everything as it was
+        todo = []  # every group is checked before any is stepped: an error leaves everything as it was
         for group_index, group in enumerate(self.param_groups):
             try:  # a value written into param_groups by hand: say which group holds it
                 check_common_keys(group)
@@ -465,19 +465,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (nn.Embedding(sparse="
                                    "True) gives them): make them dense, or step those parameters with an optimizer "
                                    "of their own (torch.optim.SparseAdam, or torch.optim.SGD)")
-            policy = group.get("nonfinite", "raise")
-            if policy != "propagate" and not _all_finite([p.grad for p in params]):
-                if policy == "skip":  # the whole step, after the other groups had their chance to raise
-                    skip = True
-                    continue
-                bad = [i for i, p in enumerate(group["params"])
-                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or inf) in parameter group {group_index}, parameter index(es) "
-                    f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
-                    "'propagate' for torch.optim's behaviour")
             todo.append((group_index, group, params))
-        if skip:
+        if self._nonfinite_policy(todo):
             self.skipped_steps += 1
             return []
         buckets: list[Bucket] = []
@@ -496,6 +485,31 @@ class ChainOptimizer(torch.optim.Optimizer):
                 powers = {key: torch.tensor(b**t, dtype=torch.float64) for key, b in bases.items()} or None
                 buckets.append((group_index, t, bucket, powers))
         return buckets
+
+    @staticmethod
+    def _nonfinite_policy(todo: list[tuple[int, dict[str, Any], list[Tensor]]]) -> bool:
+        """Apply the groups' non-finite policies to ``todo`` (group index, group, parameters with a gradient) of a
+        step: raise :class:`NonFiniteGradientError` for the first group with a NaN or ±inf whose policy is
+        ``"raise"``, else return whether a ``"skip"`` group has one. The gradients of every checked group are read
+        in one check (one read-back per device and step, where one per group made a step with 30 small groups 2×
+        slower); the groups are told apart only when it fails."""
+        checked = [entry for entry in todo if entry[1].get("nonfinite", "raise") != "propagate"]
+        if not checked or _all_finite([p.grad for _, _, params in checked for p in params]):
+            return False
+        skip = False
+        for group_index, group, params in checked:
+            if _all_finite([p.grad for p in params]):
+                continue
+            if group.get("nonfinite", "raise") == "skip":  # the whole step, unless a later group raises
+                skip = True
+                continue
+            bad = [i for i, p in enumerate(group["params"])
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or inf) in parameter group {group_index}, parameter index(es) "
+                f"{bad}; no parameter or state was changed. Pass nonfinite='skip' to skip such steps or "
+                "'propagate' for torch.optim's behaviour")
+        return skip
 
     def _check_state(self, group_index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         """Raise (ValueError) where the state of ``params`` (the group's parameters with a gradient) cannot be

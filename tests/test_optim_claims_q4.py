@@ -48,15 +48,18 @@ def test_cells_trained_together_equal_each_cell_trained_alone_bit_for_bit(scheme
 
 
 def test_run_grids_splits_the_learning_rates_among_many_workers_and_puts_them_back_in_order():
-    """Six workers: each scheme's three learning rates run as two tasks; the grids must be each
+    """Ten workers: each scheme's three learning rates run as two tasks; the grids must be each
     scheme's cells trained in one call, in the grid's order."""
     cfg = q4.GridConfig(n_lr=3, n_wd=1, seeds=2, steps=3, hidden=4, n_train=40)
-    one, six = q4.run_grids(cfg, data_seed=0, workers=1), q4.run_grids(cfg, data_seed=0, workers=6)
+    assert [len(task[1]) for task in q4.grid_tasks(cfg, 0, workers=10)] == [2, 1] * len(q4.SCHEMES)
+    assert [len(task[1]) for task in q4.grid_tasks(cfg, 0, workers=9)] == [3] * len(q4.SCHEMES)
+    assert [len(task[1]) for task in q4.grid_tasks(cfg, 0, workers=100)] == [1, 1, 1] * len(q4.SCHEMES)
+    one, ten = q4.run_grids(cfg, data_seed=0, workers=1), q4.run_grids(cfg, data_seed=0, workers=10)
     for scheme in q4.SCHEMES:
         lrs = tuple(float(lr) for lr in q4.grid_axis(scheme.log10_lr, cfg.n_lr))
         wds = tuple(float(wd) for wd in q4.grid_axis(scheme.log10_wd, cfg.n_wd))
         errors, rotation = q4.train_cells(scheme, lrs, wds, cfg, data_seed=0)
-        for grids in (one, six):
+        for grids in (one, ten):
             np.testing.assert_array_equal(grids.errors[scheme.name], errors)
             np.testing.assert_array_equal(grids.rotation[scheme.name], rotation)
 

@@ -676,21 +676,28 @@ def grid_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(parent,))
 
 
+def grid_tasks(cfg: GridConfig, data_seed: int, workers: int) -> list[tuple]:
+    """The arguments of :func:`train_cells` for every task of :func:`run_grids`, scheme by scheme and in the
+    grid's order: a scheme's learning rates as one task where there are fewer workers than schemes, else split
+    into as many chunks as keep every task in the first round (3 per scheme on 16 workers: 15 tasks)."""
+    chunks = max(1, min(cfg.n_lr, workers // len(SCHEMES)))
+    return [(scheme, tuple(float(lr) for lr in lrs), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)),
+             cfg, data_seed)
+            for scheme in SCHEMES for lrs in np.array_split(grid_axis(scheme.log10_lr, cfg.n_lr), chunks)]
+
+
 def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Grids:
     """Every scheme's grids, in ``workers`` parallel processes (default: one per CPU this process may use), each on
     one thread, so the results do not depend on ``workers``. A task trains a scheme's learning rates at once
-    (:func:`train_cells`; the fewer the tasks, the less per-step overhead), split into as many chunks of learning
-    rates as it takes to give every worker a task. Where the processes start with ``spawn`` (see
+    (:func:`train_cells`; the fewer the tasks, the less per-step overhead), split where there are workers for
+    the chunks (:func:`grid_tasks`). Where the processes start with ``spawn`` (see
     :func:`_pool_context`: a GPU machine, macOS, Windows), a script that calls this must do so under
     ``if __name__ == "__main__":``, as with any multiprocessing code."""
     if workers is None:
         workers = available_cores()
     elif isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    chunks = min(cfg.n_lr, -(-int(workers) // len(SCHEMES)))  # per scheme: ceil(workers / schemes)
-    tasks = [(scheme, tuple(float(lr) for lr in lrs), tuple(float(w) for w in grid_axis(scheme.log10_wd, cfg.n_wd)),
-              cfg, data_seed)
-             for scheme in SCHEMES for lrs in np.array_split(grid_axis(scheme.log10_lr, cfg.n_lr), chunks)]
+    tasks = grid_tasks(cfg, data_seed, int(workers))
     workers = min(int(workers), len(tasks))  # a worker without a task would only start and stop
     for s in range(cfg.seeds):  # load once here: forked workers inherit the cache
         digits_split(replicate_split(data_seed, s) if cfg.resample_data else data_seed)
@@ -708,8 +715,8 @@ def run_grids(cfg: GridConfig, data_seed: int, workers: int | None = None) -> Gr
         with torch_threads(1):
             cells = [_train_cells_task(t) for t in tasks]
     errors, rotation = {}, {}
-    for i, scheme in enumerate(SCHEMES):
-        mine = cells[i * chunks:(i + 1) * chunks]
+    for scheme in SCHEMES:
+        mine = [cell for task, cell in zip(tasks, cells, strict=True) if task[0] is scheme]
         errors[scheme.name] = np.concatenate([err for err, _ in mine])
         rotation[scheme.name] = np.concatenate([rot for _, rot in mine])
     return Grids(errors, rotation)

@@ -992,3 +992,42 @@ def test_mixed_policies_find_the_group_with_the_nonfinite_gradient(policies, nan
             opt.step()
         assert opt.skipped_steps == 0
     assert all(torch.equal(p.detach(), torch.zeros(2)) for p in params)
+
+
+def test_the_nan_check_of_groups_of_mixed_dtypes_reads_back_once_and_converts_nothing():
+    """Groups of bfloat16, float32, float64 and complex gradients: one read-back, and no sum converted to a common
+    dtype (converting every sum to float64 made the check 2-3x slower once groups were checked together)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from theorylab.optim.base import _all_finite
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    grads = [torch.ones(3, dtype=dtype) for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.complex64)]
+    with Ops() as ops:
+        assert _all_finite(grads)
+    assert ops.names.count("_local_scalar_dense.default") == 1
+    assert not [name for name in ops.names if name.startswith("_to_copy")]
+    for i, bad in enumerate((math.nan, math.inf, -math.inf, complex(0, math.nan))):
+        broken = [g.clone() for g in grads]
+        broken[i if i < 3 else 3][0] = bad
+        assert not _all_finite(broken)
+
+
+def test_complex32_parameters_step_with_the_default_nan_check():
+    """torch has no sum of complex32 on the CPU: the default step failed with NotImplementedError ("sum_cpu")."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex32))
+    opt = SGD([p], lr=0.5)
+    p.grad = torch.ones(3, dtype=torch.complex32)
+    opt.step()
+    assert torch.equal(torch.view_as_real(p.detach()).float(), torch.tensor([[0.5, 0.0]] * 3))
+    p.grad = torch.tensor([1, complex(math.nan, 0), 1], dtype=torch.complex32)
+    with pytest.raises(NonFiniteGradientError, match=r"index\(es\) \[0\]"):
+        opt.step()

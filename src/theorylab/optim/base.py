@@ -469,22 +469,38 @@ class ChainOptimizer(torch.optim.Optimizer):
         if self._nonfinite_policy(todo):
             self.skipped_steps += 1
             return []
+        chained = [(i, group, params) for i, group, params in todo if not self._fused_group_step(group, params)]
+        counts = iter(self._advance_steps([p for _, _, params in chained for p in params]))
         buckets: list[Bucket] = []
-        for group_index, group, params in todo:
-            if self._fused_group_step(group, params):
-                continue
+        for group_index, group, params in chained:
             by_step: dict[tuple[int, bool], list[Tensor]] = defaultdict(list)
             for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["step"] += 1
-                by_step[int(state["step"].item()), p.dtype in HALF_DTYPES].append(p)
+                by_step[next(counts), p.dtype in HALF_DTYPES].append(p)
             bases = _power_bases(self.transforms(group), group) if compiling else {}
             for (t, _), bucket in by_step.items():
                 powers = {key: torch.tensor(b**t, dtype=torch.float64) for key, b in bases.items()} or None
                 buckets.append((group_index, t, bucket, powers))
         return buckets
+
+    def _advance_steps(self, params: list[Tensor]) -> list[int]:
+        """Add 1 to the step count of each parameter (a float32 tensor in its state, as torch.optim keeps it; 1 on
+        the first step) and return the new counts. One op and one read for all of them where the counts are CPU
+        float32 tensors (the usual case; a fused group may have moved its own to the GPU): a ``+= 1`` and an
+        ``.item()`` per parameter cost a small model's step ~40 µs more than torch's."""
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            steps.append(state["step"])
+        if not steps:
+            return []
+        if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 0 for t in steps):
+            torch._foreach_add_(steps, 1)
+            return [int(c) for c in torch.stack(steps).tolist()]
+        for t in steps:
+            t += 1
+        return [int(t.item()) for t in steps]
 
     @staticmethod
     def _nonfinite_policy(todo: list[tuple[int, dict[str, Any], list[Tensor]]]) -> bool:

@@ -182,3 +182,21 @@ def test_gpu_optim_host_time_is_per_step_and_excludes_the_synchronize(monkeypatc
     clock = iter([0.0, 0.004, 1.0, 1.010, 2.0, 2.006])  # calls of 4, 10 and 6 ms over 2 steps each
     monkeypatch.setattr(gpu_optim, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     assert gpu_optim.host_ms_per_step(lambda: None, 2, torch.device("cpu"), calls=3) == pytest.approx(3.0)
+
+
+def test_decode_kv_cache_runs_and_its_contenders_agree(monkeypatch, capsys):
+    """The README's numbers for theorylab's own KVCache come from this script; its preallocated cache must
+    compute what the library's does (the same outputs), or the comparison would be of different work."""
+    bench = _load("decode_kv_cache")
+    monkeypatch.setattr(bench, "TOKENS", 3)
+    monkeypatch.setattr(sys, "argv", ["decode_kv_cache", "--contexts", "8"])
+    bench.main()
+    assert "n =      8: theorylab KVCache" in capsys.readouterr().out
+    from theorylab.attention import KVCache
+    from theorylab.attention.exact import cached_softmax_attention
+
+    keys, values, x = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 1, 4)
+    library, _ = cached_softmax_attention(x, x, x, KVCache(keys, values))
+    cached_keys, cached_values = torch.cat([keys, x], 2), torch.cat([values, x], 2)
+    preallocated = torch.nn.functional.scaled_dot_product_attention(x, cached_keys, cached_values)
+    torch.testing.assert_close(library, preallocated)

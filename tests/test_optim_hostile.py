@@ -1046,8 +1046,44 @@ def test_a_step_reads_every_step_count_at_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or real_item(t))
     monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: adds.append(a) or real_add(*a, **k))
     opt.step()
-    assert not reads and len([a for a in adds if a[1] == 1]) == 1
+    counts = [opt.state[p]["step"] for p in [*model.parameters(), late]]
+    assert not reads and len([a for a in adds if any(x is counts[0] for x in a[0])]) == 1
     assert [int(opt.state[p]["step"]) for p in model.parameters()] == [2] * 4 and int(opt.state[late]["step"]) == 1
     opt.state[late]["step"] = torch.tensor(1.0, dtype=torch.float64)  # loaded by hand in another dtype: still counted
     opt.step()
     assert float(opt.state[late]["step"]) == 2.0 and int(opt.state[model[0].weight]["step"]) == 3
+
+
+def test_a_step_count_set_by_hand_to_a_numpy_number_still_counts():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["step"] = np.float64(5)
+    opt.step()
+    assert opt.state[p]["step"] == 6
+
+
+def test_a_lazily_conjugated_complex_gradient_steps_as_its_resolved_value():
+    """A model using p.conj() gets a gradient with the conjugate bit set, which view_as_real refuses: every
+    optimizer failed where torch.optim.SGD steps it."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    (p.conj() * torch.tensor([1j, 2, 3])).real.sum().backward()
+    assert p.grad.is_conj()
+    ref = torch.nn.Parameter(p.detach().clone())
+    ref.grad = p.grad.resolve_conj()
+    SGD([p], lr=0.5).step()
+    torch.optim.SGD([ref], lr=0.5).step()
+    assert torch.equal(p.detach(), ref.detach())
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.complex32))
+    q.grad = torch.tensor([1, 2, 3], dtype=torch.complex32).conj()
+    Adam([q], lr=0.1).step()  # the NaN check's sum of complex32 too
+
+
+def test_a_meta_gradient_beside_a_nan_is_left_out_of_the_error():
+    """The error's index scan read the meta gradient's values (RuntimeError: Tensor.item() cannot be called on
+    meta tensors) instead of raising NonFiniteGradientError."""
+    real, meta = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))
+    real.grad, meta.grad = torch.tensor([1.0, math.nan]), torch.zeros(2, device="meta")
+    with pytest.raises(NonFiniteGradientError, match=r"index\(es\) \[1\]"):
+        SGD([meta, real], lr=0.1).step()

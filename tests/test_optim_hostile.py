@@ -1075,6 +1075,11 @@ def test_a_lazily_conjugated_complex_gradient_steps_as_its_resolved_value():
     SGD([p], lr=0.5).step()
     torch.optim.SGD([ref], lr=0.5).step()
     assert torch.equal(p.detach(), ref.detach())
+    fused, chain = (torch.nn.Parameter(torch.ones(3, dtype=torch.complex64)) for _ in range(2))
+    fused.grad, chain.grad = p.grad, p.grad.resolve_conj()
+    Adam([fused], lr=0.1, fused=True).step()  # the kernel's path too
+    Adam([chain], lr=0.1).step()
+    torch.testing.assert_close(fused.detach(), chain.detach())
     q = torch.nn.Parameter(torch.ones(3, dtype=torch.complex32))
     q.grad = torch.tensor([1, 2, 3], dtype=torch.complex32).conj()
     Adam([q], lr=0.1).step()  # the NaN check's sum of complex32 too

@@ -353,7 +353,9 @@ class Adam(ChainOptimizer):
         # by identity: list.index would compare the groups' tensors with ==
         has_complex = check_fused_params(group["params"],
                                          next(i for i, g in enumerate(self.param_groups) if g is group))
-        grads = cast("list[Tensor]", [p.grad for p in params])  # step() passes the parameters with a gradient
+        # step() passes the parameters with a gradient; the kernel takes no lazily conjugated or negated one (a
+        # model using p.conj() gets the first: view_as_real refuses it)
+        grads = [cast(Tensor, p.grad).resolve_conj().resolve_neg() for p in params]
         warn_float16_second_moment(params, group["betas"][1])
         amsgrad = group["amsgrad"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
